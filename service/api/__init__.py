@@ -1,0 +1,1 @@
+"""The HTTP edge: routers translate domain errors into status codes with actionable messages."""

@@ -1,0 +1,97 @@
+"""The application factory: ``create_app(settings)`` builds the app; the lifespan opens the
+database, checks the schema and loads the active model and its gallery once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import __version__
+from service.api import catalogue, health, identify
+from service.db import make_engine, make_sessionmaker
+from service.identify import NoActiveModel, Runtime
+from service.migrate import is_current
+from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[Exception], int] = {
+    UnsupportedPhoto: 415,
+    UnreadablePhoto: 422,
+    BadBoundingBox: 422,
+    PhotoTooLarge: 413,
+    NoActiveModel: 503,
+}
+
+
+class SchemaNotCurrent(RuntimeError):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the whaleid app for ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        engine = make_engine(settings.sqlalchemy_url)
+        try:
+            if not is_current(engine):
+                raise SchemaNotCurrent(
+                    "the database schema is not up to date: run `whaleid db upgrade` first"
+                )
+            app.state.settings = settings
+            app.state.engine = engine
+            app.state.sessions = make_sessionmaker(engine)
+            app.state.runtime = Runtime(settings, app.state.sessions)
+            try:
+                await run_in_threadpool(app.state.runtime.current)
+            except NoActiveModel as e:
+                log.warning("%s", e)
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="whaleid",
+        version=__version__,
+        summary="Photo-ID of individual whales and dolphins: top-5 candidates for a photo.",
+        lifespan=lifespan,
+    )
+    for router in (identify.router, catalogue.router, health.router):
+        app.include_router(router)
+
+    for error_type, status in STATUS_OF.items():
+        app.add_exception_handler(error_type, _problem(status))
+
+    @app.middleware("http")
+    async def limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # Refuse an oversized upload before parsing it (a 10 KiB allowance covers the form).
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 10240:
+            return JSONResponse(
+                {
+                    "detail": f"the upload is {length} bytes, over the limit of "
+                    f"{settings.max_upload_bytes}: send a smaller photo"
+                },
+                status_code=413,
+            )
+        return await call_next(request)
+
+    return app
+
+
+def _problem(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handler(_request: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    return handler

@@ -1,0 +1,107 @@
+"""Read access to the catalogue: individuals and their photos."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse
+from sqlalchemy import ColumnElement, func, select
+
+from service.api.deps import SessionDep, SettingsDep
+from service.api.schemas import ImageOut, IndividualDetail, IndividualOut, IndividualPage, Problem
+from service.db import Image, Individual
+
+router = APIRouter(tags=["catalogue"])
+
+
+def _image_out(image: Image) -> ImageOut:
+    return ImageOut(
+        id=image.id,
+        width=image.width,
+        height=image.height,
+        media_type=image.media_type,
+        species=image.species,
+        encounter=image.encounter,
+        location=image.location,
+        taken_on=image.taken_on,
+        original_name=image.original_name,
+        url=f"/images/{image.id}/file",
+    )
+
+
+@router.get("/individuals", response_model=IndividualPage)
+def list_individuals(
+    session: SessionDep,
+    species: Annotated[str | None, Query(examples=["humpback_whale"])] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> IndividualPage:
+    """Individuals of the catalogue, ordered by catalogue id, optionally of one species."""
+    where: list[ColumnElement[bool]] = [Individual.merged_into_id.is_(None)]
+    if species:
+        where.append(Individual.species == species)
+    total = session.scalar(select(func.count()).select_from(Individual).where(*where)) or 0
+    counts = (
+        select(Image.individual_id, func.count().label("n"))
+        .group_by(Image.individual_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Individual, func.coalesce(counts.c.n, 0))
+        .outerjoin(counts, counts.c.individual_id == Individual.id)
+        .where(*where)
+        .order_by(Individual.catalogue_id)
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    items = [
+        IndividualOut(
+            individual_id=ind.catalogue_id,
+            species=ind.species,
+            display_name=ind.display_name,
+            image_count=n,
+        )
+        for ind, n in rows
+    ]
+    return IndividualPage(items=items, total=total, offset=offset, limit=limit)
+
+
+@router.get(
+    "/individuals/{individual_id}",
+    response_model=IndividualDetail,
+    responses={404: {"model": Problem}},
+)
+def get_individual(individual_id: str, session: SessionDep) -> IndividualDetail:
+    """One individual by its catalogue id, with its photos."""
+    ind = session.scalar(select(Individual).where(Individual.catalogue_id == individual_id))
+    if ind is None:
+        raise HTTPException(404, f"individual {individual_id!r} is not in the catalogue")
+    merged_into = None
+    if ind.merged_into_id is not None:
+        merged_into = session.get_one(Individual, ind.merged_into_id).catalogue_id
+    images = session.scalars(
+        select(Image).where(Image.individual_id == ind.id).order_by(Image.id)
+    ).all()
+    return IndividualDetail(
+        individual_id=ind.catalogue_id,
+        species=ind.species,
+        display_name=ind.display_name,
+        merged_into=merged_into,
+        image_count=len(images),
+        images=[_image_out(i) for i in images],
+    )
+
+
+@router.get(
+    "/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": Problem}}
+)
+def get_image_file(image_id: int, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The stored photo file."""
+    image = session.get(Image, image_id)
+    if image is None:
+        raise HTTPException(404, f"image {image_id} does not exist")
+    path = settings.photos_dir / image.file_path
+    if not path.is_file():
+        raise HTTPException(404, f"the file of image {image_id} is missing from the data directory")
+    return FileResponse(path, media_type=image.media_type)

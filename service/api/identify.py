@@ -1,0 +1,119 @@
+"""``POST /identify`` and ``GET /identifications/{id}``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RuntimeDep, SessionDep, SettingsDep
+from service.api.schemas import CandidateOut, IdentificationOut, ModelOut, Problem
+from service.db import Identification
+from service.galleries import Filters
+from service.identify import IdentificationResult
+from service.photos import PhotoTooLarge, parse_bbox
+
+router = APIRouter(tags=["identify"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    413: {"model": Problem, "description": "Photo over the byte or pixel limit."},
+    415: {"model": Problem, "description": "Not an image, or an unsupported format."},
+    422: {"model": Problem, "description": "Empty, truncated or corrupt photo; bad bbox."},
+    503: {"model": Problem, "description": "No active model yet."},
+}
+
+
+def _to_response(result: IdentificationResult) -> IdentificationOut:
+    assert result.identification_id is not None
+    return IdentificationOut(
+        identification_id=result.identification_id,
+        candidates=[CandidateOut(**c.__dict__) for c in result.candidates],
+        model=ModelOut(**result.model.__dict__),
+        gallery_size=result.gallery_size,
+        filters=result.filters,
+    )
+
+
+@router.post("/identify", response_model=IdentificationOut, responses=ERRORS)
+async def identify(
+    response: Response,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    photo: Annotated[UploadFile, File(description="The photo: JPEG, PNG, WebP (HEIC if enabled).")],
+    species: Annotated[str | None, Form(examples=["humpback_whale"])] = None,
+    location: Annotated[str | None, Form()] = None,
+    date_from: Annotated[dt.date | None, Form()] = None,
+    date_to: Annotated[dt.date | None, Form()] = None,
+    exclude_encounter: Annotated[
+        str | None, Form(description="Leave out gallery photos of this encounter.")
+    ] = None,
+    bbox: Annotated[str | None, Form(description="Crop box x,y,w,h in pixels.")] = None,
+) -> IdentificationOut:
+    """Identify the individual in one photo: the top five candidates of the active model, with
+    `new_individual` placed by the model's cutoff. The answer is recorded for curators."""
+    if photo.size is not None and photo.size > settings.max_upload_bytes:
+        raise PhotoTooLarge(
+            f"the upload is {photo.size} bytes, over the limit of {settings.max_upload_bytes}: "
+            "send a smaller file"
+        )
+    data = await photo.read()
+    filters = Filters(
+        species or None, location or None, date_from, date_to, exclude_encounter or None
+    )
+    box = parse_bbox(bbox)
+    identifier = await run_in_threadpool(runtime.current)
+    result = await run_in_threadpool(
+        identifier.identify, data, filters=filters, bbox=box, original_name=photo.filename
+    )
+    response.headers["Server-Timing"] = ", ".join(
+        f"{name};dur={ms:.2f}" for name, ms in result.timings.items()
+    )
+    return _to_response(result)
+
+
+@router.get(
+    "/identifications/{identification_id}",
+    response_model=IdentificationOut,
+    responses={404: {"model": Problem}},
+)
+def get_identification(identification_id: int, session: SessionDep) -> IdentificationOut:
+    """A recorded identification, as it was answered."""
+    ident = session.scalar(
+        select(Identification)
+        .where(Identification.id == identification_id)
+        .options(selectinload(Identification.candidates), selectinload(Identification.model))
+    )
+    if ident is None:
+        raise HTTPException(404, f"identification {identification_id} does not exist")
+    return IdentificationOut(
+        identification_id=ident.id,
+        candidates=[
+            CandidateOut(
+                rank=c.rank,
+                individual_id=c.label,
+                species=c.species,
+                votes=c.votes,
+                distance=c.distance,
+                confidence=None if c.distance is None else round(1.0 - c.distance, 6),
+                best_image_id=c.best_image_id,
+            )
+            for c in ident.candidates
+        ],
+        model=ModelOut(
+            id=ident.model.id,
+            name=ident.model.name,
+            version=ident.model.version,
+            k=ident.k,
+            cutoff=ident.cutoff,
+            ranking=ident.ranking,
+        ),
+        gallery_size=ident.gallery_size,
+        filters=ident.filters,
+        status=ident.status,
+        created_at=ident.created_at,
+        query_image_id=ident.query_image_id,
+    )

@@ -1,0 +1,322 @@
+"""Catalogue import (Happywhale ``train.csv`` + an image folder) and embedding of gallery photos.
+
+Each batch of rows is committed on its own, so an interrupted run resumes where it stopped, and a
+photo already stored (same content) is never added twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm import tqdm
+
+from service.db import Embedding, Image, Individual, Model, transaction
+from service.embedder import Embedder
+from service.galleries import Gallery, bump_gallery_version
+from service.identify import get_or_add_image, index_path
+from service.photos import Photo, PhotoError, decode_photo, to_model_input
+from service.photostore import PhotoStore, StoredPhoto, content_hash
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("image", "species", "individual_id")
+OPTIONAL_COLUMNS = ("encounter", "location", "date")
+
+
+class CatalogueError(ValueError):
+    """The catalogue file as a whole cannot be read."""
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    already_present: int = 0
+    embedded: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    line: int
+    image: str
+    species: str
+    individual_id: str
+    encounter: str | None
+    location: str | None
+    taken_on: dt.date | None
+
+
+@dataclass
+class _Ready:
+    row: _Row
+    data: bytes
+    digest: str
+    photo: Photo
+
+
+def read_catalogue(path: Path) -> Iterator[_Row | tuple[int, str]]:
+    """Rows of the CSV, or (line, problem) for a row that cannot be used."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise CatalogueError(
+                f"{path} lacks the column(s) {', '.join(missing)}: the header must name "
+                f"{','.join(REQUIRED_COLUMNS)} (optional: {','.join(OPTIONAL_COLUMNS)})"
+            )
+        for raw in reader:
+            line = reader.line_num
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+            if not row["image"] or not row["individual_id"]:
+                yield line, "image and individual_id must not be empty"
+                continue
+            try:
+                taken_on = dt.date.fromisoformat(row["date"]) if row.get("date") else None
+            except ValueError:
+                yield line, f"date {row['date']!r} is not YYYY-MM-DD"
+                continue
+            yield _Row(
+                line,
+                row["image"],
+                row["species"],
+                row["individual_id"],
+                row.get("encounter") or None,
+                row.get("location") or None,
+                taken_on,
+            )
+
+
+def _batches(
+    items: Iterator[_Row | tuple[int, str]], size: int
+) -> Iterator[list[_Row | tuple[int, str]]]:
+    batch: list[_Row | tuple[int, str]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _embed_photos(embedder: Embedder, photos: Sequence[Photo]) -> np.ndarray:
+    spec = embedder.contract.preprocessing
+    return embedder.embed(np.stack([to_model_input(p.image, spec) for p in photos]))
+
+
+class CatalogueImport:
+    """One import run into the database (and the active model's gallery)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        embedder: Embedder | None,
+        model_id: int | None,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.embedder = embedder
+        self.model_id = model_id
+        self.store = PhotoStore(settings.photos_dir)
+        self.max_pixels = settings.max_image_pixels
+        self.target = embedder.contract.preprocessing.input_size if embedder else None
+
+    def run(self, csv_path: Path, images_dir: Path, *, batch_size: int = 32) -> ImportReport:
+        report = ImportReport()
+        with csv_path.open(encoding="utf-8-sig") as f:
+            total = max(sum(1 for _ in f) - 1, 0)
+        bar = tqdm(total=total, desc="import", unit="photo")
+        try:
+            for batch in _batches(read_catalogue(csv_path), batch_size):
+                self._import_batch(batch, images_dir, report)
+                bar.update(len(batch))
+                bar.set_postfix(new=report.imported, errors=len(report.errors))
+        finally:
+            bar.close()
+        if self.embedder is not None and self.model_id is not None:
+            gallery = Gallery(
+                self.model_id,
+                self.embedder.dim,
+                index_path(self.settings, self.model_id),
+                ivf_threshold=self.settings.ivf_threshold,
+            )
+            gallery.open(self.factory)
+        return report
+
+    def _read(self, row: _Row, images_dir: Path) -> tuple[bytes, str] | str:
+        path = images_dir / row.image
+        if not path.is_file():
+            return f"image {row.image!r} not found in {images_dir}"
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return f"image {row.image!r} cannot be read: {e}"
+        return data, content_hash(data)
+
+    def _known(self, session: Session, digest: str, row: _Row) -> str | None | bool:
+        """True if this row is already fully imported; a message if it conflicts; else None."""
+        image = session.scalar(select(Image).where(Image.content_hash == digest))
+        if image is None or image.individual_id is None:
+            return None
+        owner = session.get_one(Individual, image.individual_id)
+        if owner.catalogue_id != row.individual_id:
+            return (
+                f"image {row.image!r} is already in the catalogue as individual "
+                f"{owner.catalogue_id!r}, not {row.individual_id!r}: correct the CSV or merge"
+            )
+        if self.model_id is None:
+            return True
+        embedded = session.scalar(
+            select(Embedding.id).where(
+                Embedding.image_id == image.id, Embedding.model_id == self.model_id
+            )
+        )
+        return True if embedded is not None else None
+
+    def _import_batch(
+        self, batch: list[_Row | tuple[int, str]], images_dir: Path, report: ImportReport
+    ) -> None:
+        ready: list[_Ready] = []
+        seen: set[str] = set()
+        with self.factory() as session:
+            for item in batch:
+                if isinstance(item, tuple):
+                    self._error(report, *item)
+                    continue
+                read = self._read(item, images_dir)
+                if isinstance(read, str):
+                    self._error(report, item.line, read)
+                    continue
+                data, digest = read
+                known = self._known(session, digest, item)
+                if known is True or digest in seen:
+                    report.already_present += 1
+                    continue
+                if isinstance(known, str):
+                    self._error(report, item.line, known)
+                    continue
+                try:
+                    photo = decode_photo(data, max_pixels=self.max_pixels, target_size=self.target)
+                except PhotoError as e:
+                    self._error(report, item.line, f"image {item.image!r}: {e}")
+                    continue
+                seen.add(digest)
+                ready.append(_Ready(item, data, digest, photo))
+        if ready:
+            self._write(ready, report)
+
+    def _error(self, report: ImportReport, line: int, message: str) -> None:
+        report.errors.append((line, message))
+        log.warning("line %d: %s", line, message)
+
+    def _write(self, ready: list[_Ready], report: ImportReport) -> None:
+        vectors = _embed_photos(self.embedder, [r.photo for r in ready]) if self.embedder else None
+        stored: list[StoredPhoto] = []
+        try:
+            for r in ready:
+                stored.append(self.store.put(r.data, r.photo.media_type))
+            with transaction(self.factory) as session:
+                for i, (r, s) in enumerate(zip(ready, stored, strict=True)):
+                    individual = get_or_add_individual(session, r.row.individual_id, r.row.species)
+                    image = get_or_add_image(
+                        session,
+                        s,
+                        r.data,
+                        r.photo,
+                        r.row.image,
+                        source="catalogue",
+                        species=r.row.species or None,
+                        encounter=r.row.encounter,
+                        location=r.row.location,
+                        taken_on=r.row.taken_on,
+                    )
+                    new_image = image.individual_id is None
+                    image.individual_id = individual.id
+                    if vectors is not None and self.model_id is not None:
+                        add_embedding(session, image.id, self.model_id, vectors[i])
+                        report.embedded += 1
+                    report.imported += 1 if new_image else 0
+                    report.already_present += 0 if new_image else 1
+                if self.model_id is not None:
+                    bump_gallery_version(session, self.model_id)
+        except BaseException:
+            for s in stored:
+                self.store.discard(s)
+            raise
+
+
+def get_or_add_individual(session: Session, catalogue_id: str, species: str | None) -> Individual:
+    individual = session.scalar(select(Individual).where(Individual.catalogue_id == catalogue_id))
+    if individual is None:
+        individual = Individual(catalogue_id=catalogue_id, species=species or None)
+        session.add(individual)
+        session.flush()
+    return individual
+
+
+def add_embedding(session: Session, image_id: int, model_id: int, vector: np.ndarray) -> None:
+    exists = session.scalar(
+        select(Embedding.id).where(Embedding.image_id == image_id, Embedding.model_id == model_id)
+    )
+    if exists is None:
+        session.add(
+            Embedding(
+                image_id=image_id,
+                model_id=model_id,
+                vector=np.ascontiguousarray(vector, dtype="<f4").tobytes(),
+            )
+        )
+
+
+def embed_gallery(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    embedder: Embedder,
+    model_id: int,
+    *,
+    batch_size: int = 32,
+) -> int:
+    """Embed every gallery photo (confirmed individual) that ``model_id`` has not embedded yet.
+    Resumable: each batch commits; a re-run picks up what is left."""
+    store = PhotoStore(settings.photos_dir)
+    with factory() as session:
+        done = select(Embedding.image_id).where(Embedding.model_id == model_id)
+        todo = session.execute(
+            select(Image.id, Image.file_path)
+            .where(Image.individual_id.is_not(None), Image.id.not_in(done))
+            .order_by(Image.id)
+        ).all()
+    count = 0
+    spec = embedder.contract.preprocessing
+    for start in tqdm(range(0, len(todo), batch_size), desc="embed", unit="batch"):
+        chunk = todo[start : start + batch_size]
+        photos = [
+            decode_photo(
+                store.path(path).read_bytes(),
+                max_pixels=settings.max_image_pixels,
+                target_size=spec.input_size,
+            )
+            for _, path in chunk
+        ]
+        vectors = _embed_photos(embedder, photos)
+        with transaction(factory) as session:
+            for (image_id, _), vector in zip(chunk, vectors, strict=True):
+                add_embedding(session, image_id, model_id, vector)
+            bump_gallery_version(session, model_id)
+        count += len(chunk)
+    return count
+
+
+def model_for_import(session: Session) -> Model | None:
+    return session.scalar(select(Model).where(Model.status == "active"))

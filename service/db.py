@@ -1,0 +1,204 @@
+"""The database schema (SQLAlchemy 2) and session helpers. The database is the source of truth."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Individual(Base):
+    """An animal of the catalogue, known by the catalogue's own id (Happywhale's individual_id)."""
+
+    __tablename__ = "individuals"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    catalogue_id: Mapped[str] = mapped_column(String(200), unique=True)
+    species: Mapped[str | None] = mapped_column(String(100), index=True)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("individuals.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="individual")
+
+
+class Image(Base):
+    """A stored photo, content-addressed: identical uploads share one row and one file."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    file_path: Mapped[str] = mapped_column(String(300))
+    media_type: Mapped[str] = mapped_column(String(50))
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    original_name: Mapped[str | None] = mapped_column(String(500))
+    species: Mapped[str | None] = mapped_column(String(100), index=True)
+    encounter: Mapped[str | None] = mapped_column(String(200), index=True)
+    location: Mapped[str | None] = mapped_column(String(200), index=True)
+    taken_on: Mapped[dt.date | None] = mapped_column(Date)
+    individual_id: Mapped[int | None] = mapped_column(ForeignKey("individuals.id"), index=True)
+    source: Mapped[str] = mapped_column(String(20), default="catalogue")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    individual: Mapped[Individual | None] = relationship(back_populates="images")
+
+
+class Model(Base):
+    """A registered ONNX embedding model with its preprocessing and kNN-head settings."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(100))
+    file_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    file_path: Mapped[str] = mapped_column(String(300))
+    embedding_dim: Mapped[int] = mapped_column(Integer)
+    preprocessing: Mapped[dict[str, Any]] = mapped_column(JSON)
+    k: Mapped[int] = mapped_column(Integer)
+    cutoff: Mapped[float] = mapped_column(Float)
+    ranking: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), default="registered", index=True)
+    metadata_props: Mapped[dict[str, Any]] = mapped_column(JSON)
+    gallery_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Embedding(Base):
+    """One image embedded by one model: an L2-normalised float32 vector. Its id is the faiss id."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (UniqueConstraint("image_id", "model_id", name="uq_embeddings_image_model"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Identification(Base):
+    """One answer of ``POST /identify``: what was asked, what was used, what was proposed."""
+
+    __tablename__ = "identifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    query_image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    filters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    bbox: Mapped[list[int] | None] = mapped_column(JSON)
+    k: Mapped[int] = mapped_column(Integer)
+    cutoff: Mapped[float] = mapped_column(Float)
+    ranking: Mapped[str] = mapped_column(String(20))
+    gallery_size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+
+    candidates: Mapped[list[Candidate]] = relationship(
+        back_populates="identification", order_by="Candidate.rank", cascade="all, delete-orphan"
+    )
+    query_image: Mapped[Image] = relationship()
+    model: Mapped[Model] = relationship()
+
+
+class Candidate(Base):
+    """One ranked line of an identification; ``label`` is a catalogue id or ``new_individual``."""
+
+    __tablename__ = "identification_candidates"
+    __table_args__ = (
+        UniqueConstraint("identification_id", "rank", name="uq_candidates_identification_rank"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    identification_id: Mapped[int] = mapped_column(
+        ForeignKey("identifications.id", ondelete="CASCADE")
+    )
+    rank: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(200))
+    individual_id: Mapped[int | None] = mapped_column(ForeignKey("individuals.id"))
+    species: Mapped[str | None] = mapped_column(String(100))
+    votes: Mapped[int | None] = mapped_column(Integer)
+    distance: Mapped[float | None] = mapped_column(Float)
+    best_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+
+    identification: Mapped[Identification] = relationship(back_populates="candidates")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any error."""
+    with factory() as session, session.begin():
+        yield session

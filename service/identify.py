@@ -1,0 +1,344 @@
+"""The identification pipeline: decode, preprocess, embed, search, kNN head, record."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import Candidate, Identification, Image, Individual, Model, transaction
+from service.embedder import Embedder
+from service.galleries import Filters, Gallery
+from service.knn import RankedCandidate, rank_candidates
+from service.photos import Photo, decode_photo, to_model_input
+from service.photostore import PhotoStore, StoredPhoto
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class NoActiveModel(RuntimeError):
+    """No model is active yet."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no active model: register one with `whaleid models add MODEL.onnx --activate`"
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: int
+    name: str
+    version: str
+    k: int
+    cutoff: float
+    ranking: str
+
+
+@dataclass(frozen=True)
+class AnsweredCandidate:
+    rank: int
+    individual_id: str
+    species: str | None
+    votes: int | None
+    distance: float | None
+    confidence: float | None
+    best_image_id: int | None
+
+
+@dataclass
+class IdentificationResult:
+    identification_id: int | None
+    candidates: list[AnsweredCandidate]
+    model: ModelInfo
+    gallery_size: int
+    filters: dict[str, str]
+    searched: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+
+    @contextmanager
+    def lap(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.laps[name] = (time.perf_counter() - start) * 1000.0
+
+
+def index_path(settings: Settings, model_id: int) -> Path:
+    return settings.indexes_dir / f"model-{model_id}.faiss"
+
+
+class Identifier:
+    """Everything ``/identify`` needs for one model, loaded once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        model: Model,
+        embedder: Embedder,
+        gallery: Gallery,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.model = ModelInfo(
+            model.id, model.name, model.version, model.k, model.cutoff, model.ranking
+        )
+        self.embedder = embedder
+        self.gallery = gallery
+        self.store = PhotoStore(settings.photos_dir)
+
+    @classmethod
+    def load(cls, settings: Settings, factory: sessionmaker[Session], model: Model) -> Identifier:
+        """Open the model's ONNX file and its gallery (rebuilding the index if need be)."""
+        embedder = Embedder(
+            settings.data_dir / model.file_path,
+            threads=settings.onnx_threads,
+            max_batch_size=settings.embed_batch_size,
+        )
+        gallery = Gallery(
+            model.id,
+            embedder.dim,
+            index_path(settings, model.id),
+            ivf_threshold=settings.ivf_threshold,
+        )
+        gallery.open(factory)
+        return cls(settings, factory, model, embedder, gallery)
+
+    def decode(self, data: bytes, bbox: tuple[int, int, int, int] | None) -> Photo:
+        return decode_photo(
+            data,
+            max_pixels=self.settings.max_image_pixels,
+            target_size=self.embedder.contract.preprocessing.input_size,
+            bbox=bbox,
+        )
+
+    def identify(
+        self,
+        data: bytes,
+        *,
+        filters: Filters,
+        bbox: tuple[int, int, int, int] | None = None,
+        record: bool = True,
+        original_name: str | None = None,
+    ) -> IdentificationResult:
+        """Identify one photo. With ``record``, the photo, the answer and what was used are
+        written to the database in one transaction (and the photo file removed if that fails)."""
+        watch = _Stopwatch()
+        with watch.lap("decode"):
+            photo = self.decode(data, bbox)
+        with watch.lap("preprocess"):
+            pixels = to_model_input(photo.image, self.embedder.contract.preprocessing)
+        with watch.lap("embed"):
+            vector = self.embedder.embed(pixels[np.newaxis])[0]
+        with watch.lap("search"):
+            neighbours, searched = self.gallery.search(vector, self.model.k, filters)
+        with watch.lap("head"):
+            ranked = rank_candidates(
+                neighbours,
+                cutoff=self.model.cutoff,
+                ranking=self.model.ranking,  # type: ignore[arg-type]
+            )
+        with watch.lap("database"):
+            if record:
+                identification_id, candidates = self._record(
+                    data, photo, ranked, filters, bbox, original_name
+                )
+            else:
+                identification_id, candidates = None, self._answer(ranked, None)
+        return IdentificationResult(
+            identification_id,
+            candidates,
+            self.model,
+            self.gallery.size,
+            filters.as_dict(),
+            searched,
+            watch.laps,
+        )
+
+    def _answer(
+        self, ranked: list[RankedCandidate], individuals: dict[str, Individual] | None
+    ) -> list[AnsweredCandidate]:
+        species = self.gallery.entries.label_species
+        out = []
+        for rank, c in enumerate(ranked, start=1):
+            row = individuals.get(c.label) if individuals else None
+            out.append(
+                AnsweredCandidate(
+                    rank=rank,
+                    individual_id=c.label,
+                    species=None if c.is_new else (row.species if row else species.get(c.label)),
+                    votes=c.votes,
+                    distance=None if c.distance is None else round(c.distance, 6),
+                    confidence=None if c.confidence is None else round(c.confidence, 6),
+                    best_image_id=c.best_image_id,
+                )
+            )
+        return out
+
+    def _record(
+        self,
+        data: bytes,
+        photo: Photo,
+        ranked: list[RankedCandidate],
+        filters: Filters,
+        bbox: tuple[int, int, int, int] | None,
+        original_name: str | None,
+    ) -> tuple[int, list[AnsweredCandidate]]:
+        stored = self.store.put(data, photo.media_type)
+        try:
+            return self._write(stored, data, photo, ranked, filters, bbox, original_name)
+        except BaseException:
+            self._discard_if_unreferenced(stored)
+            raise
+
+    def _write(
+        self,
+        stored: StoredPhoto,
+        data: bytes,
+        photo: Photo,
+        ranked: list[RankedCandidate],
+        filters: Filters,
+        bbox: tuple[int, int, int, int] | None,
+        original_name: str | None,
+    ) -> tuple[int, list[AnsweredCandidate]]:
+        for attempt in range(2):
+            try:
+                with transaction(self.factory) as session:
+                    image = get_or_add_image(session, stored, data, photo, original_name)
+                    labels = [c.label for c in ranked if not c.is_new]
+                    individuals = {
+                        i.catalogue_id: i
+                        for i in session.scalars(
+                            select(Individual).where(Individual.catalogue_id.in_(labels))
+                        )
+                    }
+                    answer = self._answer(ranked, individuals)
+                    ident = Identification(
+                        query_image_id=image.id,
+                        model_id=self.model.id,
+                        filters=filters.as_dict(),
+                        bbox=list(bbox) if bbox else None,
+                        k=self.model.k,
+                        cutoff=self.model.cutoff,
+                        ranking=self.model.ranking,
+                        gallery_size=self.gallery.size,
+                    )
+                    ident.candidates = [
+                        Candidate(
+                            rank=a.rank,
+                            label=a.individual_id,
+                            individual_id=(
+                                individuals[a.individual_id].id
+                                if a.individual_id in individuals
+                                else None
+                            ),
+                            species=a.species,
+                            votes=a.votes,
+                            distance=a.distance,
+                            best_image_id=a.best_image_id,
+                        )
+                        for a in answer
+                    ]
+                    session.add(ident)
+                    session.flush()
+                    return ident.id, answer
+            except IntegrityError:
+                # Two uploads of the same new photo raced for its row: the retry finds it.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _discard_if_unreferenced(self, stored: StoredPhoto) -> None:
+        if not stored.created:
+            return
+        with self.factory() as session:
+            exists = session.scalar(
+                select(Image.id).where(Image.content_hash == stored.content_hash)
+            )
+        if exists is None:
+            self.store.discard(stored)
+
+
+def get_or_add_image(
+    session: Session,
+    stored: StoredPhoto,
+    data: bytes,
+    photo: Photo,
+    original_name: str | None,
+    **fields: Any,
+) -> Image:
+    """The row of this photo's content, added if it is new."""
+    image = session.scalar(select(Image).where(Image.content_hash == stored.content_hash))
+    if image is not None:
+        return image
+    image = Image(
+        content_hash=stored.content_hash,
+        file_path=stored.relative_path,
+        media_type=photo.media_type,
+        byte_size=len(data),
+        width=photo.width,
+        height=photo.height,
+        original_name=original_name,
+        source=fields.pop("source", "query"),
+        **fields,
+    )
+    session.add(image)
+    session.flush()
+    return image
+
+
+class Runtime:
+    """The identifier of the active model, kept in step with the database on each request: a
+    model activated or a gallery changed by another process is picked up at the next call."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.factory = factory
+        self._identifier: Identifier | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> Identifier | None:
+        return self._identifier
+
+    def current(self) -> Identifier:
+        """The active model's identifier, loading or syncing it first if the database moved."""
+        with self.factory() as session:
+            active = session.execute(
+                select(Model.id, Model.gallery_version).where(Model.status == "active")
+            ).first()
+        if active is None:
+            raise NoActiveModel()
+        identifier = self._identifier
+        if identifier is None or identifier.model.id != active.id:
+            with self._lock:
+                identifier = self._identifier
+                if identifier is None or identifier.model.id != active.id:
+                    with self.factory() as session:
+                        model = session.get_one(Model, active.id)
+                    log.info("loading model %s %s (id %s)", model.name, model.version, model.id)
+                    identifier = self._identifier = Identifier.load(
+                        self.settings, self.factory, model
+                    )
+        elif identifier.gallery.version != active.gallery_version:
+            with self._lock:
+                identifier.gallery.sync(self.factory)
+        return identifier

@@ -1,0 +1,118 @@
+"""The kNN head and MAP@5: the one implementation that serving, training and evaluation share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+NEW_INDIVIDUAL = "new_individual"
+TOP = 5
+Ranking = Literal["vote", "nearest"]
+RANKINGS: tuple[Ranking, ...] = ("vote", "nearest")
+# A neighbour at distance 0 (the same photo) must not divide by zero.
+_MIN_DISTANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One gallery embedding returned by the search."""
+
+    label: str
+    distance: float
+    image_id: int = 0
+
+
+@dataclass(frozen=True)
+class RankedCandidate:
+    """One line of the answer. ``new_individual`` carries no votes, distance or image."""
+
+    label: str
+    votes: int | None
+    distance: float | None
+    inverse_distance_sum: float | None
+    best_image_id: int | None
+
+    @property
+    def is_new(self) -> bool:
+        return self.label == NEW_INDIVIDUAL
+
+    @property
+    def confidence(self) -> float | None:
+        return None if self.distance is None else 1.0 - self.distance
+
+
+NEW = RankedCandidate(NEW_INDIVIDUAL, None, None, None, None)
+
+
+def aggregate(neighbours: Iterable[Neighbour]) -> list[RankedCandidate]:
+    """Per individual: votes, its nearest neighbour's distance and image, inverse-distance sum."""
+    votes: dict[str, int] = {}
+    nearest: dict[str, Neighbour] = {}
+    inverse: dict[str, float] = {}
+    for n in neighbours:
+        votes[n.label] = votes.get(n.label, 0) + 1
+        inverse[n.label] = inverse.get(n.label, 0.0) + 1.0 / max(n.distance, _MIN_DISTANCE)
+        best = nearest.get(n.label)
+        if best is None or n.distance < best.distance:
+            nearest[n.label] = n
+    return [
+        RankedCandidate(
+            label, votes[label], nearest[label].distance, inverse[label], nearest[label].image_id
+        )
+        for label in votes
+    ]
+
+
+def _order(candidates: list[RankedCandidate], ranking: Ranking) -> list[RankedCandidate]:
+    def vote_key(c: RankedCandidate) -> tuple[float, float, float, str]:
+        assert c.votes is not None and c.inverse_distance_sum is not None
+        assert c.distance is not None
+        return (-c.votes, -c.inverse_distance_sum, c.distance, c.label)
+
+    def nearest_key(c: RankedCandidate) -> tuple[float, float, float, str]:
+        assert c.votes is not None and c.inverse_distance_sum is not None
+        assert c.distance is not None
+        return (c.distance, -c.votes, -c.inverse_distance_sum, c.label)
+
+    if ranking == "vote":
+        return sorted(candidates, key=vote_key)
+    if ranking == "nearest":
+        return sorted(candidates, key=nearest_key)
+    raise ValueError(f"unknown ranking {ranking!r}: use one of {', '.join(RANKINGS)}")
+
+
+def rank_candidates(
+    neighbours: Sequence[Neighbour], *, cutoff: float, ranking: Ranking = "vote", top: int = TOP
+) -> list[RankedCandidate]:
+    """The kNN head of the identification contract.
+
+    Candidates are ranked by ``ranking`` (``vote``: most votes, then larger inverse-distance sum,
+    then smaller distance; ``nearest``: smallest distance first). Those within ``cutoff`` keep that
+    order, then ``new_individual`` is inserted, then the rest follow; the first ``top`` are kept.
+    The answer starts with ``new_individual`` exactly when the nearest neighbour is farther than
+    ``cutoff`` (or there is no neighbour at all).
+    """
+    ranked = _order(aggregate(neighbours), ranking)
+    within = [c for c in ranked if c.distance is not None and c.distance <= cutoff]
+    beyond = [c for c in ranked if c.distance is not None and c.distance > cutoff]
+    return [*within, NEW, *beyond][:top]
+
+
+def average_precision_at_5(predicted: Sequence[str], truth: str) -> float:
+    """1/rank of the first correct label among the first five; later repeats count for nothing."""
+    for rank, label in enumerate(predicted[:TOP], start=1):
+        if label == truth:
+            return 1.0 / rank
+    return 0.0
+
+
+def map_at_5(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> float:
+    """Mean average precision at 5, the Happywhale metric. An empty set scores 0."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions but {len(truths)} truths")
+    if not truths:
+        return 0.0
+    return sum(
+        average_precision_at_5(p, t) for p, t in zip(predictions, truths, strict=True)
+    ) / len(truths)

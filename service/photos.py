@@ -1,0 +1,190 @@
+"""Decoding uploaded photos and turning them into model input, as the model's metadata says."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+try:  # HEIC from iPhones, when the optional extra is installed
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIC = True
+except ImportError:  # pragma: no cover - depends on the install
+    HEIC = False
+
+ACCEPTED_FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "HEIF": "image/heic",
+}
+Resize = Literal["stretch", "letterbox"]
+PixelRange = Literal["0-255", "0-1", "imagenet"]
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# EXIF orientations 5-8 rotate by 90 degrees: width and height swap.
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+class PhotoError(ValueError):
+    """A photo that cannot be used; the message says what is wrong and what to do."""
+
+
+class UnsupportedPhoto(PhotoError):
+    """Not an image, or a format we do not decode."""
+
+
+class UnreadablePhoto(PhotoError):
+    """Empty, truncated or corrupt."""
+
+
+class PhotoTooLarge(PhotoError):
+    """Over the byte or pixel limit (decompression bombs included)."""
+
+
+class BadBoundingBox(PhotoError):
+    """A crop box that is malformed or falls outside the photo."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its input: the one description training, export and serving share."""
+
+    input_size: int
+    resize: Resize = "stretch"
+    pixel_range: PixelRange = "0-255"
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded upload: RGB pixels (possibly reduced and cropped) and facts about the file."""
+
+    image: Image.Image
+    format: str
+    media_type: str
+    width: int
+    height: int
+
+
+def parse_bbox(text: str | None) -> tuple[int, int, int, int] | None:
+    """``"x,y,w,h"`` in pixels of the photo as displayed (after EXIF orientation)."""
+    if text is None or not text.strip():
+        return None
+    parts = text.split(",")
+    try:
+        x, y, w, h = (int(float(p)) for p in parts)
+    except ValueError:
+        raise BadBoundingBox(
+            f"bbox {text!r} is not four numbers: send bbox=x,y,w,h in pixels, e.g. 10,20,300,200"
+        ) from None
+    if w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise BadBoundingBox(f"bbox {text!r} needs x,y >= 0 and a positive width and height")
+    return x, y, w, h
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block must not make the photo unusable
+        return 1
+
+
+def decode_photo(
+    data: bytes,
+    *,
+    max_pixels: int,
+    target_size: int | None = None,
+    bbox: tuple[int, int, int, int] | None = None,
+) -> Photo:
+    """Decode, apply EXIF orientation, crop to ``bbox`` and convert to RGB.
+
+    With ``target_size``, JPEGs are decoded at the smallest DCT scale that still gives the crop at
+    least ``target_size`` pixels on each side, which makes large photos several times cheaper.
+    """
+    if not data:
+        raise UnreadablePhoto("the upload is empty (0 bytes): attach the photo file")
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise PhotoTooLarge(f"the photo has too many pixels: {e}") from e
+    except Exception as e:
+        raise UnsupportedPhoto(
+            "the upload is not an image we can decode: send a JPEG, PNG, WebP"
+            + (" or HEIC" if HEIC else "")
+            + " photo"
+        ) from e
+    fmt = image.format or "unknown"
+    if fmt not in ACCEPTED_FORMATS:
+        raise UnsupportedPhoto(
+            f"photos in {fmt} format are not accepted: convert it to JPEG, PNG or WebP"
+        )
+    raw_w, raw_h = image.size
+    if raw_w * raw_h > max_pixels:
+        raise PhotoTooLarge(
+            f"the photo is {raw_w}x{raw_h} = {raw_w * raw_h} pixels, over the limit of "
+            f"{max_pixels}: downscale it before uploading"
+        )
+    orientation = _orientation(image)
+    shown_w, shown_h = (raw_h, raw_w) if orientation in _SWAPS_AXES else (raw_w, raw_h)
+    if bbox is not None:
+        x, y, w, h = bbox
+        if x + w > shown_w or y + h > shown_h:
+            raise BadBoundingBox(
+                f"bbox {x},{y},{w},{h} falls outside the {shown_w}x{shown_h} photo: "
+                "give x,y,w,h inside it"
+            )
+    region = min(bbox[2], bbox[3]) if bbox else min(shown_w, shown_h)
+    if target_size and fmt in ("JPEG", "MPO") and region > 2 * target_size:
+        factor = target_size / region
+        image.draft("RGB", (math.ceil(raw_w * factor), math.ceil(raw_h * factor)))
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+    except Image.DecompressionBombError as e:
+        raise PhotoTooLarge(f"the photo has too many pixels: {e}") from e
+    except Exception as e:
+        raise UnreadablePhoto(
+            f"the photo could not be decoded ({e}): it is truncated or corrupt; upload the "
+            "complete file"
+        ) from e
+    if bbox is not None:
+        scale = image.size[0] / shown_w
+        x, y, w, h = bbox
+        image = image.crop(
+            (round(x * scale), round(y * scale), round((x + w) * scale), round((y + h) * scale))
+        )
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return Photo(image, fmt, ACCEPTED_FORMATS[fmt], shown_w, shown_h)
+
+
+def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """HWC float32 pixels as the model wants them. A photo already at the input size is not
+    resampled, so a model can be checked bit-for-bit."""
+    size = spec.input_size
+    if image.size != (size, size):
+        if spec.resize == "letterbox":
+            scale = size / max(image.size)
+            fitted = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                Image.Resampling.BILINEAR,
+            )
+            canvas = Image.new("RGB", (size, size))
+            canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+            image = canvas
+        else:
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32)
+    if spec.pixel_range == "0-1":
+        return pixels / 255.0
+    if spec.pixel_range == "imagenet":
+        result: np.ndarray = (pixels / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        return result
+    return pixels

@@ -1,0 +1,57 @@
+"""Service settings, read from ``WHALEID_*`` environment variables or a ``.env`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every value has a working embedded default: SQLite and files under ``./data``."""
+
+    model_config = SettingsConfigDict(env_prefix="WHALEID_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 60_000_000
+    onnx_threads: int = 0
+    embed_batch_size: int = 16
+    ivf_threshold: int = 200_000
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str) -> str:
+        # Heroku-style URLs say postgres://; SQLAlchemy wants a driver named.
+        if value.startswith("postgres://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgres://")
+        elif value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'whaleid.sqlite3').resolve()}"
+
+    @property
+    def photos_dir(self) -> Path:
+        return self.data_dir / "photos"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def ensure_dirs(self) -> None:
+        """Create the data directory tree."""
+        for path in (self.data_dir, self.photos_dir, self.indexes_dir, self.models_dir):
+            path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,117 @@
+"""Fixtures: a real SQLite file or a real PostgreSQL database, a real ONNX model, real uvicorn."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import migrate
+from service.api.app import create_app
+from service.db import make_engine, make_sessionmaker
+from service.settings import Settings
+from tests.toy import build_toy_model
+
+POSTGRES_URL = os.environ.get("WHALEID_TEST_POSTGRES_URL", "")
+
+
+def _postgres_or_skip() -> str:
+    if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("WHALEID_TEST_POSTGRES_URL is not set: run the tests with scripts/test.sh")
+        pytest.skip("no PostgreSQL: run the tests with scripts/test.sh to start one")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    base = _postgres_or_skip()
+    name = f"whaleid_test_{uuid.uuid4().hex[:12]}"
+    admin = base.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield base.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'whaleid.sqlite3'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    s = Settings(data_dir=tmp_path / "data", database_url=database_url, _env_file=None)  # type: ignore[call-arg]
+    s.ensure_dirs()
+    migrate.upgrade(s.sqlalchemy_url)
+    return s
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    s = Settings(data_dir=tmp_path / "data", _env_file=None)  # type: ignore[call-arg]
+    s.ensure_dirs()
+    migrate.upgrade(s.sqlalchemy_url)
+    return s
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings.sqlalchemy_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def toy_model(tmp_path: Path) -> Path:
+    return build_toy_model(tmp_path / "toy.onnx")
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_server(settings: Settings) -> Iterator[LiveServer]:
+    """uvicorn serving ``create_app(settings)`` over loopback, in a thread."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
