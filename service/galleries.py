@@ -136,7 +136,7 @@ def gallery_rows(session: Session, model_id: int) -> list[tuple[Any, ...]]:
             select(Individual.id, Individual.merged_into_id).where(
                 Individual.merged_into_id.is_not(None)
             )
-        ).tuples()
+        )
         if b is not None
     }
     names = (
@@ -179,7 +179,6 @@ def load_vectors(session: Session, ids: Sequence[int], dim: int) -> np.ndarray:
         chunk = list(ids[start : start + _CHUNK])
         found.update(
             session.execute(select(Embedding.id, Embedding.vector).where(Embedding.id.in_(chunk)))
-            .tuples()
             .all()
         )
     out = np.empty((len(ids), dim), dtype=np.float32)

@@ -115,3 +115,41 @@ def run_server(settings: Settings) -> Iterator[LiveServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@dataclass
+class Catalogue:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    model_id: int
+    folder: Path
+
+
+def load_catalogue(settings: Settings, folder: Path, model_path: Path, *, individuals: int = 12,
+                   shots: tuple[int, ...] = (0, 1, 2)) -> Catalogue:
+    """Register and activate ``model_path``, then import a synthetic catalogue through the CLI
+    code path."""
+    from service.catalogue import CatalogueImport
+    from service.embedder import Embedder
+    from service.registry import activate_model, register_model
+    from tests.toy import write_catalogue
+
+    engine = make_engine(settings.sqlalchemy_url)
+    factory = make_sessionmaker(engine)
+    model = register_model(settings, factory, model_path)
+    activate_model(settings, factory, model.id)
+    csv_path = write_catalogue(folder, range(individuals), shots)
+    embedder = Embedder(settings.data_dir / model.file_path)
+    report = CatalogueImport(settings, factory, embedder, model.id).run(csv_path, folder / "images")
+    assert not report.errors and report.imported == individuals * len(shots)
+    return Catalogue(settings, factory, model.id, folder)
+
+
+@pytest.fixture
+def catalogue(settings: Settings, tmp_path: Path, toy_model: Path) -> Catalogue:
+    return load_catalogue(settings, tmp_path / "catalogue", toy_model)
+
+
+@pytest.fixture
+def live(catalogue: Catalogue) -> Iterator[LiveServer]:
+    yield from run_server(catalogue.settings)

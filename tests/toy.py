@@ -18,7 +18,7 @@ def build_toy_model(
     path: Path,
     *,
     input_size: int = 32,
-    dim: int = 24,
+    dim: int = 64,
     grid: int = 8,
     seed: int = 0,
     metadata: dict[str, str] | None = None,

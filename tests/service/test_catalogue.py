@@ -1,0 +1,182 @@
+"""Catalogue import (idempotent, resumable, bad rows reported) and evaluation, via the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from service import catalogue as catalogue_module
+from service.cli import main
+from service.db import Embedding, Image, Individual, make_engine, make_sessionmaker
+from service.settings import Settings
+from tests.conftest import Catalogue
+from tests.toy import encode, photo, write_catalogue
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", settings.sqlalchemy_url)
+    return settings
+
+
+def counts(settings: Settings) -> tuple[int, int, int]:
+    engine = make_engine(settings.sqlalchemy_url)
+    with make_sessionmaker(engine)() as s:
+        result = tuple(
+            s.scalar(select(func.count()).select_from(t)) or 0
+            for t in (Individual, Image, Embedding)
+        )
+    engine.dispose()
+    return result  # type: ignore[return-value]
+
+
+def stored_files(settings: Settings) -> set[str]:
+    return {
+        str(p.relative_to(settings.photos_dir))
+        for p in settings.photos_dir.rglob("*")
+        if p.is_file()
+    }
+
+
+def file_rows(settings: Settings) -> set[str]:
+    engine = make_engine(settings.sqlalchemy_url)
+    with make_sessionmaker(engine)() as s:
+        rows = set(s.scalars(select(Image.file_path)))
+    engine.dispose()
+    return rows
+
+
+def activate(toy_model: Path) -> None:
+    assert main(["models", "add", str(toy_model), "--activate"]) == 0
+
+
+def test_import_twice_adds_nothing(env: Settings, tmp_path: Path, toy_model: Path) -> None:
+    activate(toy_model)
+    csv_path = write_catalogue(tmp_path, range(5), range(3))
+    assert main(["import", str(csv_path), "--images", str(tmp_path / "images")]) == 0
+    assert counts(env) == (5, 15, 15)
+    files = stored_files(env)
+    assert main(["import", str(csv_path), "--images", str(tmp_path / "images")]) == 0
+    assert counts(env) == (5, 15, 15)
+    assert stored_files(env) == files == file_rows(env)
+
+
+def test_interrupted_import_resumes(
+    env: Settings, tmp_path: Path, toy_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    activate(toy_model)
+    csv_path = write_catalogue(tmp_path, range(10), range(4))  # 40 rows: batches of 16
+    real_bump = catalogue_module.bump_gallery_version
+    calls = {"n": 0}
+
+    def crash_on_second_batch(session, model_id):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the operator's Ctrl-C, mid-transaction
+        real_bump(session, model_id)
+
+    monkeypatch.setattr(catalogue_module, "bump_gallery_version", crash_on_second_batch)
+    args = ["import", str(csv_path), "--images", str(tmp_path / "images"), "--batch-size", "16"]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert counts(env)[1:] == (16, 16)
+    assert stored_files(env) == file_rows(env)  # the rolled-back batch left no files
+    monkeypatch.setattr(catalogue_module, "bump_gallery_version", real_bump)
+    assert main(args) == 0
+    assert counts(env) == (10, 40, 40)
+    assert stored_files(env) == file_rows(env)
+
+
+def test_bad_rows_are_reported_with_line_numbers_and_the_rest_imported(
+    env: Settings, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    activate(toy_model)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(encode(photo(1, 1)))
+    (images / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    (images / "empty.jpg").write_bytes(b"")
+    full = encode(photo(2, 1, size=128), "JPEG")
+    (images / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (images / "good2.png").write_bytes(encode(photo(2, 2)))
+    rows = [
+        ["image", "species", "individual_id", "date"],
+        ["good.png", "fin_whale", "w1", "2024-05-01"],  # line 2
+        ["missing.png", "fin_whale", "w2", ""],  # line 3
+        ["garbage.jpg", "fin_whale", "w2", ""],  # line 4
+        ["empty.jpg", "fin_whale", "w2", ""],  # line 5
+        ["truncated.jpg", "fin_whale", "w2", ""],  # line 6
+        ["good2.png", "fin_whale", "w2", "May 2024"],  # line 7
+        ["good2.png", "fin_whale", "", ""],  # line 8
+    ]
+    csv_path = tmp_path / "cat.csv"
+    with csv_path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert main(["import", str(csv_path), "--images", str(images)]) == 0
+    assert counts(env) == (1, 1, 1)
+    errors = {r.getMessage() for r in caplog.records if r.levelname == "ERROR"}
+    for line, word in [(3, "not found"), (4, "not an image"), (5, "empty"), (6, "truncated"),
+                       (7, "YYYY-MM-DD"), (8, "must not be empty")]:
+        assert any(m.startswith(f"line {line}:") and word in m for m in errors), (line, errors)
+    assert main(["import", str(csv_path), "--images", str(images), "--strict"]) == 1
+
+
+def test_catalogue_without_required_columns_is_refused(
+    env: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    csv_path = tmp_path / "cat.csv"
+    csv_path.write_text("file,whale\na.jpg,w1\n")
+    assert main(["import", str(csv_path), "--images", str(tmp_path)]) == 2
+    assert "image, species, individual_id" in caplog.text
+
+
+def test_photo_filed_under_two_individuals_is_a_conflict(
+    env: Settings, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    activate(toy_model)
+    csv_path = write_catalogue(tmp_path, [1], [1])
+    assert main(["import", str(csv_path), "--images", str(tmp_path / "images")]) == 0
+    other = tmp_path / "other.csv"
+    other.write_text("image,species,individual_id\nind1_shot1.png,bottlenose_dolphin,someone\n")
+    assert main(["import", str(other), "--images", str(tmp_path / "images")]) == 0
+    assert "already in the catalogue as individual 'ind-1'" in caplog.text
+    assert counts(env) == (1, 1, 1)
+
+
+def test_import_before_a_model_then_activation_embeds_the_gallery(
+    env: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    csv_path = write_catalogue(tmp_path, range(4), range(2))
+    assert main(["import", str(csv_path), "--images", str(tmp_path / "images")]) == 0
+    assert counts(env) == (4, 8, 0)
+    activate(toy_model)
+    assert counts(env) == (4, 8, 8)
+
+
+def test_evaluate_scores_known_and_unseen_individuals(
+    catalogue: Catalogue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = catalogue.settings
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
+    queries = write_catalogue(tmp_path / "q", [0, 1, 2, 3, 500, 501], [7], name="queries.csv")
+    predictions = tmp_path / "predictions.csv"
+    assert main(["evaluate", str(queries), "--images", str(tmp_path / "q" / "images"),
+                 "--predictions", str(predictions)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["known_queries"] == 4 and summary["unseen_queries"] == 2
+    assert summary["map5_known"] == 1.0
+    assert summary["map5_unseen"] == 1.0  # unseen individuals are answered new_individual first
+    assert summary["map5"] == 1.0
+    with predictions.open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["image"] == "ind0_shot7.png"
+    assert rows[0]["predictions"].split()[0] == "ind-0"
+    assert rows[4]["predictions"].split()[0] == "new_individual"
+    assert len(rows[0]["predictions"].split()) == 5

@@ -1,0 +1,141 @@
+"""The kNN head against a brute-force reference, and MAP@5 on hand-worked cases."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from service.knn import (
+    NEW_INDIVIDUAL,
+    Neighbour,
+    average_precision_at_5,
+    map_at_5,
+    rank_candidates,
+)
+
+
+def reference_head(neighbours, cutoff, ranking):  # type: ignore[no-untyped-def]
+    """Straight from DESIGN.md, written independently: one pass per label, then sort."""
+    labels = sorted({n.label for n in neighbours})
+    stats = []
+    for label in labels:
+        mine = [n for n in neighbours if n.label == label]
+        d = min(n.distance for n in mine)
+        inv = sum(1.0 / max(n.distance, 1e-6) for n in mine)
+        stats.append((label, len(mine), d, inv))
+    if ranking == "vote":
+        stats.sort(key=lambda s: (-s[1], -s[3], s[2], s[0]))
+    else:
+        stats.sort(key=lambda s: (s[2], -s[1], -s[3], s[0]))
+    answer = [s[0] for s in stats if s[2] <= cutoff] + [NEW_INDIVIDUAL]
+    answer += [s[0] for s in stats if s[2] > cutoff]
+    return answer[:5]
+
+
+@pytest.mark.parametrize("ranking", ["vote", "nearest"])
+def test_head_matches_brute_force_reference(ranking: str) -> None:
+    rng = random.Random(7)
+    for _ in range(500):
+        n = rng.randint(0, 60)
+        pool = [f"ind{i}" for i in range(rng.randint(1, 12))]
+        # Coarse distances make ties in votes and distance common.
+        neighbours = [
+            Neighbour(rng.choice(pool), rng.choice([0.0, 0.1, 0.3, 0.5, 0.62, 0.7, 0.9]), i)
+            for i in range(n)
+        ]
+        cutoff = rng.choice([0.3, 0.62, 0.8])
+        got = [c.label for c in rank_candidates(neighbours, cutoff=cutoff, ranking=ranking)]  # type: ignore[arg-type]
+        assert got == reference_head(neighbours, cutoff, ranking)
+
+
+def test_vote_ranking_counts_votes_before_distance() -> None:
+    neighbours = [
+        Neighbour("near", 0.10, 1),
+        Neighbour("many", 0.20, 2),
+        Neighbour("many", 0.25, 3),
+        Neighbour("many", 0.30, 4),
+    ]
+    vote = rank_candidates(neighbours, cutoff=0.62, ranking="vote")
+    nearest = rank_candidates(neighbours, cutoff=0.62, ranking="nearest")
+    assert [c.label for c in vote] == ["many", "near", NEW_INDIVIDUAL]
+    assert [c.label for c in nearest] == ["near", "many", NEW_INDIVIDUAL]
+    many = vote[0]
+    assert many.votes == 3
+    assert many.distance == pytest.approx(0.20)
+    assert many.best_image_id == 2
+    assert many.confidence == pytest.approx(0.80)
+
+
+def test_vote_tie_goes_to_larger_inverse_distance_sum() -> None:
+    neighbours = [
+        Neighbour("a", 0.10, 1), Neighbour("a", 0.50, 2),  # 1/0.1 + 1/0.5 = 12
+        Neighbour("b", 0.15, 3), Neighbour("b", 0.15, 4),  # 2/0.15 = 13.3
+    ]
+    ranked = rank_candidates(neighbours, cutoff=0.62)
+    assert [c.label for c in ranked[:2]] == ["b", "a"]
+
+
+def test_cutoff_boundary_is_inclusive() -> None:
+    at = [Neighbour("a", 0.62, 1)]
+    above = [Neighbour("a", float(np.nextafter(0.62, 1.0)), 1)]
+    assert [c.label for c in rank_candidates(at, cutoff=0.62)] == ["a", NEW_INDIVIDUAL]
+    assert [c.label for c in rank_candidates(above, cutoff=0.62)] == [NEW_INDIVIDUAL, "a"]
+
+
+def test_new_individual_first_exactly_when_nearest_is_beyond_cutoff() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        neighbours = [
+            Neighbour(f"i{rng.randint(0, 6)}", rng.uniform(0.0, 1.2), i)
+            for i in range(rng.randint(1, 50))
+        ]
+        ranked = rank_candidates(neighbours, cutoff=0.62, ranking="vote")
+        nearest = min(n.distance for n in neighbours)
+        assert (ranked[0].label == NEW_INDIVIDUAL) == (nearest > 0.62)
+
+
+def test_empty_gallery_answers_new_individual() -> None:
+    ranked = rank_candidates([], cutoff=0.62)
+    assert [c.label for c in ranked] == [NEW_INDIVIDUAL]
+    assert ranked[0].votes is None and ranked[0].distance is None
+
+
+def test_answer_is_cut_to_five() -> None:
+    neighbours = [Neighbour(f"i{i}", 0.1 + i / 100, i) for i in range(10)]
+    ranked = rank_candidates(neighbours, cutoff=0.62)
+    assert len(ranked) == 5
+    assert NEW_INDIVIDUAL not in [c.label for c in ranked]
+
+
+def test_unknown_ranking_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown ranking"):
+        rank_candidates([Neighbour("a", 0.1)], cutoff=0.62, ranking="best")  # type: ignore[arg-type]
+
+
+def test_map5_table_2_of_the_paper() -> None:
+    # Correct label "A" first: rel(1) = 1, P(1) = 1, later predictions contribute nothing.
+    assert average_precision_at_5(["A", "B", "C", "D", "E"], "A") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("predicted", "truth", "expected"),
+    [
+        (["B", "A", "C", "D", "E"], "A", 1 / 2),
+        (["B", "C", "D", "E", "A"], "A", 1 / 5),
+        (["B", "C", "D", "E", "F", "A"], "A", 0.0),  # sixth place is outside MAP@5
+        (["B", "A", "A", "C", "D"], "A", 1 / 2),  # only the first correct prediction counts
+        ([NEW_INDIVIDUAL, "B"], NEW_INDIVIDUAL, 1.0),
+        ([], "A", 0.0),
+    ],
+)
+def test_average_precision_at_5(predicted: list[str], truth: str, expected: float) -> None:
+    assert average_precision_at_5(predicted, truth) == pytest.approx(expected)
+
+
+def test_map5_averages_over_images() -> None:
+    predictions = [["A", "B"], ["B", "A"], ["C", "D", "E", "F", "G"]]
+    assert map_at_5(predictions, ["A", "A", "A"]) == pytest.approx((1 + 0.5 + 0) / 3)
+    with pytest.raises(ValueError):
+        map_at_5(predictions, ["A"])
