@@ -178,8 +178,9 @@ def load_vectors(session: Session, ids: Sequence[int], dim: int) -> np.ndarray:
     for start in range(0, len(ids), _CHUNK):
         chunk = list(ids[start : start + _CHUNK])
         found.update(
-            session.execute(select(Embedding.id, Embedding.vector).where(Embedding.id.in_(chunk)))
-            .all()
+            session.execute(
+                select(Embedding.id, Embedding.vector).where(Embedding.id.in_(chunk))
+            ).all()
         )
     out = np.empty((len(ids), dim), dtype=np.float32)
     for row, i in enumerate(ids):

@@ -125,8 +125,14 @@ class Catalogue:
     folder: Path
 
 
-def load_catalogue(settings: Settings, folder: Path, model_path: Path, *, individuals: int = 12,
-                   shots: tuple[int, ...] = (0, 1, 2)) -> Catalogue:
+def load_catalogue(
+    settings: Settings,
+    folder: Path,
+    model_path: Path,
+    *,
+    individuals: int = 12,
+    shots: tuple[int, ...] = (0, 1, 2),
+) -> Catalogue:
     """Register and activate ``model_path``, then import a synthetic catalogue through the CLI
     code path."""
     from service.catalogue import CatalogueImport

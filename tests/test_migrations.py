@@ -9,8 +9,14 @@ from sqlalchemy import inspect
 from service import migrate
 from service.db import Base, make_engine
 
-TABLES = {"individuals", "images", "models", "embeddings", "identifications",
-          "identification_candidates"}
+TABLES = {
+    "individuals",
+    "images",
+    "models",
+    "embeddings",
+    "identifications",
+    "identification_candidates",
+}
 
 
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:

@@ -36,8 +36,9 @@ def build_toy_model(
     nodes = [
         helper.make_node("Sub", ["pixels", "centre"], ["centred"]),
         helper.make_node("Transpose", ["centred"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("AveragePool", ["nchw"], ["pooled"], kernel_shape=[pool, pool],
-                         strides=[pool, pool]),
+        helper.make_node(
+            "AveragePool", ["nchw"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]
+        ),
         helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"]),
         helper.make_node("MatMul", ["flat", "weights"], ["projected"]),
     ]
@@ -55,8 +56,11 @@ def build_toy_model(
     graph = helper.make_graph(
         nodes,
         "toy-embedder",
-        [helper.make_tensor_value_info(
-            "pixels", TensorProto.FLOAT, ["batch", input_size, input_size, 3])],
+        [
+            helper.make_tensor_value_info(
+                "pixels", TensorProto.FLOAT, ["batch", input_size, input_size, 3]
+            )
+        ],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
         initializers,
     )
@@ -119,3 +123,25 @@ def write_catalogue(
                 (images / file).write_bytes(encode(photo(ind, shot)))
                 writer.writerow([file, species, f"ind-{ind}", *(extra or {}).values()])
     return path
+
+
+def main() -> None:
+    """``python -m tests.toy DIR``: a toy model, a synthetic catalogue and held-out queries."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--individuals", type=int, default=30)
+    args = parser.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    build_toy_model(args.folder / "toy.onnx")
+    write_catalogue(args.folder, range(args.individuals), range(4))
+    write_catalogue(args.folder, [0, 1, 2, 900], [20], name="queries.csv")
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("toy").info("wrote toy.onnx, catalogue.csv, queries.csv and images/ "
+                                  "under %s", args.folder)
+
+
+if __name__ == "__main__":
+    main()

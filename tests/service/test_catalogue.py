@@ -120,8 +120,14 @@ def test_bad_rows_are_reported_with_line_numbers_and_the_rest_imported(
     assert main(["import", str(csv_path), "--images", str(images)]) == 0
     assert counts(env) == (1, 1, 1)
     errors = {r.getMessage() for r in caplog.records if r.levelname == "ERROR"}
-    for line, word in [(3, "not found"), (4, "not an image"), (5, "empty"), (6, "truncated"),
-                       (7, "YYYY-MM-DD"), (8, "must not be empty")]:
+    for line, word in [
+        (3, "not found"),
+        (4, "not an image"),
+        (5, "empty"),
+        (6, "truncated"),
+        (7, "YYYY-MM-DD"),
+        (8, "must not be empty"),
+    ]:
         assert any(m.startswith(f"line {line}:") and word in m for m in errors), (line, errors)
     assert main(["import", str(csv_path), "--images", str(images), "--strict"]) == 1
 
@@ -159,7 +165,9 @@ def test_import_before_a_model_then_activation_embeds_the_gallery(
 
 
 def test_evaluate_scores_known_and_unseen_individuals(
-    catalogue: Catalogue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    catalogue: Catalogue,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     s = catalogue.settings
@@ -167,8 +175,19 @@ def test_evaluate_scores_known_and_unseen_individuals(
     monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
     queries = write_catalogue(tmp_path / "q", [0, 1, 2, 3, 500, 501], [7], name="queries.csv")
     predictions = tmp_path / "predictions.csv"
-    assert main(["evaluate", str(queries), "--images", str(tmp_path / "q" / "images"),
-                 "--predictions", str(predictions)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(queries),
+                "--images",
+                str(tmp_path / "q" / "images"),
+                "--predictions",
+                str(predictions),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["known_queries"] == 4 and summary["unseen_queries"] == 2
     assert summary["map5_known"] == 1.0

@@ -21,11 +21,17 @@ def test_defaults_for_missing_optional_metadata(toy_model: Path) -> None:
 
 
 def test_metadata_overrides(tmp_path: Path) -> None:
-    path = build_toy_model(tmp_path / "m.onnx", metadata={
-        "whaleid.k": "20", "whaleid.cutoff": "0.5", "whaleid.ranking": "nearest",
-        "whaleid.resize": "letterbox", "whaleid.pixel_range": "0-1",
-        "whaleid.training.map5": "0.86",
-    })
+    path = build_toy_model(
+        tmp_path / "m.onnx",
+        metadata={
+            "whaleid.k": "20",
+            "whaleid.cutoff": "0.5",
+            "whaleid.ranking": "nearest",
+            "whaleid.resize": "letterbox",
+            "whaleid.pixel_range": "0-1",
+            "whaleid.training.map5": "0.86",
+        },
+    )
     contract = Embedder(path).contract
     assert (contract.k, contract.cutoff, contract.ranking) == (20, 0.5, "nearest")
     assert contract.preprocessing.resize == "letterbox"

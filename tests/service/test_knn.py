@@ -70,8 +70,10 @@ def test_vote_ranking_counts_votes_before_distance() -> None:
 
 def test_vote_tie_goes_to_larger_inverse_distance_sum() -> None:
     neighbours = [
-        Neighbour("a", 0.10, 1), Neighbour("a", 0.50, 2),  # 1/0.1 + 1/0.5 = 12
-        Neighbour("b", 0.15, 3), Neighbour("b", 0.15, 4),  # 2/0.15 = 13.3
+        Neighbour("a", 0.10, 1),
+        Neighbour("a", 0.50, 2),  # 1/0.1 + 1/0.5 = 12
+        Neighbour("b", 0.15, 3),
+        Neighbour("b", 0.15, 4),  # 2/0.15 = 13.3
     ]
     ranked = rank_candidates(neighbours, cutoff=0.62)
     assert [c.label for c in ranked[:2]] == ["b", "a"]

@@ -29,8 +29,9 @@ def two_tone(width: int, height: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.mark.parametrize(("fmt", "media_type"),
-                         [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "media_type"), [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")]
+)
 def test_accepted_formats(fmt: str, media_type: str) -> None:
     decoded = decode_photo(encode(photo(1, 1), fmt), max_pixels=LIMIT)
     assert decoded.media_type == media_type

@@ -1,0 +1,1 @@
+"""Keras -> ONNX export (the `export` extra). Built in a later issue."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up whaleid on the embedded default (SQLite and files under ./data) and start it.
+#   HOST and PORT choose where it listens (default 127.0.0.1:8000); WHALEID_* settings apply.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[heic]'
+# `serve` applies the database migrations before it starts (the prestart step).
+exec .venv/bin/whaleid serve --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"
