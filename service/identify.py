@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -66,6 +67,8 @@ class IdentificationResult:
     filters: dict[str, str]
     searched: int
     timings: dict[str, float] = field(default_factory=dict)
+    query_image_id: int | None = None
+    created_at: dt.datetime | None = None
 
 
 class _Stopwatch:
@@ -158,19 +161,19 @@ class Identifier:
             )
         with watch.lap("database"):
             if record:
-                identification_id, candidates = self._record(
-                    data, photo, ranked, filters, bbox, original_name
-                )
+                ident, candidates = self._record(data, photo, ranked, filters, bbox, original_name)
             else:
-                identification_id, candidates = None, self._answer(ranked, None)
+                ident, candidates = None, self._answer(ranked, None)
         return IdentificationResult(
-            identification_id,
+            ident.id if ident else None,
             candidates,
             self.model,
             self.gallery.size,
             filters.as_dict(),
             searched,
             watch.laps,
+            ident.query_image_id if ident else None,
+            ident.created_at if ident else None,
         )
 
     def _answer(
@@ -201,7 +204,7 @@ class Identifier:
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
         original_name: str | None,
-    ) -> tuple[int, list[AnsweredCandidate]]:
+    ) -> tuple[Identification, list[AnsweredCandidate]]:
         stored = self.store.put(data, photo.media_type)
         try:
             return self._write(stored, data, photo, ranked, filters, bbox, original_name)
@@ -218,7 +221,7 @@ class Identifier:
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
         original_name: str | None,
-    ) -> tuple[int, list[AnsweredCandidate]]:
+    ) -> tuple[Identification, list[AnsweredCandidate]]:
         for attempt in range(2):
             try:
                 with transaction(self.factory) as session:
@@ -259,7 +262,7 @@ class Identifier:
                     ]
                     session.add(ident)
                     session.flush()
-                    return ident.id, answer
+                    return ident, answer
             except IntegrityError:
                 # Two uploads of the same new photo raced for its row: the retry finds it.
                 if attempt:

@@ -139,8 +139,9 @@ def main() -> None:
     write_catalogue(args.folder, range(args.individuals), range(4))
     write_catalogue(args.folder, [0, 1, 2, 900], [20], name="queries.csv")
     logging.basicConfig(level=logging.INFO)
-    logging.getLogger("toy").info("wrote toy.onnx, catalogue.csv, queries.csv and images/ "
-                                  "under %s", args.folder)
+    logging.getLogger("toy").info(
+        "wrote toy.onnx, catalogue.csv, queries.csv and images/ under %s", args.folder
+    )
 
 
 if __name__ == "__main__":

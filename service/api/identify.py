@@ -35,6 +35,8 @@ def _to_response(result: IdentificationResult) -> IdentificationOut:
         model=ModelOut(**result.model.__dict__),
         gallery_size=result.gallery_size,
         filters=result.filters,
+        created_at=result.created_at,
+        query_image_id=result.query_image_id,
     )
 
 
