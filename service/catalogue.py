@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from service.db import Embedding, Image, Individual, Model, transaction
 from service.embedder import Embedder
-from service.galleries import Gallery, bump_gallery_version
-from service.identify import get_or_add_image, index_path
+from service.galleries import Gallery, log_gallery_changes
+from service.identify import index_path
 from service.photos import Photo, PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore, StoredPhoto, content_hash
+from service.records import add_embedding, get_or_add_image, get_or_add_individual
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class CatalogueImport:
             for r in ready:
                 stored.append(self.store.put(r.data, r.photo.media_type))
             with transaction(self.factory) as session:
+                image_ids = []
                 for i, (r, s) in enumerate(zip(ready, stored, strict=True)):
                     individual = get_or_add_individual(session, r.row.individual_id, r.row.species)
                     image = get_or_add_image(
@@ -243,40 +245,18 @@ class CatalogueImport:
                     )
                     new_image = image.individual_id is None
                     image.individual_id = individual.id
+                    image_ids.append(image.id)
                     if vectors is not None and self.model_id is not None:
                         add_embedding(session, image.id, self.model_id, vectors[i])
                         report.embedded += 1
                     report.imported += 1 if new_image else 0
                     report.already_present += 0 if new_image else 1
                 if self.model_id is not None:
-                    bump_gallery_version(session, self.model_id)
+                    log_gallery_changes(session, image_ids, self.model_id)
         except BaseException:
             for s in stored:
                 self.store.discard(s)
             raise
-
-
-def get_or_add_individual(session: Session, catalogue_id: str, species: str | None) -> Individual:
-    individual = session.scalar(select(Individual).where(Individual.catalogue_id == catalogue_id))
-    if individual is None:
-        individual = Individual(catalogue_id=catalogue_id, species=species or None)
-        session.add(individual)
-        session.flush()
-    return individual
-
-
-def add_embedding(session: Session, image_id: int, model_id: int, vector: np.ndarray) -> None:
-    exists = session.scalar(
-        select(Embedding.id).where(Embedding.image_id == image_id, Embedding.model_id == model_id)
-    )
-    if exists is None:
-        session.add(
-            Embedding(
-                image_id=image_id,
-                model_id=model_id,
-                vector=np.ascontiguousarray(vector, dtype="<f4").tobytes(),
-            )
-        )
 
 
 def embed_gallery(
@@ -313,7 +293,7 @@ def embed_gallery(
         with transaction(factory) as session:
             for (image_id, _), vector in zip(chunk, vectors, strict=True):
                 add_embedding(session, image_id, model_id, vector)
-            bump_gallery_version(session, model_id)
+            log_gallery_changes(session, [image_id for image_id, _ in chunk], model_id)
         count += len(chunk)
     return count
 

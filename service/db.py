@@ -18,6 +18,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
@@ -110,7 +111,6 @@ class Model(Base):
     ranking: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20), default="registered", index=True)
     metadata_props: Mapped[dict[str, Any]] = mapped_column(JSON)
-    gallery_version: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -176,6 +176,65 @@ class Candidate(Base):
     identification: Mapped[Identification] = relationship(back_populates="candidates")
 
 
+class GalleryChange(Base):
+    """The log of gallery changes: a photo of this model's gallery was added, relabelled or
+    removed. Every replica replays it to keep its in-memory index in step."""
+
+    __tablename__ = "gallery_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Decision(Base):
+    """A curator's decision on an identification. A superseded decision stays in the history."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    identification_id: Mapped[int] = mapped_column(
+        ForeignKey("identifications.id", ondelete="CASCADE"), index=True
+    )
+    decision: Mapped[str] = mapped_column(String(20))
+    individual_id: Mapped[int | None] = mapped_column(ForeignKey("individuals.id"))
+    candidate_rank: Mapped[int | None] = mapped_column(Integer)
+    curator: Mapped[str] = mapped_column(String(200))
+    comment: Mapped[str | None] = mapped_column(Text)
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("decisions.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    individual: Mapped[Individual | None] = relationship()
+
+
+class IndividualEvent(Base):
+    """The audit trail of an individual: created, renamed, merged, split, photos added."""
+
+    __tablename__ = "individual_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    individual_id: Mapped[int] = mapped_column(ForeignKey("individuals.id"), index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored as a SHA-256 hash (keys are 256-bit random, so no slow hash needed)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
     if url.startswith("sqlite"):
@@ -188,6 +247,13 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+            # Transactions are begun below, as IMMEDIATE: two writers then queue on the busy
+            # timeout instead of one failing when it upgrades a read lock.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)

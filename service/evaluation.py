@@ -69,7 +69,7 @@ def evaluate(
 ) -> Evaluation:
     """Identify every query photo (nothing is recorded) and score the answers. A query whose
     individual has no photo in the gallery should be answered ``new_individual`` first."""
-    known_labels = set(identifier.gallery.entries.labels.words) - {None}
+    known_labels = identifier.gallery.entries.labels
     result = Evaluation()
     rows = list(read_catalogue(queries_csv))
     writer = None

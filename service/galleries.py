@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Embedding, Image, Individual, Model
+from service.db import Embedding, GalleryChange, Image, Individual
 from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest
 from service.knn import Neighbour
 
@@ -44,59 +44,95 @@ class Filters:
 
 
 class _Vocabulary:
-    """Strings as small integer codes, so filters are vectorised comparisons."""
+    """Strings as small integer codes, so filters are vectorised comparisons. Append-only: a
+    code once given never changes, so older entry arrays stay valid."""
 
-    def __init__(self, values: Iterable[str | None]) -> None:
+    def __init__(self) -> None:
         self.words: list[str | None] = [None]
         self.codes: dict[str | None, int] = {None: 0}
-        self.array = np.array([self._code(v) for v in values], dtype=np.int32)
 
-    def _code(self, value: str | None) -> int:
-        code = self.codes.get(value)
-        if code is None:
-            code = self.codes[value] = len(self.words)
-            self.words.append(value)
-        return code
+    def encode(self, values: Iterable[str | None]) -> np.ndarray:
+        out = []
+        for value in values:
+            code = self.codes.get(value)
+            if code is None:
+                code = self.codes[value] = len(self.words)
+                self.words.append(value)
+            out.append(code)
+        return np.array(out, dtype=np.int32)
 
-    def matches(self, value: str) -> np.ndarray:
-        code = self.codes.get(value)
-        return self.array == code if code is not None else np.zeros(len(self.array), bool)
+    def code(self, value: str) -> int:
+        return self.codes.get(value, -1)
+
+
+_COLUMNS = ("labels", "species", "locations", "encounters")
 
 
 @dataclass
 class GalleryEntries:
-    """What each gallery embedding stands for, sorted by embedding id."""
+    """What each gallery embedding stands for, sorted by embedding id. Immutable once built:
+    changes produce a new instance (``patched``), so a search never sees half an update."""
 
     ids: np.ndarray
     image_ids: np.ndarray
-    labels: _Vocabulary
-    species: _Vocabulary
-    locations: _Vocabulary
-    encounters: _Vocabulary
     days: np.ndarray
+    codes: dict[str, np.ndarray]
+    vocab: dict[str, _Vocabulary]
     label_species: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> GalleryEntries:
+    def from_rows(
+        cls, rows: Sequence[tuple[Any, ...]], vocab: dict[str, _Vocabulary] | None = None
+    ) -> GalleryEntries:
         rows = sorted(rows, key=lambda r: r[0])
         col: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[]] * 7
-        days = np.array(
-            [d.toordinal() if d is not None else _NO_DATE for d in col[5]], dtype=np.int64
-        )
-        labels = _Vocabulary(col[2])
+        vocab = vocab or {name: _Vocabulary() for name in _COLUMNS}
         return cls(
             ids=np.array(col[0], dtype=np.int64),
             image_ids=np.array(col[1], dtype=np.int64),
-            labels=labels,
-            species=_Vocabulary(col[3]),
-            locations=_Vocabulary(col[4]),
-            encounters=_Vocabulary(col[6]),
-            days=days,
+            days=np.array(
+                [d.toordinal() if d is not None else _NO_DATE for d in col[5]], dtype=np.int64
+            ),
+            codes={
+                "labels": vocab["labels"].encode(col[2]),
+                "species": vocab["species"].encode(col[3]),
+                "locations": vocab["locations"].encode(col[4]),
+                "encounters": vocab["encounters"].encode(col[6]),
+            },
+            vocab=vocab,
             label_species={r[2]: r[3] for r in rows},
+        )
+
+    def patched(self, image_ids: np.ndarray, rows: Sequence[tuple[Any, ...]]) -> GalleryEntries:
+        """These entries with every embedding of ``image_ids`` replaced by ``rows``."""
+        keep = ~np.isin(self.image_ids, image_ids)
+        fresh = GalleryEntries.from_rows(rows, self.vocab)
+        order = np.argsort(np.concatenate([self.ids[keep], fresh.ids]), kind="stable")
+
+        def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            merged: np.ndarray = np.concatenate([a[keep], b])[order]
+            return merged
+
+        return GalleryEntries(
+            ids=merge(self.ids, fresh.ids),
+            image_ids=merge(self.image_ids, fresh.image_ids),
+            days=merge(self.days, fresh.days),
+            codes={k: merge(self.codes[k], fresh.codes[k]) for k in _COLUMNS},
+            vocab=self.vocab,
+            label_species={**self.label_species, **fresh.label_species},
         )
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def labels(self) -> set[str]:
+        words = self.vocab["labels"].words
+        return {str(words[c]) for c in np.unique(self.codes["labels"])}
+
+    def _matches(self, column: str, value: str) -> np.ndarray:
+        result: np.ndarray = self.codes[column] == self.vocab[column].code(value)
+        return result
 
     def select(self, filters: Filters) -> np.ndarray | None:
         """Embedding ids within the filters; None when there is no filter (search everything)."""
@@ -104,29 +140,31 @@ class GalleryEntries:
             return None
         mask = np.ones(len(self.ids), dtype=bool)
         if filters.species is not None:
-            mask &= self.species.matches(filters.species)
+            mask &= self._matches("species", filters.species)
         if filters.location is not None:
-            mask &= self.locations.matches(filters.location)
+            mask &= self._matches("locations", filters.location)
         if filters.date_from is not None:
             mask &= (self.days != _NO_DATE) & (self.days >= filters.date_from.toordinal())
         if filters.date_to is not None:
             mask &= (self.days != _NO_DATE) & (self.days <= filters.date_to.toordinal())
         if filters.exclude_encounter is not None:
-            mask &= ~self.encounters.matches(filters.exclude_encounter)
+            mask &= ~self._matches("encounters", filters.exclude_encounter)
         selected: np.ndarray = self.ids[mask]
         return selected
 
     def neighbours(self, distances: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
         positions = np.searchsorted(self.ids, ids)
+        words = self.vocab["labels"].words
+        labels = self.codes["labels"]
         return [
-            Neighbour(
-                str(self.labels.words[self.labels.array[p]]), float(d), int(self.image_ids[p])
-            )
+            Neighbour(str(words[labels[p]]), float(d), int(self.image_ids[p]))
             for d, p in zip(distances, positions, strict=True)
         ]
 
 
-def gallery_rows(session: Session, model_id: int) -> list[tuple[Any, ...]]:
+def gallery_rows(
+    session: Session, model_id: int, image_ids: Sequence[int] | None = None
+) -> list[tuple[Any, ...]]:
     """(embedding id, image id, catalogue id, species, location, date, encounter) per embedding
     of ``model_id`` whose image has a confirmed individual; merged individuals resolve to the
     individual they were merged into."""
@@ -160,6 +198,8 @@ def gallery_rows(session: Session, model_id: int) -> list[tuple[Any, ...]]:
         .join(Individual, Individual.id == Image.individual_id)
         .where(Embedding.model_id == model_id)
     )
+    if image_ids is not None:
+        stmt = stmt.where(Image.id.in_(list(image_ids)))
     rows = []
     for emb_id, image_id, ind_id, catalogue_id, img_sp, ind_sp, loc, day, enc in session.execute(
         stmt
@@ -188,10 +228,36 @@ def load_vectors(session: Session, ids: Sequence[int], dim: int) -> np.ndarray:
     return out
 
 
-def bump_gallery_version(session: Session, model_id: int) -> None:
-    """Tell every replica that this model's gallery changed (the database is the log)."""
-    session.execute(
-        update(Model).where(Model.id == model_id).values(gallery_version=Model.gallery_version + 1)
+def log_gallery_changes(
+    session: Session, image_ids: Iterable[int], model_id: int | None = None
+) -> None:
+    """Record that these photos' place in the gallery changed (added, relabelled, removed), for
+    ``model_id`` or for every model that has embedded them. Replicas replay this log (the
+    database is the log) to keep their in-memory index in step."""
+    ids = sorted(set(image_ids))
+    if not ids:
+        return
+    if model_id is not None:
+        pairs = [(model_id, i) for i in ids]
+    else:
+        pairs = list(
+            session.execute(
+                select(Embedding.model_id, Embedding.image_id).where(Embedding.image_id.in_(ids))
+            )
+        )
+    if pairs:
+        session.execute(insert(GalleryChange), [{"model_id": m, "image_id": i} for m, i in pairs])
+
+
+def latest_change(session: Session, model_id: int) -> int:
+    """The newest gallery change of ``model_id`` (0 if none): the gallery's version."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.max(GalleryChange.id), 0)).where(
+                GalleryChange.model_id == model_id
+            )
+        )
+        or 0
     )
 
 
@@ -218,7 +284,7 @@ class Gallery:
         """Load the index file, or rebuild it from stored embeddings if missing or corrupt; then
         repair whatever the database changed since it was written, and save if anything did."""
         with factory() as session:
-            version = session.get_one(Model, self.model_id).gallery_version
+            version = latest_change(session, self.model_id)
             rows = gallery_rows(session, self.model_id)
             entries = GalleryEntries.from_rows(rows)
             try:
@@ -265,25 +331,49 @@ class Gallery:
         log.info("gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra))
         return True
 
-    def sync(self, factory: sessionmaker[Session], *, save: bool = True) -> bool:
-        """Catch up with the database if this model's gallery changed; True if it did."""
+    def sync(self, factory: sessionmaker[Session]) -> bool:
+        """Replay the gallery changes logged since the last sync; True if any were."""
         with factory() as session:
-            version = session.execute(
-                select(Model.gallery_version).where(Model.id == self.model_id)
-            ).scalar_one()
-            if version == self.version:
+            latest = latest_change(session, self.model_id)
+            if latest == self.version:
                 return False
-            changed = self._apply(
-                session, GalleryEntries.from_rows(gallery_rows(session, self.model_id))
+            image_ids = np.array(
+                session.scalars(
+                    select(GalleryChange.image_id)
+                    .where(
+                        GalleryChange.model_id == self.model_id,
+                        GalleryChange.id > self.version,
+                        GalleryChange.id <= latest,
+                    )
+                    .distinct()
+                ).all(),
+                dtype=np.int64,
             )
-            self.version = version
-        if changed and save:
-            self.save()
-        return changed
+            if self.version < 0 or len(image_ids) > max(1000, self.size // 10):
+                self._apply(session, GalleryEntries.from_rows(gallery_rows(session, self.model_id)))
+            else:
+                self._patch(session, image_ids)
+            self.version = latest
+        return True
+
+    def _patch(self, session: Session, image_ids: np.ndarray) -> None:
+        """Re-read just these photos' gallery entries and vectors."""
+        rows = gallery_rows(session, self.model_id, image_ids.tolist())
+        entries = self.entries.patched(image_ids, rows)
+        if IndexPlan.for_size(len(entries), self.ivf_threshold).kind != self.index.plan.kind:
+            self._apply(session, entries)
+            return
+        old = self.entries.ids[np.isin(self.entries.image_ids, image_ids)]
+        new = np.array(sorted(r[0] for r in rows), dtype=np.int64)
+        vectors = load_vectors(session, new.tolist(), self.dim)
+        with self._lock:
+            self.index.remove(old)
+            self.index.add(new, vectors)
+            self.entries = entries
 
     def save(self) -> None:
         with self._lock:
-            self.index.save(self.path, {"model_id": self.model_id, "gallery_version": self.version})
+            self.index.save(self.path, {"model_id": self.model_id, "last_change": self.version})
 
     def search(self, query: np.ndarray, k: int, filters: Filters) -> tuple[list[Neighbour], int]:
         """The ``min(k, n)`` nearest gallery photos within ``filters``, and n."""

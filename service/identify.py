@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -19,10 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Candidate, Identification, Image, Individual, Model, transaction
 from service.embedder import Embedder
-from service.galleries import Filters, Gallery
+from service.galleries import Filters, Gallery, latest_change
 from service.knn import RankedCandidate, rank_candidates
 from service.photos import Photo, decode_photo, to_model_input
 from service.photostore import PhotoStore, StoredPhoto
+from service.records import add_embedding, get_or_add_image
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ class Identifier:
             )
         with watch.lap("database"):
             if record:
-                ident, candidates = self._record(data, photo, ranked, filters, bbox, original_name)
+                ident, candidates = self._record(
+                    data, photo, vector, ranked, filters, bbox, original_name
+                )
             else:
                 ident, candidates = None, self._answer(ranked, None)
         return IdentificationResult(
@@ -200,6 +202,7 @@ class Identifier:
         self,
         data: bytes,
         photo: Photo,
+        vector: np.ndarray,
         ranked: list[RankedCandidate],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
@@ -207,7 +210,7 @@ class Identifier:
     ) -> tuple[Identification, list[AnsweredCandidate]]:
         stored = self.store.put(data, photo.media_type)
         try:
-            return self._write(stored, data, photo, ranked, filters, bbox, original_name)
+            return self._write(stored, data, photo, vector, ranked, filters, bbox, original_name)
         except BaseException:
             self._discard_if_unreferenced(stored)
             raise
@@ -217,6 +220,7 @@ class Identifier:
         stored: StoredPhoto,
         data: bytes,
         photo: Photo,
+        vector: np.ndarray,
         ranked: list[RankedCandidate],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
@@ -226,6 +230,9 @@ class Identifier:
             try:
                 with transaction(self.factory) as session:
                     image = get_or_add_image(session, stored, data, photo, original_name)
+                    # Kept so that a confirmation puts the photo in the gallery at once. A crop
+                    # (bbox) embeds a part of the photo: that embedding is the one to keep.
+                    add_embedding(session, image.id, self.model.id, vector)
                     labels = [c.label for c in ranked if not c.is_new]
                     individuals = {
                         i.catalogue_id: i
@@ -280,34 +287,6 @@ class Identifier:
             self.store.discard(stored)
 
 
-def get_or_add_image(
-    session: Session,
-    stored: StoredPhoto,
-    data: bytes,
-    photo: Photo,
-    original_name: str | None,
-    **fields: Any,
-) -> Image:
-    """The row of this photo's content, added if it is new."""
-    image = session.scalar(select(Image).where(Image.content_hash == stored.content_hash))
-    if image is not None:
-        return image
-    image = Image(
-        content_hash=stored.content_hash,
-        file_path=stored.relative_path,
-        media_type=photo.media_type,
-        byte_size=len(data),
-        width=photo.width,
-        height=photo.height,
-        original_name=original_name,
-        source=fields.pop("source", "query"),
-        **fields,
-    )
-    session.add(image)
-    session.flush()
-    return image
-
-
 class Runtime:
     """The identifier of the active model, kept in step with the database on each request: a
     model activated or a gallery changed by another process is picked up at the next call."""
@@ -325,23 +304,28 @@ class Runtime:
     def current(self) -> Identifier:
         """The active model's identifier, loading or syncing it first if the database moved."""
         with self.factory() as session:
-            active = session.execute(
-                select(Model.id, Model.gallery_version).where(Model.status == "active")
-            ).first()
-        if active is None:
-            raise NoActiveModel()
+            active_id = session.scalar(select(Model.id).where(Model.status == "active"))
+            if active_id is None:
+                raise NoActiveModel()
+            version = latest_change(session, active_id)
         identifier = self._identifier
-        if identifier is None or identifier.model.id != active.id:
+        if identifier is None or identifier.model.id != active_id:
             with self._lock:
                 identifier = self._identifier
-                if identifier is None or identifier.model.id != active.id:
+                if identifier is None or identifier.model.id != active_id:
                     with self.factory() as session:
-                        model = session.get_one(Model, active.id)
+                        model = session.get_one(Model, active_id)
                     log.info("loading model %s %s (id %s)", model.name, model.version, model.id)
                     identifier = self._identifier = Identifier.load(
                         self.settings, self.factory, model
                     )
-        elif identifier.gallery.version != active.gallery_version:
+        elif identifier.gallery.version != version:
+            self.sync(identifier)
+        return identifier
+
+    def sync(self, identifier: Identifier | None = None) -> None:
+        """Bring the loaded gallery up to the database's change log, now."""
+        identifier = identifier or self._identifier
+        if identifier is not None:
             with self._lock:
                 identifier.gallery.sync(self.factory)
-        return identifier

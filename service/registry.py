@@ -53,7 +53,6 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
                 ranking=contract.ranking,
                 status="registered",
                 metadata_props=dict(embedder.session.get_modelmeta().custom_metadata_map),
-                gallery_version=0,
             )
             session.add(model)
         return model

@@ -71,22 +71,22 @@ def test_interrupted_import_resumes(
 ) -> None:
     activate(toy_model)
     csv_path = write_catalogue(tmp_path, range(10), range(4))  # 40 rows: batches of 16
-    real_bump = catalogue_module.bump_gallery_version
+    real_bump = catalogue_module.log_gallery_changes
     calls = {"n": 0}
 
-    def crash_on_second_batch(session, model_id):  # type: ignore[no-untyped-def]
+    def crash_on_second_batch(session, image_ids, model_id):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # the operator's Ctrl-C, mid-transaction
-        real_bump(session, model_id)
+        real_bump(session, image_ids, model_id)
 
-    monkeypatch.setattr(catalogue_module, "bump_gallery_version", crash_on_second_batch)
+    monkeypatch.setattr(catalogue_module, "log_gallery_changes", crash_on_second_batch)
     args = ["import", str(csv_path), "--images", str(tmp_path / "images"), "--batch-size", "16"]
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert counts(env)[1:] == (16, 16)
     assert stored_files(env) == file_rows(env)  # the rolled-back batch left no files
-    monkeypatch.setattr(catalogue_module, "bump_gallery_version", real_bump)
+    monkeypatch.setattr(catalogue_module, "log_gallery_changes", real_bump)
     assert main(args) == 0
     assert counts(env) == (10, 40, 40)
     assert stored_files(env) == file_rows(env)
