@@ -151,6 +151,42 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from service.auth import create_key
+    from service.db import transaction
+
+    with transaction(_sessions(settings)) as session:
+        try:
+            row, key = create_key(session, args.name, args.role)
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
+    log.info("created %s key %s for %s; it is shown once, below", row.role, row.id, row.name)
+    sys.stdout.write(key + "\n")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import ApiKey
+
+    with _sessions(settings)() as session:
+        for k in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+            state = "revoked" if k.revoked_at else "active"
+            sys.stdout.write(f"{k.id}\t{k.role}\t{k.name}\t{k.prefix}…\t{state}\n")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from service.auth import revoke_key
+    from service.db import transaction
+
+    with transaction(_sessions(settings)) as session:
+        if not revoke_key(session, args.key_id):
+            log.error("key %s does not exist", args.key_id)
+            return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -224,6 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples("whaleid models list"),
     )
     ls.set_defaults(func=cmd_models_list)
+
+    keys = sub.add_parser("keys", help="API keys")
+    k_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kc = k_sub.add_parser(
+        "create",
+        help="create an API key (printed once)",
+        formatter_class=fmt,
+        description="Roles: integration (identify, read), curator (+ decisions and "
+        "individuals), admin (+ models, import, keys).",
+        epilog=_examples("whaleid keys create --role curator --name 'Ana Silva'"),
+    )
+    kc.add_argument("--role", required=True, choices=["integration", "curator", "admin"])
+    kc.add_argument("--name", required=True, help="who the key belongs to")
+    kc.set_defaults(func=cmd_keys_create)
+    kl = k_sub.add_parser(
+        "list", help="list keys", formatter_class=fmt, epilog=_examples("whaleid keys list")
+    )
+    kl.set_defaults(func=cmd_keys_list)
+    kr = k_sub.add_parser(
+        "revoke",
+        help="revoke a key",
+        formatter_class=fmt,
+        epilog=_examples("whaleid keys revoke 3"),
+    )
+    kr.add_argument("key_id", type=int)
+    kr.set_defaults(func=cmd_keys_revoke)
 
     imp = sub.add_parser(
         "import",

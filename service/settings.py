@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     embed_batch_size: int = 16
     ivf_threshold: int = 200_000
     log_level: str = "INFO"
+    # API keys are required unless this is switched off explicitly (a local demo).
+    auth: bool = True
+    # Fault injection for tests: "after-decision-commit" kills the process between a decision's
+    # database commit and the gallery update.
+    failpoint: str = ""
 
     @field_validator("database_url")
     @classmethod

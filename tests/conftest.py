@@ -87,9 +87,24 @@ def toy_model(tmp_path: Path) -> Path:
 class LiveServer:
     url: str
     settings: Settings
+    keys: dict[str, str]
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+    def client(self, role: str | None = "integration") -> httpx.Client:
+        """A client holding the key of ``role`` (None: no key)."""
+        headers = {"Authorization": f"Bearer {self.keys[role]}"} if role else {}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers)
+
+
+def make_keys(settings: Settings) -> dict[str, str]:
+    """One key per role, owned by "<role> tester"."""
+    from service.auth import ROLES, create_key
+    from service.db import transaction
+
+    engine = make_engine(settings.sqlalchemy_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        keys = {role: create_key(session, f"{role} tester", role)[1] for role in ROLES}
+    engine.dispose()
+    return keys
 
 
 def free_port() -> int:
@@ -100,6 +115,7 @@ def free_port() -> int:
 
 def run_server(settings: Settings) -> Iterator[LiveServer]:
     """uvicorn serving ``create_app(settings)`` over loopback, in a thread."""
+    keys = make_keys(settings)
     port = free_port()
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -111,7 +127,7 @@ def run_server(settings: Settings) -> Iterator[LiveServer]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings)
+        yield LiveServer(f"http://127.0.0.1:{port}", settings, keys)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

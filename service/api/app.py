@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import catalogue, health, identify
+from service.api import admin, catalogue, curation, health, identify, review
+from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
 from service.migrate import is_current
@@ -27,6 +28,9 @@ STATUS_OF: dict[type[Exception], int] = {
     BadBoundingBox: 422,
     PhotoTooLarge: 413,
     NoActiveModel: 503,
+    NotFound: 404,
+    Conflict: 409,
+    Invalid: 422,
 }
 
 
@@ -51,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.engine = engine
             app.state.sessions = make_sessionmaker(engine)
             app.state.runtime = Runtime(settings, app.state.sessions)
+            if not settings.auth:
+                log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
             try:
                 await run_in_threadpool(app.state.runtime.current)
             except NoActiveModel as e:
@@ -65,7 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Photo-ID of individual whales and dolphins: top-5 candidates for a photo.",
         lifespan=lifespan,
     )
-    for router in (identify.router, catalogue.router, health.router):
+    for router in (
+        identify.router,
+        curation.router,
+        catalogue.router,
+        admin.router,
+        review.router,
+        health.router,
+    ):
         app.include_router(router)
 
     for error_type, status in STATUS_OF.items():

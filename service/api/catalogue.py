@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import ColumnElement, func, select
 
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import Integration, SessionDep, SettingsDep
 from service.api.schemas import ImageOut, IndividualDetail, IndividualOut, IndividualPage, Problem
+from service.curation import resolve
 from service.db import Image, Individual
 
 router = APIRouter(tags=["catalogue"])
@@ -33,6 +35,7 @@ def _image_out(image: Image) -> ImageOut:
 @router.get("/individuals", response_model=IndividualPage)
 def list_individuals(
     session: SessionDep,
+    caller: Integration,
     species: Annotated[str | None, Query(examples=["humpback_whale"])] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -70,16 +73,19 @@ def list_individuals(
 @router.get(
     "/individuals/{individual_id}",
     response_model=IndividualDetail,
-    responses={404: {"model": Problem}},
+    responses={404: {"model": Problem}, 308: {"description": "Merged: see the target."}},
 )
-def get_individual(individual_id: str, session: SessionDep) -> IndividualDetail:
-    """One individual by its catalogue id, with its photos."""
+def get_individual(
+    individual_id: str, session: SessionDep, caller: Integration
+) -> IndividualDetail | RedirectResponse:
+    """One individual by its catalogue id, with its photos (a merged one redirects)."""
     ind = session.scalar(select(Individual).where(Individual.catalogue_id == individual_id))
     if ind is None:
         raise HTTPException(404, f"individual {individual_id!r} is not in the catalogue")
-    merged_into = None
     if ind.merged_into_id is not None:
-        merged_into = session.get_one(Individual, ind.merged_into_id).catalogue_id
+        # A merged individual redirects to the one it was merged into.
+        target = resolve(session, ind.catalogue_id).catalogue_id
+        return RedirectResponse(f"/individuals/{quote(target, safe='')}", status_code=308)
     images = session.scalars(
         select(Image).where(Image.individual_id == ind.id).order_by(Image.id)
     ).all()
@@ -87,7 +93,6 @@ def get_individual(individual_id: str, session: SessionDep) -> IndividualDetail:
         individual_id=ind.catalogue_id,
         species=ind.species,
         display_name=ind.display_name,
-        merged_into=merged_into,
         image_count=len(images),
         images=[_image_out(i) for i in images],
     )
@@ -96,7 +101,9 @@ def get_individual(individual_id: str, session: SessionDep) -> IndividualDetail:
 @router.get(
     "/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": Problem}}
 )
-def get_image_file(image_id: int, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def get_image_file(
+    image_id: int, session: SessionDep, settings: SettingsDep, caller: Integration
+) -> FileResponse:
     """The stored photo file."""
     image = session.get(Image, image_id)
     if image is None:

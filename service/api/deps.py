@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
+from service.auth import ANONYMOUS_ADMIN, Principal, authenticate
 from service.identify import Runtime
 from service.settings import Settings
+
+COOKIE = "whaleid_key"
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -27,6 +30,59 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def presented_key(request: Request) -> str | None:
+    """The bearer key, or the review page's cookie. A cookie only counts for reads and for
+    requests a page's script sends (X-Requested-With), so other sites cannot forge writes."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    cookie = request.cookies.get(COOKIE)
+    if cookie and (request.method == "GET" or request.headers.get("x-requested-with")):
+        return cookie
+    return None
+
+
+def principal_for(request: Request, role: str) -> Principal:
+    """The caller, who must hold at least ``role``; 401 or 403 saying what is missing."""
+    settings: Settings = request.app.state.settings
+    if not settings.auth:
+        return ANONYMOUS_ADMIN
+    key = presented_key(request)
+    how = (
+        "send Authorization: Bearer <key>; an admin creates keys with "
+        "`whaleid keys create --role ROLE --name NAME`"
+    )
+    if key is None:
+        raise HTTPException(
+            401,
+            f"this needs an API key with the {role} role: {how}",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    with request.app.state.sessions() as session:
+        principal = authenticate(session, key)
+    if principal is None:
+        raise HTTPException(
+            401, f"the API key is unknown or revoked: {how}", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if not principal.can(role):
+        raise HTTPException(
+            403,
+            f"this needs the {role} role; the key of {principal.name!r} has the "
+            f"{principal.role} role",
+        )
+    return principal
+
+
+def require(role: str) -> Callable[[Request], Principal]:
+    def dependency(request: Request) -> Principal:
+        return principal_for(request, role)
+
+    return dependency
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+Integration = Annotated[Principal, Depends(require("integration"))]
+Curator = Annotated[Principal, Depends(require("curator"))]
+Admin = Annotated[Principal, Depends(require("admin"))]

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import RuntimeDep, SessionDep, SettingsDep
+from service.api.deps import Integration, RuntimeDep, SessionDep, SettingsDep
 from service.api.schemas import CandidateOut, IdentificationOut, ModelOut, Problem
 from service.db import Identification
 from service.galleries import Filters
@@ -43,6 +43,7 @@ def _to_response(result: IdentificationResult) -> IdentificationOut:
 @router.post("/identify", response_model=IdentificationOut, responses=ERRORS)
 async def identify(
     response: Response,
+    caller: Integration,
     runtime: RuntimeDep,
     settings: SettingsDep,
     photo: Annotated[UploadFile, File(description="The photo: JPEG, PNG, WebP (HEIC if enabled).")],
@@ -82,7 +83,9 @@ async def identify(
     response_model=IdentificationOut,
     responses={404: {"model": Problem}},
 )
-def get_identification(identification_id: int, session: SessionDep) -> IdentificationOut:
+def get_identification(
+    identification_id: int, session: SessionDep, caller: Integration
+) -> IdentificationOut:
     """A recorded identification, as it was answered."""
     ident = session.scalar(
         select(Identification)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +32,21 @@ class ModelOut(BaseModel):
     k: int = Field(examples=[50])
     cutoff: float = Field(examples=[0.62])
     ranking: str = Field(examples=["vote"])
+
+
+class DecisionOut(BaseModel):
+    decision_id: int
+    identification_id: int
+    decision: str
+    individual_id: str | None
+    candidate_rank: int | None
+    curator: str
+    comment: str | None
+    created_at: dt.datetime
+    superseded: bool
+    replayed: bool = Field(
+        default=False, description="True when this repeats an earlier, identical decision."
+    )
 
 
 class IdentificationOut(BaseModel):
@@ -80,6 +96,7 @@ class IdentificationOut(BaseModel):
     gallery_size: int = Field(description="Embeddings in the model's gallery.")
     filters: dict[str, str] = Field(description="The candidate-set filters that were applied.")
     status: str = Field(default="pending", description="pending until a curator decides.")
+    decisions: list[DecisionOut] = Field(default_factory=list)
     created_at: dt.datetime | None = None
     query_image_id: int | None = None
 
@@ -129,3 +146,94 @@ class Readiness(BaseModel):
 
 class Problem(BaseModel):
     detail: str = Field(examples=["the upload is empty (0 bytes): attach the photo file"])
+
+
+class DecisionIn(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"decision": "confirm", "individual_id": "a1b2c3", "comment": "clear notch"},
+                {"decision": "new_individual", "code": "HW-2026-014", "name": "Notchy"},
+                {"decision": "reject", "comment": "fluke out of focus"},
+            ]
+        }
+    )
+
+    decision: Literal["confirm", "new_individual", "reject"]
+    individual_id: str | None = Field(
+        default=None, description="confirm: the catalogue id of the chosen individual."
+    )
+    code: str | None = Field(
+        default=None, description="new_individual: its catalogue id (generated if omitted)."
+    )
+    name: str | None = Field(default=None, description="new_individual: a display name.")
+    species: str | None = Field(default=None, description="new_individual: its species.")
+    comment: str | None = None
+    supersede: bool = Field(
+        default=False, description="Replace an earlier, different decision (else 409)."
+    )
+
+
+class IdentificationSummary(BaseModel):
+    identification_id: int
+    status: str
+    created_at: dt.datetime
+    query_image_id: int
+    model_id: int
+    filters: dict[str, str]
+    top_candidate: str | None
+    top_distance: float | None
+
+
+class IdentificationPage(BaseModel):
+    items: list[IdentificationSummary]
+    total: int
+    offset: int
+    limit: int
+
+
+class IndividualIn(BaseModel):
+    individual_id: str = Field(min_length=1, max_length=200)
+    species: str | None = None
+    name: str | None = None
+
+
+class IndividualPatch(BaseModel):
+    individual_id: str | None = Field(
+        default=None, min_length=1, max_length=200, description="A new catalogue id (rename)."
+    )
+    name: str | None = None
+    species: str | None = None
+
+
+class MergeIn(BaseModel):
+    into: str = Field(description="The catalogue id of the individual to merge into.")
+
+
+class SplitIn(BaseModel):
+    image_ids: list[int] = Field(min_length=1)
+    into: str | None = Field(default=None, description="An existing individual to move them to.")
+    new_individual_id: str | None = Field(default=None, description="Or a new individual.")
+    name: str | None = None
+
+
+class EventOut(BaseModel):
+    event: str
+    detail: dict[str, object]
+    actor: str
+    created_at: dt.datetime
+
+
+class KeyIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    role: Literal["integration", "curator", "admin"]
+
+
+class KeyOut(BaseModel):
+    id: int
+    name: str
+    role: str
+    prefix: str
+    created_at: dt.datetime
+    revoked: bool
+    key: str | None = Field(default=None, description="Shown once, at creation.")

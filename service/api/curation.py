@@ -1,0 +1,215 @@
+"""Curators at work: decisions on identifications, the review queue, edits to individuals."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Curator, Integration, RuntimeDep, SessionDep, SettingsDep
+from service.api.schemas import (
+    DecisionIn,
+    DecisionOut,
+    EventOut,
+    IdentificationPage,
+    IdentificationSummary,
+    IndividualIn,
+    IndividualOut,
+    IndividualPatch,
+    MergeIn,
+    Problem,
+    SplitIn,
+)
+from service.curation import (
+    DecisionRecord,
+    DecisionRequest,
+    create_individual,
+    decide,
+    individual_history,
+    merge_individuals,
+    split_individual,
+    update_individual,
+)
+from service.db import Identification, Image, Individual
+
+router = APIRouter(tags=["curation"])
+ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": Problem},
+    409: {"model": Problem},
+    422: {"model": Problem},
+}
+
+
+def decision_out(record: DecisionRecord) -> DecisionOut:
+    return DecisionOut(**record.__dict__)
+
+
+@router.get("/identifications", response_model=IdentificationPage)
+def list_identifications(
+    session: SessionDep,
+    caller: Integration,
+    status: Annotated[str | None, Query(examples=["pending"])] = None,
+    species: Annotated[
+        str | None, Query(description="The species filter it was asked with.")
+    ] = None,
+    model_id: int | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> IdentificationPage:
+    """The review queue: identifications, oldest first, by status, species filter or model."""
+    where = []
+    if status:
+        where.append(Identification.status == status)
+    if model_id is not None:
+        where.append(Identification.model_id == model_id)
+    rows = session.scalars(
+        select(Identification)
+        .where(*where)
+        .options(selectinload(Identification.candidates))
+        .order_by(Identification.id)
+    ).all()
+    if species:
+        rows = [r for r in rows if r.filters.get("species") == species]
+    items = []
+    for ident in rows[offset : offset + limit]:
+        top = next((c for c in ident.candidates if c.label != "new_individual"), None)
+        items.append(
+            IdentificationSummary(
+                identification_id=ident.id,
+                status=ident.status,
+                created_at=ident.created_at,
+                query_image_id=ident.query_image_id,
+                model_id=ident.model_id,
+                filters=ident.filters,
+                top_candidate=ident.candidates[0].label if ident.candidates else None,
+                top_distance=top.distance if top else None,
+            )
+        )
+    return IdentificationPage(items=items, total=len(rows), offset=offset, limit=limit)
+
+
+@router.post(
+    "/identifications/{identification_id}/decision", response_model=DecisionOut, responses=ERRORS
+)
+async def post_decision(
+    identification_id: int,
+    body: DecisionIn,
+    caller: Curator,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+) -> DecisionOut:
+    """Confirm a candidate, declare a new individual, or reject. The photo joins the gallery at
+    once. Repeating a decision returns the first; a different one needs `supersede`."""
+    request = DecisionRequest(**body.model_dump())
+    record = await run_in_threadpool(
+        decide, runtime.factory, identification_id, request, caller.name
+    )
+    if settings.failpoint == "after-decision-commit":
+        os._exit(70)  # a crash between the database commit and the index update
+    await run_in_threadpool(runtime.sync)
+    return decision_out(record)
+
+
+@router.post("/individuals", response_model=IndividualOut, status_code=201, responses=ERRORS)
+async def post_individual(
+    body: IndividualIn, caller: Curator, runtime: RuntimeDep
+) -> IndividualOut:
+    """Create an individual (without photos yet)."""
+    ind = await run_in_threadpool(
+        create_individual,
+        runtime.factory,
+        body.individual_id,
+        body.species,
+        body.name,
+        caller.name,
+    )
+    return IndividualOut(
+        individual_id=ind.catalogue_id,
+        species=ind.species,
+        display_name=ind.display_name,
+        image_count=0,
+    )
+
+
+async def _summary(runtime: RuntimeDep, ind: Individual) -> IndividualOut:
+    def count() -> int:
+        with runtime.factory() as session:
+            return (
+                session.scalar(
+                    select(func.count()).select_from(Image).where(Image.individual_id == ind.id)
+                )
+                or 0
+            )
+
+    await run_in_threadpool(runtime.sync)
+    return IndividualOut(
+        individual_id=ind.catalogue_id,
+        species=ind.species,
+        display_name=ind.display_name,
+        image_count=await run_in_threadpool(count),
+    )
+
+
+@router.patch("/individuals/{individual_id}", response_model=IndividualOut, responses=ERRORS)
+async def patch_individual(
+    individual_id: str, body: IndividualPatch, caller: Curator, runtime: RuntimeDep
+) -> IndividualOut:
+    """Rename (catalogue id or display name) or change the species."""
+    ind = await run_in_threadpool(
+        lambda: update_individual(
+            runtime.factory,
+            individual_id,
+            caller.name,
+            new_code=body.individual_id,
+            name=body.name,
+            species=body.species,
+        )
+    )
+    return await _summary(runtime, ind)
+
+
+@router.post("/individuals/{individual_id}/merge", response_model=IndividualOut, responses=ERRORS)
+async def merge(
+    individual_id: str, body: MergeIn, caller: Curator, runtime: RuntimeDep
+) -> IndividualOut:
+    """Merge this individual into another: every photo moves, this one redirects there."""
+    target = await run_in_threadpool(
+        merge_individuals, runtime.factory, individual_id, body.into, caller.name
+    )
+    return await _summary(runtime, target)
+
+
+@router.post("/individuals/{individual_id}/split", response_model=IndividualOut, responses=ERRORS)
+async def split(
+    individual_id: str, body: SplitIn, caller: Curator, runtime: RuntimeDep
+) -> IndividualOut:
+    """Move chosen photos to another or a new individual; answers with where they went."""
+    target = await run_in_threadpool(
+        lambda: split_individual(
+            runtime.factory,
+            individual_id,
+            body.image_ids,
+            caller.name,
+            into=body.into,
+            new_code=body.new_individual_id,
+            name=body.name,
+        )
+    )
+    return await _summary(runtime, target)
+
+
+@router.get(
+    "/individuals/{individual_id}/history",
+    response_model=list[EventOut],
+    responses={404: {"model": Problem}},
+)
+def history(individual_id: str, session: SessionDep, caller: Integration) -> list[EventOut]:
+    """Every change to this individual, oldest first, with who made it."""
+    return [
+        EventOut(event=e.event, detail=e.detail, actor=e.actor, created_at=e.created_at)
+        for e in individual_history(session, individual_id)
+    ]

@@ -1,0 +1,67 @@
+"""API keys with roles: ``integration`` (identify, read), ``curator`` (+ decisions and
+individuals), ``admin`` (+ models, import, keys). Keys are stored hashed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db import ApiKey
+
+ROLES = ("integration", "curator", "admin")
+KEY_PREFIX = "wid_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's owner and role."""
+
+    name: str
+    role: str
+    key_id: int | None = None
+
+    def can(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+ANONYMOUS_ADMIN = Principal("anonymous (auth off)", "admin")
+
+
+def hash_key(key: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is as safe as a slow one here.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, name: str, role: str) -> tuple[ApiKey, str]:
+    """A new key for ``name``; the plain key is returned once and never stored."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if not name.strip():
+        raise ValueError("a key needs the name of its owner")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(name=name.strip(), role=role, key_hash=hash_key(key), prefix=key[:10])
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def authenticate(session: Session, key: str) -> Principal | None:
+    """The principal of a valid, unrevoked key, else None."""
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(row.name, row.role, row.id)
+
+
+def revoke_key(session: Session, key_id: int) -> bool:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        return False
+    if row.revoked_at is None:
+        row.revoked_at = dt.datetime.now(dt.UTC)
+    return True
