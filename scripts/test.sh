@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run the whole suite:
-#   Debian packages (PostgreSQL 15, Chromium), a virtualenv with the service and its dev tools,
+#   Debian packages (PostgreSQL 15, Chromium and its driver for the review page), a virtualenv with the service and its dev tools,
 #   a throw-away PostgreSQL cluster on a free loopback port, then ruff, mypy and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ log() { echo "[test.sh] $*" >&2; }
 
 need_apt=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "missing Debian packages ${need_apt[*]}: install them with sudo apt-get install ${need_apt[*]}"

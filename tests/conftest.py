@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -88,6 +89,7 @@ class LiveServer:
     url: str
     settings: Settings
     keys: dict[str, str]
+    app: Any = None
 
     def client(self, role: str | None = "integration") -> httpx.Client:
         """A client holding the key of ``role`` (None: no key)."""
@@ -117,7 +119,8 @@ def run_server(settings: Settings) -> Iterator[LiveServer]:
     """uvicorn serving ``create_app(settings)`` over loopback, in a thread."""
     keys = make_keys(settings)
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -127,7 +130,7 @@ def run_server(settings: Settings) -> Iterator[LiveServer]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings, keys)
+        yield LiveServer(f"http://127.0.0.1:{port}", settings, keys, app)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

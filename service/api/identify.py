@@ -11,7 +11,8 @@ from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, RuntimeDep, SessionDep, SettingsDep
-from service.api.schemas import CandidateOut, IdentificationOut, ModelOut, Problem
+from service.api.schemas import CandidateOut, DecisionOut, IdentificationOut, ModelOut, Problem
+from service.curation import decision_history
 from service.db import Identification
 from service.galleries import Filters
 from service.identify import IdentificationResult
@@ -119,6 +120,7 @@ def get_identification(
         gallery_size=ident.gallery_size,
         filters=ident.filters,
         status=ident.status,
+        decisions=[DecisionOut(**d.__dict__) for d in decision_history(session, ident.id)],
         created_at=ident.created_at,
         query_image_id=ident.query_image_id,
     )
