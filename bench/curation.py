@@ -201,7 +201,8 @@ def write_doc(path: Path, rows: dict[int, dict[str, float]], rounds: int) -> Non
         "answers it at rank 1 (decision + one identification); *found on B* is B's next "
         "`/identify` alone, which first replays the gallery change log.",
         "",
-        "| gallery | decision p50 | decision p90 | decision → found on A (p50) | found on B (p50) |",
+        "| gallery | decision p50 | decision p90 | decision → found on A (p50) "
+        "| found on B (p50) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for size, r in rows.items():
