@@ -6,7 +6,7 @@ import os
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
@@ -61,21 +61,24 @@ def list_identifications(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> IdentificationPage:
     """The review queue: identifications, oldest first, by status, species filter or model."""
-    where = []
+    where: list[ColumnElement[bool]] = []
     if status:
         where.append(Identification.status == status)
     if model_id is not None:
         where.append(Identification.model_id == model_id)
+    if species:
+        where.append(Identification.filters["species"].as_string() == species)
+    total = session.scalar(select(func.count()).select_from(Identification).where(*where)) or 0
     rows = session.scalars(
         select(Identification)
         .where(*where)
         .options(selectinload(Identification.candidates))
         .order_by(Identification.id)
+        .offset(offset)
+        .limit(limit)
     ).all()
-    if species:
-        rows = [r for r in rows if r.filters.get("species") == species]
     items = []
-    for ident in rows[offset : offset + limit]:
+    for ident in rows:
         top = next((c for c in ident.candidates if c.label != "new_individual"), None)
         items.append(
             IdentificationSummary(
@@ -89,7 +92,7 @@ def list_identifications(
                 top_distance=top.distance if top else None,
             )
         )
-    return IdentificationPage(items=items, total=len(rows), offset=offset, limit=limit)
+    return IdentificationPage(items=items, total=total, offset=offset, limit=limit)
 
 
 @router.post(

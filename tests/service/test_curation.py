@@ -115,9 +115,14 @@ def test_review_queue_lists_pending_identifications(live: LiveServer) -> None:
         a = identify(integration, 1, 70)["identification_id"]
         b = identify(integration, 2, 70)["identification_id"]
         decide(curator, a, decision="reject")
+        c = identify(integration, 2, 71, species="orca")["identification_id"]
         pending = integration.get("/identifications", params={"status": "pending"}).json()
-        assert [i["identification_id"] for i in pending["items"]] == [b]
-        assert pending["items"][0]["top_candidate"] == "ind-2"
+        assert [i["identification_id"] for i in pending["items"]] == [b, c]
+        assert pending["items"][0]["top_candidate"] == "ind-2" and pending["total"] == 2
+        orca = integration.get("/identifications", params={"species": "orca"}).json()
+        assert [i["identification_id"] for i in orca["items"]] == [c]
+        paged = integration.get("/identifications", params={"limit": 1, "offset": 1}).json()
+        assert paged["total"] == 3 and [i["identification_id"] for i in paged["items"]] == [b]
 
 
 def test_merge_moves_every_photo_and_redirects(live: LiveServer) -> None:
