@@ -49,5 +49,5 @@ log "ruff"
 .venv/bin/ruff format --check .
 log "mypy"
 .venv/bin/mypy
-log "pytest"
-.venv/bin/pytest "$@"
+log "pytest (service, TensorFlow-free virtualenv)"
+.venv/bin/pytest --ignore=tests/training --ignore=tests/model_export "$@"

@@ -49,7 +49,11 @@ class IndexPlan:
         if n < ivf_threshold:
             return cls("flat")
         nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-        return cls("ivf", nlist=nlist, nprobe=max(16, nlist // 32))
+        # recall@50 >= 0.98 needs a wide probe: past a photo's own individual, its 50 neighbours
+        # are near-ties spread over many lists. Measured (docs/performance.md): up to 2048 lists
+        # (below ~520k embeddings) a quarter of them, from 4096 lists on 3/16.
+        nprobe = nlist // 4 if nlist <= 2048 else 3 * nlist // 16
+        return cls("ivf", nlist=nlist, nprobe=max(16, nprobe))
 
 
 class GalleryIndex:

@@ -1,0 +1,252 @@
+"""Keras -> ONNX export of the embedding sub-model, verified before it is written.
+
+1. Load the training model (``model.keras``) and take its image -> embedding part: the ArcFace head
+   and the label input are dropped; the batch axis is dynamic.
+2. Convert with tf2onnx and write the ``whaleid.*`` metadata (preprocessing, kNN head, name,
+   version, training summary).
+3. Verify on real photos, before anything is written at ``out``:
+   - TF and ONNX agree on identical input tensors (cosine >= 0.9999, batch of 1 and of all);
+   - TF fed as in training (the photo files through the tf.data decode and resize) and the
+     service's Embedder fed through ``service.photos`` as the metadata says agree (cosine >=
+     ``service_tolerance``): this catches metadata that does not describe the training input.
+   A model that fails is not written; the error says what differed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tensorflow as tf
+
+from model_export.metadata import build_metadata, head_from
+from service.embedder import Embedder, ModelContractError, l2_normalise
+from service.photos import Preprocessing, decode_photo, to_model_input
+from training.augment import decode, model_input
+from training.data import MAX_PIXELS, upright_bytes
+from training.model import embedding_submodel
+from training.runs import find_summary, load_model, preprocessing_of
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+ONNX_TOLERANCE = 0.9999
+SERVICE_TOLERANCE = 0.999
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic"}
+
+
+class ExportRefused(RuntimeError):
+    """The exported model does not reproduce the TensorFlow one; nothing was written."""
+
+
+@dataclass
+class Parity:
+    """Per-photo cosine similarities of the two checks."""
+
+    photos: list[str]
+    tf_vs_onnx: list[float] = field(default_factory=list)
+    tf_vs_service: list[float] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (
+            f"TF vs ONNX min cosine {min(self.tf_vs_onnx):.7f}, TF (training input) vs service "
+            f"embedder min cosine {min(self.tf_vs_service):.7f} on {len(self.photos)} photos"
+        )
+
+
+def to_onnx(embedder: tf.keras.Model, size: int, opset: int) -> onnx.ModelProto:
+    """tf2onnx conversion with a dynamic batch axis named ``batch``."""
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME),)
+    proto, _ = tf2onnx.convert.from_keras(embedder, input_signature=spec, opset=opset)
+    if len(proto.graph.input) != 1 or len(proto.graph.output) != 1:
+        raise ExportRefused(
+            f"the converted graph has {len(proto.graph.input)} inputs and "
+            f"{len(proto.graph.output)} outputs: the contract wants one of each"
+        )
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+    return proto
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
+    return [float(v) for v in np.sum(l2_normalise(a) * l2_normalise(b), axis=1)]
+
+
+def _tf_training_input(data: bytes, spec: Preprocessing) -> np.ndarray:
+    """The photo as the tf.data pipeline fed it in training (no augmentation)."""
+    image = decode(tf.constant(upright_bytes(data)), spec.input_size)
+    return np.asarray(model_input(image, spec))
+
+
+def check_parity(
+    embedder: tf.keras.Model,
+    onnx_path: Path,
+    photos: Sequence[Path],
+    *,
+    trained_with: Preprocessing,
+    service_tolerance: float = SERVICE_TOLERANCE,
+) -> Parity:
+    """Both checks; raises ExportRefused with what differed."""
+    try:
+        service = Embedder(onnx_path)
+    except ModelContractError as e:
+        raise ExportRefused(f"the service would refuse the exported file: {e}") from e
+    declared = service.contract.preprocessing
+    datas = [p.read_bytes() for p in photos]
+    served = np.stack(
+        [
+            to_model_input(
+                decode_photo(d, max_pixels=MAX_PIXELS, target_size=declared.input_size).image,
+                declared,
+            )
+            for d in datas
+        ]
+    )
+    parity = Parity([p.name for p in photos])
+    tf_same = embedder(served, training=False).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    onnx_all = session.run(None, {name: served})[0]
+    onnx_one = np.concatenate(
+        [session.run(None, {name: served[i : i + 1]})[0] for i in range(len(served))]
+    )
+    parity.tf_vs_onnx = [
+        min(a, b)
+        for a, b in zip(_cosines(tf_same, onnx_all), _cosines(tf_same, onnx_one), strict=True)
+    ]
+    worst = int(np.argmin(parity.tf_vs_onnx))
+    if parity.tf_vs_onnx[worst] < ONNX_TOLERANCE:
+        raise ExportRefused(
+            f"TF and ONNX embeddings of the same input differ: cosine "
+            f"{parity.tf_vs_onnx[worst]:.6f} < {ONNX_TOLERANCE} on {photos[worst]} (max |diff| "
+            f"{float(np.max(np.abs(tf_same - onnx_all))):.3g}); the conversion is not faithful"
+        )
+    trained = np.stack([_tf_training_input(d, trained_with) for d in datas])
+    tf_trained = embedder(trained, training=False).numpy()
+    parity.tf_vs_service = _cosines(tf_trained, service.embed(served))
+    worst = int(np.argmin(parity.tf_vs_service))
+    if parity.tf_vs_service[worst] < service_tolerance:
+        raise ExportRefused(_service_mismatch(parity, worst, photos, trained_with, declared))
+    return parity
+
+
+def _service_mismatch(
+    parity: Parity,
+    worst: int,
+    photos: Sequence[Path],
+    trained_with: Preprocessing,
+    declared: Preprocessing,
+) -> str:
+    message = (
+        f"the service's embedding of {photos[worst]} differs from TensorFlow's as trained: cosine "
+        f"{parity.tf_vs_service[worst]:.6f} < {SERVICE_TOLERANCE}. "
+    )
+    if trained_with != declared:
+        differing = [
+            f"{key} {getattr(trained_with, key)!r} in training but {getattr(declared, key)!r} "
+            "in the metadata"
+            for key in ("input_size", "resize", "pixel_range")
+            if getattr(trained_with, key) != getattr(declared, key)
+        ]
+        return message + "Preprocessing differs: " + "; ".join(differing) + "."
+    return message + (
+        f"Both say {declared}: the decoders or resamplers disagree more than expected; "
+        "compare the photos' tensors (training.augment.model_input vs service.photos)."
+    )
+
+
+def default_photos(model_path: Path) -> list[Path]:
+    """The run's ``parity/`` folder (real validation photos kept by training)."""
+    for folder in (model_path.parent / "parity", model_path.parent.parent / "parity"):
+        if folder.is_dir():
+            return sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    return []
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    metadata: dict[str, str]
+    parity: Parity
+    seconds: float
+
+
+def export_model(
+    model_path: Path,
+    out: Path,
+    *,
+    photos: Sequence[Path] = (),
+    name: str | None = None,
+    version: str | None = None,
+    head: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    opset: int = 17,
+    service_tolerance: float = SERVICE_TOLERANCE,
+) -> ExportResult:
+    """Export ``model_path`` to ``out`` (written only if both parity checks pass).
+
+    ``head`` and ``preprocessing`` override what the run's summary says (k/cutoff/ranking and
+    resize/pixel_range); overriding the preprocessing to something training did not do makes the
+    second check fail, as it should.
+    """
+    started = time.perf_counter()
+    photos = list(photos) or default_photos(model_path)
+    if not photos:
+        raise ExportRefused(
+            "no photos to verify the export with: pass --photos (a few real photos of the kind "
+            "the model was trained on)"
+        )
+    summary = find_summary(model_path)
+    model = load_model(model_path)
+    trained_with = preprocessing_of(model, summary)
+    declared = replace(trained_with, **(preprocessing or {}))
+    chosen = replace(head_from(summary), **(head or {}))
+    embedder = embedding_submodel(model)
+    metadata = build_metadata(
+        spec=declared,
+        head=chosen,
+        name=name or (summary or {}).get("name") or model_path.stem,
+        version=version or str((summary or {}).get("version", "0")),
+        summary=summary,
+    )
+    proto = to_onnx(embedder, declared.input_size, opset)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _save(proto, metadata, tmp)
+        parity = check_parity(
+            embedder, tmp, photos, trained_with=trained_with, service_tolerance=service_tolerance
+        )
+        metadata["whaleid.training.export_parity"] = parity.describe()
+        _save(proto, metadata, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    log.info(
+        "exported %s (%.1f MB) in %.1f s: %s",
+        out,
+        out.stat().st_size / 1e6,
+        seconds,
+        parity.describe(),
+    )
+    return ExportResult(out, metadata, parity, seconds)
+
+
+def _save(proto: onnx.ModelProto, metadata: dict[str, str], path: Path) -> None:
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(path))

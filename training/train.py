@@ -1,0 +1,392 @@
+"""A training run: strategy, data, model, the paper's schedule, per-epoch validation MAP@5,
+checkpoints and logs, resume after interruption, then the k / cutoff grid search.
+
+The run folder holds everything: ``config.json``, ``backup/`` (resume state), ``checkpoints/``,
+``history.csv``, ``logs/`` (TensorBoard), ``model.keras`` (the training model, ArcFace head
+included), ``threshold_search.json``, ``val_predictions.csv`` / ``val_truth.csv`` (out-of-fold
+predictions for blending), ``parity/`` (a few validation photos for the export check) and
+``summary.json``, which ``whaleid-export`` reads into the ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from service.knn import Ranking
+from training.config import ConfigError, TrainConfig, config_from_dict
+from training.data import PhotoSource, Split, open_source, split_catalogue, training_dataset
+from training.evaluate import PreparedPhotos, Validation, fits_in_memory, grid_search, keras_embed
+from training.evaluate import predict as knn_predict
+from training.layers import PaperSchedule
+from training.model import build_training_model, embedding_submodel
+from training.runs import SUMMARY
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+# Settings that may change when a run is resumed: they do not change what is being trained.
+_RESUMABLE_CHANGES = {
+    "tpu",
+    "evaluate_every",
+    "snapshots",
+    "train_distractors",
+    "shuffle_buffer",
+    "cache_decoded",
+    "output",
+}
+_PARITY_PHOTOS = 8
+
+
+def choose_strategy(tpu: str | None) -> tf.distribute.Strategy:
+    """TPU when asked (``auto``: from the environment, e.g. Kaggle/Colab; ``local``: a TPU VM;
+    else a TPU name or grpc address), else MirroredStrategy over the visible GPUs, else CPU."""
+    if tpu is not None:
+        resolver = (
+            tf.distribute.cluster_resolver.TPUClusterResolver()
+            if tpu == "auto"
+            else tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        )
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if tf.config.list_logical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class ValidationMap(tf.keras.callbacks.Callback):
+    """Validation MAP@5 through the service's kNN head, added to the epoch logs (so the CSV and
+    TensorBoard logs and checkpoints see ``val_map5``)."""
+
+    def __init__(
+        self,
+        validation: Validation,
+        embedder: tf.keras.Model,
+        *,
+        k: int,
+        cutoff: float,
+        ranking: Ranking,
+        every: int,
+        epochs: int,
+    ) -> None:
+        super().__init__()
+        self.validation = validation
+        self.embedder = embedder
+        self.k, self.cutoff, self.ranking = k, cutoff, ranking
+        self.every = max(1, every)
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
+            return
+        scores = self.validation.evaluate(
+            keras_embed(self.embedder), k=self.k, cutoff=self.cutoff, ranking=self.ranking
+        )
+        if logs is not None:
+            logs["val_map5"] = scores.map5
+            logs["val_map5_known"] = scores.map5_known if scores.map5_known is not None else -1.0
+            logs["val_map5_unseen"] = scores.map5_unseen if scores.map5_unseen is not None else -1.0
+
+
+class EpochLog(tf.keras.callbacks.Callback):
+    """One log line per epoch with its metrics and learning rate."""
+
+    def __init__(self, schedule: PaperSchedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
+        log.info(
+            "epoch %d done in %.0f s (lr %.3g): %s",
+            epoch + 1,
+            time.perf_counter() - self.started,
+            self.schedule.at_epoch(epoch + 1),
+            metrics,
+        )
+
+
+def _prepare_run_dir(config: TrainConfig, restart: bool) -> Path:
+    out = config.output_dir
+    if restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    if saved.exists():
+        before = config_from_dict(json.loads(saved.read_text())).to_dict()
+        now = config.to_dict()
+        changed = sorted(k for k in now if now[k] != before.get(k) and k not in _RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(
+                f"{out} holds a run with different settings ({', '.join(changed)}): resume it "
+                "with the same configuration, choose another output, or pass --restart"
+            )
+    saved.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return out
+
+
+def build_validation(source: PhotoSource, split: Split, config: TrainConfig) -> Validation | None:
+    """Gallery = validation gallery photos + up to ``train_distractors`` training photos;
+    queries = the rest of the validation photos (unseen individuals' answer: new_individual)."""
+    if not split.queries:
+        return None
+    rng = random.Random(config.seed)
+    distractors = rng.sample(split.train, min(config.train_distractors, len(split.train)))
+    gallery_entries = split.gallery + distractors
+    spec = config.preprocessing
+    gallery_bytes = dict(source.read(gallery_entries))
+    query_bytes = dict(source.read(split.queries))
+    gallery = [gallery_bytes[e] for e in gallery_entries]
+    queries = [query_bytes[e] for e in split.queries]
+    cached = fits_in_memory(len(gallery) + len(queries), spec)
+    return Validation(
+        gallery=PreparedPhotos.from_bytes(gallery, spec) if cached else gallery,
+        gallery_labels=[e.individual_id for e in gallery_entries],
+        queries=PreparedPhotos.from_bytes(queries, spec) if cached else queries,
+        query_names=[e.image for e in split.queries],
+        truths=[split.truth(e) for e in split.queries],
+        spec=spec,
+    )
+
+
+def _write_parity_photos(source: PhotoSource, split: Split, out: Path) -> None:
+    """Keep a few real validation (or training) photos for the export's parity check."""
+    folder = out / "parity"
+    if folder.exists():
+        return
+    folder.mkdir()
+    pool = (split.queries + split.gallery) or split.train
+    for n, (entry, data) in enumerate(source.read(pool[:_PARITY_PHOTOS])):
+        suffix = Path(entry.image).suffix.lower() or ".img"
+        (folder / f"photo{n}{suffix}").write_bytes(data)
+
+
+def _callbacks(
+    config: TrainConfig,
+    out: Path,
+    schedule: PaperSchedule,
+    validation: Validation | None,
+    embedder: tf.keras.Model,
+) -> list[tf.keras.callbacks.Callback]:
+    callbacks: list[tf.keras.callbacks.Callback] = []
+    if validation is not None:
+        callbacks.append(
+            ValidationMap(
+                validation,
+                embedder,
+                k=config.k,
+                cutoff=config.cutoff,
+                ranking=config.ranking,  # type: ignore[arg-type]
+                every=config.evaluate_every,
+                epochs=config.epochs,
+            )
+        )
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    callbacks += [
+        EpochLog(schedule),
+        tf.keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        tf.keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
+        tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")),
+    ]
+    if config.snapshots:
+        callbacks.append(
+            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "epoch-{epoch:03d}.keras"))
+        )
+    # Last, so that it saves the epoch only after everything above has logged it.
+    callbacks.append(tf.keras.callbacks.BackupAndRestore(str(out / "backup")))
+    return callbacks
+
+
+def _history(out: Path) -> list[dict[str, str]]:
+    """history.csv, one row per epoch (a re-run epoch after an interruption counts once)."""
+    path = out / "history.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = {row["epoch"]: row for row in csv.DictReader(f)}
+    return [rows[k] for k in sorted(rows, key=int)]
+
+
+def _search_head(
+    config: TrainConfig, validation: Validation | None, embedder: tf.keras.Model, out: Path
+) -> dict[str, Any]:
+    """Grid search of k, cutoff (and ranking) on validation; writes the out-of-fold predictions."""
+    head: dict[str, Any] = {"k": config.k, "cutoff": config.cutoff, "ranking": config.ranking}
+    if validation is None:
+        log.warning(
+            "no validation photos: the head keeps k=%d, cutoff=%.2f", config.k, config.cutoff
+        )
+        return {"head": head, "validation": None}
+    started = time.perf_counter()
+    neighbours = validation.neighbours(keras_embed(embedder), max(config.k_grid))
+    rankings: list[Ranking] = list(dict.fromkeys([config.ranking, *config.rankings]))  # type: ignore[list-item]
+    grid = grid_search(
+        neighbours,
+        validation.truths,
+        k_grid=sorted(set(config.k_grid) | {config.k}),
+        cutoff_grid=sorted(set(config.cutoff_grid) | {config.cutoff}),
+        rankings=rankings,
+    )
+    (out / "threshold_search.json").write_text(json.dumps(grid.as_dict(), indent=1) + "\n")
+    default = next(
+        c
+        for c in grid.cells
+        if c["k"] == config.k and c["cutoff"] == config.cutoff and c["ranking"] == config.ranking
+    )
+    best = grid.best
+    head = {"k": best["k"], "cutoff": best["cutoff"], "ranking": best["ranking"]}
+    predictions = knn_predict(
+        neighbours, k=head["k"], cutoff=head["cutoff"], ranking=head["ranking"]
+    )
+    _write_predictions(out, validation, predictions)
+    log.info(
+        "validation MAP@5 %.4f with the paper's head (k=%d, cutoff %.2f, %s); best %.4f with "
+        "k=%d, cutoff %.2f, %s (grid of %d cells in %.0f s)",
+        default["map5"],
+        config.k,
+        config.cutoff,
+        config.ranking,
+        best["map5"],
+        best["k"],
+        best["cutoff"],
+        best["ranking"],
+        len(grid.cells),
+        time.perf_counter() - started,
+    )
+    return {"head": head, "validation": {"default_head": default, "best": best}}
+
+
+def _write_predictions(out: Path, validation: Validation, predictions: list[list[str]]) -> None:
+    with (out / "val_predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "predictions"])
+        for name, labels in zip(validation.query_names, predictions, strict=True):
+            writer.writerow([name, " ".join(labels)])
+    with (out / "val_truth.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "individual_id"])
+        writer.writerows(zip(validation.query_names, validation.truths, strict=True))
+
+
+def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
+    """Run (or resume, or skip when finished) the training described by ``config``."""
+    config.validate()
+    out = _prepare_run_dir(config, restart)
+    if (out / SUMMARY).exists():
+        log.info("%s is a finished run: nothing to do (pass --restart to train again)", out)
+        summary: dict[str, Any] = json.loads((out / SUMMARY).read_text())
+        return summary
+    tf.keras.utils.set_random_seed(config.seed)
+    source = open_source(
+        catalogue=config.catalogue,
+        images=config.images,
+        shards=config.shards,
+        cache_dir=out / "upright",
+    )
+    split = split_catalogue(
+        source.entries,
+        folds=config.folds,
+        validation_fold=config.validation_fold,
+        unseen_fraction=config.unseen_fraction,
+        gallery_fraction=config.gallery_fraction,
+        seed=config.seed,
+    )
+    if len(split.classes) < 2:
+        raise ConfigError("the training fold needs at least two individuals")
+    log.info("split: %s", split.summary())
+    strategy = choose_strategy(config.tpu)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_per_replica * replicas
+    steps = config.steps_per_epoch or max(1, math.ceil(len(split.train) / global_batch))
+    log.info(
+        "%s with %d replica(s): global batch %d, %d steps per epoch",
+        type(strategy).__name__,
+        replicas,
+        global_batch,
+        steps,
+    )
+    dataset = training_dataset(
+        source,
+        split,
+        spec=config.preprocessing,
+        augmentation=config.augmentation,
+        global_batch=global_batch,
+        shuffle_buffer=config.shuffle_buffer,
+        cache_decoded=config.cache_decoded,
+        seed=config.seed,
+    )
+    s = config.schedule
+    schedule = PaperSchedule(
+        steps,
+        start=s.start,
+        peak=s.peak,
+        end=s.end,
+        warmup_epochs=s.warmup_epochs,
+        sustain_epochs=s.sustain_epochs,
+        decay_until_epoch=s.decay_until_epoch or config.epochs,
+    )
+    with strategy.scope():
+        model = build_training_model(config, len(split.classes))
+        model.compile(
+            optimizer=tf.keras.optimizers.Adam(schedule, epsilon=1e-5),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+        embedder = embedding_submodel(model)
+    validation = build_validation(source, split, config)
+    _write_parity_photos(source, split, out)
+    started = time.perf_counter()
+    model.fit(
+        dataset,
+        epochs=config.epochs,
+        steps_per_epoch=steps,
+        callbacks=_callbacks(config, out, schedule, validation, embedder),
+        verbose=1 if sys.stderr.isatty() else 2,
+    )
+    train_seconds = time.perf_counter() - started
+    model.save(out / MODEL_FILE)
+    searched = _search_head(config, validation, embedder, out)
+    history = _history(out)
+    summary = {
+        "name": config.name,
+        "version": config.version,
+        "model": MODEL_FILE,
+        "backbone": config.backbone,
+        "preprocessing": {
+            "input_size": config.input_size,
+            "resize": config.resize,
+            "pixel_range": config.pixel_range,
+        },
+        "data": {
+            "source": config.shards or config.catalogue,
+            "photos": len(source.entries),
+            **split.summary(),
+        },
+        "epochs": len(history),
+        "steps_per_epoch": steps,
+        "global_batch": global_batch,
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "train_seconds_last_session": round(train_seconds, 1),
+        "last_epoch": history[-1] if history else {},
+        **searched,
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("run finished: %s", out / SUMMARY)
+    return summary
