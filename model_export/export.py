@@ -67,7 +67,8 @@ def to_onnx(embedder: tf.keras.Model, size: int, opset: int) -> onnx.ModelProto:
     import tf2onnx
 
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME),)
-    proto, _ = tf2onnx.convert.from_keras(embedder, input_signature=spec, opset=opset)
+    converted = tf2onnx.convert.from_keras(embedder, input_signature=spec, opset=opset)
+    proto: onnx.ModelProto = converted[0]
     if len(proto.graph.input) != 1 or len(proto.graph.output) != 1:
         raise ExportRefused(
             f"the converted graph has {len(proto.graph.input)} inputs and "

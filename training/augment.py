@@ -36,7 +36,7 @@ def _decode_jpeg(data: tf.Tensor, target_size: int | None) -> tf.Tensor:
 
     if target_size is None:
         return at(1)
-    branches = [lambda r=r: at(r) for r in _DRAFT_RATIOS]  # type: ignore[misc]
+    branches = [lambda r=r: at(r) for r in _DRAFT_RATIOS]
     return tf.switch_case(_draft_index(data, target_size), branches)
 
 

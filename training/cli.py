@@ -111,6 +111,27 @@ def cmd_blend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import run_calibration
+
+    run_calibration(
+        Path(args.model),
+        Path(args.catalogue),
+        Path(args.images),
+        queries_csv=Path(args.queries) if args.queries else None,
+        out=Path(args.out) if args.out else None,
+        seed=args.seed,
+    )
+    return 0
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    from training.speed import measure
+
+    measure(args.backbone, args.input_size, args.batch, args.steps)
+    return 0
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
@@ -231,6 +252,41 @@ def _add_blend(sub: Any) -> None:
     p.set_defaults(func=cmd_blend)
 
 
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="grid-search k, the cutoff and the ranking for a catalogue (§3.8-3.9)",
+        formatter_class=_FMT,
+        epilog=_examples(
+            "whaleid-train calibrate demo/whaleid-demo.onnx --catalogue gallery.csv "
+            "--queries queries.csv --images imgs/ --out grid.json"
+        ),
+    )
+    p.add_argument("model", help="model.keras or an exported .onnx")
+    p.add_argument("--catalogue", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--queries", help="labelled queries; else the catalogue is split")
+    p.add_argument("--out", help="write the whole grid as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _add_speed(sub: Any) -> None:
+    p = sub.add_parser(
+        "speed",
+        help="training steps per second of a backbone on this machine",
+        formatter_class=_FMT,
+        epilog=_examples(
+            "whaleid-train speed --backbone EfficientNetB5 --input-size 380 --batch 4"
+        ),
+    )
+    p.add_argument("--backbone", default="EfficientNetB0")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.set_defaults(func=cmd_speed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whaleid-train",
@@ -243,7 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_shards, _add_gradcam, _add_robustness, _add_blend):
+    for add in (
+        _add_train,
+        _add_shards,
+        _add_gradcam,
+        _add_robustness,
+        _add_calibrate,
+        _add_blend,
+        _add_speed,
+    ):
         add(sub)
     return parser
 
@@ -254,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     _quiet_tensorflow()
     try:
         import tensorflow  # noqa: F401

@@ -70,6 +70,7 @@ class TrainConfig:
     weights: str = "none"  # none | imagenet | path to a weights file
     embedding_dim: int = 512
     dropout: float = 0.2
+    bn_momentum: float = 0.99  # of the embedding's BatchNorm (Keras' default)
     arcface_scale: float = 30.0
     arcface_margin: float = 0.3
     resize: str = "stretch"
@@ -77,6 +78,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 30
     batch_per_replica: int = 16
+    steps_per_execution: int = 1  # more (e.g. 32) keeps a TPU busy between host round trips
     steps_per_epoch: int | None = None
     schedule: Schedule = field(default_factory=Schedule)
     augmentation: Augmentation = field(default_factory=Augmentation)

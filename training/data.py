@@ -224,7 +224,9 @@ def _example(entry: Entry, data: bytes) -> bytes:
         "species": _bytes_feature(entry.species.encode()),
         "individual_id": _bytes_feature(entry.individual_id.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=features))
+    serialised: bytes = example.SerializeToString()
+    return serialised
 
 
 def write_shards(

@@ -41,14 +41,14 @@ def prepare(data: bytes, spec: Preprocessing, condition: Condition | None = None
 
 
 def keras_embed(model: Any, batch_size: int = 32) -> Embed:
-    """Embed with a Keras embedding model (inference mode), L2-normalised as the service does."""
+    """Embed with a Keras embedding model (inference mode), L2-normalised as the service does.
+    ``predict`` runs under the model's distribution strategy (TPU included)."""
 
     def embed(batch: np.ndarray) -> np.ndarray:
-        pieces = [
-            np.asarray(model(batch[i : i + batch_size], training=False), dtype=np.float32)
-            for i in range(0, len(batch), batch_size)
-        ]
-        return l2_normalise(np.concatenate(pieces)) if pieces else np.zeros((0, 0), np.float32)
+        if not len(batch):
+            return np.zeros((0, 0), np.float32)
+        out = model.predict(batch, batch_size=batch_size, verbose=0)
+        return l2_normalise(np.asarray(out, dtype=np.float32))
 
     return embed
 

@@ -42,7 +42,6 @@ def heatmap(
     """Grad-CAM of one preprocessed photo (HxWx3) -> a feature-map-sized heat map in 0-1."""
     backbone = backbone_of(model)
     head = [model.get_layer(name) for name in HEAD_LAYERS]
-    arcface = model.get_layer("arcface") if reference is None else None
     x = tf.convert_to_tensor(pixels[None], tf.float32)
     with tf.GradientTape() as tape:
         features = backbone(x, training=False)
@@ -51,13 +50,13 @@ def heatmap(
         for layer in head:
             embedding = layer(embedding, training=False)
         if reference is None:
-            target = tf.reduce_max(arcface.cosine(embedding), axis=1)
+            target = tf.reduce_max(model.get_layer("arcface").cosine(embedding), axis=1)
         else:
             unit = tf.nn.l2_normalize(embedding, axis=1)
             target = tf.reduce_sum(unit * tf.constant(reference[None], tf.float32), axis=1)
     grads = tape.gradient(target, features)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1))[0].numpy()
+    cam: np.ndarray = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1))[0].numpy()
     peak = float(cam.max())
     return cam / peak if peak > 0 else cam
 

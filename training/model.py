@@ -19,16 +19,18 @@ COMPACT_WIDTHS = (32, 64, 128, 256)
 
 def _compact_backbone(size: int) -> tf.keras.Model:
     """A small CNN for CPU demos and tests: four stride-2 stages of conv-BN-ReLU with a residual
-    3x3 block each. Pixels come in 0-255 and are scaled inside, as in the Keras EfficientNets."""
+    3x3 block each. Pixels come in 0-255 and are scaled inside, as in the Keras EfficientNets.
+    BatchNorm statistics move fast (momentum 0.9): such models train for only a few hundred
+    steps, and slow moving averages would leave inference far from training."""
     inputs = tf.keras.Input((size, size, 3), name="pixels")
     x = tf.keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
     for stage, width in enumerate(COMPACT_WIDTHS):
         x = tf.keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
-        x = tf.keras.layers.BatchNormalization()(x)
+        x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
         x = tf.keras.layers.ReLU()(x)
         shortcut = x
         x = tf.keras.layers.SeparableConv2D(width, 3, padding="same", use_bias=False)(x)
-        x = tf.keras.layers.BatchNormalization()(x)
+        x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
         x = tf.keras.layers.ReLU(name=f"stage{stage + 1}_out")(x + shortcut)
     return tf.keras.Model(inputs, x, name="compact_backbone")
 
@@ -65,7 +67,7 @@ def build_embedding_model(config: TrainConfig) -> tf.keras.Model:
     image = tf.keras.Input((size, size, 3), name=IMAGE_INPUT)
     features = build_backbone(config.backbone, size, config.weights)(image)
     x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    x = tf.keras.layers.BatchNormalization(name="embedding_bn")(x)
+    x = tf.keras.layers.BatchNormalization(momentum=config.bn_momentum, name="embedding_bn")(x)
     x = tf.keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
     embedding = tf.keras.layers.Dense(
         config.embedding_dim, name=EMBEDDING, kernel_initializer="he_normal"

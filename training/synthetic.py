@@ -242,7 +242,8 @@ def make_individual(species: str, seed: int, index: int) -> Individual:
             centre=c,
             radii=(float(rng.uniform(0.035, 0.1)), float(rng.uniform(0.025, 0.07))),
             angle=float(rng.uniform(0, 180)),
-            tone=float(rng.uniform(*sorted(patch_tones))) * (1 if rng.random() < 0.7 else -0.6),
+            tone=float(rng.uniform(min(patch_tones), max(patch_tones)))
+            * (1 if rng.random() < 0.7 else -0.6),
         )
         for c in _points_inside(rng, outline, int(rng.integers(2, 6)), box)
     ]
@@ -358,14 +359,23 @@ def _sea(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _pose(rng: np.random.Generator, size: int, texture: int) -> tuple[float, ...]:
+def _vary(value: float, calm: float, variation: float) -> float:
+    """``value`` pulled towards ``calm`` for easier photos (``variation`` < 1). The random draws
+    stay the same, so a catalogue at variation 1 is identical whatever the code path."""
+    return value if variation == 1.0 else calm + (value - calm) * variation
+
+
+def _pose(
+    rng: np.random.Generator, size: int, texture: int, variation: float = 1.0
+) -> tuple[float, ...]:
     """The inverse affine map (photo pixel -> texture pixel) of a random pose and framing."""
-    angle = math.radians(rng.uniform(-12, 12))
-    scale = rng.uniform(0.6, 0.95) * size / texture
-    yaw = rng.uniform(0.75, 1.0)  # foreshortening when the animal is not side-on
-    shear = rng.uniform(-0.12, 0.12)
-    cx = size / 2 + rng.uniform(-0.12, 0.12) * size
-    cy = size / 2 + rng.uniform(-0.1, 0.12) * size
+    v = variation
+    angle = math.radians(_vary(rng.uniform(-12, 12), 0.0, v))
+    scale = _vary(rng.uniform(0.6, 0.95), 0.85, v) * size / texture
+    yaw = _vary(rng.uniform(0.75, 1.0), 1.0, v)  # foreshortening when not side-on
+    shear = _vary(rng.uniform(-0.12, 0.12), 0.0, v)
+    cx = size / 2 + _vary(rng.uniform(-0.12, 0.12), 0.0, v) * size
+    cy = size / 2 + _vary(rng.uniform(-0.1, 0.12), 0.0, v) * size
     # forward: texture -> photo = T(cx, cy) R(angle) S(scale*yaw, scale) Sh(shear) T(-centre)
     cos, sin = math.cos(angle), math.sin(angle)
     forward = np.array([[cos, -sin], [sin, cos]]) @ np.diag([scale * yaw, scale])
@@ -394,10 +404,12 @@ def _waterline(rng: np.random.Generator, body: Body, plan: str) -> np.ndarray:
     return result
 
 
-def _occlude(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:
+def _occlude(
+    rng: np.random.Generator, img: np.ndarray, size: int, variation: float = 1.0
+) -> np.ndarray:
     """A wave crest or spray in front of the animal, some of the time."""
     roll = rng.random()
-    if roll < 0.3:  # a wave crest from the bottom
+    if roll < 0.3 * variation:  # a wave crest from the bottom
         layer = Image.new("L", (size, size), 0)
         top = rng.uniform(0.65, 0.85) * size
         pts = [(0.0, float(size))]
@@ -408,7 +420,7 @@ def _occlude(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray
         a = np.asarray(layer.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)[..., None]
         colour = np.array([rng.uniform(30, 60), rng.uniform(70, 100), rng.uniform(90, 130)])
         img = img * (1 - a / 255) + colour.astype(np.float32) * (a / 255)
-    elif roll < 0.5:  # spray
+    elif roll < 0.5 * variation:  # spray
         layer = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(layer)
         x0, y0 = rng.uniform(0.1, 0.9, 2) * size
@@ -421,17 +433,23 @@ def _occlude(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray
     return img
 
 
-def _light(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:
+def _light(
+    rng: np.random.Generator, img: np.ndarray, size: int, variation: float = 1.0
+) -> np.ndarray:
     """Exposure, contrast, colour cast and a light gradient across the frame."""
-    gain = rng.uniform(0.65, 1.3)
-    contrast = rng.uniform(0.75, 1.2)
+    gain = _vary(rng.uniform(0.65, 1.3), 1.0, variation)
+    contrast = _vary(rng.uniform(0.75, 1.2), 1.0, variation)
     cast = rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    if variation != 1.0:
+        cast = 1.0 + (cast - 1.0) * variation
     mean = img.mean()
     img = (img - mean) * contrast + mean
     img = img * gain * cast
     direction = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    gradient = (math.cos(direction) * xs + math.sin(direction) * ys) * rng.uniform(0, 50)
+    gradient = (math.cos(direction) * xs + math.sin(direction) * ys) * _vary(
+        rng.uniform(0, 50), 0.0, variation
+    )
     result: np.ndarray = img + gradient[:, :, None]
     return result
 
@@ -441,6 +459,7 @@ class Renderer:
     """Renders photos of individuals; caches each individual's canonical body."""
 
     size: int = 192
+    variation: float = 1.0  # 1: field conditions; smaller: calmer poses and light (faster tests)
     _bodies: dict[str, Body] = field(default_factory=dict)
 
     def body(self, ind: Individual) -> Body:
@@ -454,7 +473,7 @@ class Renderer:
         size = self.size
         body = self.body(ind)
         texture = body.alpha.shape[0]
-        affine = _pose(rng, size, texture)
+        affine = _pose(rng, size, texture, self.variation)
         alpha = _waterline(rng, body, ind.body_plan)
 
         def warp(channel: np.ndarray) -> np.ndarray:
@@ -467,14 +486,14 @@ class Renderer:
         rgb = np.stack([warp(body.rgb[:, :, c]) for c in range(3)], axis=2)
         a = warp(alpha)[:, :, None]
         img = _sea(rng, size) * (1 - a) + rgb * a
-        img = _occlude(rng, img, size)
-        img = _light(rng, img, size)
+        img = _occlude(rng, img, size, self.variation)
+        img = _light(rng, img, size, self.variation)
         picture = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
-        sigma = rng.uniform(0.0, 1.4)
+        sigma = _vary(rng.uniform(0.0, 1.4), 0.0, self.variation)
         if sigma > 0.3:
             picture = picture.filter(ImageFilter.GaussianBlur(sigma))
         noisy = np.asarray(picture, dtype=np.float32) + rng.normal(
-            0, rng.uniform(1.5, 8), (size, size, 3)
+            0, _vary(rng.uniform(1.5, 8), 1.5, self.variation), (size, size, 3)
         )
         return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
@@ -510,6 +529,7 @@ def write_catalogue(
     photos: int,
     seed: int = 0,
     size: int = 192,
+    variation: float = 1.0,
     species: Sequence[str] = ("bottlenose_dolphin",),
     queries: int = 0,
     unseen: int = 0,
@@ -526,7 +546,7 @@ def write_catalogue(
             raise ValueError(f"unknown species {name!r}: use one of {', '.join(BODY_PLANS)}")
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
-    renderer = Renderer(size)
+    renderer = Renderer(size, variation)
     known = range(first_individual, first_individual + individuals)
     rows = _write_photos(renderer, images, seed, species, known, range(photos))
     catalogue_csv = _write_csv(folder / "catalogue.csv", rows)
@@ -606,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--first-individual", type=int, default=0, help="index of the first individual"
     )
+    parser.add_argument(
+        "--variation",
+        type=float,
+        default=1.0,
+        help="1 = field conditions (pose, light, blur, occlusion); less = calmer photos",
+    )
     return parser
 
 
@@ -624,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         queries=args.queries,
         unseen=args.unseen,
         first_individual=args.first_individual,
+        variation=args.variation,
     )
     return 0
 

@@ -65,7 +65,7 @@ def choose_strategy(tpu: str | None) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-class ValidationMap(tf.keras.callbacks.Callback):
+class ValidationMap(tf.keras.callbacks.Callback):  # type: ignore[misc]
     """Validation MAP@5 through the service's kNN head, added to the epoch logs (so the CSV and
     TensorBoard logs and checkpoints see ``val_map5``)."""
 
@@ -99,7 +99,7 @@ class ValidationMap(tf.keras.callbacks.Callback):
             logs["val_map5_unseen"] = scores.map5_unseen if scores.map5_unseen is not None else -1.0
 
 
-class EpochLog(tf.keras.callbacks.Callback):
+class EpochLog(tf.keras.callbacks.Callback):  # type: ignore[misc]
     """One log line per epoch with its metrics and learning rate."""
 
     def __init__(self, schedule: PaperSchedule) -> None:
@@ -347,6 +347,7 @@ def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
             optimizer=tf.keras.optimizers.Adam(schedule, epsilon=1e-5),
             loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            steps_per_execution=config.steps_per_execution,
         )
         embedder = embedding_submodel(model)
     validation = build_validation(source, split, config)

@@ -1,7 +1,9 @@
 """Synthetic catalogue -> train a small model -> export -> import into the service -> evaluate.
 
-The gallery is the training catalogue; the queries are photos the model never saw of those
-individuals, plus individuals that are in neither (their right answer is new_individual).
+Training holds out a quarter of the individuals to choose k and the cutoff, which the export
+carries into the model's metadata. The service's gallery is the whole catalogue (so a quarter of
+its individuals were never trained on); the queries are photos the model never saw, of catalogued
+individuals and of individuals the catalogue does not hold (right answer: new_individual).
 """
 
 from __future__ import annotations
@@ -30,17 +32,26 @@ def test_synthetic_catalogue_to_served_identifications(
     tmp_path: Path, sqlite_settings: Settings
 ) -> None:
     catalogue = write_catalogue(
-        tmp_path / "synthetic", individuals=16, photos=8, queries=2, unseen=3, size=96, seed=11
+        tmp_path / "synthetic",
+        individuals=32,
+        photos=8,
+        queries=2,
+        unseen=3,
+        size=96,
+        seed=11,
+        variation=0.5,  # calmer photos than the demo's, so that 600 steps are enough
     )
     config = tiny_config(
         catalogue,
         tmp_path / "run",
         input_size=64,
         embedding_dim=64,
-        epochs=14,
-        steps_per_epoch=8,
+        epochs=20,
+        steps_per_epoch=30,
         batch_per_replica=32,
-        folds=1,  # every individual trains: the served gallery is the training catalogue
+        folds=4,  # a quarter of the individuals validate: the grid search picks k and cutoff
+        unseen_fraction=0.25,
+        evaluate_every=10,
         arcface_scale=24.0,
         arcface_margin=0.2,
         schedule={
@@ -48,7 +59,7 @@ def test_synthetic_catalogue_to_served_identifications(
             "peak": 3e-3,
             "end": 1e-4,
             "warmup_epochs": 1,
-            "sustain_epochs": 7,
+            "sustain_epochs": 10,
         },
         augmentation={
             "crop_min_area": 0.8,
@@ -58,31 +69,30 @@ def test_synthetic_catalogue_to_served_identifications(
             "contrast": [0.85, 1.15],
             "saturation": [0.8, 1.2],
         },
-        cutoff=0.4,
     )
     summary = train(config)
-    assert summary["epochs"] == 14
+    assert summary["epochs"] == 20 and summary["data"]["train_individuals"] == 24
     onnx_path = tmp_path / "model.onnx"
     export_model(tmp_path / "run" / "model.keras", onnx_path)
 
     factory = make_sessionmaker(make_engine(sqlite_settings.sqlalchemy_url))
     model = register_model(sqlite_settings, factory, onnx_path)
+    head = summary["head"]
+    assert (model.k, model.cutoff, model.ranking) == (head["k"], head["cutoff"], head["ranking"])
     activate_model(sqlite_settings, factory, model.id)
     embedder = Embedder(sqlite_settings.data_dir / model.file_path)
     report = CatalogueImport(sqlite_settings, factory, embedder, model.id).run(
         catalogue.catalogue_csv, catalogue.images
     )
-    assert report.imported == 16 * 8 and not report.errors
+    assert report.imported == 32 * 8 and not report.errors
     identifier = Identifier.load(sqlite_settings, factory, model)
     assert catalogue.queries_csv is not None
-    result = evaluate(identifier, catalogue.queries_csv, catalogue.images)
-    figures = result.summary()
+    figures = evaluate(identifier, catalogue.queries_csv, catalogue.images).summary()
     (tmp_path / "figures.json").write_text(json.dumps(figures))
-    assert figures["known_queries"] == 32 and figures["unseen_queries"] == 24
-    # Answering new_individual first to everything scores 1 on the unseen queries and at most
-    # 1/2 on the known ones: 0.43 + 0.57 / 2 = 0.71 at best here, and 0.43 if nothing else
-    # useful follows. A model that identifies does far better on the known individuals.
+    assert figures["known_queries"] == 64 and figures["unseen_queries"] == 24
+    # Answering new_individual first to every query scores 1 on the unseen ones and at most 1/2
+    # on the known ones; with nothing useful after it, MAP@5 = the unseen share (0.27 here).
+    # A model that identifies is far above that, and above 1/2 on the known individuals.
     floor = figures["unseen_queries"] / figures["queries"]
-    assert figures["map5_known"] >= 0.8, figures
     assert figures["map5"] >= floor + 0.35, figures
-    assert figures["known_flagged_new"] <= 8, figures
+    assert figures["map5_known"] >= 0.6, figures

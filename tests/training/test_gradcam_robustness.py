@@ -126,3 +126,27 @@ def test_robustness_report(tiny_run: Path, tmp_path: Path) -> None:
     for figures in report["conditions"].values():
         assert 0.0 <= figures["map5"] <= 1.0 and figures["queries"] == 9 * 2
     assert report["gallery_photos"] == 9 * 2
+
+
+def test_calibration_grid(tiny_run: Path, tmp_path: Path) -> None:
+    from training.calibrate import run_calibration
+
+    config = json.loads((tiny_run / "config.json").read_text())
+    report = run_calibration(
+        tiny_run / "model.keras",
+        Path(config["catalogue"]),
+        Path(config["images"]),
+        out=tmp_path / "grid.json",
+    )
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    own = report["models_head"]
+    assert (own["k"], own["cutoff"], own["ranking"]) == tuple(summary["head"].values())
+    assert report["best"]["map5"] >= own["map5"]
+    assert {c["ranking"] for c in report["cells"]} == {"vote", "nearest"}
+
+
+def test_speed_is_measured() -> None:
+    from training.speed import measure
+
+    speed = measure("compact", 32, batch=4, steps=2, classes=10)
+    assert speed.steps_per_second > 0 and speed.photos_per_second == 4 * speed.steps_per_second

@@ -164,3 +164,43 @@ def test_cli_trains_from_a_config_file(tmp_path: Path) -> None:
 def test_strategy_on_this_machine() -> None:
     strategy = train_module.choose_strategy(None)
     assert strategy.num_replicas_in_sync == 1  # accelerators are hidden in the tests
+
+
+@pytest.mark.parametrize("name", ["effb5.json", "effb5-tpu.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    path = Path(__file__).parents[2] / "training" / "configs" / name
+    overrides = {"catalogue": "train.csv", "images": "imgs", "shards": None}
+    config = load_config(path, overrides if name.endswith(".json") else {})
+    assert config.validate() is config
+    assert (config.backbone, config.input_size, config.batch_per_replica) == (
+        "EfficientNetB5",
+        380,
+        16,
+    )
+    s = config.schedule
+    assert (s.start, s.peak, s.end, s.warmup_epochs, config.epochs) == (1e-6, 8e-5, 1e-6, 6, 30)
+
+
+def test_shards_cli_then_training_from_shards(tmp_path: Path) -> None:
+    catalogue = write_catalogue(tmp_path / "cat", individuals=5, photos=3, size=40, seed=6)
+    assert (
+        cli_main(
+            [
+                "shards",
+                str(catalogue.catalogue_csv),
+                "--images",
+                str(catalogue.images),
+                "--out",
+                str(tmp_path / "shards"),
+                "--photos-per-shard",
+                "6",
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "shards").glob("shard-*.tfrecord"))) == 3
+    config = tiny_config(catalogue, tmp_path / "run", epochs=1, steps_per_epoch=2)
+    config.catalogue, config.images, config.shards = None, None, str(tmp_path / "shards")
+    summary = train_module.train(config)
+    assert summary["data"]["source"] == str(tmp_path / "shards")
+    assert summary["data"]["photos"] == 15 and summary["epochs"] == 1
