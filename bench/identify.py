@@ -212,14 +212,22 @@ def load_meter(into: dict[str, Any], key: str, server: Service | None = None) ->
 def wait_for_idle(max_wait_s: float, threshold: float = 0.15, window_s: float = 10.0) -> float:
     """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` cores over
     ``window_s``; return their load over the last window."""
-    deadline = time.monotonic() + max_wait_s
+    start = time.monotonic()
+    said = False
     while True:
         probe: dict[str, Any] = {}
         with load_meter(probe, "others"):
             time.sleep(window_s)
-        if probe["others"] < threshold or time.monotonic() >= deadline:
+        waited = time.monotonic() - start
+        if probe["others"] < threshold or waited >= max_wait_s:
+            if said:
+                log.info(
+                    "waited %.0f s; other processes now use %.2f cores", waited, probe["others"]
+                )
             return float(probe["others"])
-        log.info("other processes use %.2f cores; waiting for a quiet machine", probe["others"])
+        if not said:
+            log.info("other processes use %.2f cores; waiting for a quiet machine", probe["others"])
+            said = True
 
 
 # How long each timed phase may wait for other processes to leave the CPUs alone (--wait-idle);

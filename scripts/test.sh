@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run the whole suite:
 #   Debian packages (PostgreSQL 15, Chromium and its driver for the review page), a virtualenv with the service and its dev tools,
-#   a throw-away PostgreSQL cluster on a free loopback port, then ruff, mypy and pytest.
+#   a throw-away PostgreSQL cluster on a free loopback port, then ruff, mypy and pytest; then
+#   the training and export suites in their own TensorFlow virtualenv (.venv-train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,3 +52,15 @@ log "mypy"
 .venv/bin/mypy
 log "pytest (service, TensorFlow-free virtualenv)"
 .venv/bin/pytest --ignore=tests/training --ignore=tests/model_export "$@"
+
+# Training and export need TensorFlow 2.15 (numpy < 2): their own virtualenv, so the serving one
+# never sees TensorFlow.
+if [ ! -x .venv-train/bin/python ]; then
+  log "creating .venv-train"
+  "$PY" -m venv .venv-train
+fi
+log "installing whaleid with the train, export and dev extras into .venv-train"
+.venv-train/bin/python -m pip install -q --upgrade pip
+.venv-train/bin/python -m pip install -q -e '.[train,export,dev]'
+log "pytest (training and export, TensorFlow on the CPU)"
+CUDA_VISIBLE_DEVICES= .venv-train/bin/pytest tests/training tests/model_export "$@"

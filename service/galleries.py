@@ -17,7 +17,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, GalleryChange, Image, Individual
-from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest
+from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest, sidecar_path
 from service.knn import Neighbour
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,12 @@ class Gallery:
                 if sidecar.get("model_id") != self.model_id or index.dim != self.dim:
                     raise GalleryFileError(f"{self.path} belongs to another model")
             except GalleryFileError as e:
-                log.warning(
-                    "gallery of model %s: %s; rebuilding from stored embeddings", self.model_id, e
+                first = not self.path.exists() and not sidecar_path(self.path).exists()
+                log.log(
+                    logging.INFO if first else logging.WARNING,
+                    "gallery of model %s: %s; rebuilding from stored embeddings",
+                    self.model_id,
+                    e,
                 )
                 index = self._rebuild(session, entries)
                 sidecar = {}
