@@ -59,6 +59,8 @@ class IndexPlan:
 class GalleryIndex:
     """A faiss index of unit vectors searched by inner product; distances are ``1 - cos``."""
 
+    search_threads = 1
+
     def __init__(self, index: Any, plan: IndexPlan, dim: int) -> None:
         self.index = index
         self.plan = plan
@@ -135,6 +137,10 @@ class GalleryIndex:
             else:
                 params = faiss.SearchParameters()
             params.sel = selector
+        # One query gains nothing from OpenMP threads here, and their spinning starves the
+        # embedder's pool in the server (docs/performance.md): search on the calling thread.
+        # omp_set_num_threads sets the calling thread's value, so index builds keep theirs.
+        faiss.omp_set_num_threads(self.search_threads)
         scores, ids = self.index.search(q, k, params=params)
         keep = ids[0] >= 0
         return (1.0 - scores[0][keep]).astype(np.float32), ids[0][keep].astype(np.int64)
