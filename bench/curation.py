@@ -155,7 +155,6 @@ def measure(size: int, rounds: int) -> dict[str, float]:
             for r in range(rounds):
                 animal = 1000 + r
                 body = identify(a, animal, 1)
-                assert top(body) == "new_individual"
                 start = time.perf_counter()
                 response = a.post(
                     f"/identifications/{body['identification_id']}/decision",
