@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -417,8 +418,15 @@ def _quality(
     }
 
 
-def _timed(syn: Synthetic, index: GalleryIndex, threads: int, count: int) -> dict[str, float]:
+def _search_threads(index: GalleryIndex, threads: int) -> None:
+    """Search with ``threads`` OpenMP threads. The service searches on the calling thread
+    (``GalleryIndex.search_threads``, which ``search`` applies); this overrides it for one index."""
     faiss.omp_set_num_threads(threads)
+    index.search_threads = threads
+
+
+def _timed(syn: Synthetic, index: GalleryIndex, threads: int, count: int) -> dict[str, float]:
+    _search_threads(index, threads)
     try:
         for q in syn.queries[:5]:  # warm-up
             index.search(q, K)
@@ -430,6 +438,7 @@ def _timed(syn: Synthetic, index: GalleryIndex, threads: int, count: int) -> dic
             both.append(s + h)
     finally:
         faiss.omp_set_num_threads(CORES)
+        index.__dict__.pop("search_threads", None)
     return {
         "search_p50": p50(search),
         "search_p90": p90(search),
@@ -667,7 +676,7 @@ class Service:
 
     @classmethod
     def create(cls, root: Path, model: Path, syn: Synthetic) -> Service:
-        settings = Settings(data_dir=root / "data", _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=root / "data", _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         engine = make_engine(settings.sqlalchemy_url)
@@ -679,6 +688,9 @@ class Service:
                 insert_gallery(factory, model_row.id, syn)
             setup["insert_s"] = t["s"]
             with stopwatch("activate_model (gallery index built from the database)") as t:
+                # A search sets this thread's OpenMP count to 1: build as `whaleid models
+                # add --activate` would, on a fresh thread's default of all cores.
+                faiss.omp_set_num_threads(CORES)
                 activate_model(settings, factory, model_row.id)
             setup["activate_s"] = t["s"]
             with transaction(factory) as session:
@@ -951,6 +963,7 @@ def thread_interplay(model: Path, syn: Synthetic, reps: int) -> list[dict[str, f
     import onnxruntime as ort
 
     ids = np.arange(1, len(syn.vectors) + 1, dtype=np.int64)
+    faiss.omp_set_num_threads(CORES)
     index = GalleryIndex.build(ids, syn.vectors, DIM, IVF_THRESHOLD)
     size = int(Embedder(model).contract.preprocessing.input_size)
     pixels = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
@@ -960,42 +973,51 @@ def thread_interplay(model: Path, syn: Synthetic, reps: int) -> list[dict[str, f
         while time.perf_counter() < end:
             pass
 
-    rows = []
+    sessions = {}
     for spinning in ("1", "0"):
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         session = ort.InferenceSession(
             str(model), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        feed = {session.get_inputs()[0].name: pixels}
         for _ in range(3):
-            session.run(None, feed)
-        for threads in (CORES, 1):
-            faiss.omp_set_num_threads(threads)
-            embed, search, after = [], [], []
-            for j in range(reps):
-                python_work(12)
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                t1 = time.perf_counter()
-                index.search(syn.queries[j % len(syn.queries)], K)
-                t2 = time.perf_counter()
-                python_work(5)
-                t3 = time.perf_counter()
-                embed.append((t1 - t0) * 1000)
-                search.append((t2 - t1) * 1000)
-                after.append((t3 - t2) * 1000)
-            rows.append(
-                {
-                    "spinning": float(spinning == "1"),
-                    "faiss_threads": float(threads),
-                    "embed_p50": p50(embed),
-                    "search_p50": p50(search),
-                    "after_p50": p50(after),
-                }
-            )
-            log.info("thread interplay: %s", {k: round(v, 2) for k, v in rows[-1].items()})
+            session.run(None, {session.get_inputs()[0].name: pixels})
+        sessions[spinning] = session
+    configs = [(spinning, threads) for spinning in ("1", "0") for threads in (CORES, 1)]
+    laps: dict[tuple[str, int], dict[str, list[float]]] = {
+        c: {"embed": [], "search": [], "after": []} for c in configs
+    }
+    # The configurations take turns, so the VM's drift in speed treats them alike.
+    for j in range(reps):
+        for spinning, threads in configs:
+            session = sessions[spinning]
+            _search_threads(index, threads)
+            time.sleep(0.05)  # the previous configuration's threads go idle
+            python_work(12)
+            t0 = time.perf_counter()
+            session.run(None, {session.get_inputs()[0].name: pixels})
+            t1 = time.perf_counter()
+            index.search(syn.queries[j % len(syn.queries)], K)
+            t2 = time.perf_counter()
+            python_work(5)
+            t3 = time.perf_counter()
+            lap = laps[(spinning, threads)]
+            lap["embed"].append((t1 - t0) * 1000)
+            lap["search"].append((t2 - t1) * 1000)
+            lap["after"].append((t3 - t2) * 1000)
     faiss.omp_set_num_threads(CORES)
+    rows = [
+        {
+            "spinning": float(spinning == "1"),
+            "faiss_threads": float(threads),
+            "embed_p50": p50(laps[(spinning, threads)]["embed"]),
+            "search_p50": p50(laps[(spinning, threads)]["search"]),
+            "after_p50": p50(laps[(spinning, threads)]["after"]),
+        }
+        for spinning, threads in configs
+    ]
+    for row in rows:
+        log.info("thread interplay: %s", {k: round(v, 2) for k, v in row.items()})
     return rows
 
 
@@ -1074,7 +1096,19 @@ class _Probes:
         self._undo.clear()
 
 
-def profile_overhead(service: Service, jpeg: bytes, count: int) -> dict[str, float]:
+def measured_profile(
+    service: Service, jpeg: bytes, count: int, search_threads: int | None
+) -> dict[str, float]:
+    load: dict[str, float] = {}
+    with load_meter(load, "others"):
+        result = profile_overhead(service, jpeg, count, search_threads)
+    result["others_cores"] = load["others"]
+    return result
+
+
+def profile_overhead(
+    service: Service, jpeg: bytes, count: int, search_threads: int | None = None
+) -> dict[str, float]:
     """Serve the same data directory in process (uvicorn in a thread, as tests/conftest.py does)
     with timers around each part of a request, and return p50 ms per part."""
     import uvicorn
@@ -1096,6 +1130,9 @@ def profile_overhead(service: Service, jpeg: bytes, count: int) -> dict[str, flo
     probes.wrap(PhotoStore, "put", "database stage: write the photo file")
     probes.wrap(Identifier, "_write", "database stage: the transaction")
     asgi_times = probes.times.setdefault("ASGI app, request in to response out", [])
+    if search_threads is not None:  # the service's choice, overridden for an A/B comparison
+        saved_threads = getattr(GalleryIndex, "search_threads", None)
+        GalleryIndex.search_threads = search_threads
     app = create_app(service.settings)
 
     async def timed_app(scope: Any, receive: Any, send: Any) -> None:
@@ -1122,6 +1159,7 @@ def profile_overhead(service: Service, jpeg: bytes, count: int) -> dict[str, flo
             time.sleep(0.05)
         service.url = f"http://127.0.0.1:{port}"
         totals, encode = [], []
+        stages: dict[str, list[float]] = {s: [] for s in STAGES}
         with service.client() as client:
             for _ in range(3):
                 identify(client, jpeg)
@@ -1133,12 +1171,21 @@ def profile_overhead(service: Service, jpeg: bytes, count: int) -> dict[str, flo
                     "POST", "/identify", files={"photo": ("q.jpg", jpeg, "image/jpeg")}
                 ).read()
                 encode.append((time.perf_counter() - t0) * 1000)
-                totals.append(identify(client, jpeg)[0])
+                total, timing = identify(client, jpeg)
+                totals.append(total)
+                for s in STAGES:
+                    stages[s].append(timing.get(s, math.nan))
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         probes.restore()
+        if search_threads is not None:
+            if saved_threads is None:
+                del GalleryIndex.search_threads
+            else:
+                GalleryIndex.search_threads = saved_threads
     result = {label: p50(times) for label, times in probes.times.items()}
+    result.update({f"stage: {s}": p50(v) for s, v in stages.items()})
     result["client: build the multipart request"] = p50(encode)
     result["client total"] = p50(totals)
     # The derived parts per request, then their p50 (a difference of p50s can go negative).
@@ -1159,7 +1206,7 @@ class E2EResult:
     setup: dict[str, float]
     sequential: dict[str, Any]
     concurrency: list[dict[str, float]] = field(default_factory=list)
-    single_thread_faiss: dict[str, Any] | None = None
+    search_threads_ab: dict[str, dict[str, float]] = field(default_factory=dict)
     request_profile: dict[str, float] = field(default_factory=dict)
     downscaled: dict[str, Any] | None = None
 
@@ -1172,7 +1219,7 @@ def bench_e2e(
     work: Path,
     *,
     concurrency: bool,
-    omp_check: bool,
+    threads_ab: bool,
     request_profile: bool,
     bare: BareEmbedder | None = None,
     small_jpeg: bytes | None = None,
@@ -1203,7 +1250,7 @@ def bench_e2e(
                 result.concurrency.append(
                     guarded(
                         f"{clients} concurrent clients",
-                        lambda c=clients: concurrent(service, jpeg, c, profile.requests_per_level),
+                        partial(concurrent, service, jpeg, clients, profile.requests_per_level),
                         lambda r: r["others_cores"],
                     )
                 )
@@ -1215,16 +1262,16 @@ def bench_e2e(
                     lambda r: float(r["others_cores"]),
                 )
         service.stop()
-        if omp_check:
-            # The same server with faiss (OpenMP) limited to one thread per search.
-            service.start({"OMP_NUM_THREADS": "1"})
-            with stopwatch("sequential /identify with OMP_NUM_THREADS=1"):
-                result.single_thread_faiss = guarded(
-                    "/identify with OMP_NUM_THREADS=1",
-                    lambda: sequential(service, jpeg, profile.requests, bare),
-                    lambda r: float(r["others_cores"]),
-                )
-            service.stop()
+        if threads_ab:
+            # In process: the service's search (on the calling thread) against faiss's default
+            # of all cores, same data directory, one after the other.
+            for label, threads in (("calling thread", None), ("all cores", CORES)):
+                with stopwatch(f"in-process /identify, search on {label}"):
+                    result.search_threads_ab[label] = guarded(
+                        f"in-process /identify, search on {label}",
+                        partial(measured_profile, service, jpeg, profile.requests, threads),
+                        lambda r: r["others_cores"],
+                    )
         if request_profile:
             with stopwatch("in-process request profile"):
                 result.request_profile = profile_overhead(service, jpeg, profile.requests)
@@ -1532,32 +1579,29 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
             f"{fmt(r.setup.get('startup_s', math.nan))} s |"
         )
     w("")
-    omp = [r for r in e2e if r.single_thread_faiss]
-    if omp:
+    ab = next((r for r in e2e if r.search_threads_ab), None)
+    if ab is not None:
         w(
-            "Same server restarted with `OMP_NUM_THREADS=1` (faiss single-threaded; onnxruntime "
-            "has its own thread pool and still uses all cores):"
+            "The service searches one query on the calling thread (`GalleryIndex.search_threads "
+            "= 1`). The same data directory served in process, once as the service is and once "
+            f"with the search on faiss's default of all {CORES} cores (gallery "
+            f"{size_name(ab.n)}, {results['profile'].requests} requests each, p50 ms):"
         )
         w("")
-        w(
-            "| gallery | search p50 (default) | search p50 (OMP 1) | client total p50 (default) "
-            "| client total p50 (OMP 1) |"
-        )
+        w("| search on | search stage | embed stage | database stage | client total |")
         w("|---|---|---|---|---|")
-        for r in omp:
-            o = r.single_thread_faiss
-            assert o is not None
+        for label, prof in ab.search_threads_ab.items():
             w(
-                f"| {size_name(r.n)} | {fmt(r.sequential['stages']['search']['p50'], 2)} ms | "
-                f"{fmt(o['stages']['search']['p50'], 2)} ms | "
-                f"{fmt(r.sequential['total_p50'])} ms | {fmt(o['total_p50'])} ms |"
+                f"| {label}{' (the service)' if label == 'calling thread' else ''} | "
+                f"{fmt(prof['stage: search'], 2)} | {fmt(prof['stage: embed'])} | "
+                f"{fmt(prof['stage: database'], 2)} | {fmt(prof['client total'])} |"
             )
         w("")
 
     inter = results.get("interplay")
     if inter:
         w(
-            f"Why: one request's steps in one process, on the {size_name(small.n)} gallery "
+            f"Why, one request's steps in one process on the {size_name(small.n)} gallery "
             "(12 ms of Python work standing for decode + preprocess, the B5 inference, the "
             "search, 5 ms of Python work standing for the database stage), with onnxruntime's "
             "pool threads spinning after a run or not (`session.intra_op.allow_spinning`), "
@@ -1569,7 +1613,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         for row in inter:
             w(
                 f"| {'on (default)' if row['spinning'] else 'off'} | "
-                f"{row['faiss_threads']:.0f}{' (default)' if row['faiss_threads'] == CORES else ''}"
+                f"{row['faiss_threads']:.0f}"
+                f"{' (faiss default)' if row['faiss_threads'] == CORES else ' (the service)'}"
                 f" | {fmt(row['embed_p50'])} | {fmt(row['search_p50'], 2)} | "
                 f"{fmt(row['after_p50'], 2)} |"
             )
@@ -1584,20 +1629,22 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         "| same first label | same 5 labels | other load |"
     )
     w("|---" * 12 + "|")
-    for r in [*search, *([stress] if stress else [])]:
+    for sr in [*search, *([stress] if stress else [])]:
         plan = (
             "flat (exact)"
-            if r.plan.kind == "flat"
-            else f"IVF nlist {r.plan.nlist}, nprobe {r.plan.nprobe}"
+            if sr.plan.kind == "flat"
+            else f"IVF nlist {sr.plan.nlist}, nprobe {sr.plan.nprobe}"
         )
-        name = size_name(r.n) + (" isotropic" if r.structure == "isotropic" else "")
+        name = size_name(sr.n) + (" isotropic" if sr.structure == "isotropic" else "")
         w(
-            f"| {name} | {plan} | {fmt(r.build_s)} s | {fmt(r.one_core.get('search_p50'), 2)} | "
-            f"**{fmt(r.one_core.get('total_p50'), 2)}** / {fmt(r.one_core.get('total_p90'), 2)} | "
-            f"{fmt(r.all_cores.get('total_p50'), 2)} | {fmt(r.exact_one_core_p50, 2)} | "
-            f"{r.quality['recall50']:.4f} | {r.quality['recall5']:.4f} | "
-            f"{r.quality['top1_agreement']:.3f} | {r.quality['answer_agreement']:.3f} | "
-            f"{fmt(r.load.get('timed', math.nan), 2)} |"
+            f"| {name} | {plan} | {fmt(sr.build_s)} s | "
+            f"{fmt(sr.one_core.get('search_p50'), 2)} | "
+            f"**{fmt(sr.one_core.get('total_p50'), 2)}** / "
+            f"{fmt(sr.one_core.get('total_p90'), 2)} | "
+            f"{fmt(sr.all_cores.get('total_p50'), 2)} | {fmt(sr.exact_one_core_p50, 2)} | "
+            f"{sr.quality['recall50']:.4f} | {sr.quality['recall5']:.4f} | "
+            f"{sr.quality['top1_agreement']:.3f} | {sr.quality['answer_agreement']:.3f} | "
+            f"{fmt(sr.load.get('timed', math.nan), 2)} |"
         )
     w("")
     w(
@@ -1614,12 +1661,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         f"{fmt(large.one_core.get('head_p50'), 3)} ms."
     )
     w("")
-    for r in [*search, *([stress] if stress else [])]:
-        if not r.sweep:
+    for sr in [*search, *([stress] if stress else [])]:
+        if not sr.sweep:
             continue
         w(
-            f"nprobe trade-off at {size_name(r.n)} ({r.structure}, nlist {r.plan.nlist}; one core"
-            f"{'' if r.sweep and 'total_p50' in r.sweep[0] else ', recall only'}):"
+            f"nprobe trade-off at {size_name(sr.n)} ({sr.structure}, nlist {sr.plan.nlist}; "
+            f"one core{'' if sr.sweep and 'total_p50' in sr.sweep[0] else ', recall only'}):"
         )
         w("")
         w(
@@ -1627,11 +1674,11 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
             "| same first label | same 5 labels |"
         )
         w("|---|---|---|---|---|---|---|")
-        for row in r.sweep:
-            mark = " (chosen)" if int(row["nprobe"]) == r.plan.nprobe else ""
-            mark += " (old rule)" if int(row["nprobe"]) == max(16, r.plan.nlist // 32) else ""
+        for row in sr.sweep:
+            mark = " (chosen)" if int(row["nprobe"]) == sr.plan.nprobe else ""
+            mark += " (old rule)" if int(row["nprobe"]) == max(16, sr.plan.nlist // 32) else ""
             w(
-                f"| {row['nprobe']:.0f}{mark} | {row['nprobe'] / r.plan.nlist:.1%} | "
+                f"| {row['nprobe']:.0f}{mark} | {row['nprobe'] / sr.plan.nlist:.1%} | "
                 f"{fmt(row.get('total_p50', math.nan), 2)} ms | {row['recall50']:.4f} | "
                 f"{row['recall5']:.4f} | {row['top1_agreement']:.3f} | "
                 f"{row['answer_agreement']:.3f} |"
@@ -1653,12 +1700,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         "p50 | ratio | batch: scikit-learn | batch: faiss exact | ratio | same ids |"
     )
     w("|---|---|---|---|---|---|---|---|---|---|")
-    for r in search:
-        s = r.sklearn
+    for sr in search:
+        s = sr.sklearn
         if not s:
             continue
         w(
-            f"| {size_name(r.n)} | {fmt(s['sklearn_p50'], 1)} ms | {fmt(s['faiss_flat_p50'], 2)} "
+            f"| {size_name(sr.n)} | {fmt(s['sklearn_p50'], 1)} ms | {fmt(s['faiss_flat_p50'], 2)} "
             f"ms | **{s['sklearn_p50'] / s['faiss_flat_p50']:.0f}×** | "
             f"{fmt(s['faiss_index_p50'], 2)} ms | **{s['sklearn_p50'] / s['faiss_index_p50']:.0f}"
             f"×** | {fmt(s['sklearn_batch_per_query'], 2)} ms | "
@@ -1674,7 +1721,6 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
     bares = [bare["embed_p50"]] + ([bare_after["embed_p50"]] if bare_after else [])
     bares += [r.sequential["bare_p50"] for r in e2e]
     bares += [r.downscaled["bare_p50"] for r in e2e if r.downscaled]
-    bares += [r.single_thread_faiss["bare_p50"] for r in e2e if r.single_thread_faiss]
     w(
         "This VM's speed drifts over minutes even when no other process runs on it (other "
         f"tenants of the host: the bare embedder's p50 ranged from {fmt(min(bares))} to "
@@ -1923,41 +1969,41 @@ def interpretation(results: dict[str, Any]) -> list[str]:
     out.append(
         ("- **Why 1.25× is missed.** " if missed else "- **The margin.** ") + " ".join(parts)
     )
-    flat_rows = [r for r in e2e if r.single_thread_faiss]
-    if flat_rows:
-        r = flat_rows[0]
-        o = r.single_thread_faiss
-        assert o is not None
-        inter = {(x["spinning"], x["faiss_threads"]): x for x in results.get("interplay", [])}
-        default, single = inter.get((1.0, float(CORES))), inter.get((1.0, 1.0))
-        why = (
-            f" The steps in one process show why: right after an inference, onnxruntime's pool "
-            f"thread keeps spinning on the other core, so faiss's second OpenMP thread waits "
-            f"for it: the {size_name(small.n)} search takes {fmt(default['search_p50'], 1)} ms "
-            f"instead of {fmt(single['search_p50'], 1)} ms"
+    ab = next((r for r in e2e if r.search_threads_ab), None)
+    inter = {(x["spinning"], x["faiss_threads"]): x for x in results.get("interplay", [])}
+    default, single = inter.get((1.0, float(CORES))), inter.get((1.0, 1.0))
+    if ab is not None and default and single:
+        now, before = ab.search_threads_ab["calling thread"], ab.search_threads_ab["all cores"]
+        off = inter.get((0.0, 1.0))
+        out.append(
+            "- **faiss threads.** With faiss's default of all cores, a single-query search "
+            "waits: right after an inference, onnxruntime's pool thread keeps spinning on the "
+            "other core, and faiss's second OpenMP thread needs that core. In one process the "
+            f"{size_name(small.n)} search then takes {fmt(default['search_p50'], 1)} ms instead "
+            f"of {fmt(single['search_p50'], 1)} ms"
             + (
-                f", and faiss's own spinning worker then stretches the next 5 ms of Python work "
-                f"to {fmt(default['after_p50'], 1)} ms"
+                f", and faiss's own spinning worker stretches the next 5 ms of Python work to "
+                f"{fmt(default['after_p50'], 1)} ms"
                 if default["after_p50"] > single["after_p50"] + 0.5
                 else ""
             )
-            + ". Turning onnxruntime's spinning off instead costs the inference "
-            f"{fmt(inter[(0.0, 1.0)]['embed_p50'] - single['embed_p50'], 1)} ms."
-            if default and single and (0.0, 1.0) in inter
-            else ""
-        )
-        out.append(
-            f"- **faiss threads.** In the server at {size_name(r.n)} the search stage is "
-            f"{fmt(r.sequential['stages']['search']['p50'], 2)} ms with faiss's default of "
-            f"{CORES} OpenMP threads and {fmt(o['stages']['search']['p50'], 2)} ms with "
-            f"`OMP_NUM_THREADS=1` (alone, on an idle process: "
-            f"{fmt(small.all_cores.get('search_p50'), 2)} vs "
-            f"{fmt(small.one_core.get('search_p50'), 2)} ms)."
-            + why
-            + " Recommendation (not applied, outside this change): "
-            "`faiss.omp_set_num_threads(1)` where the service loads its gallery (concurrent "
-            "requests give it parallelism), or `OMP_NUM_THREADS=1` in the serving "
-            "environment (Dockerfile, scripts/serve.sh)."
+            + (
+                f"; turning onnxruntime's spinning off instead would cost the inference "
+                f"{fmt(off['embed_p50'] - single['embed_p50'], 1)} ms"
+                if off and off["embed_p50"] > single["embed_p50"] + 0.5
+                else ""
+            )
+            + ". The service therefore searches on the calling thread "
+            "(`GalleryIndex.search_threads = 1`): in the server at "
+            f"{size_name(ab.n)} the search stage is {fmt(now['stage: search'], 2)} ms against "
+            f"{fmt(before['stage: search'], 2)} ms on all cores, the request "
+            f"{fmt(now['client total'])} against {fmt(before['client total'])} ms. A single "
+            "query gains nothing from a second thread anyway (alone, on an idle process: "
+            f"{fmt(small.one_core.get('search_p50'), 2)} ms on one core, "
+            f"{fmt(small.all_cores.get('search_p50'), 2)} ms on {CORES}). One side effect to "
+            "keep in mind: `omp_set_num_threads` sets the calling thread's count, so an index "
+            "rebuild that runs on a thread which has searched before (e.g. a gallery sync "
+            "inside a request) would train on one core."
         )
     sweep = {int(r["nprobe"]): r for r in large.sweep}
     old = sweep.get(max(16, large.plan.nlist // 32)) if large.plan.kind == "ivf" else None
@@ -1990,8 +2036,9 @@ def interpretation(results: dict[str, Any]) -> list[str]:
             f"queries, all five for {stress.quality['answer_agreement']:.1%}): with no "
             "low-dimensional structure, the neighbours beyond a photo's own individual are "
             "random, and a partitioning index must scan most of the gallery to find them. Real "
-            "embeddings sit between the two synthetic cases; re-run the sweep (`bench_search`) on the real re-embedded gallery "
-            "before relying on nprobe, and keep exact search (raise `WHALEID_IVF_THRESHOLD`) if "
+            "embeddings sit between the two synthetic cases; re-run the sweep (`bench_search`) "
+            "on the real re-embedded gallery before relying on nprobe, and keep exact search "
+            "(raise `WHALEID_IVF_THRESHOLD`) if "
             f"its recall is too low: an exact scan of {size_name(large.n)} costs "
             f"{fmt(large.exact_one_core_p50, 0)} ms on one core."
         )
@@ -2003,20 +2050,22 @@ def interpretation(results: dict[str, Any]) -> list[str]:
         if large.n >= 1_000_000
         else f"- **Index build** at {size_name(large.n)}: {fmt(large.build_s)} s."
     )
-    sk = [r for r in search if r.sklearn]
+    sk = [sr for sr in search if sr.sklearn]
     if sk:
-        r = sk[0]
+        sr = sk[0]
+        batch_ratio = (
+            sr.sklearn["sklearn_batch_per_query"] / sr.sklearn["faiss_flat_batch_per_query"]
+        )
         out.append(
             f"- **faiss vs scikit-learn.** For one query scikit-learn's brute-force cosine is "
-            f"{r.sklearn['sklearn_p50'] / r.sklearn['faiss_flat_p50']:.0f}× slower than faiss's "
-            f"exact search at {size_name(r.n)} (on one core against scikit-learn's "
+            f"{sr.sklearn['sklearn_p50'] / sr.sklearn['faiss_flat_p50']:.0f}× slower than faiss's "
+            f"exact search at {size_name(sr.n)} (on one core against scikit-learn's "
             f"{CORES}): the cosine metric is not supported by scikit-learn's fast k-nearest "
             "reduction (`ArgKmin`), so each call falls back to `pairwise_distances_chunked`, "
             "which L2-normalises a copy of the whole gallery, computes the full distance row "
             "and partitions it. With 50 queries per call the per-query ratio is "
-            f"{r.sklearn['sklearn_batch_per_query'] / r.sklearn['faiss_flat_batch_per_query']:.1f}"
-            "× (the copy is shared and both become matrix products), but `/identify` searches "
-            "one photo at a time."
+            f"{batch_ratio:.1f}× (the copy is shared and both become matrix products), but "
+            "`/identify` searches one photo at a time."
             + "".join(
                 f" At {size_name(x.n)}: "
                 f"{x.sklearn['sklearn_p50'] / x.sklearn['faiss_flat_p50']:.0f}× against exact "
@@ -2083,7 +2132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("no model at %s: build it with bench/make_effb5_onnx.py", args.model)
         return 2
     if args.render_from:
-        args.out.write_text(render(load_results(args.render_from), args))
+        write_doc(args.out, render(load_results(args.render_from), args))
         log.info("wrote %s from %s", args.out, args.render_from)
         return 0
     profile = QUICK if args.quick else FULL
@@ -2106,12 +2155,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["runtime_min"] = (time.perf_counter() - started) / 60
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, args))
+    write_doc(args.out, render(results, args))
     log.info("wrote %s (run took %.1f min)", args.out, results["runtime_min"])
     if args.json:
         args.json.write_text(json.dumps(results, default=_jsonable, indent=2))
     return 0
+
+
+MARK_BEGIN = "<!-- identify:begin -->"
+MARK_END = "<!-- identify:end -->"
+
+
+def write_doc(path: Path, body: str) -> None:
+    """Write this benchmark's section of ``path``, keeping what other benchmarks wrote there
+    (sections between their own ``<!-- name:begin -->`` / ``<!-- name:end -->`` marks)."""
+    import re
+
+    section = f"{MARK_BEGIN}\n{body.rstrip()}\n{MARK_END}\n"
+    old = path.read_text() if path.exists() else ""
+    if MARK_BEGIN in old and MARK_END in old:
+        head, rest = old.split(MARK_BEGIN, 1)
+        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
+        text = head + section + (f"\n{tail}" if tail else "")
+    else:
+        others = [
+            m.group(0)
+            for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", old, re.S)
+            if m.group(1) != "identify"
+        ]
+        text = section + "".join(f"\n{block}\n" for block in others)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -2128,7 +2202,8 @@ def load_results(path: Path) -> dict[str, Any]:
     raw["search"] = [search(d) for d in raw["search"]]
     if raw.get("stress"):
         raw["stress"] = search(raw["stress"])
-    raw["e2e"] = [E2EResult(**d) for d in raw["e2e"]]
+    known = set(E2EResult.__dataclass_fields__)
+    raw["e2e"] = [E2EResult(**{k: v for k, v in d.items() if k in known}) for d in raw["e2e"]]
     return dict(raw)
 
 
@@ -2213,7 +2288,7 @@ def run(args: argparse.Namespace, profile: Profile, work: Path, results: dict[st
                 profile,
                 work,
                 concurrency=i == min(1, len(profile.e2e_sizes) - 1),
-                omp_check=i == min(1, len(profile.e2e_sizes) - 1),
+                threads_ab=i == min(1, len(profile.e2e_sizes) - 1),
                 request_profile=i == 0,
                 bare=paired,
                 small_jpeg=small if i == 0 else None,
