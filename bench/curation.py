@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from service.db import (  # noqa: E402
 )
 from service.registry import activate_model, register_model  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, serve_process  # noqa: E402
 from tests.toy import build_toy_model, encode, photo  # noqa: E402
 
 log = logging.getLogger("bench.curation")
@@ -90,31 +88,6 @@ def pad_gallery(settings: Settings, model_id: int, dim: int, size: int) -> None:
     engine.dispose()
 
 
-def serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "WHALEID_DATA_DIR": str(settings.data_dir),
-        "WHALEID_DATABASE_URL": settings.sqlalchemy_url,
-        "WHALEID_LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-migrate"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=60).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become ready")
-
-
 def identify(client: httpx.Client, individual: int, shot: int) -> dict[str, object]:
     # The padding is another species: the filter keeps its random vectors out of the answer
     # while the search still pays for a gallery of the full size.
@@ -146,7 +119,10 @@ def measure(size: int, rounds: int) -> dict[str, float]:
             key = create_key(session, "bench", "curator")[1]
         engine.dispose()
         ports = free_port(), free_port()
-        servers = [serve(settings, p) for p in ports]
+        servers = [
+            serve_process(settings, p, wait_for="/ready", timeout=300, WHALEID_LOG_LEVEL="WARNING")
+            for p in ports
+        ]
         headers = {"Authorization": f"Bearer {key}"}
         decide_ms, same_ms, other_ms = [], [], []
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -113,6 +115,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def serve_process(
+    settings: Settings, port: int, *, wait_for: str = "/health", timeout: float = 60, **env: str
+) -> subprocess.Popen[bytes]:
+    """``whaleid serve`` in a subprocess over loopback (it can be killed for real), once
+    ``wait_for`` answers 200."""
+    environment = {
+        **os.environ,
+        "WHALEID_DATA_DIR": str(settings.data_dir),
+        "WHALEID_DATABASE_URL": settings.sqlalchemy_url,
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-migrate"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{wait_for}", timeout=timeout).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("whaleid serve did not start")
 
 
 def run_server(settings: Settings) -> Iterator[LiveServer]:

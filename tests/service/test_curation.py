@@ -3,10 +3,7 @@ concurrency and crashes."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +20,14 @@ from service.galleries import GalleryEntries, gallery_rows
 from service.gallery import GalleryIndex
 from service.identify import index_path
 from service.settings import Settings
-from tests.conftest import Catalogue, LiveServer, free_port, make_keys, run_server
+from tests.conftest import (
+    Catalogue,
+    LiveServer,
+    free_port,
+    make_keys,
+    run_server,
+    serve_process,
+)
 from tests.toy import encode, photo
 
 
@@ -307,37 +311,13 @@ def subprocess_server(catalogue: Catalogue) -> Iterator[tuple[Settings, dict[str
     yield catalogue.settings, make_keys(catalogue.settings)
 
 
-def _serve(settings: Settings, port: int, **env: str) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "WHALEID_DATA_DIR": str(settings.data_dir),
-        "WHALEID_DATABASE_URL": settings.sqlalchemy_url,
-        **env,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-migrate"],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("whaleid serve did not start")
-
-
 def test_crash_between_commit_and_index_update_is_repaired_at_next_start(
     subprocess_server: tuple[Settings, dict[str, str]],
 ) -> None:
     settings, keys = subprocess_server
     port = free_port()
     headers = {"Authorization": f"Bearer {keys['curator']}"}
-    process = _serve(settings, port, WHALEID_FAILPOINT="after-decision-commit")
+    process = serve_process(settings, port, WHALEID_FAILPOINT="after-decision-commit")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
             first = identify(client, 41, 1)
@@ -349,7 +329,7 @@ def test_crash_between_commit_and_index_update_is_repaired_at_next_start(
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
     stale, _ = GalleryIndex.load(index_path(settings, 1))
-    process = _serve(settings, port)
+    process = serve_process(settings, port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
             assert top(identify(client, 41, 2)) == "X41"
