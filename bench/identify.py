@@ -221,6 +221,7 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.15, window_s: float = 
             time.sleep(window_s)
         waited = time.monotonic() - start
         if probe["others"] < threshold or waited >= max_wait_s:
+            WAITED_S[0] += waited if said else 0.0
             if said:
                 log.info(
                     "waited %.0f s; other processes now use %.2f cores", waited, probe["others"]
@@ -234,6 +235,7 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.15, window_s: float = 
 # How long each timed phase may wait for other processes to leave the CPUs alone (--wait-idle);
 # 0: measure at once, whatever the load.
 QUIET_WAIT_S = 0.0
+WAITED_S = [0.0]  # time spent waiting for other processes, over the whole run
 NOISY = 0.25  # cores used by other processes above which a phase is measured again
 
 
@@ -1397,7 +1399,14 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
             if results.get("quick", args.quick)
             else ""
         )
-        + f"; wall time of the run {results['runtime_min']:.1f} min. Reproduce with"
+        + f"; wall time of the run {results['runtime_min']:.1f} min"
+        + (
+            f", of which {results['waited_min']:.1f} min waiting for other processes on this "
+            "shared machine to finish (`--wait-idle`)"
+            if results.get("waited_min", 0) > 0.05
+            else ""
+        )
+        + ". Reproduce with"
     )
     w("")
     w("```sh")
@@ -1514,9 +1523,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         "(`register_model`, `activate_model`, which builds and saves the gallery index from the "
         "database); the gallery inserted as real `individuals`, `images` (confirmed, no files), "
         "`embeddings` and `gallery_changes` rows; an `integration` API key. The server is "
-        "`python -m service.cli serve` (uvicorn, default settings: ONNX and faiss use all "
-        "cores) in a **subprocess**; the client is httpx in the bench process over loopback, "
-        "sending multipart uploads with the bearer key. After 3 warm-up requests, "
+        "`python -m service.cli serve` (uvicorn, default settings: onnxruntime on all cores, "
+        "faiss searching on the calling thread) in a **subprocess**; the client is httpx in "
+        "the bench process over loopback, sending multipart uploads with the bearer key. "
+        "After 3 warm-up requests, "
         f"{results['profile'].requests} sequential requests per size; stage times come from the "
         "`Server-Timing` header, the total is measured by the client."
     )
@@ -1533,7 +1543,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         f"{IVF_THRESHOLD})` and `GalleryIndex.search(q, 50)`, then the kNN head "
         "(`Neighbour` objects → `rank_candidates`, vote ranking, cutoff 0.62), one query at a time "
         f"as `/identify` does, {results['profile'].timed_queries} timed queries after 5 warm-up; "
-        "*one core* = `faiss.omp_set_num_threads(1)`. Recall@50 = overlap of the 50 ids with "
+        "*1 core* is how the service searches (`GalleryIndex.search_threads = 1`), the "
+        f"{CORES}-core column overrides it. Recall@50 = overlap of the 50 ids with "
         f"exact inner-product search (`IndexFlatIP`), over {results['profile'].queries} queries; "
         "*same first label* / *same 5 labels* = share of queries whose answer (after the kNN "
         "head) starts with the same label / has the same five labels as with exact search."
@@ -2078,14 +2089,19 @@ def interpretation(results: dict[str, Any]) -> list[str]:
     conc = next((r for r in e2e if r.concurrency), None)
     if conc is not None and len(conc.concurrency) > 1:
         one, most = conc.concurrency[0], conc.concurrency[-1]
+        gain = most["throughput"] / one["throughput"]
         out.append(
             f"- **Throughput** is bounded by the embedder: {one['throughput']:.1f} requests/s "
             f"with one client, {most['throughput']:.1f} with {most['clients']:.0f} "
-            f"({most['throughput'] / one['throughput']:.2f}× the throughput at "
-            f"{most['p50'] / one['p50']:.1f}× the p50 latency). One B5 inference already "
-            f"spreads over the {CORES} cores, so concurrent requests mostly queue; the gain comes "
-            "from overlapping one request's decode, database and HTTP work with another's "
-            "inference."
+            f"({gain:.2f}× the throughput at {most['p50'] / one['p50']:.1f}× the p50 latency). "
+            f"One B5 inference already spreads over the {CORES} cores, so concurrent requests "
+            "queue"
+            + (
+                "; what they gain comes from overlapping one request's decode, database and "
+                "HTTP work with another's inference."
+                if gain >= 1.1
+                else " and gain nothing: one client already keeps both cores busy."
+            )
         )
     return out
 
@@ -2155,6 +2171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["runtime_min"] = (time.perf_counter() - started) / 60
+    results["waited_min"] = WAITED_S[0] / 60
     write_doc(args.out, render(results, args))
     log.info("wrote %s (run took %.1f min)", args.out, results["runtime_min"])
     if args.json:
