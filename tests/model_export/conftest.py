@@ -1,21 +1,3 @@
-"""TensorFlow tests run on the CPU only (accelerators hidden), quietly."""
+"""The export tests share the TensorFlow setup of the training tests (CPU only, quiet)."""
 
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-import pytest
-
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tests.training.helpers import tiny_run  # noqa: E402,F401  (a session fixture)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keras 2.15 seeds its initialisers with random.randint(1, 1e9): not our warning."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in item.path.parents:
-            item.add_marker(pytest.mark.filterwarnings("ignore:non-integer arguments to randrange"))
+from tests.training.conftest import pytest_collection_modifyitems, tiny_run  # noqa: F401
