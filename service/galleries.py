@@ -27,7 +27,10 @@ _CHUNK = 2000
 
 @dataclass(frozen=True)
 class Filters:
-    """The caller's candidate set: only gallery photos matching all given fields are searched."""
+    """The caller's candidate set: only gallery photos matching all given fields are searched.
+
+    Both date bounds are inclusive. Under a date filter, a gallery photo without a date is left
+    out: nothing says it was taken in the range."""
 
     species: str | None = None
     location: str | None = None
