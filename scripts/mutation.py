@@ -1,0 +1,285 @@
+"""Mutation testing of the core modules: does the test suite notice small wrong changes?
+
+Each mutant changes one thing in one module (a comparison, a boolean, a constant, a return value,
+an arithmetic operator, or a statement dropped) in a copy of the repository, and runs the tests
+that cover that module there (SQLite only, stopping at the first failure). A mutant the tests
+kill is caught; one that survives is behaviour no test can fail for.
+
+    .venv/bin/python scripts/mutation.py                # 60 mutants, seed 0, about 20 minutes
+    .venv/bin/python scripts/mutation.py --sample 0     # every mutant (hours)
+    .venv/bin/python scripts/mutation.py --module service/knn.py --sample 20 --report out.md
+
+The working tree is never modified. Too slow for CI; docs/reliability.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("mutation")
+ROOT = Path(__file__).resolve().parent.parent
+
+# Which tests cover which module (SQLite runs only; PostgreSQL adds nothing to a logic mutant).
+COVERED_BY: dict[str, list[str]] = {
+    "service/knn.py": ["tests/service/test_knn.py", "tests/service/test_api.py"],
+    "service/galleries.py": [
+        "tests/service/test_gallery.py",
+        "tests/service/test_live_gallery.py",
+        "tests/service/test_rules.py",
+        "tests/service/test_api.py",
+        "tests/service/test_curation.py",
+    ],
+    "service/curation.py": ["tests/service/test_curation.py", "tests/service/test_live_gallery.py"],
+    "service/photos.py": [
+        "tests/service/test_photos.py",
+        "tests/service/test_photo_geometry.py",
+        "tests/service/test_api.py",
+    ],
+    "service/auth.py": [
+        "tests/service/test_curation.py",
+        "tests/service/test_rules.py",
+        "tests/service/test_api.py",
+    ],
+}
+
+_SWAP_COMPARE: dict[type[ast.cmpop], type[ast.cmpop]] = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+}
+_SWAP_BINOP: dict[type[ast.operator], type[ast.operator]] = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: str
+    line: int
+    kind: str
+    ordinal: int  # which site of this kind, in walk order, so it can be found again
+
+    @property
+    def label(self) -> str:
+        return f"{self.module}:{self.line} {self.kind}"
+
+
+def _sites(tree: ast.Module) -> Iterator[tuple[ast.AST, str]]:
+    """Every place a mutation operator applies, with the operator's name. Asserts are left
+    alone: here they narrow types for mypy, and a mutant of one is rarely behaviour."""
+    asserted = {id(n) for a in ast.walk(tree) if isinstance(a, ast.Assert) for n in ast.walk(a)}
+    for node in ast.walk(tree):
+        if id(node) in asserted:
+            continue
+        if isinstance(node, ast.Compare):
+            yield node, "compare"
+        elif isinstance(node, ast.BoolOp):
+            yield node, "and-or"
+        elif isinstance(node, ast.BinOp) and type(node.op) in _SWAP_BINOP:
+            yield node, "arithmetic"
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            yield node, "drop-not"
+        elif isinstance(node, ast.Constant) and type(node.value) is bool:
+            yield node, "flip-bool"
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            yield node, "constant"
+        elif isinstance(node, ast.Return) and node.value is not None:
+            yield node, "return-none"
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.Expr):
+            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+                yield node, "drop-statement"  # docstrings are not statements worth dropping
+
+
+def _skip(node: ast.AST, tree: ast.Module) -> bool:
+    """Module-level assignments (imports, constants tables) and logging calls are not behaviour
+    worth mutating; nor are type-only names."""
+    if getattr(node, "col_offset", 1) == 0:
+        return True
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        func = node.value.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            return func.value.id == "log"
+    return False
+
+
+def enumerate_mutants(module: str) -> list[Mutant]:
+    tree = ast.parse((ROOT / module).read_text())
+    counts: dict[str, int] = {}
+    found = []
+    for node, kind in _sites(tree):
+        if _skip(node, tree):
+            continue
+        ordinal = counts.get(kind, 0)
+        counts[kind] = ordinal + 1
+        found.append(Mutant(module, getattr(node, "lineno", 0), kind, ordinal))
+    return found
+
+
+def _mutate(node: ast.AST, kind: str) -> ast.AST:
+    if kind == "compare":
+        assert isinstance(node, ast.Compare)
+        node.ops[0] = _SWAP_COMPARE.get(type(node.ops[0]), ast.NotEq)()
+    elif kind == "and-or":
+        assert isinstance(node, ast.BoolOp)
+        node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+    elif kind == "arithmetic":
+        assert isinstance(node, ast.BinOp)
+        node.op = _SWAP_BINOP[type(node.op)]()
+    elif kind == "drop-not":
+        assert isinstance(node, ast.UnaryOp)
+        return node.operand
+    elif kind == "flip-bool":
+        assert isinstance(node, ast.Constant)
+        node.value = not node.value
+    elif kind == "constant":
+        assert isinstance(node, ast.Constant)
+        node.value = node.value + 1
+    elif kind == "return-none":
+        assert isinstance(node, ast.Return)
+        node.value = ast.Constant(None)
+    elif kind == "drop-statement":
+        return ast.Pass()
+    return node
+
+
+class _Apply(ast.NodeTransformer):
+    def __init__(self, mutant: Mutant, tree: ast.Module) -> None:
+        self.mutant = mutant
+        self.target = [n for n, k in _sites(tree) if k == mutant.kind and not _skip(n, tree)][
+            mutant.ordinal
+        ]
+
+    def visit(self, node: ast.AST) -> ast.AST:
+        if node is self.target:
+            return ast.copy_location(_mutate(node, self.mutant.kind), node)
+        return super().visit(node)
+
+
+def mutated_source(mutant: Mutant) -> str:
+    tree = ast.parse((ROOT / mutant.module).read_text())
+    new = _Apply(mutant, tree).visit(tree)
+    return ast.unparse(ast.fix_missing_locations(new))
+
+
+def run_mutant(mutant: Mutant, copy: Path, timeout: float) -> str:
+    """'killed', 'survived', 'timeout' or 'invalid' (the mutant does not compile)."""
+    source = mutated_source(mutant)
+    try:
+        compile(source, mutant.module, "exec")
+    except SyntaxError:
+        return "invalid"
+    target = copy / mutant.module
+    original = target.read_text()
+    target.write_text(source)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+            + ["-m", "not postgres", *COVERED_BY[mutant.module]],
+            cwd=copy,
+            env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin", "HOME": str(copy)},
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    finally:
+        target.write_text(original)
+    return "survived" if result.returncode == 0 else "killed"
+
+
+def _copy_tree() -> Path:
+    copy = Path(tempfile.mkdtemp(prefix="whaleid-mutants-"))
+    for name in ("service", "migrations", "tests", "pyproject.toml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, copy / name)
+    return copy
+
+
+def report(results: list[tuple[Mutant, str, float]], total_sites: int, seconds: float) -> str:
+    scored = [r for r in results if r[1] in ("killed", "survived", "timeout")]
+    survived = [m for m, outcome, _ in results if outcome == "survived"]
+    rate = len(survived) / len(scored) if scored else 0.0
+    lines = [
+        f"Mutants run: {len(results)} of {total_sites} sites; scored {len(scored)} "
+        f"(invalid ones left out); survived {len(survived)} = {rate:.0%}; "
+        f"took {seconds / 60:.1f} min.",
+        "",
+        "| module | killed | survived | timeout |",
+        "|---|---|---|---|",
+    ]
+    for module in COVERED_BY:
+        outcomes = [o for m, o, _ in results if m.module == module]
+        if outcomes:
+            lines.append(
+                f"| `{module}` | {outcomes.count('killed')} | {outcomes.count('survived')} "
+                f"| {outcomes.count('timeout')} |"
+            )
+    if survived:
+        lines += ["", "Survivors (behaviour no test fails for):", ""]
+        lines += [f"- `{m.label}`" for m in survived]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", action="append", choices=sorted(COVERED_BY))
+    parser.add_argument("--sample", type=int, default=60, help="mutants to run (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument("--report", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    modules = args.module or sorted(COVERED_BY)
+    mutants = [m for module in modules for m in enumerate_mutants(module)]
+    chosen = mutants
+    if args.sample and args.sample < len(mutants):
+        chosen = sorted(
+            random.Random(args.seed).sample(mutants, args.sample),
+            key=lambda m: (m.module, m.line),
+        )
+    copy = _copy_tree()
+    results: list[tuple[Mutant, str, float]] = []
+    started = time.monotonic()
+    try:
+        for mutant in tqdm(chosen, desc="mutants", unit="mutant"):
+            t0 = time.monotonic()
+            outcome = run_mutant(mutant, copy, args.timeout)
+            results.append((mutant, outcome, time.monotonic() - t0))
+            log.debug("%s: %s", mutant.label, outcome)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    text = report(results, len(mutants), time.monotonic() - started)
+    log.info("%s", text)
+    if args.report:
+        args.report.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
