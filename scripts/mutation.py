@@ -155,7 +155,7 @@ def _mutate(node: ast.AST, kind: str) -> ast.AST:
         assert isinstance(node, ast.Constant)
         node.value = not node.value
     elif kind == "constant":
-        assert isinstance(node, ast.Constant)
+        assert isinstance(node, ast.Constant) and isinstance(node.value, int | float)
         node.value = node.value + 1
     elif kind == "return-none":
         assert isinstance(node, ast.Return)
@@ -175,7 +175,8 @@ class _Apply(ast.NodeTransformer):
     def visit(self, node: ast.AST) -> ast.AST:
         if node is self.target:
             return ast.copy_location(_mutate(node, self.mutant.kind), node)
-        return super().visit(node)
+        visited: ast.AST = super().visit(node)
+        return visited
 
 
 def mutated_source(mutant: Mutant) -> str:
