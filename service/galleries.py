@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, GalleryChange, Image, Individual
 from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest, sidecar_path
-from service.knn import Neighbour
+from service.knn import Neighbour, shortfall
 
 log = logging.getLogger(__name__)
 _NO_DATE = np.iinfo(np.int64).min
@@ -138,6 +138,17 @@ class GalleryEntries:
         """Embedding ids within the filters; None when there is no filter (search everything)."""
         if filters.empty:
             return None
+        selected: np.ndarray = self.ids[self._mask(filters)]
+        return selected
+
+    def select_others(self, filters: Filters, labels: Iterable[str]) -> np.ndarray:
+        """Embedding ids within the filters whose individual is none of ``labels``."""
+        codes = [self.vocab["labels"].code(label) for label in labels]
+        mask = self._mask(filters) & ~np.isin(self.codes["labels"], codes)
+        selected: np.ndarray = self.ids[mask]
+        return selected
+
+    def _mask(self, filters: Filters) -> np.ndarray:
         mask = np.ones(len(self.ids), dtype=bool)
         if filters.species is not None:
             mask &= self._matches("species", filters.species)
@@ -149,8 +160,7 @@ class GalleryEntries:
             mask &= (self.days != _NO_DATE) & (self.days <= filters.date_to.toordinal())
         if filters.exclude_encounter is not None:
             mask &= ~self._matches("encounters", filters.exclude_encounter)
-        selected: np.ndarray = self.ids[mask]
-        return selected
+        return mask
 
     def neighbours(self, distances: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
         positions = np.searchsorted(self.ids, ids)
@@ -389,3 +399,28 @@ class Gallery:
                 return [], 0
             distances, ids = self.index.search(query, min(k, n), allowed)
             return entries.neighbours(distances, ids), n
+
+    def search_beyond(
+        self, query: np.ndarray, filters: Filters, neighbours: Sequence[Neighbour]
+    ) -> list[Neighbour]:
+        """Photos past the k ``neighbours`` that name the next-nearest individuals within
+        ``filters``, as many as the answer needs to hold five entries (DESIGN.md step 6); none
+        when the neighbours already name enough. Nearest first; the head picks from them."""
+        count = shortfall(neighbours)
+        if count == 0:
+            return []
+        with self._lock:
+            entries = self.entries
+            allowed = entries.select_others(filters, {n.label for n in neighbours})
+            # An individual's nearest photo is what counts: search wider until the results name
+            # enough individuals (or hold every photo left), since one may fill many places.
+            k = 4 * count
+            while True:
+                k = min(k, len(allowed))
+                if k == 0:
+                    return []
+                distances, ids = self.index.search(query, k, allowed)
+                found = entries.neighbours(distances, ids)
+                if len({n.label for n in found}) >= count or k == len(allowed):
+                    return found
+                k *= 4
