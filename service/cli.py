@@ -331,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Alembic announces its context on every command; `whaleid -v` shows it.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     return func(args, settings)
 

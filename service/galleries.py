@@ -302,9 +302,10 @@ class Gallery:
                 if sidecar.get("model_id") != self.model_id or index.dim != self.dim:
                     raise GalleryFileError(f"{self.path} belongs to another model")
             except GalleryFileError as e:
+                # A first start has no file yet: nothing is wrong, so only say so at DEBUG.
                 first = not self.path.exists() and not sidecar_path(self.path).exists()
                 log.log(
-                    logging.INFO if first else logging.WARNING,
+                    logging.DEBUG if first else logging.WARNING,
                     "gallery of model %s: %s; rebuilding from stored embeddings",
                     self.model_id,
                     e,
@@ -342,7 +343,9 @@ class Gallery:
             self.index.remove(extra)
             self.index.add(missing, vectors)
             self.entries = entries
-        log.info("gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra))
+        log.debug(
+            "gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra)
+        )
         return True
 
     def sync(self, factory: sessionmaker[Session]) -> bool:

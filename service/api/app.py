@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not settings.auth:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
             try:
-                await run_in_threadpool(app.state.runtime.current)
+                loaded = await run_in_threadpool(app.state.runtime.current)
+                log.info("ready: gallery of %d photos", loaded.gallery.size)
             except NoActiveModel as e:
                 log.warning("%s", e)
             yield
