@@ -3,69 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support import expected_conditions as ec
-from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import LiveServer
+from tests.service.browser import sign_in, wait_for
 from tests.service.test_curation import identify
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromium-driver are missing: run scripts/test.sh")
-        pytest.skip("no chromium: run scripts/test.sh, which installs Debian's chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1400,1000",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(driver: WebDriver, css: str, text: str | None = None) -> None:
-    wait = WebDriverWait(driver, 15)
-    if text is None:
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
-    else:
-        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
-
-
-def sign_in(driver: WebDriver, url: str, key: str) -> None:
-    driver.get(f"{url}/review")
-    wait_for(driver, "#key")
-    field = driver.find_element(By.ID, "key")
-    field.clear()
-    field.send_keys(key)
-    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
 
 def test_curator_reviews_the_queue_with_keyboard_and_buttons(
