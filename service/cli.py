@@ -161,7 +161,9 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError as e:
             log.error("%s", e)
             return 2
-    log.info("created %s key %s for %s; it is shown once, below", row.role, row.id, row.name)
+    log.info(
+        "created %s key %s for %s; it is shown once, on standard output", row.role, row.id, row.name
+    )
     sys.stdout.write(key + "\n")
     return 0
 
