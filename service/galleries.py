@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, GalleryChange, Image, Individual
 from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest, sidecar_path
-from service.knn import Neighbour
+from service.knn import Neighbour, shortfall
 
 log = logging.getLogger(__name__)
 _NO_DATE = np.iinfo(np.int64).min
@@ -141,6 +141,17 @@ class GalleryEntries:
         """Embedding ids within the filters; None when there is no filter (search everything)."""
         if filters.empty:
             return None
+        selected: np.ndarray = self.ids[self._mask(filters)]
+        return selected
+
+    def select_others(self, filters: Filters, labels: Iterable[str]) -> np.ndarray:
+        """Embedding ids within the filters whose individual is none of ``labels``."""
+        codes = [self.vocab["labels"].code(label) for label in labels]
+        mask = self._mask(filters) & ~np.isin(self.codes["labels"], codes)
+        selected: np.ndarray = self.ids[mask]
+        return selected
+
+    def _mask(self, filters: Filters) -> np.ndarray:
         mask = np.ones(len(self.ids), dtype=bool)
         if filters.species is not None:
             mask &= self._matches("species", filters.species)
@@ -152,8 +163,7 @@ class GalleryEntries:
             mask &= (self.days != _NO_DATE) & (self.days <= filters.date_to.toordinal())
         if filters.exclude_encounter is not None:
             mask &= ~self._matches("encounters", filters.exclude_encounter)
-        selected: np.ndarray = self.ids[mask]
-        return selected
+        return mask
 
     def neighbours(self, distances: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
         positions = np.searchsorted(self.ids, ids)
@@ -295,9 +305,10 @@ class Gallery:
                 if sidecar.get("model_id") != self.model_id or index.dim != self.dim:
                     raise GalleryFileError(f"{self.path} belongs to another model")
             except GalleryFileError as e:
+                # A first start has no file yet: nothing is wrong, so only say so at DEBUG.
                 first = not self.path.exists() and not sidecar_path(self.path).exists()
                 log.log(
-                    logging.INFO if first else logging.WARNING,
+                    logging.DEBUG if first else logging.WARNING,
                     "gallery of model %s: %s; rebuilding from stored embeddings",
                     self.model_id,
                     e,
@@ -335,7 +346,9 @@ class Gallery:
             self.index.remove(extra)
             self.index.add(missing, vectors)
             self.entries = entries
-        log.info("gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra))
+        log.debug(
+            "gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra)
+        )
         return True
 
     def sync(self, factory: sessionmaker[Session]) -> bool:
@@ -392,3 +405,28 @@ class Gallery:
                 return [], 0
             distances, ids = self.index.search(query, min(k, n), allowed)
             return entries.neighbours(distances, ids), n
+
+    def search_beyond(
+        self, query: np.ndarray, filters: Filters, neighbours: Sequence[Neighbour]
+    ) -> list[Neighbour]:
+        """Photos past the k ``neighbours`` that name the next-nearest individuals within
+        ``filters``, as many as the answer needs to hold five entries (DESIGN.md step 6); none
+        when the neighbours already name enough. Nearest first; the head picks from them."""
+        count = shortfall(neighbours)
+        if count == 0:
+            return []
+        with self._lock:
+            entries = self.entries
+            allowed = entries.select_others(filters, {n.label for n in neighbours})
+            # An individual's nearest photo is what counts: search wider until the results name
+            # enough individuals (or hold every photo left), since one may fill many places.
+            k = 4 * count
+            while True:
+                k = min(k, len(allowed))
+                if k == 0:
+                    return []
+                distances, ids = self.index.search(query, k, allowed)
+                found = entries.neighbours(distances, ids)
+                if len({n.label for n in found}) >= count or k == len(allowed):
+                    return found
+                k *= 4

@@ -153,11 +153,13 @@ class Identifier:
             vector = self.embedder.embed(pixels[np.newaxis])[0]
         with watch.lap("search"):
             neighbours, searched = self.gallery.search(vector, self.model.k, filters)
+            beyond = self.gallery.search_beyond(vector, filters, neighbours)
         with watch.lap("head"):
             ranked = rank_candidates(
                 neighbours,
                 cutoff=self.model.cutoff,
                 ranking=self.model.ranking,  # type: ignore[arg-type]
+                beyond=beyond,
             )
         with watch.lap("database"):
             if record:

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import admin, catalogue, curation, health, identify, review
+from service.api.docs import install_docs
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
@@ -58,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not settings.auth:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
             try:
-                await run_in_threadpool(app.state.runtime.current)
+                loaded = await run_in_threadpool(app.state.runtime.current)
+                log.info("ready: gallery of %d photos", loaded.gallery.size)
             except NoActiveModel as e:
                 log.warning("%s", e)
             yield
@@ -69,8 +71,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="whaleid",
         version=__version__,
         summary="Photo-ID of individual whales and dolphins: top-5 candidates for a photo.",
+        description="Every call but `/health` and `/ready` needs an API key, sent as "
+        "`Authorization: Bearer <key>` (here: **Authorize**). An admin creates one with "
+        "`whaleid keys create --role ROLE --name NAME`; roles: integration (identify and read), "
+        "curator (+ decisions and individuals), admin (+ models, keys).",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     for router in (
         identify.router,
         curation.router,

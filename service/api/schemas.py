@@ -15,7 +15,11 @@ class CandidateOut(BaseModel):
         examples=["a1b2c3"],
     )
     species: str | None = Field(examples=["humpback_whale"])
-    votes: int | None = Field(description="Neighbours among the k nearest.", examples=[31])
+    votes: int | None = Field(
+        description="Its photos among the k nearest; 0 for an individual beyond them that fills "
+        "the answer up to five entries.",
+        examples=[31],
+    )
     distance: float | None = Field(
         description="Cosine distance of its nearest photo.", examples=[0.21]
     )
