@@ -20,10 +20,10 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Embedding, Image, make_engine, transaction
+from service.db import Embedding, Image, make_engine, make_sessionmaker, transaction
 from service.galleries import Gallery, log_gallery_changes
 from service.gallery import GalleryIndex
 from tests.conftest import Catalogue, LiveServer, free_port, make_keys, serve_process
@@ -358,3 +358,28 @@ def test_two_replicas_under_concurrent_decisions_hold_exactly_the_database(
     for kind in ("confirm 200", "new_individual 200", "reject 200", "identify 200"):
         assert total[kind] >= 10, total
     assert total["merge 200"] + total["split 200"] >= 5, total
+
+
+def test_identify_embedding_a_gallery_photo_for_the_first_time_reaches_the_gallery(
+    live: LiveServer,
+) -> None:
+    """A catalogue photo this model has not embedded yet (imported before it, or confirmed
+    while it was being re-embedded) joins the gallery when ``/identify`` embeds it: every
+    replica hears of it through the change log, not only a restart."""
+    url = live.settings.sqlalchemy_url
+    engine = make_engine(url)
+    with transaction(make_sessionmaker(engine)) as session:
+        image_id = session.scalars(
+            select(Image.id).where(Image.original_name == "ind5_shot0.png")
+        ).one()
+        session.execute(delete(Embedding).where(Embedding.image_id == image_id))
+        log_gallery_changes(session, [image_id], 1)
+    engine.dispose()
+    with live.client("admin") as admin:
+        before = admin.get("/gallery/digest").json()
+        assert before["count"] == 35 and not differences(before, database_digest(url, 1))
+        response = admin.post("/identify", files={"photo": ("q.png", encode(photo(5, 0)))})
+        assert response.json()["query_image_id"] == image_id
+        after = admin.get("/gallery/digest").json()
+    assert after["count"] == 36
+    assert not differences(after, database_digest(url, 1))
