@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import Embedding, Image, make_engine, make_sessionmaker, transaction
 from service.galleries import Gallery, log_gallery_changes
 from service.gallery import GalleryIndex
-from tests.conftest import Catalogue, LiveServer, free_port, make_keys, serve_process
+from service.settings import Settings
+from tests.conftest import (
+    Catalogue,
+    LiveServer,
+    free_port,
+    make_keys,
+    run_server,
+    serve_process,
+)
 from tests.replica_load import (
     DIGEST_FIELDS,
     check_replicas,
@@ -78,6 +86,14 @@ def test_gallery_digest_is_admin_only_and_equals_the_database(live: LiveServer) 
         gallery.index.add(ids, vectors * 0.5)
         changed = differences(admin.get("/gallery/digest").json(), database_digest(url, 1))
         assert [d.split(":")[0] for d in changed] == ["vectors_sha256"]
+
+
+def test_gallery_digest_without_an_active_model_is_503(sqlite_settings: Settings) -> None:
+    for server in run_server(sqlite_settings):
+        with server.client("admin") as admin:
+            response = admin.get("/gallery/digest")
+        assert response.status_code == 503
+        assert "model" in response.json()["detail"]
 
 
 def _unconfirmed_photos(factory: sessionmaker[Session], model_id: int, n: int) -> list[int]:
