@@ -18,7 +18,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, Image, make_engine, make_sessionmaker, transaction
-from service.galleries import Gallery, log_gallery_changes
+from service.galleries import Gallery, GalleryDigest, log_gallery_changes
 from service.gallery import GalleryIndex
 from service.settings import Settings
 from tests.conftest import (
@@ -70,6 +70,10 @@ def test_gallery_digest_is_admin_only_and_equals_the_database(live: LiveServer) 
         assert admin.post("/individuals/ind-3/merge", json={"into": "ind-4"}).status_code == 200
         merged = admin.get("/gallery/digest").json()
         assert not differences(merged, database_digest(url, 1))
+        engine = make_engine(url)
+        with make_sessionmaker(engine)() as session:  # the service's own reading agrees
+            assert not differences(GalleryDigest.of_database(session, 1, 64).__dict__, merged)
+        engine.dispose()
         # A relabel changes the labels only; the same photos and vectors stay.
         assert merged["labels_sha256"] != first["labels_sha256"]
         assert merged["ids_sha256"] == first["ids_sha256"]
