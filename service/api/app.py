@@ -13,12 +13,16 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import admin, catalogue, curation, health, identify, review
+from service.api.accesslog import redacted_access_log
+from service.api.guard import RequestGuard
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
+from service.limits import BadText
 from service.migrate import is_current
 from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
 from service.settings import Settings
+from service.slots import Busy
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ STATUS_OF: dict[type[Exception], int] = {
     NotFound: 404,
     Conflict: 409,
     Invalid: 422,
+    BadText: 422,
 }
 
 
@@ -61,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(app.state.runtime.current)
             except NoActiveModel as e:
                 log.warning("%s", e)
-            yield
+            with redacted_access_log():
+                yield
         finally:
             engine.dispose()
 
@@ -84,23 +90,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _problem(status))
 
-    @app.middleware("http")
-    async def limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # Refuse an oversized upload before parsing it (a 10 KiB allowance covers the form).
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 10240:
-            return JSONResponse(
-                {
-                    "detail": f"the upload is {length} bytes, over the limit of "
-                    f"{settings.max_upload_bytes}: send a smaller photo"
-                },
-                status_code=413,
-            )
-        return await call_next(request)
-
+    app.add_exception_handler(Busy, _busy)
+    app.add_exception_handler(Exception, _internal_error)
+    # Outermost: the key is checked and the body limited before anything reads it.
+    app.add_middleware(RequestGuard, settings=settings)
     return app
+
+
+async def _busy(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Busy)
+    headers = {"Retry-After": str(exc.retry_after)}
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
+
+
+async def _internal_error(_request: Request, _exc: Exception) -> Response:
+    # The server logs the exception and closes the connection after a 500; saying so keeps a
+    # keep-alive client from sending its next request into a socket that is going away.
+    return JSONResponse(
+        {"detail": "internal error: the service logged it; retry, or report it if it persists"},
+        status_code=500,
+        headers={"Connection": "close"},
+    )
 
 
 def _problem(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
