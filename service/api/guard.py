@@ -4,67 +4,56 @@ much to say, costs neither memory nor disk."""
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping
-from typing import Any
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.deps import Require, principal_for
 from service.settings import Settings
 
-log = logging.getLogger(__name__)
 # Room for the multipart framing and the form fields around an uploaded photo.
 FORM_ALLOWANCE = 64 * 1024
 UPLOAD_PATHS = ("/identify",)
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` once a body passes its limit."""
+class Refused(HTTPException):
+    """Raised from ``receive``, so no body is read: a caller without the key the route needs, or
+    a body over its limit. The connection closes afterwards (the rest of the body stays unread)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"the request body is over the limit of {limit} bytes: send a smaller "
-            "photo (or fewer items)",
-            headers={"Connection": "close"},
-        )
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(status, detail, headers={**(headers or {}), "Connection": "close"})
 
 
 def required_role(scope: Scope) -> str | None:
-    """The role the route matching ``scope`` requires (None: no key needed, or no route)."""
-    from service.api.deps import Require
-
-    for route in scope["app"].router.routes:
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            dependant = getattr(route, "dependant", None)
-            pending = list(dependant.dependencies) if dependant else []
-            while pending:
-                dependency = pending.pop()
-                if isinstance(dependency.call, Require):
-                    return dependency.call.role
-                pending.extend(dependency.dependencies)
-            return None
+    """The role the matched route requires (None: no key needed). The router has put the
+    route in the scope by the time the route reads its body."""
+    dependant = getattr(scope.get("route"), "dependant", None)
+    pending = list(dependant.dependencies) if dependant else []
+    while pending:
+        dependency = pending.pop()
+        if isinstance(dependency.call, Require):
+            return dependency.call.role
+        pending.extend(dependency.dependencies)
     return None
 
 
-def _has_body(headers: Headers) -> bool:
-    return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
-
-
-def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def _too_large(limit: int, size: str | None = None) -> Refused:
+    said = f" is {size} bytes," if size else " is"
+    return Refused(
+        413,
+        f"the request body{said} over the limit of {limit} bytes: send a smaller photo (or fewer "
+        "items)",
+    )
 
 
 class RequestGuard:
-    """Pure ASGI middleware (it must see ``receive`` itself, which ``@app.middleware`` hides)."""
+    """Pure ASGI middleware: it wraps ``receive``, so whatever reads a body goes through it."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -79,23 +68,21 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        if _has_body(headers):
-            refusal = await self._refusal(scope, headers)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
         limit = self.limit_for(scope["path"])
         received = 0
+        admitted = False
         started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received
+        async def guarded_receive() -> Message:
+            nonlocal received, admitted
+            if not admitted:  # the first read of the body: check the caller first
+                await self._admit(scope, limit)
+                admitted = True
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise _too_large(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -104,35 +91,22 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge as e:
+            await self.app(scope, guarded_receive, tracking_send)
+        except Refused as e:  # raised where no exception handler saw it
             if started:
                 raise
-            await _problem(413, e.detail, e.headers)(scope, receive, send)
+            response = JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers)
+            await response(scope, receive, send)
 
-    async def _refusal(self, scope: Scope, headers: Headers) -> JSONResponse | None:
-        """401/403 for a caller who may not send this body, 413 for a declared length over the
-        limit; None to go on."""
+    async def _admit(self, scope: Scope, limit: int) -> None:
+        """Authenticate for the matched route, then refuse a declared length over the limit."""
         role = required_role(scope) if self.settings.auth else None
         if role is not None:
-            from service.api.deps import principal_for
-
-            request = Request(scope)
             try:
-                principal = await run_in_threadpool(principal_for, request, role)
+                principal = await run_in_threadpool(principal_for, Request(scope), role)
             except HTTPException as e:
-                return _problem(e.status_code, e.detail, {**(e.headers or {}), **_CLOSE})
+                raise Refused(e.status_code, e.detail, e.headers) from None
             scope.setdefault("state", {})["principal"] = principal
-        limit = self.limit_for(scope["path"])
-        length = headers.get("content-length", "")
+        length = Headers(scope=scope).get("content-length", "")
         if re.fullmatch(r"\d{1,30}", length) and int(length) > limit:
-            return _problem(
-                413,
-                f"the request body is {length} bytes, over the limit of {limit}: send a smaller "
-                "photo (or fewer items)",
-                _CLOSE,
-            )
-        return None
-
-
-_CLOSE: dict[str, Any] = {"Connection": "close"}
+            raise _too_large(limit, length)
