@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import admin, catalogue, curation, health, identify, review
+from service.api import admin, catalogue, curation, errors, health, identify, review
 from service.api.accesslog import redacted_access_log
 from service.api.guard import RequestGuard
 from service.curation import Conflict, Invalid, NotFound
@@ -90,27 +90,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _problem(status))
 
-    app.add_exception_handler(Busy, _busy)
-    app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(Busy, errors.busy)
+    app.add_exception_handler(405, errors.method_not_allowed)
+    app.add_exception_handler(Exception, errors.internal_error)
     # Outermost: the key is checked and the body limited before anything reads it.
     app.add_middleware(RequestGuard, settings=settings)
     return app
-
-
-async def _busy(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Busy)
-    headers = {"Retry-After": str(exc.retry_after)}
-    return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
-
-
-async def _internal_error(_request: Request, _exc: Exception) -> Response:
-    # The server logs the exception and closes the connection after a 500; saying so keeps a
-    # keep-alive client from sending its next request into a socket that is going away.
-    return JSONResponse(
-        {"detail": "internal error: the service logged it; retry, or report it if it persists"},
-        status_code=500,
-        headers={"Connection": "close"},
-    )
 
 
 def _problem(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:

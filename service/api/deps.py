@@ -51,7 +51,9 @@ def principal_for(request: Request, role: str) -> Principal:
     if known is not None:  # authenticated before the body was read (service.api.guard)
         principal = known
     else:
-        principal = _principal_of_key(request, role)
+        principal = request.scope.setdefault("state", {})["principal"] = _principal_of_key(
+            request, role
+        )
     if not principal.can(role):
         raise HTTPException(
             403,

@@ -43,6 +43,10 @@ def required_role(scope: Scope) -> str | None:
     return None
 
 
+def _has_body(headers: Headers) -> bool:
+    return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+
+
 def _too_large(limit: int, size: str | None = None) -> Refused:
     said = f" is {size} bytes," if size else " is"
     return Refused(
@@ -70,7 +74,9 @@ class RequestGuard:
             return
         limit = self.limit_for(scope["path"])
         received = 0
-        admitted = False
+        # Without a body there is nothing to guard (a response may still listen on receive for
+        # a disconnect, while its route holds a database session).
+        admitted = not _has_body(Headers(scope=scope))
         started = False
 
         async def guarded_receive() -> Message:
@@ -101,7 +107,8 @@ class RequestGuard:
     async def _admit(self, scope: Scope, limit: int) -> None:
         """Authenticate for the matched route, then refuse a declared length over the limit."""
         role = required_role(scope) if self.settings.auth else None
-        if role is not None:
+        known = scope.get("state", {}).get("principal")
+        if role is not None and known is None:
             try:
                 principal = await run_in_threadpool(principal_for, Request(scope), role)
             except HTTPException as e:

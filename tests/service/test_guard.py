@@ -234,3 +234,17 @@ def test_keys_in_a_query_string_are_refused_and_never_logged(guarded: LiveServer
     logged = [handler.format(r) for r in records]
     assert len(logged) == 4
     assert all(key not in line and "REDACTED" in line for line in logged), logged
+
+
+def test_a_get_with_a_body_is_answered_at_once(guarded: LiveServer) -> None:
+    # A file response listens on receive while its route holds a database session: the guard
+    # must not open another one there (SQLite would wait on itself).
+    key = guarded.keys["integration"]
+    with connect(guarded) as sock:
+        sock.settimeout(5)
+        send_head(
+            sock, "GET", "/images/1/file", {"Content-Length": "5", "Authorization": f"Bearer {key}"}
+        )
+        sock.sendall(b"hello")
+        status, headers, _ = read_head(sock)
+    assert status == 200 and headers["content-type"] == "image/png"
