@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
+from schemathesis.core.failures import FailureGroup
 
 from service import migrate
 from service.settings import Settings
@@ -55,7 +56,7 @@ def _check(case: Any, live: LiveServer, session: requests.Session, failures: lis
     try:
         response = case.call(base_url=live.url, session=session)
         case.validate_response(response, checks=CHECKS)
-    except Exception as e:  # collected, so one run reports every operation that fails
+    except (Exception, FailureGroup) as e:  # collected: one run reports every failing operation
         failures.append(f"{case.method} {case.formatted_path}: {e}")
 
 
