@@ -54,7 +54,15 @@ def _operations(live: LiveServer) -> list[Any]:
 
 def _check(case: Any, live: LiveServer, session: requests.Session, failures: list[str]) -> None:
     try:
+        start = time.perf_counter()
         response = case.call(base_url=live.url, session=session)
+        if time.perf_counter() - start > 1:
+            log.warning(
+                "slow: %s %s %.1f s",
+                case.method,
+                case.formatted_path[:80],
+                response.elapsed.total_seconds(),
+            )
         case.validate_response(response, checks=CHECKS)
     except (Exception, FailureGroup) as e:  # collected: one run reports every failing operation
         failures.append(f"{case.method} {case.formatted_path}: {e}")
