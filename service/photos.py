@@ -150,7 +150,8 @@ def decode_photo(
         image.draft("RGB", (math.ceil(raw_w * factor), math.ceil(raw_h * factor)))
     try:
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        # In place: a copy of a 60-megapixel photo would double the decode's memory.
+        ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as e:
         raise PhotoTooLarge(f"the photo has too many pixels: {e}") from e
     except Exception as e:
