@@ -19,6 +19,11 @@ try:  # HEIC from iPhones, when the optional extra is installed
 except ImportError:  # pragma: no cover - depends on the install
     HEIC = False
 
+# Pillow allocates pixels in blocks (16 MiB by default), which glibc serves from per-thread
+# arenas that keep freed memory: a worker whose threads each decoded a large photo once would hold
+# it all. Blocks above glibc's largest mmap threshold (32 MiB) are mapped and returned on release.
+Image.core.set_block_size(64 * 1024 * 1024)  # type: ignore[attr-defined]
+
 ACCEPTED_FORMATS = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
