@@ -160,7 +160,7 @@ class Identifier:
         watch = _Stopwatch()
         with self.slots.decode.hold():
             raw = data if isinstance(data, bytes) else data.read()
-            digest = content_hash(raw)
+            digest = content_hash(raw) if record else ""
             with watch.lap("decode"):
                 photo = self.decode(raw, bbox)
             with watch.lap("preprocess"):
