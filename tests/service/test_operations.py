@@ -222,3 +222,32 @@ def test_the_cookie_setting_overrides_the_scheme(
     scope |= {"server": ("whaleid", 80), "path": "/", "query_string": b""}
     settings = sqlite_settings.model_copy(update={"secure_cookie": setting})
     assert secure_cookie(Request(scope), settings) is secure
+
+
+def test_two_admins_revoking_each_other_at_once_leave_one(live: LiveServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with live.client("admin") as admin:
+        first = next(k for k in admin.get("/keys").json() if k["role"] == "admin")
+        second = admin.post("/keys", json={"name": "deputy", "role": "admin"}).json()
+    pairs = [(live.keys["admin"], second["id"]), (second["key"], first["id"])]
+
+    def revoke(pair: tuple[str, int]) -> int:
+        key, target = pair
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=live.url, headers=headers, timeout=30) as client:
+            return client.delete(f"/keys/{target}").status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        statuses = sorted(pool.map(revoke, pairs))
+    # Either one revocation wins and the other is refused (409), or the second caller's key was
+    # already revoked when it came (401); never both revoked.
+    assert statuses in ([204, 401], [204, 409]), statuses
+    with (
+        live.client("admin") as admin,
+        httpx.Client(
+            base_url=live.url, headers={"Authorization": f"Bearer {second['key']}"}
+        ) as deputy,
+    ):
+        alive = [c.get("/keys").status_code for c in (admin, deputy)]
+    assert sorted(alive) == [200, 401]
