@@ -58,10 +58,28 @@ def authenticate(session: Session, key: str) -> Principal | None:
     return Principal(row.name, row.role, row.id)
 
 
-def revoke_key(session: Session, key_id: int) -> bool:
+class LastAdminKey(Exception):
+    """Revoking this key would leave no admin key, and so no way to manage keys over the API."""
+
+
+def revoke_key(session: Session, key_id: int, *, keep_an_admin: bool = False) -> bool:
+    """Revoke a key (False if there is none). With ``keep_an_admin``, the last active admin
+    key is refused with ``LastAdminKey``."""
     row = session.get(ApiKey, key_id)
     if row is None:
         return False
+    if row.revoked_at is None and row.role == "admin" and keep_an_admin:
+        # Locked, so two revocations at once cannot each leave the other as the last one.
+        admins = session.scalars(
+            select(ApiKey.id)
+            .where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
+            .with_for_update()
+        ).all()
+        if list(admins) == [row.id]:
+            raise LastAdminKey(
+                f"key {key_id} ({row.name!r}) is the last admin key: create another admin key "
+                "first (POST /keys), or revoke it on the server with `whaleid keys revoke`"
+            )
     if row.revoked_at is None:
         row.revoked_at = dt.datetime.now(dt.UTC)
     return True

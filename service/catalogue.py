@@ -22,6 +22,7 @@ from service.db import Embedding, Image, Individual, Model, transaction
 from service.embedder import Embedder
 from service.galleries import Gallery, log_gallery_changes
 from service.identify import index_path
+from service.limits import BadText, check_catalogue_id, check_text, column_length
 from service.photos import Photo, PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore, StoredPhoto, content_hash
 from service.records import add_embedding, get_or_add_image, get_or_add_individual
@@ -86,6 +87,10 @@ def read_catalogue(path: Path) -> Iterator[_Row | tuple[int, str]]:
             except ValueError:
                 yield line, f"date {row['date']!r} is not YYYY-MM-DD"
                 continue
+            problem = _row_problem(row)
+            if problem:
+                yield line, problem
+                continue
             yield _Row(
                 line,
                 row["image"],
@@ -95,6 +100,26 @@ def read_catalogue(path: Path) -> Iterator[_Row | tuple[int, str]]:
                 row.get("location") or None,
                 taken_on,
             )
+
+
+_ROW_LIMITS = {
+    "image": column_length(Image.original_name),
+    "species": column_length(Image.species),
+    "individual_id": column_length(Individual.catalogue_id),
+    "encounter": column_length(Image.encounter),
+    "location": column_length(Image.location),
+}
+
+
+def _row_problem(row: dict[str, str]) -> str | None:
+    """Why a row cannot be stored (the same on every database), or None."""
+    try:
+        for column, limit in _ROW_LIMITS.items():
+            check_text(column, row.get(column), limit)
+        check_catalogue_id(row["individual_id"])
+    except BadText as e:
+        return str(e)
+    return None
 
 
 def _batches(

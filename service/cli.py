@@ -189,6 +189,23 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from service.retention import prune_query_photos
+
+    days = settings.query_photo_retention_days if args.days is None else args.days
+    if days < 0:
+        log.error("--days must be 0 or more, not %s", days)
+        return 2
+    report = prune_query_photos(settings, _sessions(settings), days)
+    log.info(
+        "pruned %d query photos never confirmed within %d days (%.1f MiB freed)",
+        report.photos,
+        days,
+        report.bytes / 2**20,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -303,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--batch-size", type=int, default=32)
     imp.add_argument("--strict", action="store_true", help="exit 1 if any row failed")
     imp.set_defaults(func=cmd_import)
+
+    pr = sub.add_parser(
+        "prune",
+        help="remove query photos never confirmed within the retention period",
+        formatter_class=fmt,
+        description="Deletes the stored file and embeddings of every photo sent to /identify "
+        "that is in no gallery and was not asked about for DAYS days (default: "
+        "WHALEID_QUERY_PHOTO_RETENTION_DAYS, 90). Identifications keep their answers; a "
+        "confirmed photo is never pruned. Run it from cron.",
+        epilog=_examples("whaleid prune", "whaleid prune --days 30"),
+    )
+    pr.add_argument("--days", type=int, default=None, help="retention in days")
+    pr.set_defaults(func=cmd_prune)
 
     ev = sub.add_parser(
         "evaluate",

@@ -22,6 +22,7 @@ from service.db import (
 )
 from service.galleries import log_gallery_changes
 from service.knn import NEW_INDIVIDUAL
+from service.limits import check_catalogue_id, is_reserved
 
 DecisionKind = Literal["confirm", "new_individual", "reject"]
 STATUS_AFTER = {"confirm": "confirmed", "new_individual": "new_individual", "reject": "rejected"}
@@ -153,6 +154,12 @@ def decide(
     different one is a ``Conflict`` unless ``supersede`` is set, and then the history keeps both."""
     if request.decision == "confirm" and not request.individual_id:
         raise Invalid("a confirmation needs individual_id: the catalogue id of the individual")
+    if request.decision == "confirm" and is_reserved(request.individual_id or ""):
+        raise Invalid(
+            f"{NEW_INDIVIDUAL} is not an individual to confirm: send decision new_individual"
+        )
+    if request.code is not None:
+        check_catalogue_id(request.code)
     with transaction(factory) as session:
         ident = session.scalar(
             select(Identification).where(Identification.id == identification_id).with_for_update()
@@ -169,7 +176,13 @@ def decide(
                 f"{before.decision} {before.individual_id or ''}".rstrip()
                 + "; send supersede=true to replace that decision"
             )
-        image = session.get_one(Image, ident.query_image_id)
+        image = session.get_one(Image, ident.query_image_id, with_for_update=True)
+        if image.pruned_at is not None and request.decision != "reject":
+            raise Conflict(
+                f"the photo of identification {identification_id} was pruned on "
+                f"{image.pruned_at:%Y-%m-%d} (never confirmed within the retention period): "
+                "identify the photo again to decide on it"
+            )
         undone = _undo(session, current, image, curator) if current is not None else None
         individual, rank = _apply(session, ident, image, request, curator, undone)
         decision = Decision(
@@ -263,6 +276,7 @@ def _apply(
 def create_individual(
     factory: sessionmaker[Session], code: str, species: str | None, name: str | None, actor: str
 ) -> Individual:
+    check_catalogue_id(code)
     with transaction(factory) as session:
         if session.scalar(select(Individual.id).where(Individual.catalogue_id == code)):
             raise Conflict(f"individual {code!r} already exists")
@@ -291,8 +305,15 @@ def update_individual(
         individual = session.scalar(select(Individual).where(Individual.catalogue_id == code))
         if individual is None:
             raise NotFound(f"individual {code!r} is not in the catalogue")
+        if individual.merged_into_id is not None:
+            target = resolve(session, code).catalogue_id
+            raise Conflict(
+                f"individual {code!r} was merged into {target!r}: edit {target!r} instead "
+                f"(PATCH /individuals/{target})"
+            )
         photos = _photos_of(session, individual)
         if new_code is not None and new_code != individual.catalogue_id:
+            check_catalogue_id(new_code)
             if session.scalar(select(Individual.id).where(Individual.catalogue_id == new_code)):
                 raise Conflict(f"individual {new_code!r} already exists: merge instead")
             _audit(session, individual, "renamed", actor, old=individual.catalogue_id, new=new_code)
@@ -355,6 +376,8 @@ def split_individual(
         raise Invalid("name the photos to split off in image_ids")
     if (into is None) == (new_code is None):
         raise Invalid("give either into (an existing individual) or new_individual_id")
+    if new_code is not None:
+        check_catalogue_id(new_code)
     with transaction(factory) as session:
         a = resolve(session, source)
         photos = list(session.scalars(select(Image).where(Image.id.in_(list(image_ids)))))

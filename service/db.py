@@ -34,6 +34,8 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from service.limits import refuse_bad_text
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -89,6 +91,9 @@ class Image(Base):
     individual_id: Mapped[int | None] = mapped_column(ForeignKey("individuals.id"), index=True)
     source: Mapped[str] = mapped_column(String(20), default="catalogue")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A query photo never confirmed is pruned after the retention period (`whaleid prune`): its
+    # file and embeddings go, the row stays for the identifications that answered it.
+    pruned_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     individual: Mapped[Individual | None] = relationship(back_populates="images")
 
@@ -260,7 +265,10 @@ def make_engine(url: str) -> Engine:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions that refuse text either database would refuse or keep wrongly (service.limits)."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    event.listen(factory, "before_flush", refuse_bad_text)
+    return factory
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from sqlalchemy import select
@@ -20,10 +21,11 @@ from service.db import Candidate, Identification, Image, Individual, Model, tran
 from service.embedder import Embedder
 from service.galleries import Filters, Gallery, latest_change, log_gallery_changes
 from service.knn import RankedCandidate, rank_candidates
-from service.photos import Photo, decode_photo, to_model_input
-from service.photostore import PhotoStore, StoredPhoto
+from service.photos import Keepsake, Photo, decode_photo, keepsake, to_model_input
+from service.photostore import PhotoStore, StoredPhoto, content_hash
 from service.records import add_embedding, get_or_add_image
 from service.settings import Settings
+from service.slots import WorkSlots
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,10 @@ class Identifier:
         model: Model,
         embedder: Embedder,
         gallery: Gallery,
+        slots: WorkSlots | None = None,
     ) -> None:
         self.settings = settings
+        self.slots = slots or WorkSlots(settings)
         self.factory = factory
         self.model = ModelInfo(
             model.id, model.name, model.version, model.k, model.cutoff, model.ranking
@@ -109,7 +113,13 @@ class Identifier:
         self.store = PhotoStore(settings.photos_dir)
 
     @classmethod
-    def load(cls, settings: Settings, factory: sessionmaker[Session], model: Model) -> Identifier:
+    def load(
+        cls,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        model: Model,
+        slots: WorkSlots | None = None,
+    ) -> Identifier:
         """Open the model's ONNX file and its gallery (rebuilding the index if need be)."""
         embedder = Embedder(
             settings.data_dir / model.file_path,
@@ -123,7 +133,7 @@ class Identifier:
             ivf_threshold=settings.ivf_threshold,
         )
         gallery.open(factory)
-        return cls(settings, factory, model, embedder, gallery)
+        return cls(settings, factory, model, embedder, gallery, slots)
 
     def decode(self, data: bytes, bbox: tuple[int, int, int, int] | None) -> Photo:
         return decode_photo(
@@ -135,7 +145,7 @@ class Identifier:
 
     def identify(
         self,
-        data: bytes,
+        data: bytes | IO[bytes],
         *,
         filters: Filters,
         bbox: tuple[int, int, int, int] | None = None,
@@ -143,13 +153,30 @@ class Identifier:
         original_name: str | None = None,
     ) -> IdentificationResult:
         """Identify one photo. With ``record``, the photo, the answer and what was used are
-        written to the database in one transaction (and the photo file removed if that fails)."""
+        written to the database in one transaction (and the photo file removed if that fails).
+
+        The upload is read, decoded and reduced to what is kept inside a decode slot, and
+        embedded inside an embed slot: no more than the slots hold is ever decoded at once."""
         watch = _Stopwatch()
-        with watch.lap("decode"):
-            photo = self.decode(data, bbox)
-        with watch.lap("preprocess"):
-            pixels = to_model_input(photo.image, self.embedder.contract.preprocessing)
-        with watch.lap("embed"):
+        with self.slots.decode.hold():
+            raw = data if isinstance(data, bytes) else data.read()
+            digest = content_hash(raw) if record else ""
+            with watch.lap("decode"):
+                photo = self.decode(raw, bbox)
+            with watch.lap("preprocess"):
+                pixels = to_model_input(photo.image, self.embedder.contract.preprocessing)
+            kept = (
+                keepsake(
+                    raw,
+                    photo,
+                    max_side=self.settings.stored_photo_max_side,
+                    cropped=bbox is not None,
+                )
+                if record
+                else None
+            )
+            del raw, photo  # the full-size pixels go with the slot
+        with self.slots.embed.hold(), watch.lap("embed"):
             vector = self.embedder.embed(pixels[np.newaxis])[0]
         with watch.lap("search"):
             neighbours, searched = self.gallery.search(vector, self.model.k, filters)
@@ -162,9 +189,9 @@ class Identifier:
                 beyond=beyond,
             )
         with watch.lap("database"):
-            if record:
+            if kept is not None:
                 ident, candidates = self._record(
-                    data, photo, vector, ranked, filters, bbox, original_name
+                    kept, digest, vector, ranked, filters, bbox, original_name
                 )
             else:
                 ident, candidates = None, self._answer(ranked, None)
@@ -202,17 +229,19 @@ class Identifier:
 
     def _record(
         self,
-        data: bytes,
-        photo: Photo,
+        kept: Keepsake,
+        digest: str,
         vector: np.ndarray,
         ranked: list[RankedCandidate],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
         original_name: str | None,
     ) -> tuple[Identification, list[AnsweredCandidate]]:
-        stored = self.store.put(data, photo.media_type)
+        stored = self.store.put(kept.data, kept.photo.media_type, digest)
         try:
-            return self._write(stored, data, photo, vector, ranked, filters, bbox, original_name)
+            return self._write(
+                stored, kept.data, kept.photo, vector, ranked, filters, bbox, original_name
+            )
         except BaseException:
             self._discard_if_unreferenced(stored)
             raise
@@ -301,6 +330,7 @@ class Runtime:
         self.factory = factory
         self._identifier: Identifier | None = None
         self._lock = threading.Lock()
+        self.slots = WorkSlots(settings)  # shared by every model this process loads
 
     @property
     def loaded(self) -> Identifier | None:
@@ -322,7 +352,7 @@ class Runtime:
                         model = session.get_one(Model, active_id)
                     log.info("loading model %s %s (id %s)", model.name, model.version, model.id)
                     identifier = self._identifier = Identifier.load(
-                        self.settings, self.factory, model
+                        self.settings, self.factory, model, self.slots
                     )
         elif identifier.gallery.version != version:
             self.sync(identifier)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,11 @@ try:  # HEIC from iPhones, when the optional extra is installed
 except ImportError:  # pragma: no cover - depends on the install
     HEIC = False
 
+# Pillow allocates pixels in blocks (16 MiB by default), which glibc serves from per-thread
+# arenas that keep freed memory: a worker whose threads each decoded a large photo once would hold
+# it all. Blocks above glibc's largest mmap threshold (32 MiB) are mapped and returned on release.
+Image.core.set_block_size(64 * 1024 * 1024)  # type: ignore[attr-defined]
+
 ACCEPTED_FORMATS = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -29,6 +35,7 @@ Resize = Literal["stretch", "letterbox"]
 PixelRange = Literal["0-255", "0-1", "imagenet"]
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_PIXELS = re.compile(r"-?\d{1,9}(\.\d{1,6})?")
 # EXIF orientations 5-8 rotate by 90 degrees: width and height swap.
 _SWAPS_AXES = {5, 6, 7, 8}
 
@@ -78,12 +85,14 @@ def parse_bbox(text: str | None) -> tuple[int, int, int, int] | None:
     if text is None or not text.strip():
         return None
     parts = text.split(",")
-    try:
-        x, y, w, h = (int(float(p)) for p in parts)
-    except ValueError:
+    # Plain decimals of at most 9 digits: no inf, nan, exponents or numbers of any length.
+    if len(parts) != 4 or not all(_PIXELS.fullmatch(p.strip()) for p in parts):
+        shown = text if len(text) <= 60 else text[:60] + "…"
         raise BadBoundingBox(
-            f"bbox {text!r} is not four numbers: send bbox=x,y,w,h in pixels, e.g. 10,20,300,200"
-        ) from None
+            f"bbox {shown!r} is not four numbers of at most 9 digits: send bbox=x,y,w,h in "
+            "pixels, e.g. 10,20,300,200"
+        )
+    x, y, w, h = (int(float(p)) for p in parts)
     if w <= 0 or h <= 0 or x < 0 or y < 0:
         raise BadBoundingBox(f"bbox {text!r} needs x,y >= 0 and a positive width and height")
     return x, y, w, h
@@ -146,7 +155,8 @@ def decode_photo(
         image.draft("RGB", (math.ceil(raw_w * factor), math.ceil(raw_h * factor)))
     try:
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        # In place: a copy of a 60-megapixel photo would double the decode's memory.
+        ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as e:
         raise PhotoTooLarge(f"the photo has too many pixels: {e}") from e
     except Exception as e:
@@ -163,6 +173,48 @@ def decode_photo(
     if image.mode != "RGB":
         image = image.convert("RGB")
     return Photo(image, fmt, ACCEPTED_FORMATS[fmt], shown_w, shown_h)
+
+
+@dataclass(frozen=True)
+class Keepsake:
+    """What is stored of a query photo: its bytes and what they show."""
+
+    data: bytes
+    photo: Photo
+
+
+# An original is kept byte for byte only if it carries no more than this per pixel (a JPEG of a
+# photo needs well under one byte; anything appended to the image would not fit).
+_KEPT_BYTES_PER_PIXEL = 3
+_KEPT_OVERHEAD = 64 * 1024
+
+
+def keepsake(
+    data: bytes, photo: Photo, *, max_side: int, cropped: bool, quality: int = 92
+) -> Keepsake:
+    """What identification needs of a query photo, bounded: the original when it is already
+    small (not cropped, longer side at most ``max_side``, at most 3 bytes per pixel, not HEIC),
+    else the region the model saw, its longer side at most ``max_side``, re-encoded (PNG stays
+    lossless PNG, anything else becomes JPEG)."""
+    w, h = photo.image.size
+    if (
+        not cropped
+        and photo.format != "HEIF"
+        and (w, h) == (photo.width, photo.height)
+        and max(w, h) <= max_side
+        and len(data) <= w * h * _KEPT_BYTES_PER_PIXEL + _KEPT_OVERHEAD
+    ):
+        return Keepsake(data, photo)
+    image = photo.image
+    if max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    fmt = "PNG" if photo.format == "PNG" else "JPEG"
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    kept = Photo(image, fmt, ACCEPTED_FORMATS[fmt], image.width, image.height)
+    return Keepsake(out.getvalue(), kept)
 
 
 def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:

@@ -38,9 +38,11 @@ class PhotoStore:
     def path(self, relative_path: str) -> Path:
         return self.root / relative_path
 
-    def put(self, data: bytes, media_type: str) -> StoredPhoto:
-        """Store ``data`` (atomically) unless a file with the same content is already there."""
-        digest = content_hash(data)
+    def put(self, data: bytes, media_type: str, digest: str | None = None) -> StoredPhoto:
+        """Store ``data`` (atomically) unless a file with the same content is already there.
+        ``digest`` names the file by the upload it came from when ``data`` is what is kept of
+        it (a re-encoded query photo), so an identical upload still finds it."""
+        digest = digest or content_hash(data)
         rel = self.relative_path(digest, media_type)
         target = self.path(rel)
         if target.exists():
@@ -55,6 +57,10 @@ class PhotoStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return StoredPhoto(digest, rel, created=True)
+
+    def remove(self, relative_path: str) -> None:
+        """Delete a stored file (a pruned query photo)."""
+        self.path(relative_path).unlink(missing_ok=True)
 
     def discard(self, stored: StoredPhoto) -> None:
         """Undo a ``put`` whose database row was not written (no orphan files)."""

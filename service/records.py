@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db import Embedding, Image, Individual
+from service.limits import check_catalogue_id
 from service.photos import Photo
 from service.photostore import StoredPhoto
 
@@ -23,6 +24,13 @@ def get_or_add_image(
 ) -> Image:
     """The row of this photo's content, added if it is new."""
     image = session.scalar(select(Image).where(Image.content_hash == stored.content_hash))
+    if image is not None and image.pruned_at is not None:
+        # The same photo again after its file was pruned: it is kept once more.
+        image.file_path = stored.relative_path
+        image.media_type = photo.media_type
+        image.byte_size = len(data)
+        image.width, image.height = photo.width, photo.height
+        image.pruned_at = None
     if image is not None:
         return image
     image = Image(
@@ -42,6 +50,7 @@ def get_or_add_image(
 
 
 def get_or_add_individual(session: Session, catalogue_id: str, species: str | None) -> Individual:
+    check_catalogue_id(catalogue_id)
     individual = session.scalar(select(Individual).where(Individual.catalogue_id == catalogue_id))
     if individual is None:
         individual = Individual(catalogue_id=catalogue_id, species=species or None)

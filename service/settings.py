@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,7 +17,21 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str = ""
     max_upload_bytes: int = 25 * 1024 * 1024
+    # Every other request body (JSON, the sign-in form) is small.
+    max_body_bytes: int = 1024 * 1024
     max_image_pixels: int = 60_000_000
+    # Decodes and embeds run in a bounded number of slots each; a request that waits longer than
+    # slot_wait_seconds for one gets 503 with Retry-After (docs/reliability.md: the memory bound).
+    decode_slots: int = 2
+    embed_slots: int = 2
+    slot_wait_seconds: float = 10.0
+    # A query photo is stored as the region the model saw, its longer side at most this.
+    stored_photo_max_side: int = 1024
+    # `whaleid prune` removes query photos never confirmed after this many days.
+    query_photo_retention_days: int = 90
+    # The review page's cookie is Secure: "auto" when the request came over HTTPS (directly or
+    # through a proxy that says X-Forwarded-Proto: https), "always" or "never".
+    secure_cookie: Literal["auto", "always", "never"] = "auto"
     onnx_threads: int = 0
     embed_batch_size: int = 16
     ivf_threshold: int = 200_000

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -35,5 +38,69 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         assert not migrate.is_current(engine)
         migrate.upgrade(database_url)
         assert TABLES <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_0003_removes_nul_characters_stored_before_it(database_url: str) -> None:
+    """Before 0003 a NUL reached the database: PostgreSQL kept it as \\u0000 in JSON (and then
+    failed every query reading that JSON), SQLite kept it in text columns too."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DataError
+
+    engine = make_engine(database_url)
+    postgres = engine.dialect.name == "postgresql"
+    now = "2026-01-01 00:00:00"
+    try:
+        migrate.upgrade(database_url, "0002")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO models (id, name, version, file_hash, file_path, embedding_dim, "
+                    "preprocessing, k, cutoff, ranking, status, metadata_props, created_at) "
+                    "VALUES (1, 'm', '1', 'h', 'm.onnx', 4, '{}', 5, 0.6, 'vote', 'active', "
+                    "'{}', :now)"
+                ),
+                {"now": now},
+            )
+            name = "q.png" if postgres else "q\x00.png"
+            conn.execute(
+                text(
+                    "INSERT INTO images (id, content_hash, file_path, media_type, byte_size, "
+                    "width, height, original_name, source, created_at) VALUES (1, 'c', 'f', "
+                    "'image/png', 1, 1, 1, :name, 'query', :now)"
+                ),
+                {"name": name, "now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO identifications (id, query_image_id, model_id, filters, k, "
+                    "cutoff, ranking, gallery_size, status, created_at) VALUES (1, 1, 1, "
+                    ":filters, 5, 0.6, 'vote', 0, 'pending', :now)"
+                ),
+                {"filters": '{"species": "x\\u0000y"}', "now": now},
+            )
+            if not postgres:
+                conn.execute(
+                    text(
+                        "INSERT INTO individuals (id, catalogue_id, created_at) VALUES (1, :c, :n)"
+                    ),
+                    {"c": "a\x00b", "n": now},
+                )
+        if postgres:  # the failure the repair ends
+            with pytest.raises(DataError), engine.connect() as conn:
+                conn.execute(text("SELECT filters->>'species' FROM identifications")).all()
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            filters = conn.execute(text("SELECT CAST(filters AS TEXT) FROM identifications"))
+            assert json.loads(filters.scalar_one()) == {"species": "xy"}
+            original = conn.execute(text("SELECT original_name FROM images")).scalar_one()
+            assert original == "q.png"
+            if postgres:
+                found = conn.execute(text("SELECT filters->>'species' FROM identifications"))
+                assert found.scalar_one() == "xy"
+            else:
+                ids = conn.execute(text("SELECT catalogue_id FROM individuals")).scalars().all()
+                assert ids == ["ab"]
     finally:
         engine.dispose()

@@ -7,11 +7,12 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Admin, RuntimeDep, SessionDep
-from service.api.schemas import GalleryDigestOut, KeyIn, KeyOut, Problem
-from service.auth import create_key, revoke_key
+from service.api.params import KeyId
+from service.api.schemas import INVALID, GalleryDigestOut, KeyIn, KeyOut, Problem, as_utc
+from service.auth import LastAdminKey, create_key, revoke_key
 from service.db import ApiKey, Model
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], responses=INVALID)
 
 
 def _key_out(row: ApiKey, key: str | None = None) -> KeyOut:
@@ -39,10 +40,17 @@ def list_keys(session: SessionDep, caller: Admin) -> list[KeyOut]:
     return [_key_out(r) for r in session.scalars(select(ApiKey).order_by(ApiKey.id))]
 
 
-@router.delete("/keys/{key_id}", status_code=204, responses={404: {"model": Problem}})
-def delete_key(key_id: int, session: SessionDep, caller: Admin) -> None:
-    """Revoke a key: it stops working at once."""
-    if not revoke_key(session, key_id):
+@router.delete(
+    "/keys/{key_id}", status_code=204, responses={404: {"model": Problem}, 409: {"model": Problem}}
+)
+def delete_key(key_id: KeyId, session: SessionDep, caller: Admin) -> None:
+    """Revoke a key: it stops working at once. The last admin key is refused (409): create
+    another first, or revoke it on the server with `whaleid keys revoke`."""
+    try:
+        found = revoke_key(session, key_id, keep_an_admin=True)
+    except LastAdminKey as e:
+        raise HTTPException(409, str(e)) from e
+    if not found:
         raise HTTPException(404, f"key {key_id} does not exist")
     session.commit()
 
@@ -61,7 +69,7 @@ def list_models(session: SessionDep, caller: Admin) -> list[dict[str, object]]:
             "cutoff": m.cutoff,
             "ranking": m.ranking,
             "preprocessing": m.preprocessing,
-            "created_at": m.created_at.isoformat(),
+            "created_at": as_utc(m.created_at).isoformat(),
         }
         for m in session.scalars(select(Model).order_by(Model.id))
     ]

@@ -12,14 +12,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import admin, catalogue, curation, health, identify, review
+from service.api import admin, catalogue, curation, errors, health, identify, review
+from service.api.accesslog import redacted_access_log
 from service.api.docs import install_docs
+from service.api.guard import RequestGuard
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
+from service.limits import BadText
 from service.migrate import is_current
 from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
 from service.settings import Settings
+from service.slots import Busy
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ STATUS_OF: dict[type[Exception], int] = {
     NotFound: 404,
     Conflict: 409,
     Invalid: 422,
+    BadText: 422,
 }
 
 
@@ -63,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("ready: gallery of %d photos", loaded.gallery.size)
             except NoActiveModel as e:
                 log.warning("%s", e)
-            yield
+            with redacted_access_log():
+                yield
         finally:
             engine.dispose()
 
@@ -93,22 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _problem(status))
 
-    @app.middleware("http")
-    async def limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # Refuse an oversized upload before parsing it (a 10 KiB allowance covers the form).
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 10240:
-            return JSONResponse(
-                {
-                    "detail": f"the upload is {length} bytes, over the limit of "
-                    f"{settings.max_upload_bytes}: send a smaller photo"
-                },
-                status_code=413,
-            )
-        return await call_next(request)
-
+    app.add_exception_handler(Busy, errors.busy)
+    app.add_exception_handler(405, errors.method_not_allowed)
+    app.add_exception_handler(Exception, errors.internal_error)
+    # Outermost: the key is checked and the body limited before anything reads it.
+    app.add_middleware(RequestGuard, settings=settings)
     return app
 
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import ColumnElement, func, select
 
 from service.api.deps import Integration, SessionDep, SettingsDep
-from service.api.schemas import ImageOut, IndividualDetail, IndividualOut, IndividualPage, Problem
+from service.api.params import ImageId, IndividualId, Limit, Offset, SpeciesFilter
+from service.api.schemas import (
+    INVALID,
+    ImageOut,
+    IndividualDetail,
+    IndividualOut,
+    IndividualPage,
+    Problem,
+)
 from service.curation import resolve
 from service.db import Image, Individual
 
-router = APIRouter(tags=["catalogue"])
+router = APIRouter(tags=["catalogue"], responses=INVALID)
 
 
 def _image_out(image: Image) -> ImageOut:
@@ -36,9 +43,9 @@ def _image_out(image: Image) -> ImageOut:
 def list_individuals(
     session: SessionDep,
     caller: Integration,
-    species: Annotated[str | None, Query(examples=["humpback_whale"])] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    species: SpeciesFilter = None,
+    offset: Offset = 0,
+    limit: Limit = 50,
 ) -> IndividualPage:
     """Individuals of the catalogue, ordered by catalogue id, optionally of one species."""
     where: list[ColumnElement[bool]] = [Individual.merged_into_id.is_(None)]
@@ -76,7 +83,7 @@ def list_individuals(
     responses={404: {"model": Problem}, 308: {"description": "Merged: see the target."}},
 )
 def get_individual(
-    individual_id: str, session: SessionDep, caller: Integration
+    individual_id: IndividualId, session: SessionDep, caller: Integration
 ) -> IndividualDetail | RedirectResponse:
     """One individual by its catalogue id, with its photos (a merged one redirects)."""
     ind = session.scalar(select(Individual).where(Individual.catalogue_id == individual_id))
@@ -102,12 +109,18 @@ def get_individual(
     "/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": Problem}}
 )
 def get_image_file(
-    image_id: int, session: SessionDep, settings: SettingsDep, caller: Integration
+    image_id: ImageId, session: SessionDep, settings: SettingsDep, caller: Integration
 ) -> FileResponse:
-    """The stored photo file."""
+    """The stored photo file (for a query photo: what identification needs of it)."""
     image = session.get(Image, image_id)
     if image is None:
         raise HTTPException(404, f"image {image_id} does not exist")
+    if image.pruned_at is not None:
+        raise HTTPException(
+            404,
+            f"the file of image {image_id} was pruned on {image.pruned_at:%Y-%m-%d}: it was a "
+            "query photo never confirmed within the retention period",
+        )
     path = settings.photos_dir / image.file_path
     if not path.is_file():
         raise HTTPException(404, f"the file of image {image_id} is missing from the data directory")

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Curator, Integration, RuntimeDep, SessionDep, SettingsDep
+from service.api.params import (
+    IdentificationId,
+    IndividualId,
+    Limit,
+    ModelIdFilter,
+    Offset,
+    SpeciesFilter,
+    StatusFilter,
+)
 from service.api.schemas import (
+    INVALID,
     DecisionIn,
     DecisionOut,
     EventOut,
@@ -36,11 +45,10 @@ from service.curation import (
 )
 from service.db import Identification, Image, Individual
 
-router = APIRouter(tags=["curation"])
+router = APIRouter(tags=["curation"], responses=INVALID)
 ERRORS: dict[int | str, dict[str, object]] = {
     404: {"model": Problem},
     409: {"model": Problem},
-    422: {"model": Problem},
 }
 
 
@@ -52,13 +60,11 @@ def decision_out(record: DecisionRecord) -> DecisionOut:
 def list_identifications(
     session: SessionDep,
     caller: Integration,
-    status: Annotated[str | None, Query(examples=["pending"])] = None,
-    species: Annotated[
-        str | None, Query(description="The species filter it was asked with.")
-    ] = None,
-    model_id: int | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    status: StatusFilter = None,
+    species: SpeciesFilter = None,
+    model_id: ModelIdFilter = None,
+    offset: Offset = 0,
+    limit: Limit = 50,
 ) -> IdentificationPage:
     """The review queue: identifications, oldest first, by status, species filter or model."""
     where: list[ColumnElement[bool]] = []
@@ -99,7 +105,7 @@ def list_identifications(
     "/identifications/{identification_id}/decision", response_model=DecisionOut, responses=ERRORS
 )
 async def post_decision(
-    identification_id: int,
+    identification_id: IdentificationId,
     body: DecisionIn,
     caller: Curator,
     runtime: RuntimeDep,
@@ -159,7 +165,7 @@ async def _summary(runtime: RuntimeDep, ind: Individual) -> IndividualOut:
 
 @router.patch("/individuals/{individual_id}", response_model=IndividualOut, responses=ERRORS)
 async def patch_individual(
-    individual_id: str, body: IndividualPatch, caller: Curator, runtime: RuntimeDep
+    individual_id: IndividualId, body: IndividualPatch, caller: Curator, runtime: RuntimeDep
 ) -> IndividualOut:
     """Rename (catalogue id or display name) or change the species."""
     ind = await run_in_threadpool(
@@ -177,7 +183,7 @@ async def patch_individual(
 
 @router.post("/individuals/{individual_id}/merge", response_model=IndividualOut, responses=ERRORS)
 async def merge(
-    individual_id: str, body: MergeIn, caller: Curator, runtime: RuntimeDep
+    individual_id: IndividualId, body: MergeIn, caller: Curator, runtime: RuntimeDep
 ) -> IndividualOut:
     """Merge this individual into another: every photo moves, this one redirects there."""
     target = await run_in_threadpool(
@@ -188,7 +194,7 @@ async def merge(
 
 @router.post("/individuals/{individual_id}/split", response_model=IndividualOut, responses=ERRORS)
 async def split(
-    individual_id: str, body: SplitIn, caller: Curator, runtime: RuntimeDep
+    individual_id: IndividualId, body: SplitIn, caller: Curator, runtime: RuntimeDep
 ) -> IndividualOut:
     """Move chosen photos to another or a new individual; answers with where they went."""
     target = await run_in_threadpool(
@@ -210,7 +216,9 @@ async def split(
     response_model=list[EventOut],
     responses={404: {"model": Problem}},
 )
-def history(individual_id: str, session: SessionDep, caller: Integration) -> list[EventOut]:
+def history(
+    individual_id: IndividualId, session: SessionDep, caller: Integration
+) -> list[EventOut]:
     """Every change to this individual, oldest first, with who made it."""
     return [
         EventOut(event=e.event, detail=e.detail, actor=e.actor, created_at=e.created_at)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
@@ -48,6 +48,23 @@ def principal_for(request: Request, role: str) -> Principal:
     settings: Settings = request.app.state.settings
     if not settings.auth:
         return ANONYMOUS_ADMIN
+    known: Principal | None = request.scope.get("state", {}).get("principal")
+    if known is not None:  # authenticated before the body was read (service.api.guard)
+        principal = known
+    else:
+        principal = request.scope.setdefault("state", {})["principal"] = _principal_of_key(
+            request, role
+        )
+    if not principal.can(role):
+        raise HTTPException(
+            403,
+            f"this needs the {role} role; the key of {principal.name!r} has the "
+            f"{principal.role} role",
+        )
+    return principal
+
+
+def _principal_of_key(request: Request, role: str) -> Principal:
     key = presented_key(request)
     how = (
         "send Authorization: Bearer <key>; an admin creates keys with "
@@ -65,12 +82,6 @@ def principal_for(request: Request, role: str) -> Principal:
         raise HTTPException(
             401, f"the API key is unknown or revoked: {how}", headers={"WWW-Authenticate": "Bearer"}
         )
-    if not principal.can(role):
-        raise HTTPException(
-            403,
-            f"this needs the {role} role; the key of {principal.name!r} has the "
-            f"{principal.role} role",
-        )
     return principal
 
 
@@ -83,13 +94,23 @@ bearer = HTTPBearer(
 )
 
 
-def require(role: str) -> Callable[..., Principal]:
-    def dependency(
-        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-    ) -> Principal:
-        return principal_for(request, role)
+class Require:
+    """The dependency "the caller holds ``role``"; the request guard reads ``role`` to check the
+    key before a body is read."""
 
-    return dependency
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def __call__(
+        self,
+        request: Request,
+        _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+    ) -> Principal:
+        return principal_for(request, self.role)
+
+
+def require(role: str) -> Require:
+    return Require(role)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

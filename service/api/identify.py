@@ -6,26 +6,48 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, RuntimeDep, SessionDep, SettingsDep
-from service.api.schemas import CandidateOut, DecisionOut, IdentificationOut, ModelOut, Problem
+from service.api.params import IdentificationId
+from service.api.schemas import (
+    INVALID,
+    SPECIES_LENGTH,
+    CandidateOut,
+    DecisionOut,
+    IdentificationOut,
+    ModelOut,
+    Problem,
+    storable,
+)
 from service.curation import decision_history
-from service.db import Identification
+from service.db import Identification, Image
 from service.galleries import Filters
 from service.identify import IdentificationResult
+from service.limits import check_text, column_length
 from service.photos import PhotoTooLarge, parse_bbox
 
-router = APIRouter(tags=["identify"])
+router = APIRouter(tags=["identify"], responses=INVALID)
 
 ERRORS: dict[int | str, dict[str, object]] = {
     413: {"model": Problem, "description": "Photo over the byte or pixel limit."},
     415: {"model": Problem, "description": "Not an image, or an unsupported format."},
-    422: {"model": Problem, "description": "Empty, truncated or corrupt photo; bad bbox."},
-    503: {"model": Problem, "description": "No active model yet."},
+    503: {
+        "model": Problem,
+        "description": "No active model yet, or every decode/embed slot busy (see Retry-After).",
+    },
 }
+FILE_NAME_LENGTH = column_length(Image.original_name)
+PLACE_LENGTH = column_length(Image.location)
+FormSpecies = Annotated[
+    str | None,
+    Form(max_length=SPECIES_LENGTH, examples=["humpback_whale"]),
+    AfterValidator(storable),
+]
+FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
 
 
 def _to_response(result: IdentificationResult) -> IdentificationOut:
@@ -48,14 +70,18 @@ async def identify(
     runtime: RuntimeDep,
     settings: SettingsDep,
     photo: Annotated[UploadFile, File(description="The photo: JPEG, PNG, WebP (HEIC if enabled).")],
-    species: Annotated[str | None, Form(examples=["humpback_whale"])] = None,
-    location: Annotated[str | None, Form()] = None,
+    species: FormSpecies = None,
+    location: FormPlace = None,
     date_from: Annotated[dt.date | None, Form()] = None,
     date_to: Annotated[dt.date | None, Form()] = None,
     exclude_encounter: Annotated[
-        str | None, Form(description="Leave out gallery photos of this encounter.")
+        str | None,
+        Form(max_length=PLACE_LENGTH, description="Leave out gallery photos of this encounter."),
+        AfterValidator(storable),
     ] = None,
-    bbox: Annotated[str | None, Form(description="Crop box x,y,w,h in pixels.")] = None,
+    bbox: Annotated[
+        str | None, Form(max_length=200, description="Crop box x,y,w,h in pixels.")
+    ] = None,
 ) -> IdentificationOut:
     """Identify the individual in one photo: the top five candidates of the active model, with
     `new_individual` placed by the model's cutoff. The answer is recorded for curators.
@@ -71,14 +97,15 @@ async def identify(
             f"the upload is {photo.size} bytes, over the limit of {settings.max_upload_bytes}: "
             "send a smaller file"
         )
-    data = await photo.read()
+    check_text("the photo's file name", photo.filename, FILE_NAME_LENGTH)
     filters = Filters(
         species or None, location or None, date_from, date_to, exclude_encounter or None
     )
     box = parse_bbox(bbox)
     identifier = await run_in_threadpool(runtime.current)
+    # The upload waits on disk (spooled) until a decode slot reads it.
     result = await run_in_threadpool(
-        identifier.identify, data, filters=filters, bbox=box, original_name=photo.filename
+        identifier.identify, photo.file, filters=filters, bbox=box, original_name=photo.filename
     )
     response.headers["Server-Timing"] = ", ".join(
         f"{name};dur={ms:.2f}" for name, ms in result.timings.items()
@@ -92,7 +119,7 @@ async def identify(
     responses={404: {"model": Problem}},
 )
 def get_identification(
-    identification_id: int, session: SessionDep, caller: Integration
+    identification_id: IdentificationId, session: SessionDep, caller: Integration
 ) -> IdentificationOut:
     """A recorded identification, as it was answered."""
     ident = session.scalar(

@@ -3,31 +3,71 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from service.api.deps import COOKIE, SessionDep, principal_for
+from service.api.deps import COOKIE, SessionDep, SettingsDep, principal_for
+from service.api.params import StatusFilter
 from service.auth import authenticate
 from service.curation import decision_history
 from service.db import Identification
+from service.limits import MAX_ROW_ID
+from service.settings import Settings
 
 router = APIRouter(tags=["review"], include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
 
 
+def _page(request: Request, name: str, context: dict[str, object], status: int = 200) -> Response:
+    """A page with the headers that keep it from being framed, sniffed or leaking its URL; its
+    inline script and style run only with this response's nonce."""
+    nonce = secrets.token_urlsafe(16)
+    response = templates.TemplateResponse(
+        request, name, {**context, "nonce": nonce}, status_code=status
+    )
+    response.headers.update(
+        {
+            "Content-Security-Policy": (
+                f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+                "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+            ),
+            "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        }
+    )
+    return response
+
+
+def secure_cookie(request: Request, settings: Settings) -> bool:
+    """Whether the key cookie is Secure: over HTTPS (uvicorn takes the scheme from a trusted
+    proxy's X-Forwarded-Proto), or always/never as the setting says."""
+    if settings.secure_cookie == "auto":
+        return request.url.scheme == "https"
+    return settings.secure_cookie == "always"
+
+
 @router.get("/review/login", response_class=HTMLResponse)
 def login_page(request: Request) -> Response:
-    return templates.TemplateResponse(request, "login.html", {"error": None})
+    return _page(request, "login.html", {"error": None})
 
 
 @router.post("/review/login", response_class=HTMLResponse)
-def login(request: Request, session: SessionDep, key: Annotated[str, Form()] = "") -> Response:
+def login(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
     principal = authenticate(session, key.strip()) if key.strip() else None
     if principal is None or not principal.can("curator"):
         error = (
@@ -36,11 +76,17 @@ def login(request: Request, session: SessionDep, key: Annotated[str, Form()] = "
             else f"The key of {principal.name!r} has the {principal.role} role; reviewing needs "
             "the curator role."
         )
-        return templates.TemplateResponse(
-            request, "login.html", {"error": error}, status_code=401 if principal is None else 403
+        return _page(
+            request, "login.html", {"error": error}, status=401 if principal is None else 403
         )
     response = RedirectResponse("/review", status_code=303)
-    response.set_cookie(COOKIE, key.strip(), httponly=True, samesite="strict")
+    response.set_cookie(
+        COOKIE,
+        key.strip(),
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookie(request, settings),
+    )
     return response
 
 
@@ -55,8 +101,8 @@ def logout() -> Response:
 def review(
     request: Request,
     session: SessionDep,
-    identification_id: int | None = None,
-    status: str | None = "pending",
+    identification_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
+    status: StatusFilter = "pending",
 ) -> Response:
     try:
         curator = principal_for(request, "curator")
@@ -93,7 +139,7 @@ def review(
     if next_id is None and position is None and following:
         next_id = following[0]
     prev_id = ids[position - 1] if position else None
-    return templates.TemplateResponse(
+    return _page(
         request,
         "review.html",
         {

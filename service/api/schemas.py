@@ -3,9 +3,53 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from service.db import ApiKey, Image, Individual
+from service.limits import MAX_ROW_ID, check_catalogue_id, column_length, text_problem
+
+
+def storable(value: str | None) -> str | None:
+    problem = None if value is None else text_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _not_reserved(value: str | None) -> str | None:
+    if value is not None:
+        check_catalogue_id(value)
+    return value
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    # Stored times are UTC; SQLite hands them back without a zone.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+CATALOGUE_ID_LENGTH = column_length(Individual.catalogue_id)
+SPECIES_LENGTH = column_length(Image.species)
+NAME_LENGTH = column_length(Individual.display_name)
+COMMENT_LENGTH = 10_000
+RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
+Timestamp = Annotated[dt.datetime, AfterValidator(as_utc)]
+CatalogueRef = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=CATALOGUE_ID_LENGTH),
+    AfterValidator(storable),
+]
+# A catalogue id being made: `new_individual` (any case, any spaces) is reserved.
+NewCatalogueId = Annotated[CatalogueRef, AfterValidator(_not_reserved)]
+Species = Annotated[str, StringConstraints(max_length=SPECIES_LENGTH), AfterValidator(storable)]
+DisplayName = Annotated[str, StringConstraints(max_length=NAME_LENGTH), AfterValidator(storable)]
+Comment = Annotated[str, StringConstraints(max_length=COMMENT_LENGTH), AfterValidator(storable)]
+KeyName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=column_length(ApiKey.name)),
+    AfterValidator(storable),
+]
 
 
 class CandidateOut(BaseModel):
@@ -46,7 +90,7 @@ class DecisionOut(BaseModel):
     candidate_rank: int | None
     curator: str
     comment: str | None
-    created_at: dt.datetime
+    created_at: Timestamp
     superseded: bool
     replayed: bool = Field(
         default=False, description="True when this repeats an earlier, identical decision."
@@ -101,7 +145,7 @@ class IdentificationOut(BaseModel):
     filters: dict[str, str] = Field(description="The candidate-set filters that were applied.")
     status: str = Field(default="pending", description="pending until a curator decides.")
     decisions: list[DecisionOut] = Field(default_factory=list)
-    created_at: dt.datetime | None = None
+    created_at: Timestamp | None = None
     query_image_id: int | None = None
 
 
@@ -152,6 +196,25 @@ class Problem(BaseModel):
     detail: str = Field(examples=["the upload is empty (0 bytes): attach the photo file"])
 
 
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidRequest(BaseModel):
+    """A 422: FastAPI's list of validation issues, or one message from the service."""
+
+    detail: str | list[ValidationIssue] = Field(
+        examples=["bbox '1e400,0,10,10' is not four numbers: send bbox=x,y,w,h in pixels"]
+    )
+
+
+INVALID: dict[int | str, dict[str, object]] = {
+    422: {"model": InvalidRequest, "description": "The request is malformed; `detail` says how."}
+}
+
+
 class DecisionIn(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -164,15 +227,15 @@ class DecisionIn(BaseModel):
     )
 
     decision: Literal["confirm", "new_individual", "reject"]
-    individual_id: str | None = Field(
+    individual_id: CatalogueRef | None = Field(
         default=None, description="confirm: the catalogue id of the chosen individual."
     )
-    code: str | None = Field(
+    code: NewCatalogueId | None = Field(
         default=None, description="new_individual: its catalogue id (generated if omitted)."
     )
-    name: str | None = Field(default=None, description="new_individual: a display name.")
-    species: str | None = Field(default=None, description="new_individual: its species.")
-    comment: str | None = None
+    name: DisplayName | None = Field(default=None, description="new_individual: a display name.")
+    species: Species | None = Field(default=None, description="new_individual: its species.")
+    comment: Comment | None = None
     supersede: bool = Field(
         default=False, description="Replace an earlier, different decision (else 409)."
     )
@@ -181,7 +244,7 @@ class DecisionIn(BaseModel):
 class IdentificationSummary(BaseModel):
     identification_id: int
     status: str
-    created_at: dt.datetime
+    created_at: Timestamp
     query_image_id: int
     model_id: int
     filters: dict[str, str]
@@ -197,39 +260,43 @@ class IdentificationPage(BaseModel):
 
 
 class IndividualIn(BaseModel):
-    individual_id: str = Field(min_length=1, max_length=200)
-    species: str | None = None
-    name: str | None = None
+    individual_id: NewCatalogueId
+    species: Species | None = None
+    name: DisplayName | None = None
 
 
 class IndividualPatch(BaseModel):
-    individual_id: str | None = Field(
-        default=None, min_length=1, max_length=200, description="A new catalogue id (rename)."
+    individual_id: NewCatalogueId | None = Field(
+        default=None, description="A new catalogue id (rename)."
     )
-    name: str | None = None
-    species: str | None = None
+    name: DisplayName | None = None
+    species: Species | None = None
 
 
 class MergeIn(BaseModel):
-    into: str = Field(description="The catalogue id of the individual to merge into.")
+    into: CatalogueRef = Field(description="The catalogue id of the individual to merge into.")
 
 
 class SplitIn(BaseModel):
-    image_ids: list[int] = Field(min_length=1)
-    into: str | None = Field(default=None, description="An existing individual to move them to.")
-    new_individual_id: str | None = Field(default=None, description="Or a new individual.")
-    name: str | None = None
+    image_ids: list[RowId] = Field(min_length=1, max_length=100_000)
+    into: CatalogueRef | None = Field(
+        default=None, description="An existing individual to move them to."
+    )
+    new_individual_id: NewCatalogueId | None = Field(
+        default=None, description="Or a new individual."
+    )
+    name: DisplayName | None = None
 
 
 class EventOut(BaseModel):
     event: str
     detail: dict[str, object]
     actor: str
-    created_at: dt.datetime
+    created_at: Timestamp
 
 
 class KeyIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: KeyName
     role: Literal["integration", "curator", "admin"]
 
 
@@ -238,7 +305,7 @@ class KeyOut(BaseModel):
     name: str
     role: str
     prefix: str
-    created_at: dt.datetime
+    created_at: Timestamp
     revoked: bool
     key: str | None = Field(default=None, description="Shown once, at creation.")
 

@@ -1,0 +1,97 @@
+"""Limits on what reaches the database, the same on every database.
+
+PostgreSQL refuses a NUL character in text and text longer than its column; SQLite would store
+both. Refusing them here, before a flush, makes the behaviour independent of the database. The
+label ``new_individual`` marks "not in the catalogue" in every answer, so it can never be a
+catalogue id, whichever way one is made (decision, create, rename, import, split).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, String, inspect
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from service.knn import NEW_INDIVIDUAL
+
+NUL = "\x00"
+# Database ids are signed 64-bit integers: a larger number can name no row.
+MAX_ROW_ID = 2**63 - 1
+
+
+class BadText(ValueError):
+    """Text the database would refuse or keep wrongly; the message names the field and limit."""
+
+
+def column_length(attribute: InstrumentedAttribute[Any]) -> int:
+    """The length of a ``String(n)`` column: the one source of each text limit."""
+    length = attribute.property.columns[0].type.length
+    assert isinstance(length, int), f"{attribute} is not a String(n) column"
+    return length
+
+
+def text_problem(value: str, max_length: int | None = None) -> str | None:
+    """What is wrong with ``value`` (None if nothing)."""
+    if NUL in value:
+        return "must not contain a NUL (\\x00) character"
+    if max_length is not None and len(value) > max_length:
+        return f"is {len(value)} characters long, over its limit of {max_length}"
+    return None
+
+
+def check_text(field: str, value: str | None, max_length: int | None = None) -> None:
+    """Raise ``BadText`` naming ``field`` if ``value`` cannot be stored."""
+    if value is None:
+        return
+    problem = text_problem(value, max_length)
+    if problem:
+        raise BadText(f"{field} {problem}")
+
+
+def is_reserved(catalogue_id: str) -> bool:
+    return catalogue_id.strip().casefold() == NEW_INDIVIDUAL
+
+
+def check_catalogue_id(catalogue_id: str) -> None:
+    if is_reserved(catalogue_id):
+        raise BadText(
+            f"{catalogue_id!r} is reserved: {NEW_INDIVIDUAL} marks an animal not in the "
+            "catalogue in every answer; choose another catalogue id"
+        )
+
+
+def _check_json(field: str, value: Any) -> None:
+    if isinstance(value, str):
+        check_text(field, value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(field, str(key))
+            _check_json(field, item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json(field, item)
+
+
+def check_row(instance: object) -> None:
+    """Check every loaded text and JSON value of a mapped ``instance`` against its column."""
+    state = inspect(instance)
+    table = state.mapper.local_table.name
+    for prop in state.mapper.column_attrs:
+        if prop.key not in state.dict:
+            continue
+        value = state.dict[prop.key]
+        column_type = prop.columns[0].type
+        field = f"{table}.{prop.columns[0].name}"
+        if isinstance(column_type, String) and isinstance(value, str):
+            check_text(field, value, column_type.length)
+        elif isinstance(column_type, JSON):
+            _check_json(field, value)
+    if table == "individuals" and isinstance(state.dict.get("catalogue_id"), str):
+        check_catalogue_id(state.dict["catalogue_id"])
+
+
+def refuse_bad_text(session: Session, _context: object, _instances: object) -> None:
+    """A ``before_flush`` hook: nothing the checks above refuse is ever written."""
+    for instance in (*session.new, *session.dirty):
+        check_row(instance)

@@ -1,0 +1,52 @@
+"""Bounded slots for the expensive steps of an identification (decoding and embedding), so a
+burst of large photos queues for a while and is then refused, instead of running a worker out of
+memory. docs/reliability.md gives the memory a worker needs at the default limits."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from service.settings import Settings
+
+
+class Busy(RuntimeError):
+    """No slot came free in time; ``retry_after`` is a hint in whole seconds."""
+
+    def __init__(self, step: str, waited: float) -> None:
+        super().__init__(
+            f"the service is busy: every {step} slot stayed taken for {waited:g} s; "
+            "retry after the time in Retry-After"
+        )
+        self.retry_after = max(1, math.ceil(waited))
+
+
+class Slots:
+    """At most ``count`` holders at once; a caller waits up to ``wait_seconds`` for a place."""
+
+    def __init__(self, step: str, count: int, wait_seconds: float) -> None:
+        if count < 1:
+            raise ValueError(f"{step} slots must be at least 1, not {count}")
+        self.step = step
+        self.count = count
+        self.wait_seconds = wait_seconds
+        self._semaphore = threading.BoundedSemaphore(count)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if not self._semaphore.acquire(timeout=self.wait_seconds):
+            raise Busy(self.step, self.wait_seconds)
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
+class WorkSlots:
+    """The decode and embed slots of one worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.decode = Slots("decode", settings.decode_slots, settings.slot_wait_seconds)
+        self.embed = Slots("embed", settings.embed_slots, settings.slot_wait_seconds)
