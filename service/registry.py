@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.catalogue import embed_gallery
@@ -14,6 +14,7 @@ from service.db import Model, transaction
 from service.embedder import Embedder, file_sha256
 from service.galleries import Gallery
 from service.identify import index_path
+from service.reindex import Embedders, switch_to
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,19 @@ log = logging.getLogger(__name__)
 def register_model(settings: Settings, factory: sessionmaker[Session], source: Path) -> Model:
     """Validate ``source`` against the model contract, copy it into the data directory and add a
     row (status ``registered``). Registering the same file twice returns the existing row."""
+    return register_model_file(settings, factory, source)[0]
+
+
+def register_model_file(
+    settings: Settings, factory: sessionmaker[Session], source: Path
+) -> tuple[Model, bool]:
+    """``register_model``, also saying whether the row is new."""
     embedder = Embedder(source)  # refuses a file that breaks the contract, before any write
     digest = file_sha256(source)
     with factory() as session:
         existing = session.scalar(select(Model).where(Model.file_hash == digest))
         if existing is not None:
-            return existing
+            return existing, False
     contract = embedder.contract
     relative = f"models/{digest}.onnx"
     target = settings.data_dir / relative
@@ -55,7 +63,7 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
                 metadata_props=dict(embedder.session.get_modelmeta().custom_metadata_map),
             )
             session.add(model)
-        return model
+        return model, True
     except BaseException:
         if created:
             target.unlink(missing_ok=True)
@@ -63,33 +71,22 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
 
 
 def activate_model(settings: Settings, factory: sessionmaker[Session], model_id: int) -> int:
-    """Embed the gallery with ``model_id``, write its index, then make it the active model in one
-    transaction. ``/identify`` answers with the previous model until the switch. Returns how many
-    photos were embedded."""
-    with factory() as session:
-        model = session.get_one(Model, model_id)
-    embedder = Embedder(
-        settings.data_dir / model.file_path,
-        threads=settings.onnx_threads,
-        max_batch_size=settings.embed_batch_size,
-    )
-    embedded = embed_gallery(settings, factory, embedder, model_id)
+    """Embed the gallery with ``model_id`` in this process, write its index, then make it the
+    active model (no shadow evaluation: the CLI's direct path; the API re-indexes in the
+    background and gates the switch). ``/identify`` answers with the previous model until the
+    switch, and can roll back to it. Returns how many photos were embedded."""
+    embedders = Embedders(settings, factory)
+    photos = embedders(model_id)
+    embedded = embed_gallery(settings, factory, photos.embedder, model_id)
     gallery = Gallery(
-        model_id, embedder.dim, index_path(settings, model_id), ivf_threshold=settings.ivf_threshold
+        model_id,
+        photos.embedder.dim,
+        index_path(settings, model_id),
+        ivf_threshold=settings.ivf_threshold,
     )
     gallery.open(factory)
-    with transaction(factory) as session:
-        session.execute(
-            update(Model)
-            .where(Model.status == "active", Model.id != model_id)
-            .values(status="registered")
-        )
-        session.execute(update(Model).where(Model.id == model_id).values(status="active"))
-    log.info(
-        "model %s %s (id %s) is active; gallery of %d photos",
-        model.name,
-        model.version,
-        model_id,
-        gallery.size,
+    switch = switch_to(
+        settings, factory, photos, model_id, action="activate", head=None, actor="cli", forced=True
     )
-    return embedded
+    log.info("model id %s is active; gallery of %d photos", model_id, gallery.size)
+    return embedded + switch.caught_up

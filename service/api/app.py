@@ -4,6 +4,7 @@ database, checks the schema and loads the active model and its gallery once."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -13,11 +14,15 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import admin, catalogue, curation, health, identify, review
+from service.api import jobs as jobs_api
+from service.api import models as models_api
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
+from service.jobs import Worker
 from service.migrate import is_current
 from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
+from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,11 +62,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.runtime = Runtime(settings, app.state.sessions)
             if not settings.auth:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
+            app.state.embedders = Embedders(settings, app.state.sessions)
             try:
                 await run_in_threadpool(app.state.runtime.current)
             except NoActiveModel as e:
                 log.warning("%s", e)
-            yield
+            stop = threading.Event()
+            worker = _start_worker(settings, app, stop) if settings.worker else None
+            try:
+                yield
+            finally:
+                stop.set()
+                if worker is not None:
+                    await run_in_threadpool(worker.join)
         finally:
             engine.dispose()
 
@@ -78,6 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin.router,
         review.router,
         health.router,
+        jobs_api.router,
+        models_api.router,
     ):
         app.include_router(router)
 
@@ -90,17 +105,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         # Refuse an oversized upload before parsing it (a 10 KiB allowance covers the form).
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 10240:
+        # A model upload (POST /models) streams against its own limit, in the route.
+        model_upload = request.method == "POST" and request.url.path == "/models"
+        limit = settings.max_model_bytes if model_upload else settings.max_upload_bytes + 10240
+        if length and length.isdigit() and int(length) > limit:
             return JSONResponse(
                 {
                     "detail": f"the upload is {length} bytes, over the limit of "
-                    f"{settings.max_upload_bytes}: send a smaller photo"
+                    f"{limit}: send a smaller file"
                 },
                 status_code=413,
             )
         return await call_next(request)
 
     return app
+
+
+def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> threading.Thread:
+    """The in-process job worker (switch off with WHALEID_WORKER=false and run `whaleid worker`)."""
+    worker = Worker(
+        app.state.sessions,
+        worker_handlers(settings, app.state.sessions, app.state.embedders),
+        lease_seconds=settings.job_lease_seconds,
+        poll_seconds=settings.job_poll_seconds,
+        idle=ActiveGalleryKeeper(app.state.sessions, app.state.embedders),
+    )
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True, name="job-worker")
+    thread.start()
+    return thread
 
 
 def _problem(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
