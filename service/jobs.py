@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
@@ -364,11 +364,9 @@ def list_jobs(session: Session, limit: int = 50) -> list[Job]:
     return list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
 
 
-class ChunkHandler(Protocol):
-    """Does one chunk of one kind of job. It writes its output and calls ``complete`` in one
-    transaction, and checks ``alive()`` between steps (False: the lease is lost, stop)."""
-
-    def __call__(self, lease: Lease, alive: Callable[[], bool]) -> None: ...
+# Does one chunk of one kind of job. It writes its output and calls ``complete`` in one
+# transaction, and checks ``alive()`` between steps (False: the lease is lost, stop).
+ChunkHandler = Callable[[Lease, Callable[[], bool]], None]
 
 
 def worker_name() -> str:

@@ -31,7 +31,7 @@ from service.embedder import Embedder
 from service.galleries import Gallery, log_gallery_changes
 from service.gallery import sidecar_path
 from service.identify import index_path
-from service.jobs import JobState, Lease, LeaseLost, complete, create_job
+from service.jobs import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
 from service.knn import PAPER_CUTOFF, PAPER_K
 from service.photos import PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore
@@ -618,5 +618,5 @@ class ActiveGalleryKeeper:
 
 def worker_handlers(
     settings: Settings, factory: sessionmaker[Session], embedders: Embedders
-) -> dict[str, Any]:
+) -> dict[str, ChunkHandler]:
     return {REINDEX: ReindexChunks(settings, factory, embedders)}
