@@ -512,8 +512,10 @@ def activate(
     head: HeadChoice = HeadChoice.MODEL,
     force: bool = False,
     actor: str = "admin",
+    before_switch: Callable[[int], None] | None = None,
 ) -> Switch:
-    """Activate a ready model, through the shadow evaluation's gate."""
+    """Activate a ready model, through the shadow evaluation's gate. ``before_switch`` runs once
+    the gate has passed (the API loads the model there, so the switch itself loads nothing)."""
     with factory() as session:
         model = _model(session, model_id)
     if model.status == ModelStatus.ACTIVE:
@@ -526,6 +528,8 @@ def activate(
     report = shadow_report(settings, factory, model_id)
     gate(report, head, force)
     chosen = head_of(report, model, head)
+    if before_switch is not None:
+        before_switch(model_id)
     done = switch_to(
         settings,
         factory,
@@ -539,27 +543,41 @@ def activate(
     return Switch(done.from_model_id, model_id, done.action, done.head, done.caught_up, report.data)
 
 
-def rollback(
-    settings: Settings, factory: sessionmaker[Session], embedders: Embedders, actor: str = "admin"
-) -> Switch:
-    """Go back to the model that was active before the active one, with the head it had."""
+def previous_model_id(factory: sessionmaker[Session]) -> int | None:
+    """The model that was active before the active one (what a rollback goes back to)."""
     with factory() as session:
         active = active_model_id(session)
-        last = session.scalar(
-            select(ModelSwitch)
+        if active is None:
+            return None
+        return session.scalar(
+            select(ModelSwitch.from_model_id)
             .where(ModelSwitch.to_model_id == active)
             .order_by(ModelSwitch.id.desc())
             .limit(1)
         )
-        if active is None or last is None or last.from_model_id is None:
-            raise Conflict("there is no previous model to roll back to")
-        previous = _model(session, last.from_model_id)
+
+
+def rollback(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    embedders: Embedders,
+    actor: str = "admin",
+    before_switch: Callable[[int], None] | None = None,
+) -> Switch:
+    """Go back to the model that was active before the active one, with the head it had."""
+    previous_id = previous_model_id(factory)
+    if previous_id is None:
+        raise Conflict("there is no previous model to roll back to")
+    with factory() as session:
+        previous = _model(session, previous_id)
         if previous.status != ModelStatus.READY:
             raise Conflict(
                 f"the previous model {previous.id} is {previous.status}: it can no longer be "
                 "rolled back to; re-index it first"
             )
-        head = {"k": previous.k, "cutoff": previous.cutoff, "ranking": previous.ranking}
+        head = _head(previous)
+    if before_switch is not None:
+        before_switch(previous.id)
     return switch_to(
         settings,
         factory,

@@ -228,9 +228,14 @@ async def activate_model(
             head=choice.head,
             force=choice.force,
             actor=caller.name,
+            before_switch=runtime.prepare,
         )
     except ActivationRefused as e:
+        runtime.drop_prepared()
         return JSONResponse({"detail": str(e), "shadow": e.report}, status_code=409)
+    except BaseException:
+        runtime.drop_prepared()
+        raise
     await _follow(runtime)
     return _switch_out(switch)
 
@@ -240,9 +245,18 @@ async def rollback_model(
     request: Request, settings: SettingsDep, runtime: RuntimeDep, caller: Admin
 ) -> SwitchOut:
     """Go back to the model that was active before, in one call."""
-    switch = await run_in_threadpool(
-        rollback, settings, request.app.state.sessions, request.app.state.embedders, caller.name
-    )
+    try:
+        switch = await run_in_threadpool(
+            rollback,
+            settings,
+            request.app.state.sessions,
+            request.app.state.embedders,
+            caller.name,
+            runtime.prepare,
+        )
+    except BaseException:
+        runtime.drop_prepared()
+        raise
     await _follow(runtime)
     return _switch_out(switch)
 

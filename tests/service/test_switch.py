@@ -262,3 +262,29 @@ def test_a_killed_worker_process_loses_one_chunk_and_embeds_nothing_twice(
     log.info(
         "one worker killed mid-job: %d of %d chunks redone", p.redone_chunks, sum(p.chunks.values())
     )
+
+
+def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_head(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    from service.identify import Runtime
+    from service.reindex import switch_to
+
+    s = catalogue.settings
+    new_id = ready_model(catalogue, build_toy_model(tmp_path / "v2.onnx", seed=7))
+    runtime = Runtime(s, catalogue.sessions)
+    old = runtime.current()
+    runtime.prepare(new_id)
+    assert runtime.current() is old  # prepared, not active yet
+    prepared = runtime._standby
+    head = {"k": 7, "cutoff": 0.5, "ranking": "nearest"}
+    embedders = Embedders(s, catalogue.sessions)
+    switch_to(s, catalogue.sessions, embedders(new_id), new_id, action="t", head=head, actor="t")
+    now = runtime.current()
+    assert now is prepared
+    assert (now.model.id, now.model.k, now.model.cutoff, now.model.ranking) == (
+        new_id,
+        7,
+        0.5,
+        "nearest",
+    )
