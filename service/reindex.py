@@ -36,7 +36,7 @@ from service.knn import PAPER_CUTOFF, PAPER_K
 from service.photos import PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore
 from service.settings import Settings
-from service.shadow import ShadowReport, evaluate_shadow
+from service.shadow import ShadowReport, confirmed_queries, evaluate_shadow
 
 log = logging.getLogger(__name__)
 
@@ -378,12 +378,17 @@ def shadow_report(
     settings: Settings, factory: sessionmaker[Session], model_id: int
 ) -> ShadowReport:
     """The report against the model active now: the stored one, or a fresh evaluation if the
-    active model changed since (or none was stored)."""
+    active model or the confirmations changed since (or none was stored)."""
     with factory() as session:
         _model(session, model_id)
         stored = latest_report(session, model_id)
         active = active_model_id(session)
-    if stored is not None and stored.get("baseline_model_id") == active:
+        confirmations = len(confirmed_queries(session))
+    if (
+        stored is not None
+        and stored.get("baseline_model_id") == active
+        and stored.get("confirmations") == confirmations
+    ):
         return ShadowReport(stored)
     return evaluate_shadow(settings, factory, model_id)
 

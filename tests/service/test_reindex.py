@@ -286,3 +286,35 @@ def test_cancelling_a_reindex_returns_the_model_to_registered(
         assert admin.post(f"/jobs/{job_id}/cancel").status_code == 409
         assert model_status(catalogue, new_id) == "registered"
         assert admin.post(f"/models/{new_id}/activate", json={"force": True}).status_code == 409
+
+
+def test_the_command_line_reindexes_activates_and_rolls_back(
+    catalogue: Catalogue,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from service.cli import main
+
+    s = catalogue.settings
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
+    new_file = build_toy_model(tmp_path / "v2.onnx", seed=7, metadata={"whaleid.name": "toy-v2"})
+    assert main(["reindex", str(new_file)]) == 0
+    job_id = int(capsys.readouterr().out.split()[-1])
+    assert main(["jobs", "list"]) == 0
+    assert f"{job_id}\treindex\tqueued" in capsys.readouterr().out
+    assert main(["worker", "--exit-when-idle"]) == 0
+    assert main(["jobs", "show", str(job_id), "--follow"]) == 0
+    assert main(["jobs", "show", str(job_id)]) == 0
+    assert '"state": "succeeded"' in capsys.readouterr().out
+    with catalogue.sessions() as session:
+        new_id = session.scalar(select(Model.id).where(Model.name == "toy-v2"))
+    assert main(["models", "activate", str(new_id)]) == 3  # too few confirmations to judge
+    assert main(["models", "activate", str(new_id), "--force", "--head", "paper"]) == 0
+    assert model_status(catalogue, new_id) == "active"
+    assert main(["models", "rollback"]) == 0
+    assert model_status(catalogue, catalogue.model_id) == "active"
+    assert main(["models", "retire", str(new_id)]) == 0
+    assert main(["jobs", "cancel", str(job_id)]) == 2  # finished already
+    assert main(["reindex", "999"]) == 2
