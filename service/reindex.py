@@ -21,12 +21,12 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from sqlalchemy import exists, insert, select
+from sqlalchemy import exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.curation import Conflict, NotFound
-from service.db import Embedding, Image, Job, Model, ModelSwitch, transaction
+from service.db import Embedding, GalleryChange, Image, Job, Model, ModelSwitch, transaction
 from service.embedder import Embedder
 from service.galleries import Gallery, log_gallery_changes
 from service.gallery import sidecar_path
@@ -41,8 +41,9 @@ from service.shadow import ShadowReport, confirmed_queries, evaluate_shadow
 log = logging.getLogger(__name__)
 
 REINDEX = "reindex"
-# Photos embedded inside the activation's write lock; more than this are caught up before it.
-_CATCH_UP_IN_LOCK = 500
+# Photos embedded while the switch holds gallery writes; more than this are caught up outside it
+# first, so decisions wait at most about a second.
+_CATCH_UP_IN_LOCK = 100
 
 
 class ModelStatus(StrEnum):
@@ -463,12 +464,35 @@ def switch_to(
 ) -> Switch:
     """Make ``model_id`` active in one transaction, after embedding every gallery photo it
     lacks; the model active before becomes ready again (its index stays for a rollback)."""
-    added, _errors = catch_up(factory, photos, model_id)
+    added = 0
+    for _attempt in range(3):
+        added += catch_up(factory, photos, model_id)[0]
+        try:
+            return _switch_now(photos, factory, model_id, action, head, actor, forced, added)
+        except _TooManyLate:
+            continue
+    raise Conflict("gallery photos keep arriving faster than the switch catches up: try again")
+
+
+class _TooManyLate(Exception):
+    pass
+
+
+def _switch_now(
+    photos: PhotoEmbedder,
+    factory: sessionmaker[Session],
+    model_id: int,
+    action: str,
+    head: dict[str, Any] | None,
+    actor: str,
+    forced: bool,
+    added: int,
+) -> Switch:
     with transaction(factory) as session:
         _hold_gallery_writes(session)
         late = missing_images(session, model_id, limit=_CATCH_UP_IN_LOCK + 1)
         if len(late) > _CATCH_UP_IN_LOCK:
-            raise Conflict(f"{len(late)}+ gallery photos arrived during the switch: try again")
+            raise _TooManyLate()
         result = photos.embed(late)
         added += store_embeddings(
             session, model_id, result.image_ids, result.matrix(photos.embedder.dim)
@@ -618,22 +642,22 @@ class ActiveGalleryKeeper:
     after a switch from an identification the previous model answered has only the previous
     model's embedding; this puts it into the active model's gallery."""
 
-    def __init__(
-        self, factory: sessionmaker[Session], embedders: Embedders, every: int = 10
-    ) -> None:
+    def __init__(self, factory: sessionmaker[Session], embedders: Embedders) -> None:
         self.factory = factory
         self.embedders = embedders
-        self.every = every
-        self._calls = 0
+        self._seen: tuple[int | None, int] = (None, -1)
 
     def __call__(self) -> None:
-        self._calls += 1
-        if self._calls % self.every:
-            return
         with self.factory() as session:
             active = active_model_id(session)
-            if active is None or not missing_images(session, active, limit=1):
+            # Only a new gallery change (of any model) or a switch can leave a photo missing.
+            seen = (active, int(session.scalar(select(func.max(GalleryChange.id))) or 0))
+            if active is None or seen == self._seen:
                 return
+            missing = missing_images(session, active, limit=1)
+        self._seen = seen
+        if not missing:
+            return
         added, _ = catch_up(self.factory, self.embedders(active), active)
         if added:
             log.info("active model %s: %d gallery photos embedded", active, added)

@@ -318,3 +318,40 @@ def test_the_command_line_reindexes_activates_and_rolls_back(
     assert main(["models", "retire", str(new_id)]) == 0
     assert main(["jobs", "cancel", str(job_id)]) == 2  # finished already
     assert main(["reindex", "999"]) == 2
+
+
+def test_a_photo_the_old_model_answered_and_confirmed_after_the_switch_joins_the_new_gallery(
+    idle_server: LiveServer, catalogue: Catalogue, tmp_path: Path
+) -> None:
+    from service.reindex import ActiveGalleryKeeper
+
+    s = catalogue.settings
+    new_file = build_toy_model(tmp_path / "v2.onnx", seed=7, metadata={"whaleid.name": "toy-v2"})
+    embedders = Embedders(s, catalogue.sessions)
+    worker = Worker(catalogue.sessions, worker_handlers(s, catalogue.sessions, embedders))
+    keeper = ActiveGalleryKeeper(catalogue.sessions, embedders)
+    with idle_server.client("admin") as admin, idle_server.client() as client:
+        new_id = upload(admin, new_file).json()["id"]
+        admin.post(f"/models/{new_id}/reindex")
+        while worker.run_once():
+            pass
+        answered_by_old = identify(client, 9, 90)
+        assert admin.post(f"/models/{new_id}/activate", json={"force": True}).status_code == 200
+    with idle_server.client("curator") as curator:
+        r = curator.post(
+            f"/identifications/{answered_by_old['identification_id']}/decision",
+            json={"decision": "confirm", "individual_id": "ind-9"},
+        )
+        assert r.status_code == 200
+    image_id = answered_by_old["query_image_id"]
+
+    def in_new_gallery() -> bool:
+        with catalogue.sessions() as session:
+            return image_id in {row[1] for row in gallery_rows(session, new_id)}
+
+    assert not in_new_gallery()  # only the old model embedded it
+    keeper()
+    assert in_new_gallery()
+    with idle_server.client() as client:
+        labels = [c["individual_id"] for c in identify(client, 9, 91)["candidates"]]
+    assert labels[0] == "ind-9"
