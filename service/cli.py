@@ -57,13 +57,14 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict
     from service.embedder import ModelContractError
     from service.registry import activate_model, register_model
 
     factory = _sessions(settings)
     try:
         model = register_model(settings, factory, Path(args.model))
-    except (ModelContractError, OSError) as e:
+    except (ModelContractError, OSError, Conflict) as e:
         log.error("%s", e)
         return 2
     log.info("registered model %s %s as id %s", model.name, model.version, model.id)
@@ -153,7 +154,7 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     else:
         try:
             model_id = register_model(settings, factory, Path(args.model)).id
-        except (ModelContractError, OSError) as e:
+        except (ModelContractError, OSError, Conflict) as e:
             log.error("%s", e)
             return 2
     try:

@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.catalogue import embed_gallery
+from service.curation import Conflict
 from service.db import Model, transaction
-from service.embedder import Embedder, file_sha256
+from service.embedder import Embedder, ModelContractError, file_sha256
 from service.galleries import Gallery
 from service.identify import index_path
 from service.reindex import Embedders, switch_to
@@ -37,6 +39,16 @@ def register_model_file(
         if existing is not None:
             return existing, False
     contract = embedder.contract
+    _check_names(contract.name, contract.version)
+    with factory() as session:
+        same_name = session.scalar(
+            select(Model.id).where(Model.name == contract.name, Model.version == contract.version)
+        )
+    if same_name is not None:
+        raise Conflict(
+            f"model {contract.name} {contract.version} is registered already (id {same_name}) "
+            "with another file: export the new one with another whaleid.version"
+        )
     relative = f"models/{digest}.onnx"
     target = settings.data_dir / relative
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +76,25 @@ def register_model_file(
             )
             session.add(model)
         return model, True
+    except IntegrityError as e:  # registered by a concurrent upload a moment ago
+        if created:
+            target.unlink(missing_ok=True)
+        raise Conflict(
+            f"model {contract.name} {contract.version} was registered concurrently: list the "
+            "models (GET /models) and use that one"
+        ) from e
     except BaseException:
         if created:
             target.unlink(missing_ok=True)
         raise
+
+
+def _check_names(name: str, version: str) -> None:
+    for key, value, limit in (("whaleid.name", name, 200), ("whaleid.version", version, 100)):
+        if not value or len(value) > limit or "\x00" in value:
+            raise ModelContractError(
+                f"{key} must be 1 to {limit} characters without NUL bytes, not {value[:40]!r}"
+            )
 
 
 def activate_model(settings: Settings, factory: sessionmaker[Session], model_id: int) -> int:

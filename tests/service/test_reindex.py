@@ -239,6 +239,17 @@ def test_model_routes_refuse_bad_input_with_a_clear_4xx(
         r = admin.post("/models", content=b"not onnx at all")
         assert r.status_code == 422 and "not a loadable ONNX model" in r.json()["detail"]
         assert admin.post("/models", content=b"").status_code == 422
+        # Another file under a name and version already registered: say so, do not 500.
+        clash = build_toy_model(tmp_path / "clash.onnx", seed=3)  # toy seed3 vs the active seed0
+        assert upload(admin, clash).status_code == 201
+        clash2 = build_toy_model(
+            tmp_path / "clash2.onnx", seed=4, metadata={"whaleid.version": "seed3"}
+        )
+        r = upload(admin, clash2)
+        assert r.status_code == 409 and "another whaleid.version" in r.json()["detail"]
+        long_name = build_toy_model(tmp_path / "long.onnx", metadata={"whaleid.name": "x" * 300})
+        r = upload(admin, long_name)
+        assert r.status_code == 422 and "whaleid.name" in r.json()["detail"]
         assert admin.post(f"/models/{2**63}/reindex").status_code == 422
         assert admin.post("/models/999/reindex").status_code == 404
         assert admin.get("/jobs/999").status_code == 404
