@@ -133,26 +133,30 @@ def stored_photos(bench: Bench) -> list[Path]:
     return sorted((bench.settings.photos_dir).rglob("*.*"))
 
 
-def raw_throughput(bench: Bench, model_path: Path) -> float:
-    """Photos/s of the bare embedder on batches decoded and preprocessed beforehand."""
+def raw_throughput(bench: Bench, model_path: Path) -> tuple[float, float]:
+    """Photos/s of the bare embedder on batches decoded and preprocessed beforehand, and of
+    decoding + preprocessing alone on one thread (what the re-index adds)."""
     s = bench.settings
     embedder = Embedder(model_path, threads=s.onnx_threads, max_batch_size=s.embed_batch_size)
     spec = embedder.contract.preprocessing
+    files = [p.read_bytes() for p in stored_photos(bench)]
+    started = time.perf_counter()
     batch = np.stack(
         [
             to_model_input(
                 decode_photo(
-                    p.read_bytes(), max_pixels=s.max_image_pixels, target_size=spec.input_size
+                    data, max_pixels=s.max_image_pixels, target_size=spec.input_size
                 ).image,
                 spec,
             )
-            for p in stored_photos(bench)
+            for data in files
         ]
     )
+    decode_rate = len(files) / (time.perf_counter() - started)
     embedder.embed(batch[: s.embed_batch_size])
     started = time.perf_counter()
     embedder.embed(batch)
-    return len(batch) / (time.perf_counter() - started)
+    return len(batch) / (time.perf_counter() - started), decode_rate
 
 
 def reindex_throughput(bench: Bench, model_id: int) -> dict[str, float]:
@@ -372,7 +376,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     results: dict[str, Any] = {
         "model": "demo/whaleid-demo.onnx",
-        "args": vars(args) | {"out": str(args.out)},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     with tempfile.TemporaryDirectory(prefix="whaleid-bench-") as tmp:
         root = Path(tmp)
@@ -387,7 +391,7 @@ def main() -> None:
             results["confirmations"] = confirm_queries(urls[0], keys["curator"], bench.gallery)
             # Alternate raw and re-index runs (a fresh model copy each), so machine load hits
             # both alike; the ratio is taken against the two raw runs around each re-index.
-            raws = [raw_throughput(bench, new_path)]
+            measured = [raw_throughput(bench, new_path)]
             rounds = []
             for r in range(args.rounds):
                 model_id = new_id
@@ -395,13 +399,15 @@ def main() -> None:
                     copy = retrained_copy(root, f"round{r}")
                     model_id = register_model(bench.settings, bench.factory, copy).id
                 rounds.append(reindex_throughput(bench, model_id))
-                raws.append(raw_throughput(bench, new_path))
+                measured.append(raw_throughput(bench, new_path))
+            raws = [m[0] for m in measured]
             ratios = [
                 x["photos_per_s"] / ((raws[i] + raws[i + 1]) / 2) for i, x in enumerate(rounds)
             ]
             reindex = rounds[0]
             results["throughput"] = {
                 "raw_photos_per_s": raws,
+                "decode_photos_per_s_one_thread": [m[1] for m in measured],
                 "reindex_photos_per_s": [x["photos_per_s"] for x in rounds],
                 "ratios": ratios,
                 "median_ratio": float(np.median(ratios)),
