@@ -1,8 +1,9 @@
 """Curation figures: decision latency, and the time from a confirmation until ``/identify``
 finds the photo, on the same replica and on a second replica sharing the database.
 
-Two real ``whaleid serve`` processes over loopback share one SQLite file; the gallery is padded
-with synthetic embeddings to the sizes given. Writes a section into docs/performance.md.
+Two real ``whaleid serve`` processes over loopback share one SQLite file (or, with
+``--postgres SERVER_URL``, a scratch database on that server, dropped afterwards); the gallery is
+padded with synthetic embeddings to the sizes given. Writes a section into docs/performance.md.
 
     .venv/bin/python bench/curation.py --sizes 1000 50000 --rounds 30
 """
@@ -16,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -24,6 +26,7 @@ from sqlalchemy import insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.replicas import scratch_database  # noqa: E402
 from service import migrate  # noqa: E402
 from service.auth import create_key  # noqa: E402
 from service.db import (  # noqa: E402
@@ -105,9 +108,12 @@ def top(body: dict[str, object]) -> str:
     return str(body["candidates"][0]["individual_id"])  # type: ignore[index]
 
 
-def measure(size: int, rounds: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp) / "data", _env_file=None)  # type: ignore[call-arg]
+def measure(size: int, rounds: int, postgres: str | None = None) -> dict[str, float]:
+    database = scratch_database(postgres) if postgres else nullcontext(None)
+    with tempfile.TemporaryDirectory() as tmp, database as url:
+        settings = Settings(  # type: ignore[call-arg]
+            data_dir=Path(tmp) / "data", database_url=url or "", _env_file=None
+        )
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         engine = make_engine(settings.sqlalchemy_url)
@@ -161,13 +167,15 @@ def measure(size: int, rounds: int) -> dict[str, float]:
         }
 
 
-def write_doc(path: Path, rows: dict[int, dict[str, float]], rounds: int) -> None:
+def write_doc(
+    path: Path, rows: dict[int, dict[str, float]], rounds: int, database: str = "SQLite file (WAL)"
+) -> None:
     lines = [
         MARK_BEGIN,
         "## Curation: decision latency and time to be found",
         "",
         f"Measured {dt.date.today()} by `bench/curation.py` ({rounds} rounds per size): two "
-        "`whaleid serve` processes over loopback share one SQLite file (WAL); the toy 64-d model;",
+        f"`whaleid serve` processes over loopback share one {database}; the toy 64-d model;",
         "the gallery padded with synthetic embeddings of another species (the queries filter by "
         "species, so the filter mask and the search still cover the whole gallery). Each round "
         "identifies an unseen animal on "
@@ -211,14 +219,16 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 50000])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument("--postgres", help="a PostgreSQL server URL instead of SQLite")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     rows = {}
     for size in args.sizes:
-        rows[size] = measure(size, args.rounds)
+        rows[size] = measure(size, args.rounds, args.postgres)
         log.info("gallery %d: %s", size, {k: round(v, 1) for k, v in rows[size].items()})
-    write_doc(args.out, rows, args.rounds)
+    database = "PostgreSQL database" if args.postgres else "SQLite file (WAL)"
+    write_doc(args.out, rows, args.rounds, database)
 
 
 if __name__ == "__main__":

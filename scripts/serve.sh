@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[heic]'
+if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: use .venv as it is (tests/test_readme.py)
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[heic]'
+fi
 # First run: the demo model and a synthetic gallery, unless a model is active already.
 bash demo/setup.sh .venv
 # `serve` applies the database migrations before it starts (the prestart step).

@@ -12,6 +12,7 @@ need_apt=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+command -v curl >/dev/null || need_apt+=(curl)  # the README walkthrough (tests/test_readme.py)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "missing Debian packages ${need_apt[*]}: install them with sudo apt-get install ${need_apt[*]}"

@@ -279,7 +279,8 @@ def embed_gallery(
         ).all()
     count = 0
     spec = embedder.contract.preprocessing
-    for start in tqdm(range(0, len(todo), batch_size), desc="embed", unit="batch"):
+    batches = range(0, len(todo), batch_size)
+    for start in tqdm(batches, desc="embed", unit="batch", disable=not batches):
         chunk = todo[start : start + batch_size]
         photos = [
             decode_photo(

@@ -348,7 +348,9 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError as e:
             log.error("%s", e)
             return 2
-    log.info("created %s key %s for %s; it is shown once, below", row.role, row.id, row.name)
+    log.info(
+        "created %s key %s for %s; it is shown once, on standard output", row.role, row.id, row.name
+    )
     sys.stdout.write(key + "\n")
     return 0
 
@@ -595,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Alembic announces its context on every command; `whaleid -v` shows it.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     return func(args, settings)
 

@@ -5,6 +5,7 @@ confirmed individual."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, GalleryChange, Image, Individual
 from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest, sidecar_path
-from service.knn import Neighbour
+from service.knn import Neighbour, shortfall
 
 log = logging.getLogger(__name__)
 _NO_DATE = np.iinfo(np.int64).min
@@ -141,6 +142,17 @@ class GalleryEntries:
         """Embedding ids within the filters; None when there is no filter (search everything)."""
         if filters.empty:
             return None
+        selected: np.ndarray = self.ids[self._mask(filters)]
+        return selected
+
+    def select_others(self, filters: Filters, labels: Iterable[str]) -> np.ndarray:
+        """Embedding ids within the filters whose individual is none of ``labels``."""
+        codes = [self.vocab["labels"].code(label) for label in labels]
+        mask = self._mask(filters) & ~np.isin(self.codes["labels"], codes)
+        selected: np.ndarray = self.ids[mask]
+        return selected
+
+    def _mask(self, filters: Filters) -> np.ndarray:
         mask = np.ones(len(self.ids), dtype=bool)
         if filters.species is not None:
             mask &= self._matches("species", filters.species)
@@ -152,8 +164,7 @@ class GalleryEntries:
             mask &= (self.days != _NO_DATE) & (self.days <= filters.date_to.toordinal())
         if filters.exclude_encounter is not None:
             mask &= ~self._matches("encounters", filters.exclude_encounter)
-        selected: np.ndarray = self.ids[mask]
-        return selected
+        return mask
 
     def neighbours(self, distances: np.ndarray, ids: np.ndarray) -> list[Neighbour]:
         positions = np.searchsorted(self.ids, ids)
@@ -231,15 +242,23 @@ def load_vectors(session: Session, ids: Sequence[int], dim: int) -> np.ndarray:
     return out
 
 
+# The key of the PostgreSQL advisory lock that orders gallery change-log writes ("whaleid").
+CHANGE_LOG_LOCK = 0x7768616C656964
+
+
 def log_gallery_changes(
     session: Session, image_ids: Iterable[int], model_id: int | None = None
 ) -> None:
     """Record that these photos' place in the gallery changed (added, relabelled, removed), for
     ``model_id`` or for every model that has embedded them. Replicas replay this log (the
-    database is the log) to keep their in-memory index in step."""
+    database is the log) to keep their in-memory index in step.
+
+    Call it last in the change's transaction: on PostgreSQL it holds the change-log lock until
+    the commit."""
     ids = sorted(set(image_ids))
     if not ids:
         return
+    session.flush()  # the change itself, before the lock: the lock is held only to the commit
     if model_id is not None:
         pairs = [(model_id, i) for i in ids]
     else:
@@ -249,7 +268,30 @@ def log_gallery_changes(
             )
         )
     if pairs:
+        _lock_change_log(session)
         session.execute(insert(GalleryChange), [{"model_id": m, "image_id": i} for m, i in pairs])
+
+
+def _lock_change_log(session: Session) -> None:
+    """Make change-log ids commit in the order they are given, so that a replay of "ids above
+    the last one I saw" never skips one.
+
+    A sequence hands out ids at insert time, not at commit: without this, a transaction that
+    took id 10 can commit after one that took id 11, and a replica that replayed up to 11 in
+    between never reads 10 (issue 7: a confirmed photo missing from a running server). The
+    lock is a transaction-level advisory lock, taken just before the insert and released by
+    PostgreSQL after the commit is visible; so when 11 is visible, 10 already is (or was rolled
+    back). Chosen over the alternatives because it keeps replay a plain id comparison and needs
+    no schema change: tracking gaps in a recent window is only right if no transaction outlives
+    the window, and a commit-ordered key (``pg_current_xact_id`` with snapshots) needs a new
+    column and snapshot arithmetic in every replica. Its cost: change-writing transactions are
+    serialised from this insert to their commit (one insert and the commit's WAL flush), about
+    a millisecond each (docs/reliability.md). Nothing that waits on another transaction's row
+    locks may follow it, or two writers could deadlock (PostgreSQL would detect it and abort
+    one); the insert's foreign-key checks take only KEY SHARE locks, which our updates do not
+    block. SQLite needs nothing: its writers are serialised by BEGIN IMMEDIATE already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(CHANGE_LOG_LOCK)))
 
 
 def latest_change(session: Session, model_id: int) -> int:
@@ -262,6 +304,45 @@ def latest_change(session: Session, model_id: int) -> int:
         )
         or 0
     )
+
+
+@dataclass(frozen=True)
+class GalleryDigest:
+    """A fingerprint of what a gallery holds: which embeddings, their vectors (float32 bytes in
+    ascending id order) and the label each one votes for (``id<TAB>label`` lines). Two
+    galleries with equal digests answer every search alike; the live index of a replica and
+    the database must have equal digests."""
+
+    model_id: int
+    count: int
+    ids_sha256: str
+    vectors_sha256: str
+    labels_sha256: str
+
+    @classmethod
+    def of(
+        cls, model_id: int, ids: np.ndarray, vectors: np.ndarray, labels: Sequence[str]
+    ) -> GalleryDigest:
+        """The digest of ``ids`` with their ``vectors`` and ``labels`` (row for row, any order)."""
+        order = np.argsort(ids, kind="stable")
+        sha = hashlib.sha256()
+        for start in range(0, len(order), _CHUNK):  # no second copy of a large index
+            sha.update(np.ascontiguousarray(vectors[order[start : start + _CHUNK]], "<f4").data)
+        lines = "".join(f"{ids[i]}\t{labels[i]}\n" for i in order.tolist())
+        return cls(
+            model_id=model_id,
+            count=len(ids),
+            ids_sha256=ids_digest(ids),
+            vectors_sha256=sha.hexdigest(),
+            labels_sha256=hashlib.sha256(lines.encode()).hexdigest(),
+        )
+
+    @classmethod
+    def of_database(cls, session: Session, model_id: int, dim: int) -> GalleryDigest:
+        """The digest of the gallery the database describes for ``model_id``."""
+        rows = gallery_rows(session, model_id)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        return cls.of(model_id, ids, load_vectors(session, ids.tolist(), dim), [r[2] for r in rows])
 
 
 class Gallery:
@@ -295,9 +376,10 @@ class Gallery:
                 if sidecar.get("model_id") != self.model_id or index.dim != self.dim:
                     raise GalleryFileError(f"{self.path} belongs to another model")
             except GalleryFileError as e:
+                # A first start has no file yet: nothing is wrong, so only say so at DEBUG.
                 first = not self.path.exists() and not sidecar_path(self.path).exists()
                 log.log(
-                    logging.INFO if first else logging.WARNING,
+                    logging.DEBUG if first else logging.WARNING,
                     "gallery of model %s: %s; rebuilding from stored embeddings",
                     self.model_id,
                     e,
@@ -335,7 +417,9 @@ class Gallery:
             self.index.remove(extra)
             self.index.add(missing, vectors)
             self.entries = entries
-        log.info("gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra))
+        log.debug(
+            "gallery of model %s: +%d -%d embeddings", self.model_id, len(missing), len(extra)
+        )
         return True
 
     def sync(self, factory: sessionmaker[Session]) -> bool:
@@ -382,6 +466,20 @@ class Gallery:
         with self._lock:
             self.index.save(self.path, {"model_id": self.model_id, "last_change": self.version})
 
+    def digest(self) -> GalleryDigest:
+        """The digest of what this replica searches now: the index's ids and vectors, and the
+        labels its entries give them (if entries and index disagree, so does the digest).
+        Searches wait meanwhile (the flat index's vectors are read in place): 1.8 s for 250k
+        512-d embeddings on a 2-core machine, so several seconds at a million."""
+        with self._lock:
+            ids, vectors = self.index.contents()
+            words = self.entries.vocab["labels"].words
+            by_id = dict(
+                zip(self.entries.ids.tolist(), self.entries.codes["labels"].tolist(), strict=True)
+            )
+            labels = [str(words[by_id[i]]) if i in by_id else "" for i in ids.tolist()]
+            return GalleryDigest.of(self.model_id, ids, vectors, labels)
+
     def search(self, query: np.ndarray, k: int, filters: Filters) -> tuple[list[Neighbour], int]:
         """The ``min(k, n)`` nearest gallery photos within ``filters``, and n."""
         with self._lock:
@@ -392,3 +490,28 @@ class Gallery:
                 return [], 0
             distances, ids = self.index.search(query, min(k, n), allowed)
             return entries.neighbours(distances, ids), n
+
+    def search_beyond(
+        self, query: np.ndarray, filters: Filters, neighbours: Sequence[Neighbour]
+    ) -> list[Neighbour]:
+        """Photos past the k ``neighbours`` that name the next-nearest individuals within
+        ``filters``, as many as the answer needs to hold five entries (DESIGN.md step 6); none
+        when the neighbours already name enough. Nearest first; the head picks from them."""
+        count = shortfall(neighbours)
+        if count == 0:
+            return []
+        with self._lock:
+            entries = self.entries
+            allowed = entries.select_others(filters, {n.label for n in neighbours})
+            # An individual's nearest photo is what counts: search wider until the results name
+            # enough individuals (or hold every photo left), since one may fill many places.
+            k = 4 * count
+            while True:
+                k = min(k, len(allowed))
+                if k == 0:
+                    return []
+                distances, ids = self.index.search(query, k, allowed)
+                found = entries.neighbours(distances, ids)
+                if len({n.label for n in found}) >= count or k == len(allowed):
+                    return found
+                k *= 4

@@ -116,6 +116,24 @@ class GalleryIndex:
         ]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every embedding id the index holds and its stored vector, row for row (in the
+        index's order, not sorted): what it searches, read back to compare with the database.
+        A flat index's vectors are a view of its memory, not a copy."""
+        ids = self.ids()
+        if self.plan.kind == "flat":
+            flat: Any = faiss.downcast_index(self.index.index)
+            vectors = faiss.rev_swig_ptr(flat.get_xb(), len(ids) * self.dim)
+        else:
+            invlists = self.index.invlists
+            parts = [
+                faiss.rev_swig_ptr(invlists.get_codes(i), invlists.list_size(i) * self.dim * 4)
+                for i in range(invlists.nlist)
+                if invlists.list_size(i)
+            ]
+            vectors = np.concatenate(parts).view(np.float32) if parts else np.zeros(0, np.float32)
+        return ids, np.asarray(vectors, np.float32).reshape(-1, self.dim)
+
     def search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Candidate, Identification, Image, Individual, Model, transaction
 from service.embedder import Embedder
-from service.galleries import Filters, Gallery, latest_change
+from service.galleries import Filters, Gallery, latest_change, log_gallery_changes
 from service.knn import RankedCandidate, rank_candidates
 from service.photos import Photo, decode_photo, to_model_input
 from service.photostore import PhotoStore, StoredPhoto
@@ -153,11 +153,13 @@ class Identifier:
             vector = self.embedder.embed(pixels[np.newaxis])[0]
         with watch.lap("search"):
             neighbours, searched = self.gallery.search(vector, self.model.k, filters)
+            beyond = self.gallery.search_beyond(vector, filters, neighbours)
         with watch.lap("head"):
             ranked = rank_candidates(
                 neighbours,
                 cutoff=self.model.cutoff,
                 ranking=self.model.ranking,  # type: ignore[arg-type]
+                beyond=beyond,
             )
         with watch.lap("database"):
             if record:
@@ -232,7 +234,7 @@ class Identifier:
                     image = get_or_add_image(session, stored, data, photo, original_name)
                     # Kept so that a confirmation puts the photo in the gallery at once. A crop
                     # (bbox) embeds a part of the photo: that embedding is the one to keep.
-                    add_embedding(session, image.id, self.model.id, vector)
+                    added = add_embedding(session, image.id, self.model.id, vector)
                     labels = [c.label for c in ranked if not c.is_new]
                     individuals = {
                         i.catalogue_id: i
@@ -269,6 +271,9 @@ class Identifier:
                     ]
                     session.add(ident)
                     session.flush()
+                    if added and image.individual_id is not None:
+                        # A gallery photo this model had not embedded: its gallery grew.
+                        log_gallery_changes(session, [image.id], self.model.id)
                     return ident, answer
             except IntegrityError:
                 # Two uploads of the same new photo raced for its row: the retry finds it.

@@ -89,20 +89,48 @@ def _order(candidates: list[RankedCandidate], ranking: Ranking) -> list[RankedCa
 
 
 def rank_candidates(
-    neighbours: Sequence[Neighbour], *, cutoff: float, ranking: Ranking = "vote", top: int = TOP
+    neighbours: Sequence[Neighbour],
+    *,
+    cutoff: float,
+    ranking: Ranking = "vote",
+    top: int = TOP,
+    beyond: Sequence[Neighbour] = (),
 ) -> list[RankedCandidate]:
     """The kNN head of the identification contract.
 
     Candidates are ranked by ``ranking`` (``vote``: most votes, then larger inverse-distance sum,
-    then smaller distance; ``nearest``: smallest distance first). Those within ``cutoff`` keep that
-    order, then ``new_individual`` is inserted, then the rest follow; the first ``top`` are kept.
-    The answer starts with ``new_individual`` exactly when the nearest neighbour is farther than
-    ``cutoff`` (or there is no neighbour at all).
+    then smaller distance; ``nearest``: smallest distance first). When the neighbours name fewer
+    than ``top - 1`` individuals, the first new individuals of ``beyond`` (gallery photos past the
+    k neighbours, nearest first) follow them with 0 votes, so the answer holds ``top`` entries
+    whenever the gallery has enough individuals. Those within ``cutoff`` keep that order, then
+    ``new_individual`` is inserted, then the rest follow; the first ``top`` are kept. The answer
+    starts with ``new_individual`` exactly when the nearest neighbour is farther than ``cutoff``
+    (or there is no neighbour at all).
     """
     ranked = _order(aggregate(neighbours), ranking)
+    ranked += fill(beyond, {c.label for c in ranked}, top - 1 - len(ranked))
     within = [c for c in ranked if c.distance is not None and c.distance <= cutoff]
-    beyond = [c for c in ranked if c.distance is not None and c.distance > cutoff]
-    return [*within, NEW, *beyond][:top]
+    beyond_cutoff = [c for c in ranked if c.distance is not None and c.distance > cutoff]
+    return [*within, NEW, *beyond_cutoff][:top]
+
+
+def fill(beyond: Sequence[Neighbour], named: set[str], count: int) -> list[RankedCandidate]:
+    """The first ``count`` individuals of ``beyond`` (nearest first) not in ``named``, each with
+    its nearest photo there and 0 votes: they were not among the k neighbours."""
+    out: list[RankedCandidate] = []
+    seen = set(named)
+    for n in sorted(beyond, key=lambda n: n.distance):
+        if len(out) >= count:
+            break
+        if n.label not in seen:
+            seen.add(n.label)
+            out.append(RankedCandidate(n.label, 0, n.distance, 0.0, n.image_id))
+    return out
+
+
+def shortfall(neighbours: Iterable[Neighbour], top: int = TOP) -> int:
+    """How many more individuals the answer needs beyond those the neighbours name (the fill)."""
+    return max(0, top - 1 - len({n.label for n in neighbours}))
 
 
 def average_precision_at_5(predicted: Sequence[str], truth: str) -> float:

@@ -50,7 +50,8 @@ def get_or_add_individual(session: Session, catalogue_id: str, species: str | No
     return individual
 
 
-def add_embedding(session: Session, image_id: int, model_id: int, vector: np.ndarray) -> None:
+def add_embedding(session: Session, image_id: int, model_id: int, vector: np.ndarray) -> bool:
+    """Store the photo's embedding by ``model_id`` unless it has one; True if it was added."""
     exists = session.scalar(
         select(Embedding.id).where(Embedding.image_id == image_id, Embedding.model_id == model_id)
     )
@@ -62,3 +63,4 @@ def add_embedding(session: Session, image_id: int, model_id: int, vector: np.nda
                 vector=np.ascontiguousarray(vector, dtype="<f4").tobytes(),
             )
         )
+    return exists is None

@@ -1,12 +1,13 @@
-"""Admin: API keys and models."""
+"""Admin: API keys, models, and a check of the live gallery."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, SessionDep
-from service.api.schemas import KeyIn, KeyOut, Problem
+from service.api.deps import Admin, RuntimeDep, SessionDep
+from service.api.schemas import GalleryDigestOut, KeyIn, KeyOut, Problem
 from service.auth import create_key, revoke_key
 from service.db import ApiKey, Model
 
@@ -64,3 +65,14 @@ def list_models(session: SessionDep, caller: Admin) -> list[dict[str, object]]:
         }
         for m in session.scalars(select(Model).order_by(Model.id))
     ]
+
+
+@router.get("/gallery/digest", response_model=GalleryDigestOut, responses={503: {"model": Problem}})
+async def gallery_digest(caller: Admin, runtime: RuntimeDep) -> GalleryDigestOut:
+    """Fingerprints of the active model's gallery as this replica searches it, after replaying
+    the change log as any request does. Equal on every replica, and equal to the same digest
+    of the database's gallery (`GalleryDigest.of_database`), when the index is in step."""
+    identifier = await run_in_threadpool(runtime.current)
+    gallery = identifier.gallery
+    digest = await run_in_threadpool(gallery.digest)
+    return GalleryDigestOut(**digest.__dict__, last_change=gallery.version)

@@ -16,6 +16,7 @@ from service import __version__
 from service.api import admin, catalogue, curation, health, identify, review
 from service.api import jobs as jobs_api
 from service.api import models as models_api
+from service.api.docs import install_docs
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
@@ -64,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
             app.state.embedders = Embedders(settings, app.state.sessions)
             try:
-                await run_in_threadpool(app.state.runtime.current)
+                loaded = await run_in_threadpool(app.state.runtime.current)
+                log.info("ready: gallery of %d photos", loaded.gallery.size)
             except NoActiveModel as e:
                 log.warning("%s", e)
             stop = threading.Event()
@@ -82,8 +84,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="whaleid",
         version=__version__,
         summary="Photo-ID of individual whales and dolphins: top-5 candidates for a photo.",
+        description="Every call but `/health` and `/ready` needs an API key, sent as "
+        "`Authorization: Bearer <key>` (here: **Authorize**). An admin creates one with "
+        "`whaleid keys create --role ROLE --name NAME`; roles: integration (identify and read), "
+        "curator (+ decisions and individuals), admin (+ models, keys).",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     for router in (
         identify.router,
         curation.router,

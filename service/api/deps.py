@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth import ANONYMOUS_ADMIN, Principal, authenticate
@@ -73,8 +74,19 @@ def principal_for(request: Request, role: str) -> Principal:
     return principal
 
 
-def require(role: str) -> Callable[[Request], Principal]:
-    def dependency(request: Request) -> Principal:
+# Declares the bearer scheme in the OpenAPI description (Swagger UI's Authorize button); the
+# key itself is checked by principal_for, which also accepts the review page's cookie.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="An API key: `whaleid keys create --role ROLE --name NAME` prints one.",
+)
+
+
+def require(role: str) -> Callable[..., Principal]:
+    def dependency(
+        request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+    ) -> Principal:
         return principal_for(request, role)
 
     return dependency

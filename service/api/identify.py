@@ -58,7 +58,14 @@ async def identify(
     bbox: Annotated[str | None, Form(description="Crop box x,y,w,h in pixels.")] = None,
 ) -> IdentificationOut:
     """Identify the individual in one photo: the top five candidates of the active model, with
-    `new_individual` placed by the model's cutoff. The answer is recorded for curators."""
+    `new_individual` placed by the model's cutoff. The answer is recorded for curators.
+
+    The kNN head ranks the individuals among the model's `k` nearest gallery photos (within the
+    filters). When they name fewer than four, the next-nearest individuals beyond those `k`
+    follow in distance order with `votes: 0`, so the answer always holds five entries when the
+    filtered gallery holds at least four individuals. Candidates within the cutoff come first,
+    then `new_individual`, then the rest: the answer starts with `new_individual` exactly when
+    the nearest photo is farther than the cutoff."""
     if photo.size is not None and photo.size > settings.max_upload_bytes:
         raise PhotoTooLarge(
             f"the upload is {photo.size} bytes, over the limit of {settings.max_upload_bytes}: "

@@ -15,7 +15,11 @@ class CandidateOut(BaseModel):
         examples=["a1b2c3"],
     )
     species: str | None = Field(examples=["humpback_whale"])
-    votes: int | None = Field(description="Neighbours among the k nearest.", examples=[31])
+    votes: int | None = Field(
+        description="Its photos among the k nearest; 0 for an individual beyond them that fills "
+        "the answer up to five entries.",
+        examples=[31],
+    )
     distance: float | None = Field(
         description="Cosine distance of its nearest photo.", examples=[0.21]
     )
@@ -237,3 +241,15 @@ class KeyOut(BaseModel):
     created_at: dt.datetime
     revoked: bool
     key: str | None = Field(default=None, description="Shown once, at creation.")
+
+
+class GalleryDigestOut(BaseModel):
+    """What this replica's live gallery holds, as fingerprints; equal on every replica and to
+    the database's gallery when all is well."""
+
+    model_id: int
+    last_change: int = Field(description="The newest gallery change-log row it has replayed.")
+    count: int = Field(description="Embeddings in the live index.")
+    ids_sha256: str = Field(description="SHA-256 of the sorted embedding ids, int64 LE.")
+    vectors_sha256: str = Field(description="SHA-256 of their float32 LE vectors, by id.")
+    labels_sha256: str = Field(description="SHA-256 of the `id<TAB>label<LF>` lines, by id.")

@@ -141,3 +141,7 @@ def test_map5_averages_over_images() -> None:
     assert map_at_5(predictions, ["A", "A", "A"]) == pytest.approx((1 + 0.5 + 0) / 3)
     with pytest.raises(ValueError):
         map_at_5(predictions, ["A"])
+
+
+def test_map5_of_no_queries_is_zero() -> None:
+    assert map_at_5([], []) == 0.0

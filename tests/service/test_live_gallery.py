@@ -142,3 +142,84 @@ def test_a_confirmation_naming_a_since_merged_individual_replays(live: LiveServe
         assert again.json()["decision_id"] == first.json()["decision_id"]
         # Naming the individual it now lives in is the same decision too.
         assert decide(curator, ident, decision="confirm", individual_id="ind-7").json()["replayed"]
+
+
+def test_a_photo_already_in_the_catalogue_cannot_be_confirmed_as_another(
+    live: LiveServer,
+) -> None:
+    with live.client() as integration, live.client("curator") as curator:
+        gallery_photo = integration.get("/individuals/ind-2").json()["images"][0]["id"]
+        data = integration.get(f"/images/{gallery_photo}/file").content
+        # The same bytes uploaded again are the same photo, already filed under ind-2.
+        ident = integration.post("/identify", files={"photo": ("q.png", data)}).json()
+        response = decide(
+            curator, ident["identification_id"], decision="confirm", individual_id="ind-9"
+        )
+        assert response.status_code == 409
+        assert "ind-2" in response.json()["detail"]
+        assert len(integration.get("/individuals/ind-9").json()["images"]) == 3
+
+
+def test_creating_an_individual_is_in_its_history(live: LiveServer) -> None:
+    with live.client("curator") as curator:
+        created = curator.post("/individuals", json={"individual_id": "HW-900", "name": "Scar"})
+        assert created.status_code == 201, created.text
+        events = curator.get("/individuals/HW-900/history").json()
+    assert [e["event"] for e in events] == ["created"]
+    assert events[0]["actor"] == "curator tester"
+
+
+def test_a_gallery_growing_past_the_ivf_threshold_switches_index_kind(
+    catalogue: Catalogue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay moves a gallery from the flat index to IVF when it crosses the threshold, and the
+    moved photos are found by their embedding ids (which differ from their image ids here)."""
+    from service.catalogue import CatalogueImport
+    from service.db import Model
+    from tests.toy import write_catalogue
+
+    s = catalogue.settings
+    model_file = next(s.models_dir.glob("*.onnx"))
+    other = build_toy_model(tmp_path / "other.onnx", seed=3, metadata={"whaleid.name": "toy-c"})
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
+    assert main(["models", "add", str(other)]) == 0
+    dim = Embedder(model_file).dim
+    gallery = Gallery(catalogue.model_id, dim, index_path(s, catalogue.model_id), ivf_threshold=40)
+    gallery.open(catalogue.sessions)
+    assert gallery.index.plan.kind == "flat" and gallery.size == 36
+    with catalogue.sessions() as session:
+        second = session.scalars(select(Model.id).where(Model.name == "toy-c")).one()
+
+    # The second model's embeddings come first, so the first model's new embedding ids and
+    # image ids part ways.
+    def add(individuals: range, folder: str) -> None:
+        csv_path = write_catalogue(tmp_path / folder, individuals, [0, 1])
+        for model_id, path in ((second, tmp_path / "other.onnx"), (catalogue.model_id, model_file)):
+            CatalogueImport(s, catalogue.sessions, Embedder(path), model_id).run(
+                csv_path, tmp_path / folder / "images"
+            )
+
+    def assert_index_equals_database() -> None:
+        with catalogue.sessions() as session:
+            rows = session.execute(
+                select(Embedding.id, Embedding.image_id, Embedding.vector).where(
+                    Embedding.model_id == catalogue.model_id
+                )
+            ).all()
+        assert any(e != i for e, i, _ in rows)
+        assert sorted(gallery.index.ids().tolist()) == sorted(e for e, _, _ in rows)
+        for emb_id, image_id, vector in rows[-12:]:
+            neighbours, _ = gallery.search(np.frombuffer(vector, np.float32), 1, Filters())
+            assert neighbours[0].image_id == image_id, emb_id
+
+    # The second model's embeddings come first, so the first model's new embedding ids and
+    # image ids part ways.
+    add(range(20, 26), "more")
+    assert gallery.sync(catalogue.sessions)  # a rebuild: the index kind changes
+    assert gallery.index.plan.kind == "ivf" and gallery.size == 48
+    assert_index_equals_database()
+    add(range(30, 31), "again")
+    assert gallery.sync(catalogue.sessions)  # a patch of two photos
+    assert gallery.size == 50
+    assert_index_equals_database()

@@ -84,3 +84,20 @@ def test_exif_orientations_5_and_7_swap_width_and_height(
     # A crop box is given in displayed coordinates: the lower part exists only after the swap.
     crop = decode_photo(data, max_pixels=LIMIT, bbox=(0, 50, 40, 30))
     assert crop.image.size == (40, 30)
+
+
+def test_a_crop_may_start_at_the_origin_and_must_fit_vertically_too() -> None:
+    from service.photos import BadBoundingBox, parse_bbox
+
+    assert parse_bbox("0,0,5,5") == (0, 0, 5, 5)
+    data = encode(quadrants(), "PNG")
+    assert decode_photo(data, max_pixels=LIMIT, bbox=(0, 0, 80, 40)).image.size == (80, 40)
+    with pytest.raises(BadBoundingBox, match="outside the 80x40 photo"):
+        decode_photo(data, max_pixels=LIMIT, bbox=(0, 30, 20, 20))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_every_pixel_mode_arrives_as_rgb(mode: str) -> None:
+    image = quadrants().convert(mode)
+    decoded = decode_photo(encode(image, "PNG"), max_pixels=LIMIT)
+    assert decoded.image.mode == "RGB" and decoded.image.size == (80, 40)

@@ -3,69 +3,21 @@
 from __future__ import annotations
 
 import os
-import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import LiveServer
+from service.settings import Settings
+from tests.conftest import LiveServer, run_server
+from tests.service.browser import sign_in, wait_for
 from tests.service.test_curation import identify
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromium-driver are missing: run scripts/test.sh")
-        pytest.skip("no chromium: run scripts/test.sh, which installs Debian's chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1400,1000",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(driver: WebDriver, css: str, text: str | None = None) -> None:
-    wait = WebDriverWait(driver, 15)
-    if text is None:
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
-    else:
-        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
-
-
-def sign_in(driver: WebDriver, url: str, key: str) -> None:
-    driver.get(f"{url}/review")
-    wait_for(driver, "#key")
-    field = driver.find_element(By.ID, "key")
-    field.clear()
-    field.send_keys(key)
-    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
 
 def test_curator_reviews_the_queue_with_keyboard_and_buttons(
@@ -86,8 +38,6 @@ def test_curator_reviews_the_queue_with_keyboard_and_buttons(
     assert "ind-3" in first.text and "votes 3" in first.text and "confidence" in first.text
     best = first.find_element(By.TAG_NAME, "img")
     assert browser.execute_script("return arguments[0].naturalWidth", best) == 64
-    if os.environ.get("WHALEID_UPDATE_SCREENSHOT"):
-        browser.save_screenshot(str(Path(__file__).parents[2] / "docs" / "review-page.png"))
 
     browser.find_element(By.TAG_NAME, "body").send_keys("1")  # confirm candidate 1
     wait_for(browser, "h1", f"Identification #{unseen}")
@@ -113,3 +63,91 @@ def test_curator_reviews_the_queue_with_keyboard_and_buttons(
     wait_for(browser, "h1", f"Identification #{known}")
     browser.find_element(By.ID, "reject").click()
     wait_for(browser, "#message", "supersede")
+
+
+ROOT = Path(__file__).parents[2]
+SCREENSHOT = ROOT / "docs" / "review-page.png"
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[LiveServer]:
+    """The README's demo: demo/setup.sh (the demo model, a synthetic gallery of 40 dolphins) in a
+    fresh data directory, served over loopback."""
+    data = tmp_path / "data"
+    env = {**os.environ, "WHALEID_DATA_DIR": str(data)}
+    env.pop("WHALEID_DATABASE_URL", None)
+    venv = Path(sys.executable).parent.parent
+    subprocess.run(
+        ["bash", "demo/setup.sh", str(venv)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    yield from run_server(Settings(data_dir=data, _env_file=None))  # type: ignore[call-arg]
+
+
+def box(driver: WebDriver, css: str) -> dict[str, float]:
+    rect: dict[str, float] = driver.execute_script(
+        "return document.querySelector(arguments[0]).getBoundingClientRect().toJSON()", css
+    )
+    return rect
+
+
+def test_demo_review_page_compares_side_by_side_with_actions_in_view(
+    demo: LiveServer, browser: WebDriver
+) -> None:
+    """Also regenerates docs/review-page.png: WHALEID_UPDATE_SCREENSHOT=1 pytest -k demo_review."""
+    with demo.client() as integration, (ROOT / "demo/queries/fin-s7-0003_005.jpg").open("rb") as f:
+        answer = integration.post("/identify", files={"photo": f}).json()
+    assert len(answer["candidates"]) == 5
+    first = next(c for c in answer["candidates"] if c["best_image_id"])
+    sign_in(browser, demo.url, demo.keys["curator"])
+    wait_for(browser, "h1", f"Identification #{answer['identification_id']}")
+    WebDriverWait(browser, 15).until(
+        lambda d: d.execute_script(
+            "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+
+    # The query photo and the compared candidate's best photo side by side, the same size.
+    query, compared = box(browser, "figure.query .zoom"), box(browser, "figure.compared .zoom")
+    assert query["top"] == compared["top"] and query["height"] == compared["height"]
+    assert compared["left"] >= query["right"] and query["height"] >= 250
+    src = browser.find_element(By.ID, "compared-img").get_attribute("src") or ""
+    assert src.endswith(f"/images/{first['best_image_id']}/file")
+    assert (
+        f"{first['rank']}. {first['individual_id']}"
+        in browser.find_element(By.ID, "compared-label").text
+    )
+
+    # Every action is in view at 1400x900, without scrolling.
+    size = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+    assert size == [1400, 900]
+    for css in ("#new", "#reject", "#comment", "#code", *candidate_buttons(answer)):
+        rect = box(browser, css)
+        assert rect["bottom"] <= 900 and rect["right"] <= 1400, css
+    assert browser.execute_script(
+        "const m = document.querySelector('main');"
+        "return m.scrollHeight <= m.clientHeight && document.documentElement.scrollHeight <= 900"
+    )
+    if os.environ.get("WHALEID_UPDATE_SCREENSHOT"):
+        browser.save_screenshot(str(SCREENSHOT))
+
+    # Another candidate goes beside the query; zoom applies to both photos.
+    other = next(c for c in answer["candidates"][1:] if c["best_image_id"] and c != first)
+    browser.find_element(
+        By.CSS_SELECTOR, f'figure.candidate[data-rank="{other["rank"]}"] img'
+    ).click()
+    src = browser.find_element(By.ID, "compared-img").get_attribute("src") or ""
+    assert src.endswith(f"/images/{other['best_image_id']}/file")
+    browser.find_element(By.TAG_NAME, "body").send_keys("+")
+    transforms = browser.execute_script(
+        "return [...document.querySelectorAll('.zoom img')].map(i => i.style.transform)"
+    )
+    assert len(transforms) == 2 and all("scale(1.25)" in t for t in transforms)
+
+
+def candidate_buttons(answer: dict[str, Any]) -> list[str]:
+    return [f'figure.candidate[data-rank="{c["rank"]}"] button' for c in answer["candidates"]]
