@@ -32,7 +32,9 @@ from service.knn import (
     PAPER_CUTOFF,
     PAPER_K,
     RANKINGS,
+    TOP,
     Neighbour,
+    fill,
     rank_candidates,
 )
 from service.settings import Settings
@@ -100,7 +102,8 @@ def grid(
     k_grid: Sequence[int],
     cutoff_grid: Sequence[float],
 ) -> list[dict[str, Any]]:
-    """MAP@5 (overall, known, unseen) of every (ranking, k, cutoff). For one ranking and k the
+    """MAP@5 (overall, known, unseen) of every (ranking, k, cutoff), ranked as ``/identify``
+    ranks (``neighbours`` hold more than the largest k, for the top-up). For one ranking and k the
     order of the candidates does not depend on the cutoff, which only places
     ``new_individual``, so each query is ranked once per (ranking, k)."""
     cuts = np.asarray(cutoff_grid, dtype=np.float64)
@@ -114,6 +117,8 @@ def grid(
                 for c in rank_candidates(found[:k], cutoff=3.0, ranking=ranking, top=1 << 30)
                 if not c.is_new
             ]
+            # As /identify does: too few individuals among the k are topped up from beyond.
+            ordered += fill(found[k:], {c.label for c in ordered}, TOP - 1 - len(ordered))
             dists = np.array([c.distance for c in ordered], dtype=np.float64)
             within = dists[None, :] <= cuts[:, None]
             n_within = within.sum(axis=1)
@@ -227,7 +232,7 @@ def evaluate_shadow(
         candidate = session.get_one(Model, candidate_id)
         baseline = session.scalar(select(Model).where(Model.status == "active"))
         queries = confirmed_queries(session)
-        depth = max(*K_GRID, candidate.k, baseline.k if baseline else 0, PAPER_K)
+        depth = max(*K_GRID, candidate.k, baseline.k if baseline else 0, PAPER_K) + 2 * TOP
         searches = {candidate.id: search_model(session, candidate, queries, depth)}
         if baseline is not None and baseline.id != candidate.id:
             searches[baseline.id] = search_model(session, baseline, queries, depth)
