@@ -208,6 +208,7 @@ class Embedders:
                     path,
                     threads=self.settings.onnx_threads,
                     max_batch_size=self.settings.embed_batch_size,
+                    spinning=False,
                 )
                 if len(self._loaded) >= 3:
                     self._loaded.pop(next(iter(self._loaded)))
