@@ -208,8 +208,9 @@ def complete(
     session: Session, lease: Lease, *, done: int, failed: int = 0, errors: Sequence[str] = ()
 ) -> Job:
     """Mark the chunk done and count its items, inside the caller's transaction (the one that
-    writes the chunk's output). Raises ``LeaseLost`` if the chunk is not ours any more: the
-    caller's transaction then rolls back and nothing of this chunk is written."""
+    writes the chunk's output); ``errors`` holds one message per failed item. Raises
+    ``LeaseLost`` if the chunk is not ours any more: the caller's transaction then rolls back and
+    nothing of this chunk is written."""
     job = _locked_job(session, lease.job_id)
     if job.state not in LIVE_STATES:
         raise LeaseLost(f"job {job.id} is {job.state}")
@@ -224,10 +225,12 @@ def complete(
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         raise LeaseLost(f"job {job.id} chunk {lease.seq} was taken over by another worker")
+    # An item reported again (a photo a later step retried) is not counted twice.
+    repeated = [e for e in errors if e in job.errors]
     job.done += done
-    job.failed += failed
+    job.failed += failed - len(repeated)
     if errors:
-        job.errors = [*job.errors, *errors][:MAX_ERRORS]
+        job.errors = [*job.errors, *(e for e in errors if e not in repeated)][:MAX_ERRORS]
     remaining = session.scalar(
         select(func.count())
         .select_from(JobChunk)

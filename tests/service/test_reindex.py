@@ -366,3 +366,27 @@ def test_a_photo_the_old_model_answered_and_confirmed_after_the_switch_joins_the
     with idle_server.client() as client:
         labels = [c["individual_id"] for c in identify(client, 9, 91)["candidates"]]
     assert labels[0] == "ind-9"
+
+
+def test_a_gallery_photo_whose_file_is_gone_is_reported_and_the_rest_is_indexed(
+    server: LiveServer, catalogue: Catalogue, tmp_path: Path
+) -> None:
+    s = catalogue.settings
+    with catalogue.sessions() as session:
+        lost = session.scalars(
+            select(Image).where(Image.individual_id.is_not(None)).order_by(Image.id)
+        ).first()
+        assert lost is not None
+    (s.photos_dir / lost.file_path).unlink()
+    new_file = build_toy_model(tmp_path / "v2.onnx", seed=7, metadata={"whaleid.name": "toy-v2"})
+    with server.client("admin") as admin, server.client() as client:
+        new_id = upload(admin, new_file).json()["id"]
+        job = wait_job(admin, admin.post(f"/models/{new_id}/reindex").json()["id"])
+        assert job["state"] == "succeeded", job
+        assert (job["done"], job["failed"], job["total"]) == (35, 1, 36)
+        assert any(lost.file_path in e for e in job["errors"])
+        r = admin.post(f"/models/{new_id}/activate", json={"force": True})
+        assert r.status_code == 200, r.text
+        assert identify(client, 4, 95)["model"]["name"] == "toy-v2"
+    with catalogue.sessions() as session:
+        assert len(gallery_rows(session, new_id)) == 35
