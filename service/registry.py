@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +34,7 @@ def register_model_file(
 ) -> tuple[Model, bool]:
     """``register_model``, also saying whether the row is new."""
     embedder = Embedder(source)  # refuses a file that breaks the contract, before any write
+    _probe(embedder)
     digest = file_sha256(source)
     with factory() as session:
         existing = session.scalar(select(Model).where(Model.file_hash == digest))
@@ -87,6 +89,21 @@ def register_model_file(
         if created:
             target.unlink(missing_ok=True)
         raise
+
+
+def _probe(embedder: Embedder) -> None:
+    """Embed a grey photo: the model must run at its input size and give one finite vector of
+    its declared dimension."""
+    size = embedder.contract.preprocessing.input_size
+    try:
+        out = embedder.embed(np.full((1, size, size, 3), 127.0, dtype=np.float32))
+    except Exception as e:  # onnxruntime raises its own types for a graph that cannot run
+        raise ModelContractError(f"the model cannot embed a {size}x{size} photo: {e}") from e
+    if out.shape != (1, embedder.dim) or not np.isfinite(out).all() or not out.any():
+        raise ModelContractError(
+            f"the probe embedding is {out.shape}, not (1, {embedder.dim}), or not finite and "
+            "non-zero: check the export"
+        )
 
 
 def _check_names(name: str, version: str) -> None:

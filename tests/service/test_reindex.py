@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 from sqlalchemy import func, select
 
 from service.db import Embedding, Image, Individual, Model
@@ -247,6 +250,15 @@ def test_model_routes_refuse_bad_input_with_a_clear_4xx(
         )
         r = upload(admin, clash2)
         assert r.status_code == 409 and "another whaleid.version" in r.json()["detail"]
+        dead = onnx.load(str(build_toy_model(tmp_path / "dead.onnx", seed=5)))
+        for weights in dead.graph.initializer:
+            if weights.name == "weights":
+                weights.CopyFrom(
+                    numpy_helper.from_array(np.zeros((192, 64), np.float32), "weights")
+                )
+        onnx.save(dead, str(tmp_path / "dead.onnx"))
+        r = upload(admin, tmp_path / "dead.onnx")
+        assert r.status_code == 422 and "probe embedding" in r.json()["detail"]
         long_name = build_toy_model(tmp_path / "long.onnx", metadata={"whaleid.name": "x" * 300})
         r = upload(admin, long_name)
         assert r.status_code == 422 and "whaleid.name" in r.json()["detail"]
