@@ -163,6 +163,9 @@ def test_decisions_made_during_the_job_are_caught_up_before_activation(
         job_id = admin.post(f"/models/{new_id}/reindex").json()["id"]
         assert worker.run_once()  # the first chunk of 10 photos
         during_job = confirm(idle_server, 7, 60)
+        with idle_server.client("curator") as curator:
+            r = curator.post("/individuals/ind-1/merge", json={"into": "ind-2"})
+            assert r.status_code == 200, r.text
         assert admin.get(f"/jobs/{job_id}").json()["done"] == 10
         while worker.run_once():
             pass
@@ -176,6 +179,8 @@ def test_decisions_made_during_the_job_are_caught_up_before_activation(
         photos = session.scalar(select(func.count()).where(Image.individual_id.is_not(None)))
     assert labels[during_job] == "ind-7" and labels[after_ready] == "ind-8"
     assert len(labels) == photos == 38
+    assert "ind-1" not in labels.values()
+    assert list(labels.values()).count("ind-2") == 6  # merged during the job
 
 
 def test_a_worse_model_is_refused_with_both_figures_unless_forced(
