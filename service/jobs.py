@@ -261,6 +261,20 @@ def release_failed(factory: sessionmaker[Session], lease: Lease, error: str) -> 
             _stop(session, job, JobState.FAILED)
 
 
+def release(factory: sessionmaker[Session], lease: Lease) -> None:
+    """Give a chunk back untouched (the worker is shutting down): another takes it at once."""
+    with transaction(factory) as session:
+        session.execute(
+            update(JobChunk)
+            .where(
+                JobChunk.id == lease.chunk_id,
+                JobChunk.lease_owner == lease.owner,
+                JobChunk.state == ChunkState.LEASED,
+            )
+            .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
+        )
+
+
 def _stop(session: Session, job: Job, state: JobState) -> None:
     job.state = state
     job.finished_at = utcnow()
@@ -395,6 +409,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.idle = idle
         self.name = name or worker_name()
+        self._stopping = threading.Event()
 
     def run_once(self) -> bool:
         """Claim and run one chunk; False if there was nothing to do."""
@@ -408,9 +423,15 @@ class Worker:
         )
         beat.start()
         try:
-            self.handlers[lease.kind](lease, lambda: not lost.is_set())
+            self.handlers[lease.kind](
+                lease, lambda: not lost.is_set() and not self._stopping.is_set()
+            )
         except LeaseLost as e:
-            log.info("job %s chunk %s: %s; dropped", lease.job_id, lease.seq, e)
+            if self._stopping.is_set():
+                release(self.factory, lease)
+                log.info("job %s chunk %s: given back, the worker stops", lease.job_id, lease.seq)
+            else:
+                log.info("job %s chunk %s: %s; dropped", lease.job_id, lease.seq, e)
         except Exception as e:
             log.exception("job %s chunk %s failed", lease.job_id, lease.seq)
             release_failed(self.factory, lease, f"{type(e).__name__}: {e}")
@@ -431,6 +452,8 @@ class Worker:
     def run(self, stop: threading.Event, *, exit_when_idle: bool = False) -> None:
         """Work until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left)."""
         log.info("worker %s started (jobs: %s)", self.name, ", ".join(self.handlers))
+        # A chunk in progress stops at its next batch and is given back to the other workers.
+        self._stopping = stop
         while not stop.is_set():
             try:
                 if self.run_once():

@@ -154,3 +154,26 @@ def test_the_worker_renews_its_lease_while_a_chunk_runs(sessions: sessionmaker[S
     assert attempts == 1
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_a_stopping_worker_gives_its_chunk_back_at_once(sessions: sessionmaker[Session]) -> None:
+    job_id = _job(sessions, [[1, 2, 3]])
+    stop = threading.Event()
+    started = threading.Event()
+
+    def long_chunk(lease: Lease, alive: Callable[[], bool]) -> None:
+        started.set()
+        while alive():
+            time.sleep(0.01)
+        raise LeaseLost("stopping")
+
+    worker = Worker(sessions, {"test": long_chunk}, lease_seconds=300, poll_seconds=0.01)
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    assert started.wait(10)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    # Not after the 300 s lease: the chunk is pending again now.
+    again = lease_next(sessions, "other", 30, ["test"])
+    assert again is not None and again.job_id == job_id and again.attempt == 2
