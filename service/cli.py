@@ -247,6 +247,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
+    from service.batch import batch_handlers
     from service.jobs import Worker
     from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 
@@ -254,7 +255,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     embedders = Embedders(settings, factory)
     worker = Worker(
         factory,
-        worker_handlers(settings, factory, embedders),
+        worker_handlers(settings, factory, embedders) | batch_handlers(settings, factory),
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
         idle=ActiveGalleryKeeper(factory, embedders),

@@ -47,6 +47,25 @@ class Settings(BaseSettings):
     max_model_bytes: int = 1024 * 1024 * 1024
     # Fewer curator-confirmed identifications than this cannot judge a new model.
     shadow_min_confirmations: int = 20
+    # Batch identification (POST /jobs/identify, docs/integration.md).
+    batch_max_items: int = 1000
+    batch_chunk_size: int = 16
+    batch_max_archive_bytes: int = 200 * 1024 * 1024
+    batch_max_uncompressed_bytes: int = 1024 * 1024 * 1024
+    # Photo URLs are fetched only from these host names (exact, case-insensitive), and never
+    # from a private, loopback, link-local or otherwise non-public address they resolve to.
+    fetch_hosts: list[str] = []
+    fetch_timeout_seconds: float = 10.0
+    # Callbacks are POSTed only to these host names, under the same address rule, signed with
+    # callback_secret (no secret: a job with a callback_url is refused).
+    callback_hosts: list[str] = []
+    callback_secret: str = ""
+    callback_attempts: int = 5
+    callback_backoff_seconds: float = 1.0
+    callback_timeout_seconds: float = 10.0
+    # TESTS ONLY: lets photo fetches and callbacks reach 127.0.0.1/::1 (still only hosts on the
+    # allowlists). Never switch this on in a deployment.
+    unsafe_allow_loopback_for_tests: bool = False
     # Fault injection for tests: "after-decision-commit" kills the process between a decision's
     # database commit and the gallery update.
     failpoint: str = ""

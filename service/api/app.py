@@ -14,11 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import admin, catalogue, curation, errors, health, identify, review
+from service.api import batch as batch_api
 from service.api import jobs as jobs_api
 from service.api import models as models_api
 from service.api.accesslog import redacted_access_log
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
+from service.batch import batch_handlers
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
@@ -107,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         review.router,
         health.router,
         jobs_api.router,
+        batch_api.router,
         models_api.router,
     ):
         app.include_router(router)
@@ -126,7 +129,8 @@ def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> th
     """The in-process job worker (switch off with WHALEID_WORKER=false and run `whaleid worker`)."""
     worker = Worker(
         app.state.sessions,
-        worker_handlers(settings, app.state.sessions, app.state.embedders),
+        worker_handlers(settings, app.state.sessions, app.state.embedders)
+        | batch_handlers(settings, app.state.sessions, app.state.runtime),
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
         idle=ActiveGalleryKeeper(app.state.sessions, app.state.embedders),

@@ -21,6 +21,7 @@ from service.settings import Settings
 FORM_ALLOWANCE = 64 * 1024
 UPLOAD_PATHS = ("/identify",)
 MODEL_UPLOAD_PATH = "/models"  # an ONNX file, streamed to disk by its route
+ARCHIVE_PATH = "/jobs/identify/archive"  # a ZIP of photos for a batch job
 
 
 class Refused(HTTPException):
@@ -69,6 +70,8 @@ class RequestGuard:
             return self.settings.max_upload_bytes + FORM_ALLOWANCE
         if method == "POST" and path == MODEL_UPLOAD_PATH:
             return self.settings.max_model_bytes
+        if method == "POST" and path == ARCHIVE_PATH:
+            return self.settings.batch_max_archive_bytes + FORM_ALLOWANCE
         return self.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, SessionDep
+from service.api.deps import Admin, Integration, SessionDep
 from service.api.schemas import Problem
 from service.jobs import Progress, cancel, get_job, list_jobs, progress
 
@@ -55,8 +55,9 @@ def get_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": Problem}})
-def get_one_job(job_id: JobId, session: SessionDep, caller: Admin) -> JobOut:
-    """A job's state, done/total, rate, ETA and errors; poll it until `state` is final."""
+def get_one_job(job_id: JobId, session: SessionDep, caller: Integration) -> JobOut:
+    """A job's state, done/total, rate, ETA and errors; poll it until `state` is final (an
+    integration key may poll the batch jobs it submits)."""
     return job_out(progress(session, get_job(session, job_id)))
 
 

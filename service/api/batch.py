@@ -1,0 +1,169 @@
+"""Batch identification jobs: submit a ZIP, stored image ids or photo URLs; poll the job at
+`GET /jobs/{id}`; read the answers as JSON or Kaggle-style CSV."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import IO, Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import PlainTextResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Integration, SessionDep, SettingsDep
+from service.api.jobs import JobId, JobOut, job_out
+from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
+from service.batch import (
+    IDENTIFY_BATCH,
+    Item,
+    image_items,
+    read_archive,
+    results,
+    results_csv,
+    submit,
+    url_items,
+)
+from service.db import Job, transaction
+from service.fetch import MAX_URL_LENGTH
+from service.galleries import Filters
+from service.jobs import get_job, progress
+from service.settings import Settings
+
+router = APIRouter(tags=["jobs"], responses=INVALID)
+
+PLACE_LENGTH = 200
+MAX_LIST = 10_000
+Url = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(storable)
+]
+Species = Annotated[str | None, Field(max_length=SPECIES_LENGTH), AfterValidator(storable)]
+Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(storable)]
+FormSpecies = Annotated[str | None, Form(max_length=SPECIES_LENGTH), AfterValidator(storable)]
+FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
+FormUrl = Annotated[
+    str | None, Form(max_length=MAX_URL_LENGTH, description="Where to POST the result.")
+]
+
+
+class BatchIn(BaseModel):
+    """Exactly one of `image_ids` and `urls`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_ids: list[RowId] | None = Field(None, max_length=MAX_LIST)
+    urls: list[Url] | None = Field(
+        None, max_length=MAX_LIST, description="Photo URLs on hosts in WHALEID_FETCH_HOSTS."
+    )
+    species: Species = None
+    location: Place = None
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    exclude_encounter: Place = None
+    callback_url: Url | None = Field(
+        None, description="POSTed the signed result when the job ends (WHALEID_CALLBACK_HOSTS)."
+    )
+
+
+def _queue(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    items: list[Item],
+    filters: Filters,
+    callback_url: str | None,
+    actor: str,
+) -> int:
+    with transaction(factory) as session:
+        return submit(
+            session, settings, items, filters=filters, callback_url=callback_url, created_by=actor
+        ).id
+
+
+def _out(factory: sessionmaker[Session], job_id: int) -> JobOut:
+    with factory() as session:
+        return job_out(progress(session, get_job(session, job_id)))
+
+
+ACCEPTED: dict[int | str, dict[str, Any]] = {
+    413: {"model": Problem, "description": "The archive is over its byte limit."}
+}
+
+
+@router.post("/jobs/identify", response_model=JobOut, status_code=202)
+async def identify_batch(
+    body: BatchIn, request: Request, settings: SettingsDep, caller: Integration
+) -> JobOut:
+    """Identify stored images or photos at URLs in the background; poll `GET /jobs/{id}`, then
+    read `GET /jobs/{id}/results` (or `.csv`)."""
+    if (body.image_ids is None) == (body.urls is None):
+        raise HTTPException(422, "give exactly one of image_ids and urls")
+    factory: sessionmaker[Session] = request.app.state.sessions
+    filters = Filters(
+        body.species, body.location, body.date_from, body.date_to, body.exclude_encounter
+    )
+    if body.image_ids is not None:
+        ids = body.image_ids
+
+        def lookup() -> list[Item]:
+            with factory() as session:
+                return image_items(session, ids)
+
+        items = await run_in_threadpool(lookup)
+    else:
+        items = url_items(settings, body.urls or [])
+    job_id = await run_in_threadpool(
+        _queue, factory, settings, items, filters, body.callback_url, caller.name
+    )
+    return await run_in_threadpool(_out, factory, job_id)
+
+
+@router.post("/jobs/identify/archive", response_model=JobOut, status_code=202, responses=ACCEPTED)
+async def identify_archive(
+    request: Request,
+    settings: SettingsDep,
+    caller: Integration,
+    archive: Annotated[UploadFile, File(description="A ZIP of photos.")],
+    species: FormSpecies = None,
+    location: FormPlace = None,
+    date_from: Annotated[dt.date | None, Form()] = None,
+    date_to: Annotated[dt.date | None, Form()] = None,
+    exclude_encounter: FormPlace = None,
+    callback_url: FormUrl = None,
+) -> JobOut:
+    """Identify every photo of a ZIP archive in the background (at most `batch_max_items`
+    photos, each within the upload limit, within `batch_max_uncompressed_bytes` inflated)."""
+    if callback_url is not None:
+        storable(callback_url)
+    factory: sessionmaker[Session] = request.app.state.sessions
+    filters = Filters(species, location, date_from, date_to, exclude_encounter)
+    file: IO[bytes] = archive.file
+    items = await run_in_threadpool(read_archive, settings, file)
+    job_id = await run_in_threadpool(
+        _queue, factory, settings, items, filters, callback_url, caller.name
+    )
+    return await run_in_threadpool(_out, factory, job_id)
+
+
+def _batch_job(session: Session, job_id: int) -> Job:
+    job = get_job(session, job_id)
+    if job.kind != IDENTIFY_BATCH:
+        raise HTTPException(404, f"job {job_id} is not a batch identification")
+    return job
+
+
+@router.get("/jobs/{job_id}/results", responses={404: {"model": Problem}})
+def batch_results(job_id: JobId, session: SessionDep, caller: Integration) -> list[dict[str, Any]]:
+    """Each photo's five candidates (or its error), in the order given; `state: pending` for a
+    photo not handled yet."""
+    return results(_batch_job(session, job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/results.csv",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/csv": {}}}, 404: {"model": Problem}},
+)
+def batch_results_csv(job_id: JobId, session: SessionDep, caller: Integration) -> PlainTextResponse:
+    """`image,predictions`: the five candidate ids, best first, space-separated."""
+    return PlainTextResponse(results_csv(_batch_job(session, job_id)), media_type="text/csv")
