@@ -43,7 +43,9 @@ Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(sto
 FormSpecies = Annotated[str | None, Form(max_length=SPECIES_LENGTH), AfterValidator(storable)]
 FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
 FormUrl = Annotated[
-    str | None, Form(max_length=MAX_URL_LENGTH, description="Where to POST the result.")
+    str | None,
+    Form(max_length=MAX_URL_LENGTH, description="Where to POST the result."),
+    AfterValidator(storable),
 ]
 
 
@@ -133,8 +135,6 @@ async def identify_archive(
 ) -> JobOut:
     """Identify every photo of a ZIP archive in the background (at most `batch_max_items`
     photos, each within the upload limit, within `batch_max_uncompressed_bytes` inflated)."""
-    if callback_url is not None:
-        storable(callback_url)
     factory: sessionmaker[Session] = request.app.state.sessions
     filters = Filters(species, location, date_from, date_to, exclude_encounter)
     file: IO[bytes] = archive.file

@@ -288,3 +288,18 @@ def test_fetch_limits(receiver: Receiver) -> None:
         )
         == b"x" * 10_000
     )
+
+
+def test_bad_form_fields_are_422_not_500(server: LiveServer) -> None:
+    headers = {"Authorization": f"Bearer {server.keys['integration']}"}
+    for fields in ({"callback_url": "http://x\x00y"}, {"species": "a\x00b"}, {"date_from": "inf"}):
+        r = httpx.post(
+            f"{server.url}/jobs/identify/archive",
+            data=fields,
+            files={"archive": ("a.zip", archive(range(1)))},
+            headers=headers,
+        )
+        assert r.status_code == 422, (fields, r.text)
+    # No key: refused before the archive is read.
+    r = httpx.post(f"{server.url}/jobs/identify/archive", files={"archive": ("a.zip", b"PK")})
+    assert r.status_code == 401
