@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -303,3 +305,20 @@ def test_bad_form_fields_are_422_not_500(server: LiveServer) -> None:
     # No key: refused before the archive is read.
     r = httpx.post(f"{server.url}/jobs/identify/archive", files={"archive": ("a.zip", b"PK")})
     assert r.status_code == 401
+
+
+def test_the_documented_verifier_accepts_once_and_refuses_the_rest() -> None:
+    """The sample verifier in docs/integration.md, run as a receiver would paste it."""
+    doc = (Path(__file__).parents[2] / "docs" / "integration.md").read_text()
+    block = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL)
+    assert block is not None
+    namespace: dict[str, Any] = {}
+    exec(block.group(1), namespace)
+    verify = namespace["verify"]
+    body = b'{"job_id":7}'
+    header = sign(SECRET, body)
+    assert verify(SECRET, header, body) is True
+    assert verify(SECRET, header, body) is False  # the same signature again: a replay
+    assert verify(SECRET, sign(SECRET, body, int(time.time()) - 3600), body) is False
+    assert verify("other", sign(SECRET, body), body) is False
+    assert verify(SECRET, sign(SECRET, body), body + b" ") is False
