@@ -40,6 +40,7 @@ class Receiver:
     refused: list[tuple[int, str]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     fail_hooks: bool = False
+    hosts: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -57,6 +58,19 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            receiver.hosts.append(self.headers.get("Host", ""))
+            if self.path == "/slow":  # a trickle: a byte every 0.3 s
+                self.send_response(200)
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                try:
+                    for _ in range(100):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except OSError:  # the client gave up, as it should
+                    pass
+                return
             if self.path in receiver.redirects:
                 self._reply(302, location=receiver.redirects[self.path])
             elif self.path in receiver.photos:
@@ -322,3 +336,18 @@ def test_the_documented_verifier_accepts_once_and_refuses_the_rest() -> None:
     assert verify(SECRET, sign(SECRET, body, int(time.time()) - 3600), body) is False
     assert verify("other", sign(SECRET, body), body) is False
     assert verify(SECRET, sign(SECRET, body), body + b" ") is False
+
+
+def test_a_fetch_connects_to_the_checked_address_within_its_time(receiver: Receiver) -> None:
+    receiver.photos["/p"] = b"photo"
+    port = receiver.url.rsplit(":", 1)[1]
+    got = fetch_photo(
+        f"http://localhost:{port}/p", ["localhost"], allow_loopback=True, timeout=5, max_bytes=100
+    )
+    assert got == b"photo" and receiver.hosts[-1] == f"localhost:{port}"
+    start = time.monotonic()
+    with pytest.raises((FetchRefused, httpx.TimeoutException)):
+        fetch_photo(
+            f"{receiver.url}/slow", ["127.0.0.1"], allow_loopback=True, timeout=1, max_bytes=1000
+        )
+    assert time.monotonic() - start < 2.5
