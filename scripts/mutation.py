@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Which tests cover which module (SQLite runs only; PostgreSQL adds nothing to a logic mutant).
 COVERED_BY: dict[str, list[str]] = {
     "service/knn.py": ["tests/service/test_knn.py", "tests/service/test_api.py"],
-    "service/galleries.py": [
+    "service/model_gallery.py": [
         "tests/service/test_gallery.py",
         "tests/service/test_live_gallery.py",
         "tests/service/test_rules.py",

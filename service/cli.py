@@ -294,11 +294,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             "with `whaleid models add MODEL.onnx --activate`"
         )
     else:
-        embedder = Embedder(
-            settings.data_dir / model.file_path,
-            threads=settings.onnx_threads,
-            max_batch_size=settings.embed_batch_size,
-        )
+        embedder = Embedder.for_model(settings, model.file_path)
     run = CatalogueImport(settings, factory, embedder, model.id if model else None)
     try:
         report = run.run(Path(args.catalogue), Path(args.images), batch_size=args.batch_size)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from service.knn import RANKINGS, Ranking
 from service.photos import PixelRange, Preprocessing, Resize
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,17 @@ class Embedder:
         )
         self.max_batch_size = max_batch_size
         self.dim = self._check_shapes(path)
+
+    @classmethod
+    def for_model(cls, settings: Settings, file_path: str, *, spinning: bool = True) -> Embedder:
+        """The embedder of a registered model (``Model.file_path``), with the thread count and
+        batch size from ``settings``."""
+        return cls(
+            settings.data_dir / file_path,
+            threads=settings.onnx_threads,
+            max_batch_size=settings.embed_batch_size,
+            spinning=spinning,
+        )
 
     def _check_shapes(self, path: Path) -> int:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
