@@ -695,8 +695,7 @@ class Service:
                 faiss.omp_set_num_threads(CORES)
                 activate_model(settings, factory, model_row.id)
             setup["activate_s"] = t["s"]
-            with transaction(factory) as session:
-                _, key = create_key(session, "bench", "integration")
+            _, key = create_key(factory, "bench", "integration")
         finally:
             engine.dispose()
         return cls(root, settings, key, setup)

@@ -336,14 +336,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     from service.auth import create_key
-    from service.db import transaction
 
-    with transaction(_sessions(settings)) as session:
-        try:
-            row, key = create_key(session, args.name, args.role)
-        except ValueError as e:
-            log.error("%s", e)
-            return 2
+    try:
+        row, key = create_key(_sessions(settings), args.name, args.role)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     log.info(
         "created %s key %s for %s; it is shown once, on standard output", row.role, row.id, row.name
     )
@@ -363,12 +361,10 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from service.auth import revoke_key
-    from service.db import transaction
 
-    with transaction(_sessions(settings)) as session:
-        if not revoke_key(session, args.key_id):
-            log.error("key %s does not exist", args.key_id)
-            return 2
+    if not revoke_key(_sessions(settings), args.key_id):
+        log.error("key %s does not exist", args.key_id)
+        return 2
     return 0
 
 
