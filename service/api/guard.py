@@ -48,13 +48,16 @@ def _has_body(headers: Headers) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
 
 
-def _too_large(limit: int, size: str | None = None) -> Refused:
+SMALLER = "send a smaller photo (or fewer items)"
+SMALLER_MODEL = (
+    "the model file is over WHALEID_MAX_MODEL_BYTES: raise it, or register the file with "
+    "`whaleid models add`"
+)
+
+
+def _too_large(limit: int, size: str | None = None, advice: str = SMALLER) -> Refused:
     said = f" is {size} bytes," if size else " is"
-    return Refused(
-        413,
-        f"the request body{said} over the limit of {limit} bytes: send a smaller photo (or fewer "
-        "items)",
-    )
+    return Refused(413, f"the request body{said} over the limit of {limit} bytes: {advice}")
 
 
 class RequestGuard:
@@ -76,6 +79,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["method"], scope["path"])
+        model = scope["method"] == "POST" and scope["path"] == MODEL_UPLOAD_PATH
+        advice = SMALLER_MODEL if model else SMALLER
         received = 0
         # Without a body there is nothing to guard (a response may still listen on receive for
         # a disconnect, while its route holds a database session).
@@ -85,13 +90,13 @@ class RequestGuard:
         async def guarded_receive() -> Message:
             nonlocal received, admitted
             if not admitted:  # the first read of the body: check the caller first
-                await self._admit(scope, limit)
+                await self._admit(scope, limit, advice)
                 admitted = True
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _too_large(limit)
+                    raise _too_large(limit, advice=advice)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -107,7 +112,7 @@ class RequestGuard:
             response = JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers)
             await response(scope, receive, send)
 
-    async def _admit(self, scope: Scope, limit: int) -> None:
+    async def _admit(self, scope: Scope, limit: int, advice: str) -> None:
         """Authenticate for the matched route, then refuse a declared length over the limit."""
         role = required_role(scope) if self.settings.auth else None
         known = scope.get("state", {}).get("principal")
@@ -119,4 +124,4 @@ class RequestGuard:
             scope.setdefault("state", {})["principal"] = principal
         length = Headers(scope=scope).get("content-length", "")
         if re.fullmatch(r"\d{1,30}", length) and int(length) > limit:
-            raise _too_large(limit, length)
+            raise _too_large(limit, length, advice)
