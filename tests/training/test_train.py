@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
 
 from tests.training.helpers import tiny_config  # noqa: E402
 from training import train as train_module  # noqa: E402
@@ -69,7 +70,7 @@ def test_an_interrupted_run_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     config = tiny_config(catalogue, tmp_path / "run", epochs=3, steps_per_epoch=2)
     started: list[int] = []
 
-    class Watch(tf.keras.callbacks.Callback):
+    class Watch(keras.callbacks.Callback):
         def __init__(self, stop_after: int | None) -> None:
             super().__init__()
             self.stop_after = stop_after
