@@ -253,6 +253,8 @@ def export_model(
         metadata["whaleid.training.export_parity"] = parity.describe()
         _save(proto, metadata, tmp)
         if quantize == INT8:
+            del model, embedder  # TensorFlow's part is done: calibration needs the memory
+            keras.backend.clear_session()
             metadata = _write_int8(
                 tmp,
                 out,
