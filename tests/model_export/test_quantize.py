@@ -115,3 +115,23 @@ def test_int8_needs_the_runs_validation_photos(tmp_path: Path) -> None:
             quantize="int8",
         )
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_models_compared_side_by_side(fp32: Path, tmp_path: Path) -> None:
+    from model_export.compare import compare
+    from training.synthetic import write_catalogue
+
+    catalogue = write_catalogue(
+        tmp_path / "cat", individuals=4, photos=2, queries=1, unseen=1, size=48, seed=9
+    )
+    assert catalogue.queries_csv is not None
+    twin = tmp_path / "twin.onnx"
+    twin.write_bytes(fp32.read_bytes())
+    result = compare(
+        [fp32, twin], catalogue.catalogue_csv, catalogue.queries_csv, catalogue.images, rounds=2
+    )
+    first, second = result["models"]["tiny.onnx"], result["models"]["twin.onnx"]
+    assert (result["gallery_photos"], result["queries"]) == (8, 6)  # 4 known + 2 unseen
+    assert first["map5"] == second["map5"] and 0.0 <= first["map5"] <= 1.0
+    assert second["min_cosine_to_first_model"] == pytest.approx(1.0)
+    assert first["embed_one_photo"]["runs"] == 2 * 10 and first["embed_one_photo"]["p50_ms"] > 0
