@@ -215,12 +215,26 @@ class Validation:
             return photos.embed(embed)
         return embed_photos(embed, photos, self.spec)
 
+    def embeddings(self, embed: Embed) -> tuple[np.ndarray, np.ndarray]:
+        """The gallery's and the queries' embeddings."""
+        return self._embed(embed, self.gallery), self._embed(embed, self.queries)
+
     def neighbours(self, embed: Embed, k: int) -> list[list[Neighbour]]:
-        gallery = self._embed(embed, self.gallery)
-        queries = self._embed(embed, self.queries)
+        gallery, queries = self.embeddings(embed)
         return nearest(queries, gallery, self.gallery_labels, k)
 
+    def score(
+        self,
+        gallery: np.ndarray,
+        queries: np.ndarray,
+        *,
+        k: int,
+        cutoff: float,
+        ranking: Ranking,
+    ) -> Scores:
+        """MAP@5 of embeddings already computed (by ``embeddings``)."""
+        neighbours = nearest(queries, gallery, self.gallery_labels, k)
+        return score(predict(neighbours, k=k, cutoff=cutoff, ranking=ranking), self.truths)
+
     def evaluate(self, embed: Embed, *, k: int, cutoff: float, ranking: Ranking) -> Scores:
-        return score(
-            predict(self.neighbours(embed, k), k=k, cutoff=cutoff, ranking=ranking), self.truths
-        )
+        return self.score(*self.embeddings(embed), k=k, cutoff=cutoff, ranking=ranking)
