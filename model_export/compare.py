@@ -74,12 +74,12 @@ def compare(
         spec = c.preprocessing
         vectors = embed_photos(embed, gallery_bytes, spec)
         queried = embed_photos(embed, query_bytes, spec)
-        found = nearest(queried, vectors, [e.individual_id for e in gallery], c.k)
-        s = score(predict(found, k=c.k, cutoff=c.cutoff, ranking=c.ranking), truths)
+        found = nearest(queried, vectors, [e.individual_id for e in gallery], c.head.k)
+        s = score(predict(found, k=c.head.k, cutoff=c.head.cutoff, ranking=c.head.ranking), truths)
         results["models"][path.name] = {
             "version": c.version,
             "size_mb": round(path.stat().st_size / 1e6, 2),
-            "head": {"k": c.k, "cutoff": c.cutoff, "ranking": c.ranking},
+            "head": {"k": c.head.k, "cutoff": c.head.cutoff, "ranking": str(c.head.ranking)},
             **s.as_dict(),
             "queried": queried,
         }

@@ -39,8 +39,9 @@ from model_export.quantize import (
     check_int8,
     quantize_int8,
 )
-from service.embedder import Embedder, ModelContractError, l2_normalise
-from service.photos import Preprocessing, decode_photo, to_model_input
+from service.contract import ModelContractError, Preprocessing
+from service.embedder import Embedder, l2_normalise
+from service.photos import decode_photo, to_model_input
 from training.augment import decode, model_input
 from training.data import MAX_PIXELS, Entry, PhotoSource, upright_bytes
 from training.evaluate import prepare
@@ -347,9 +348,9 @@ def _write_int8(
                 fp32,
                 quantized,
                 validation,
-                k=contract.k,
-                cutoff=contract.cutoff,
-                ranking=contract.ranking,
+                k=contract.head.k,
+                cutoff=contract.head.cutoff,
+                ranking=contract.head.ranking,
                 min_cosine=min_cosine,
             )
         except QuantizationRefused as e:

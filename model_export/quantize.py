@@ -32,7 +32,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from service.knn import Ranking
+from service.contract import Ranking
 from training.evaluate import Scores, Validation, onnx_embed
 
 log = logging.getLogger(__name__)

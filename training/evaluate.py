@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.contract import PixelRange, Preprocessing, Ranking
 from service.embedder import Embedder, l2_normalise
-from service.knn import NEW_INDIVIDUAL, Neighbour, Ranking, map_at_5, rank_candidates
-from service.photos import Preprocessing, decode_photo, to_model_input
+from service.knn import NEW_INDIVIDUAL, Neighbour, map_at_5, rank_candidates
+from service.photos import decode_photo, to_model_input
 from training.data import MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class PreparedPhotos:
 
     @classmethod
     def from_bytes(cls, photos: Iterable[bytes], spec: Preprocessing) -> PreparedPhotos:
-        eight_bit = Preprocessing(spec.input_size, spec.resize, "0-255")
+        eight_bit = Preprocessing(spec.input_size, spec.resize, PixelRange.BYTES)
         images = [
             Image.fromarray(prepare(data, eight_bit).astype(np.uint8), "RGB") for data in photos
         ]

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from service.photos import Preprocessing
+from service.contract import Preprocessing
 from training.data import MAX_PIXELS
 from training.evaluate import prepare
 from training.model import HEAD_LAYERS, backbone_of

@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from service.photos import Preprocessing
+from service.contract import Preprocessing
 from training.model import embedding_submodel
 
 SUMMARY = "summary.json"

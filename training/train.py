@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from service.knn import Ranking
+from service.contract import Ranking
 from training.config import ConfigError, TrainConfig, config_from_dict
 from training.data import PhotoSource, Split, open_source, split_catalogue, training_dataset
 from training.evaluate import PreparedPhotos, Validation, fits_in_memory, grid_search, keras_embed

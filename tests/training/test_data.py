@@ -10,8 +10,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from service.contract import Preprocessing  # noqa: E402
 from service.knn import NEW_INDIVIDUAL  # noqa: E402
-from service.photos import Preprocessing  # noqa: E402
 from training.config import Augmentation  # noqa: E402
 from training.data import (  # noqa: E402
     CsvSource,

@@ -12,7 +12,7 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from service.photos import Preprocessing  # noqa: E402
+from service.contract import Preprocessing  # noqa: E402
 from training.cli import main as cli_main  # noqa: E402
 from training.gradcam import heatmap, jet, write_overlays  # noqa: E402
 from training.robustness import CONDITIONS, at_input_size, blur, dim, run_robustness  # noqa: E402

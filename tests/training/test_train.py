@@ -11,10 +11,11 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from service.knn import K_GRID  # noqa: E402
 from tests.training.helpers import tiny_config  # noqa: E402
 from training import train as train_module  # noqa: E402
 from training.cli import main as cli_main  # noqa: E402
-from training.config import K_GRID, ConfigError, load_config  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
 from training.synthetic import write_catalogue  # noqa: E402
 
 
