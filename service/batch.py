@@ -140,15 +140,15 @@ def image_items(session: Session, image_ids: Sequence[int]) -> list[Item]:
 
 
 def submit(
-    session: Session,
+    factory: sessionmaker[Session],
     settings: Settings,
     items: Sequence[Item],
     *,
     filters: Filters,
     callback_url: str | None,
     created_by: str,
-) -> Job:
-    """Queue a batch job over ``items``."""
+) -> int:
+    """Queue a batch job over ``items``; its id."""
     if not items:
         raise Invalid("the batch is empty")
     if len(items) > settings.batch_max_items:
@@ -166,19 +166,20 @@ def submit(
             raise Invalid(f"callback_url: {e}") from None
     size = max(1, settings.batch_chunk_size)
     indices = list(range(len(items)))
-    return create_job(
-        session,
-        kind=IDENTIFY_BATCH,
-        model_id=None,
-        params={
-            "items": [i.as_dict() for i in items],
-            "filters": filters.as_dict(),
-            "callback_url": callback_url,
-        },
-        chunks=[indices[i : i + size] for i in range(0, len(indices), size)],
-        created_by=created_by,
-        finish=True,
-    )
+    with transaction(factory) as session:
+        return create_job(
+            session,
+            kind=IDENTIFY_BATCH,
+            model_id=None,
+            params={
+                "items": [i.as_dict() for i in items],
+                "filters": filters.as_dict(),
+                "callback_url": callback_url,
+            },
+            chunks=[indices[i : i + size] for i in range(0, len(indices), size)],
+            created_by=created_by,
+            finish=True,
+        ).id
 
 
 def _filters(data: dict[str, str]) -> Filters:

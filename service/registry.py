@@ -11,12 +11,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.catalogue import embed_gallery
+from service.contract import ModelContractError, ModelStatus
 from service.curation import Conflict
 from service.db import Model, transaction
-from service.embedder import Embedder, ModelContractError, file_sha256
-from service.galleries import Gallery
-from service.identify import index_path
+from service.embedder import Embedder, file_sha256
+from service.embedding import embed_gallery
+from service.model_gallery import Gallery
 from service.reindex import Embedders, switch_to
 from service.settings import Settings
 
@@ -70,10 +70,10 @@ def register_model_file(
                     "resize": contract.preprocessing.resize,
                     "pixel_range": contract.preprocessing.pixel_range,
                 },
-                k=contract.k,
-                cutoff=contract.cutoff,
-                ranking=contract.ranking,
-                status="registered",
+                k=contract.head.k,
+                cutoff=contract.head.cutoff,
+                ranking=contract.head.ranking,
+                status=ModelStatus.REGISTERED,
                 metadata_props=dict(embedder.session.get_modelmeta().custom_metadata_map),
             )
             session.add(model)
@@ -122,12 +122,7 @@ def activate_model(settings: Settings, factory: sessionmaker[Session], model_id:
     embedders = Embedders(settings, factory)
     photos = embedders(model_id)
     embedded = embed_gallery(settings, factory, photos.embedder, model_id)
-    gallery = Gallery(
-        model_id,
-        photos.embedder.dim,
-        index_path(settings, model_id),
-        ivf_threshold=settings.ivf_threshold,
-    )
+    gallery = Gallery.for_model(settings, model_id, photos.embedder.dim)
     gallery.open(factory)
     switch = switch_to(
         settings, factory, photos, model_id, action="activate", head=None, actor="cli", forced=True

@@ -25,14 +25,13 @@ from sqlalchemy import exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contract import PAPER_HEAD, ModelStatus
 from service.curation import Conflict, NotFound
 from service.db import Embedding, GalleryChange, Image, Job, Model, ModelSwitch, transaction
 from service.embedder import Embedder
-from service.galleries import Gallery, log_gallery_changes
-from service.gallery import sidecar_path
-from service.identify import index_path
+from service.gallery_index import sidecar_path
 from service.jobs import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
-from service.knn import PAPER_CUTOFF, PAPER_K
+from service.model_gallery import Gallery, index_path, log_gallery_changes
 from service.photos import PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore
 from service.settings import Settings
@@ -44,14 +43,6 @@ REINDEX = "reindex"
 # Photos embedded while the switch holds gallery writes; more than this are caught up outside it
 # first, so decisions wait at most about a second.
 _CATCH_UP_IN_LOCK = 100
-
-
-class ModelStatus(StrEnum):
-    REGISTERED = "registered"
-    INDEXING = "indexing"
-    READY = "ready"
-    ACTIVE = "active"
-    RETIRED = "retired"
 
 
 class HeadChoice(StrEnum):
@@ -202,14 +193,8 @@ class Embedders:
         with self._lock:
             if model_id not in self._loaded:
                 with self.factory() as session:
-                    model = _model(session, model_id)
-                    path = self.settings.data_dir / model.file_path
-                embedder = Embedder(
-                    path,
-                    threads=self.settings.onnx_threads,
-                    max_batch_size=self.settings.embed_batch_size,
-                    spinning=False,
-                )
+                    file_path = _model(session, model_id).file_path
+                embedder = Embedder.for_model(self.settings, file_path, spinning=False)
                 if len(self._loaded) >= 3:
                     self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[model_id] = PhotoEmbedder(self.settings, embedder)
@@ -343,12 +328,7 @@ class ReindexChunks:
         added, errors = catch_up(self.factory, photos, lease.model_id, alive=alive)
         if added:
             log.info("model %s: caught up with %d new gallery photos", lease.model_id, added)
-        gallery = Gallery(
-            lease.model_id,
-            photos.embedder.dim,
-            index_path(self.settings, lease.model_id),
-            ivf_threshold=self.settings.ivf_threshold,
-        )
+        gallery = Gallery.for_model(self.settings, lease.model_id, photos.embedder.dim)
         gallery.open(self.factory)  # writes the index file the replicas load at the switch
         if not alive():
             raise LeaseLost("the lease was lost while writing the index")
@@ -399,7 +379,7 @@ def head_of(report: ShadowReport, model: Model, choice: HeadChoice) -> dict[str,
     if choice == HeadChoice.MODEL:
         return {"k": model.k, "cutoff": model.cutoff, "ranking": model.ranking}
     if choice == HeadChoice.PAPER:
-        return {"k": PAPER_K, "cutoff": PAPER_CUTOFF, "ranking": "vote"}
+        return {"k": PAPER_HEAD.k, "cutoff": PAPER_HEAD.cutoff, "ranking": str(PAPER_HEAD.ranking)}
     best = report.best_head()
     if best is None:
         raise Conflict(

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from typing import IO, Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Integration, SessionDep, SettingsDep
+from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
 from service.api.jobs import JobId, JobOut, job_out
 from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
 from service.batch import (
@@ -25,11 +26,10 @@ from service.batch import (
     submit,
     url_items,
 )
-from service.db import Job, transaction
+from service.db import Job
 from service.fetch import MAX_URL_LENGTH
 from service.galleries import Filters
 from service.jobs import get_job, progress
-from service.settings import Settings
 
 router = APIRouter(tags=["jobs"], responses=INVALID)
 
@@ -68,20 +68,6 @@ class BatchIn(BaseModel):
     )
 
 
-def _queue(
-    factory: sessionmaker[Session],
-    settings: Settings,
-    items: list[Item],
-    filters: Filters,
-    callback_url: str | None,
-    actor: str,
-) -> int:
-    with transaction(factory) as session:
-        return submit(
-            session, settings, items, filters=filters, callback_url=callback_url, created_by=actor
-        ).id
-
-
 def _out(factory: sessionmaker[Session], job_id: int) -> JobOut:
     with factory() as session:
         return job_out(progress(session, get_job(session, job_id)))
@@ -94,13 +80,13 @@ ACCEPTED: dict[int | str, dict[str, Any]] = {
 
 @router.post("/jobs/identify", response_model=JobOut, status_code=202)
 async def identify_batch(
-    body: BatchIn, request: Request, settings: SettingsDep, caller: Integration
+    body: BatchIn, sessions: SessionsDep, settings: SettingsDep, caller: Integration
 ) -> JobOut:
     """Identify stored images or photos at URLs in the background; poll `GET /jobs/{id}`, then
     read `GET /jobs/{id}/results` (or `.csv`)."""
     if (body.image_ids is None) == (body.urls is None):
         raise HTTPException(422, "give exactly one of image_ids and urls")
-    factory: sessionmaker[Session] = request.app.state.sessions
+    factory = sessions
     filters = Filters(
         body.species, body.location, body.date_from, body.date_to, body.exclude_encounter
     )
@@ -115,14 +101,22 @@ async def identify_batch(
     else:
         items = url_items(settings, body.urls or [])
     job_id = await run_in_threadpool(
-        _queue, factory, settings, items, filters, body.callback_url, caller.name
+        partial(
+            submit,
+            factory,
+            settings,
+            items,
+            filters=filters,
+            callback_url=body.callback_url,
+            created_by=caller.name,
+        )
     )
     return await run_in_threadpool(_out, factory, job_id)
 
 
 @router.post("/jobs/identify/archive", response_model=JobOut, status_code=202, responses=ACCEPTED)
 async def identify_archive(
-    request: Request,
+    sessions: SessionsDep,
     settings: SettingsDep,
     caller: Integration,
     archive: Annotated[UploadFile, File(description="A ZIP of photos.")],
@@ -135,12 +129,20 @@ async def identify_archive(
 ) -> JobOut:
     """Identify every photo of a ZIP archive in the background (at most `batch_max_items`
     photos, each within the upload limit, within `batch_max_uncompressed_bytes` inflated)."""
-    factory: sessionmaker[Session] = request.app.state.sessions
+    factory = sessions
     filters = Filters(species, location, date_from, date_to, exclude_encounter)
     file: IO[bytes] = archive.file
     items = await run_in_threadpool(read_archive, settings, file)
     job_id = await run_in_threadpool(
-        _queue, factory, settings, items, filters, callback_url, caller.name
+        partial(
+            submit,
+            factory,
+            settings,
+            items,
+            filters=filters,
+            callback_url=callback_url,
+            created_by=caller.name,
+        )
     )
     return await run_in_threadpool(_out, factory, job_id)
 

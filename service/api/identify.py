@@ -25,9 +25,9 @@ from service.api.schemas import (
 )
 from service.curation import decision_history
 from service.db import Identification, Image
-from service.galleries import Filters
 from service.identify import IdentificationResult
 from service.limits import check_text, column_length
+from service.model_gallery import Filters
 from service.photos import PhotoTooLarge, parse_bbox
 
 router = APIRouter(tags=["identify"], responses=INVALID)
@@ -55,7 +55,7 @@ def _to_response(result: IdentificationResult) -> IdentificationOut:
     return IdentificationOut(
         identification_id=result.identification_id,
         candidates=[CandidateOut(**c.__dict__) for c in result.candidates],
-        model=ModelOut(**result.model.__dict__),
+        model=ModelOut.of(result.model),
         gallery_size=result.gallery_size,
         filters=result.filters,
         created_at=result.created_at,

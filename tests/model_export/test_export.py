@@ -14,8 +14,8 @@ onnx = pytest.importorskip("onnx")
 
 from model_export.cli import main as export_cli  # noqa: E402
 from model_export.export import ExportRefused, export_model  # noqa: E402
+from service.contract import Preprocessing  # noqa: E402
 from service.embedder import Embedder, l2_normalise  # noqa: E402
-from service.photos import Preprocessing  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.model import build_training_model, embedding_submodel  # noqa: E402
 from training.runs import load_model  # noqa: E402
@@ -30,7 +30,7 @@ def test_export_follows_the_model_contract(tiny_run: Path, tmp_path: Path) -> No
     c = embedder.contract
     assert c.preprocessing == Preprocessing(32, "stretch", "0-255")
     head = summary["head"]
-    assert (c.k, c.cutoff, c.ranking) == (head["k"], head["cutoff"], head["ranking"])
+    assert (c.head.k, c.head.cutoff, c.head.ranking) == (head["k"], head["cutoff"], head["ranking"])
     assert (c.name, c.version, embedder.dim) == ("tiny", "test", 16)
     best = summary["validation"]["best"]
     assert c.training["whaleid.training.val_map5"] == f"{best['map5']:.4f}"
@@ -73,7 +73,7 @@ def test_save_load_export_round_trip_without_a_run(tmp_path: Path) -> None:
         tmp_path / "fresh.keras", tmp_path / "fresh.onnx", photos=wide_photos(tmp_path / "photos")
     )
     c = Embedder(tmp_path / "fresh.onnx").contract
-    assert (c.k, c.cutoff, c.ranking, c.name) == (50, 0.62, "vote", "fresh")  # the defaults
+    assert (c.head.k, c.head.cutoff, c.head.ranking, c.name) == (50, 0.62, "vote", "fresh")
     assert c.preprocessing == Preprocessing(40)
     assert result.metadata["whaleid.input_size"] == "40"
 
@@ -123,7 +123,7 @@ def test_cli(tiny_run: Path, tmp_path: Path) -> None:
         == 0
     )
     c = Embedder(out).contract
-    assert (c.version, c.cutoff) == ("v9", 0.5)
+    assert (c.version, c.head.cutoff) == ("v9", 0.5)
     bad = tmp_path / "bad.onnx"
     assert (
         export_cli([str(tiny_run / "model.keras"), "--out", str(bad), "--pixel-range", "imagenet"])
