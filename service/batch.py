@@ -29,9 +29,9 @@ from service.callbacks import deliver
 from service.curation import Invalid
 from service.db import Image, Job, transaction
 from service.fetch import FetchRefused, check_url, fetch_photo
-from service.galleries import Filters
 from service.identify import Identifier, Runtime
 from service.jobs import ChunkHandler, Lease, LeaseLost, complete, create_job
+from service.model_gallery import Filters
 from service.photos import PhotoError
 from service.photostore import PhotoStore
 from service.settings import Settings

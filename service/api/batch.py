@@ -28,8 +28,8 @@ from service.batch import (
 )
 from service.db import Job
 from service.fetch import MAX_URL_LENGTH
-from service.galleries import Filters
 from service.jobs import get_job, progress
+from service.model_gallery import Filters
 
 router = APIRouter(tags=["jobs"], responses=INVALID)
 
