@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.auth import ANONYMOUS_ADMIN, Principal, authenticate
 from service.identify import Runtime
+from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 COOKIE = "whaleid_key"
@@ -24,6 +25,11 @@ def get_session(request: Request) -> Iterator[Session]:
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
 
 
 def get_settings(request: Request) -> Settings:
@@ -116,6 +122,7 @@ def require(role: str) -> Require:
 SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 Integration = Annotated[Principal, Depends(require("integration"))]
 Curator = Annotated[Principal, Depends(require("curator"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
