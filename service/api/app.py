@@ -13,7 +13,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import admin, catalogue, curation, errors, health, identify, metrics, review
+from service.api import (
+    admin,
+    catalogue,
+    curation,
+    encounters,
+    errors,
+    health,
+    identify,
+    metrics,
+    review,
+)
 from service.api.accesslog import redacted_access_log
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
@@ -97,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     for router in (
         identify.router,
+        encounters.router,
         curation.router,
         catalogue.router,
         admin.router,

@@ -20,6 +20,7 @@ from service.settings import Settings
 # Room for the multipart framing and the form fields around an uploaded photo.
 FORM_ALLOWANCE = 64 * 1024
 UPLOAD_PATHS = ("/identify",)
+ENCOUNTER_PATHS = ("/encounters/identify",)
 
 
 class Refused(HTTPException):
@@ -66,6 +67,9 @@ class RequestGuard:
     def limit_for(self, path: str) -> int:
         if path in UPLOAD_PATHS:
             return self.settings.max_upload_bytes + FORM_ALLOWANCE
+        if path in ENCOUNTER_PATHS:
+            photos = self.settings.encounter_max_photos
+            return photos * self.settings.max_upload_bytes + FORM_ALLOWANCE
         return self.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -50,7 +50,7 @@ FormSpecies = Annotated[
 FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
 
 
-def _to_response(result: IdentificationResult) -> IdentificationOut:
+def to_response(result: IdentificationResult) -> IdentificationOut:
     assert result.identification_id is not None
     return IdentificationOut(
         identification_id=result.identification_id,
@@ -110,7 +110,7 @@ async def identify(
     )
     response.headers["Server-Timing"] = server_timing(result.timings)
     metrics.observe_stages(result.timings)
-    return _to_response(result)
+    return to_response(result)
 
 
 def server_timing(timings: dict[str, float]) -> str:
