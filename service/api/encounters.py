@@ -28,12 +28,13 @@ from service.photos import PhotoTooLarge
 router = APIRouter(tags=["identify"], responses=INVALID)
 
 FUSION_RULE = (
-    "**Fusion** (`rank_sum`, the default): each photo gives the individuals of its own answer "
-    "points by place (5 for the first, 4 for the second, ... `new_individual` left out); the "
-    "points are summed over the photos, ties going to the smaller distance. An individual's "
-    "fused distance is its smallest over the photos, its votes the sum of its votes; "
-    "`new_individual` is then placed by the model's cutoff on that distance, as for one photo. "
-    "`min_distance` ranks by the fused distance alone (nearest over all photos)."
+    "**Fusion** (`similarity_sum`, the default): per individual named in the photos' own "
+    "answers, the similarity `1 - distance` is summed over the photos that name it; the largest "
+    "sum ranks first, ties going to the smaller distance. An individual's fused distance is its "
+    "smallest over the photos, its votes the sum of its votes; `new_individual` is then placed "
+    "by the model's cutoff on that distance, as for one photo. Alternatives: `rank_sum` (points "
+    "5, 4, ... 1 by place in each photo's answer, summed) and `min_distance` (the nearest over "
+    "all photos)."
 )
 
 
@@ -68,7 +69,7 @@ async def identify_encounter_route(
     photos: Annotated[
         list[UploadFile], File(description="The encounter's photos (repeat the field).")
     ],
-    fusion: Annotated[Fusion, Form()] = Fusion.RANK_SUM,
+    fusion: Annotated[Fusion, Form()] = Fusion.SIMILARITY_SUM,
     species: FormSpecies = None,
     location: FormPlace = None,
     date_from: Annotated[dt.date | None, Form()] = None,

@@ -7,6 +7,7 @@ import os
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from service.encounters import Fusion, fuse
@@ -29,10 +30,11 @@ def labels(candidates: list[AnsweredCandidate]) -> list[str]:
     return [c.individual_id for c in candidates]
 
 
-def test_rank_sum_lets_agreeing_photos_outvote_one_bad_photo() -> None:
+@pytest.mark.parametrize("rule", [Fusion.SIMILARITY_SUM, Fusion.RANK_SUM])
+def test_summing_rules_let_agreeing_photos_outvote_one_bad_photo(rule: Fusion) -> None:
     good = answer(("a", 0.20), ("b", 0.40), ("c", 0.45), ("d", 0.5))
     bad = answer(("x", 0.05), ("y", 0.4), ("z", 0.5), ("a", 0.55))
-    fused = fuse([good, good, bad], cutoff=0.3)
+    fused = fuse([good, good, bad], cutoff=0.3, fusion=rule)
     assert labels(fused) == ["a", "x", NEW_INDIVIDUAL, "b", "c"]
     assert fused[0].votes == 9 and fused[0].distance == 0.2 and fused[0].rank == 1
     assert fused[0].confidence == 0.8 and fused[2].votes is None
@@ -72,7 +74,7 @@ def test_the_fused_ranking_beats_a_bad_photo_and_every_photo_is_recorded(
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["candidates"][0]["individual_id"] == "ind-3"
-        assert body["fusion"] == "rank_sum" and len(body["candidates"]) == 5
+        assert body["fusion"] == "similarity_sum" and len(body["candidates"]) == 5
         assert [p["candidates"][0]["individual_id"] for p in body["photos"]][1:] == ["ind-3"] * 2
         assert len(body["identification_ids"]) == 3
         for ident, own in zip(body["identification_ids"], body["photos"], strict=True):
@@ -103,4 +105,6 @@ def test_encounter_limits_answer_413_or_422_never_500(catalogue: Catalogue) -> N
             assert client.post("/encounters/identify", data={"species": "x"}).status_code == 422
             wrong_rule = post_encounter(client, [small], fusion="average")
             assert wrong_rule.status_code == 422
-            assert post_encounter(client, [small], fusion="min_distance").status_code == 200
+            for rule in ("rank_sum", "min_distance"):
+                chosen = post_encounter(client, [small], fusion=rule)
+                assert chosen.status_code == 200 and chosen.json()["fusion"] == rule
