@@ -47,7 +47,8 @@ SIZES = (2, 3)
 # The run is deterministic (seeded renders, fixed splits): this reading holds for the table above.
 READING = [
     "Reading: on every data set an encounter of 2 photos beats its photos one at a time, and with "
-    "the default rule 3 do at least as well as 2. `similarity_sum`, the default, is best on the synthetic catalogue and the seals; "
+    "the default rule 3 do at least as well as 2. `similarity_sum`, the default, is best on the "
+    "synthetic catalogue and the seals; "
     "`min_distance` is best on ORL faces, whose photos of one person are near-duplicates (one "
     "close match is then reliable), and is the rule one bad photo misleads "
     "(tests/service/test_encounters.py). The seal figures sit little above chance (a random "
