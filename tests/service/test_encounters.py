@@ -108,3 +108,6 @@ def test_encounter_limits_answer_413_or_422_never_500(catalogue: Catalogue) -> N
             for rule in ("rank_sum", "min_distance"):
                 chosen = post_encounter(client, [small], fusion=rule)
                 assert chosen.status_code == 200 and chosen.json()["fusion"] == rule
+        with server.client(None) as anonymous:  # the key is checked before the photos are read
+            refused = post_encounter(anonymous, [small])
+            assert refused.status_code == 401 and "API key" in refused.json()["detail"]
