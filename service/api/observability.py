@@ -63,30 +63,29 @@ class RequestContext:
         rid = request_id_of(Headers(scope=scope))
         token = logs.request_id.set(rid)
         start = time.perf_counter()
-        status = 500  # unless a response starts
+        status, started = 500, False  # a failure before any response counts as a 500
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
             await send(message)
 
         try:
             await asyncio.wait_for(self.app(scope, receive, send_with_id), self.timeout)
         except TimeoutError:
-            status = await self._timed_out(scope, receive, send_with_id, status)
+            if not started:  # once a response has started, all that can be done is to stop it
+                status = await self._timed_out(scope, receive, send_with_id)
+            log.warning("%s %s ran past %g s", scope["method"], scope["path"], self.timeout)
         finally:
             seconds = time.perf_counter() - start
             self.metrics.observe_request(scope["method"], route_template(scope), status, seconds)
             logs.request_id.reset(token)
 
-    async def _timed_out(self, scope: Scope, receive: Receive, send: Send, status: int) -> int:
+    async def _timed_out(self, scope: Scope, receive: Receive, send: Send) -> int:
         # Work already handed to a thread runs on (a thread cannot be cancelled); its slot is
         # freed when it ends. The caller gets its answer now.
-        log.warning("%s %s ran past %g s", scope["method"], scope["path"], self.timeout)
-        if status != 500:  # the response had started: all that can be done is to stop it
-            return status
         response = JSONResponse(
             {"detail": f"the request took longer than {self.timeout:g} s; retry later"},
             status_code=504,
