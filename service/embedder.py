@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from service.knn import RANKINGS, Ranking
 from service.photos import PixelRange, Preprocessing, Resize
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,17 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
 class Embedder:
     """One onnxruntime session for one model; thread-safe for concurrent ``embed`` calls."""
 
-    def __init__(self, path: Path, *, threads: int = 0, max_batch_size: int = 16) -> None:
+    def __init__(
+        self, path: Path, *, threads: int = 0, max_batch_size: int = 16, spinning: bool = True
+    ) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            # Idle onnxruntime threads spin by default; a background job turns that off so its
+            # decoding threads (and /identify in the same process) get the cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
@@ -114,6 +121,17 @@ class Embedder:
         )
         self.max_batch_size = max_batch_size
         self.dim = self._check_shapes(path)
+
+    @classmethod
+    def for_model(cls, settings: Settings, file_path: str, *, spinning: bool = True) -> Embedder:
+        """The embedder of a registered model (``Model.file_path``), with the thread count and
+        batch size from ``settings``."""
+        return cls(
+            settings.data_dir / file_path,
+            threads=settings.onnx_threads,
+            max_batch_size=settings.embed_batch_size,
+            spinning=spinning,
+        )
 
     def _check_shapes(self, path: Path) -> int:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import IO
 
-from service.galleries import Filters
 from service.identify import AnsweredCandidate, IdentificationResult, Identifier
 from service.knn import NEW_INDIVIDUAL, TOP
+from service.model_gallery import Filters
 from service.photos import PhotoError
 
 

@@ -14,18 +14,18 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import bindparam, inspect, text
+from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.db import Job
 from service.identify import Runtime
+from service.jobs import LIVE_STATES
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNMATCHED = "unmatched"
-# The job states that wait or run (service/jobs.py, on the batch-jobs branch).
-LIVE_JOB_STATES = ("queued", "running")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -96,8 +96,8 @@ class _RuntimeCollector(Collector):
 
 
 class JobQueueCollector(Collector):
-    """Depth and age of the job queue, from the ``jobs`` table when the schema has one (the
-    batch-jobs branch adds it); nothing is reported before it exists."""
+    """Depth and age of the job queue, from the ``jobs`` table (nothing is reported on a schema
+    from before it, so a scrape never fails on an old database)."""
 
     def __init__(self, engine: Callable[[], Engine]) -> None:
         self.engine = engine
@@ -121,26 +121,26 @@ class JobQueueCollector(Collector):
         yield depth
         yield age
 
-    def _live_jobs(self) -> list[tuple[str, str, int, object]]:
+    def _live_jobs(self) -> list[tuple[str, str, int, dt.datetime | None]]:
         engine = self.engine()
         if not self._has_table:
             self._has_table = inspect(engine).has_table("jobs")
             if not self._has_table:
                 return []
-        query = text(
-            "SELECT kind, state, COUNT(*), MIN(created_at) FROM jobs "
-            "WHERE state IN :states GROUP BY kind, state"
-        ).bindparams(bindparam("states", expanding=True))
+        query = (
+            select(Job.kind, Job.state, func.count(), func.min(Job.created_at))
+            .where(Job.state.in_(LIVE_STATES))
+            .group_by(Job.kind, Job.state)
+        )
         with engine.connect() as conn:
-            rows = conn.execute(query, {"states": list(LIVE_JOB_STATES)})
-            return [(str(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
+            return [
+                (kind, state, count, oldest) for kind, state, count, oldest in conn.execute(query)
+            ]
 
 
-def _age_seconds(created: object) -> float:
-    if isinstance(created, str):  # SQLite returns the text it stored
-        created = dt.datetime.fromisoformat(created)
-    if not isinstance(created, dt.datetime):
+def _age_seconds(created: dt.datetime | None) -> float:
+    if created is None:
         return 0.0
-    if created.tzinfo is None:
+    if created.tzinfo is None:  # SQLite keeps no zone; the service writes UTC
         created = created.replace(tzinfo=dt.UTC)
     return max(0.0, (dt.datetime.now(dt.UTC) - created).total_seconds())

@@ -102,11 +102,10 @@ class LiveServer:
 def make_keys(settings: Settings) -> dict[str, str]:
     """One key per role, owned by "<role> tester"."""
     from service.auth import ROLES, create_key
-    from service.db import transaction
 
     engine = make_engine(settings.sqlalchemy_url)
-    with transaction(make_sessionmaker(engine)) as session:
-        keys = {role: create_key(session, f"{role} tester", role)[1] for role in ROLES}
+    factory = make_sessionmaker(engine)
+    keys = {role: create_key(factory, f"{role} tester", role)[1] for role in ROLES}
     engine.dispose()
     return keys
 

@@ -21,8 +21,8 @@ from service.api.identify import (
 from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut, storable
 from service.curation import Invalid
 from service.encounters import EncounterPhoto, EncounterResult, Fusion, identify_encounter
-from service.galleries import Filters
 from service.limits import check_text
+from service.model_gallery import Filters
 from service.photos import PhotoTooLarge
 
 router = APIRouter(tags=["identify"], responses=INVALID)

@@ -3,20 +3,22 @@ limit, the request timeout and CORS."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine
+from service.db import Job, make_engine, transaction
 from service.logs import JsonFormatter
 from service.metrics import JobQueueCollector
-from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo
 
@@ -155,35 +157,37 @@ def test_cors_is_off_by_default_and_allows_only_the_configured_origins(
             assert other.headers.get("access-control-allow-origin") != "https://evil.example"
 
 
-def test_the_job_queue_collector_reports_live_jobs_once_the_table_exists(
-    sqlite_settings: Settings,
+def test_the_job_queue_collector_reports_depth_and_age_of_live_jobs(
+    sessions: sessionmaker[Session],
 ) -> None:
-    engine = make_engine(sqlite_settings.sqlalchemy_url)
-    collector = JobQueueCollector(lambda: engine)
-    assert [m.samples for m in collector.collect()] == [[], []]  # no jobs table yet
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE TABLE jobs (id INTEGER PRIMARY KEY, kind VARCHAR(30), state VARCHAR(20), "
-                "created_at DATETIME)"
+    now = dt.datetime.now(dt.UTC)
+    long_ago = now - dt.timedelta(days=400)
+    with transaction(sessions) as session:
+        for kind, state, created in [
+            ("identify", "queued", long_ago),
+            ("identify", "queued", now),
+            ("reindex", "running", now),
+            ("reindex", "succeeded", long_ago),
+        ]:
+            session.add(
+                Job(
+                    kind=kind, state=state, params={}, errors=[], created_by="t", created_at=created
+                )
             )
-        )
-        conn.execute(
-            text(
-                "INSERT INTO jobs (kind, state, created_at) VALUES "
-                "('identify', 'queued', '2020-01-01 00:00:00'), "
-                "('identify', 'queued', CURRENT_TIMESTAMP), "
-                "('reindex', 'running', CURRENT_TIMESTAMP), "
-                "('reindex', 'succeeded', '2020-01-01 00:00:00')"
-            )
-        )
-    collector = JobQueueCollector(lambda: engine)
-    depth, age = list(collector.collect())
+    engine = sessions.kw["bind"]
+    depth, age = list(JobQueueCollector(lambda: engine).collect())
     counts = {(s.labels["kind"], s.labels["state"]): s.value for s in depth.samples}
     assert counts == {("identify", "queued"): 2, ("reindex", "running"): 1}
     ages = {(s.labels["kind"], s.labels["state"]): s.value for s in age.samples}
-    assert ages[("identify", "queued")] > 365 * 24 * 3600
+    assert ages[("identify", "queued")] > 399 * 24 * 3600
     assert ages[("reindex", "running")] < 3600
+
+
+def test_the_job_queue_collector_reports_nothing_without_a_jobs_table(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'bare.sqlite3'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE other (id INTEGER PRIMARY KEY)"))
+    assert [m.samples for m in JobQueueCollector(lambda: engine).collect()] == [[], []]
     engine.dispose()
 
 
