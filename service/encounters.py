@@ -124,5 +124,6 @@ def identify_encounter(
             results.append(identifier.identify(item.data, filters=filters, original_name=item.name))
         except PhotoError as e:
             raise type(e)(f"photo {number} ({item.name or 'unnamed'}): {e}") from e
-    fused = fuse([r.candidates for r in results], cutoff=identifier.model.head.cutoff, fusion=fusion)
+    cutoff = identifier.model.head.cutoff
+    fused = fuse([r.candidates for r in results], cutoff=cutoff, fusion=fusion)
     return EncounterResult(fused, fusion, results)

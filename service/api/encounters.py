@@ -118,7 +118,7 @@ def _to_encounter(result: EncounterResult) -> EncounterOut:
         fusion=result.fusion,
         identification_ids=[r.identification_id for r in result.photos if r.identification_id],
         photos=[to_response(r) for r in result.photos],
-        model=ModelOut(**first.model.__dict__),
+        model=ModelOut.of(first.model),
         gallery_size=first.gallery_size,
         filters=first.filters,
     )
