@@ -196,9 +196,8 @@ class WhaleidClient:
         return result
 
     def identify_encounter(self, photos: Sequence[Photo], **filters: Any) -> JSON:
-        """Several photos of one encounter: one fused ranking plus each photo's own.
-        NOTE: calls ``POST /encounters/identify`` (multipart field ``photos``, repeated), which
-        another branch is adding; until it is merged the server answers 404."""
+        """Several photos of one encounter (``POST /encounters/identify``, the multipart field
+        ``photos`` repeated): one fused ranking plus each photo's own."""
         result: JSON = self._send(_Calls.identify_encounter(photos, filters))
         return result
 
@@ -347,8 +346,7 @@ class AsyncWhaleidClient:
         return result
 
     async def identify_encounter(self, photos: Sequence[Photo], **filters: Any) -> JSON:
-        """NOTE: ``POST /encounters/identify`` is being added on another branch (404 until
-        then)."""
+        """Several photos of one encounter: one fused ranking plus each photo's own."""
         result: JSON = await self._send(_Calls.identify_encounter(photos, filters))
         return result
 

@@ -12,19 +12,27 @@ from enum import StrEnum
 from typing import TypeVar
 
 
-class Ranking(StrEnum):
+class _Choice(StrEnum):
+    """A closed set of strings that reads as its value in messages (``'vote'``, not
+    ``<Ranking.VOTE: 'vote'>``)."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Ranking(_Choice):
     """How the kNN head orders individuals: most votes first (the paper), or nearest first."""
 
     VOTE = "vote"
     NEAREST = "nearest"
 
 
-class Resize(StrEnum):
+class Resize(_Choice):
     STRETCH = "stretch"
     LETTERBOX = "letterbox"
 
 
-class PixelRange(StrEnum):
+class PixelRange(_Choice):
     """``0-255``: Keras EfficientNets normalise inside the graph; ``imagenet``: mean/std."""
 
     BYTES = "0-255"
@@ -32,7 +40,7 @@ class PixelRange(StrEnum):
     IMAGENET = "imagenet"
 
 
-class ModelStatus(StrEnum):
+class ModelStatus(_Choice):
     """A registered model's lifecycle: registered → indexing → ready → active → retired."""
 
     REGISTERED = "registered"

@@ -36,6 +36,19 @@ class Settings(BaseSettings):
     embed_batch_size: int = 16
     ivf_threshold: int = 200_000
     log_level: str = "INFO"
+    # "json": one JSON object a line, with the request id (service/logs.py).
+    log_format: Literal["text", "json"] = "text"
+    # Per API key and per process (limits notation, e.g. "600/minute"; empty: no limit). With N
+    # replicas behind a balancer a key may make up to N times as many requests.
+    rate_limit: str = ""
+    # A request still unanswered after this long gets 504 (0: no limit).
+    request_timeout_seconds: float = 120.0
+    # Origins allowed to call the API from a browser, comma-separated ("*": any); empty: no CORS.
+    cors_origins: str = ""
+    # /metrics needs an API key of any role unless this opens it (a scraper on a private network).
+    metrics_public: bool = False
+    # Photos one encounter may send to /encounters/identify.
+    encounter_max_photos: int = 5
     # API keys are required unless this is switched off explicitly (a local demo).
     auth: bool = True
     # Background jobs: a worker runs inside the API process unless switched off (then run

@@ -33,14 +33,25 @@ class Slots:
         self.count = count
         self.wait_seconds = wait_seconds
         self._semaphore = threading.BoundedSemaphore(count)
+        self._held = 0  # for the metrics; the semaphore does not say
+        self._count_lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        """How many holders there are right now."""
+        return self._held
 
     @contextmanager
     def hold(self) -> Iterator[None]:
         if not self._semaphore.acquire(timeout=self.wait_seconds):
             raise Busy(self.step, self.wait_seconds)
+        with self._count_lock:
+            self._held += 1
         try:
             yield
         finally:
+            with self._count_lock:
+                self._held -= 1
             self._semaphore.release()
 
 

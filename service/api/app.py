@@ -6,26 +6,40 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import admin, catalogue, curation, errors, health, identify, review
+from service.api import (
+    admin,
+    catalogue,
+    curation,
+    encounters,
+    errors,
+    health,
+    identify,
+    metrics,
+    review,
+)
 from service.api import batch as batch_api
 from service.api import jobs as jobs_api
 from service.api import models as models_api
 from service.api.accesslog import redacted_access_log
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
+from service.api.observability import RateLimit, RequestContext
 from service.batch import batch_handlers
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
 from service.jobs import Worker
 from service.limits import BadText
+from service.logs import json_logs
+from service.metrics import ServiceMetrics
 from service.migrate import is_current
 from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
 from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
@@ -68,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.engine = engine
             app.state.sessions = make_sessionmaker(engine)
             app.state.runtime = Runtime(settings, app.state.sessions)
+            app.state.metrics.watch(app.state.runtime, engine)
             if not settings.auth:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
             app.state.embedders = Embedders(settings, app.state.sessions)
@@ -79,7 +94,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop = threading.Event()
             worker = _start_worker(settings, app, stop) if settings.worker else None
             try:
-                with redacted_access_log():
+                async with AsyncExitStack() as stack:
+                    stack.enter_context(redacted_access_log())
+                    if settings.log_format == "json":
+                        stack.enter_context(json_logs())
                     yield
             finally:
                 stop.set()
@@ -100,9 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.state.metrics = ServiceMetrics()
     install_docs(app)
     for router in (
         identify.router,
+        encounters.router,
         curation.router,
         catalogue.router,
         admin.router,
@@ -113,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models_api.router,
     ):
         app.include_router(router)
+    app.include_router(metrics.router_for(settings.metrics_public))
 
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _problem(status))
@@ -120,9 +141,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Busy, errors.busy)
     app.add_exception_handler(405, errors.method_not_allowed)
     app.add_exception_handler(Exception, errors.internal_error)
-    # Outermost: the key is checked and the body limited before anything reads it.
-    app.add_middleware(RequestGuard, settings=settings)
+    # The key is checked and the body limited before anything reads it; the middlewares around
+    # the guard (the last added is the outermost) read no body.
+    add_observability(app, settings)
     return app
+
+
+def add_observability(app: FastAPI, settings: Settings) -> None:
+    """From the outside in: CORS (when configured), the request id, metrics and timeout, the
+    rate limit, the request guard."""
+    app.add_middleware(RequestGuard, settings=settings)
+    if settings.rate_limit:
+        app.add_middleware(RateLimit, rate=settings.rate_limit)
+    app.add_middleware(
+        RequestContext,
+        metrics=app.state.metrics,
+        timeout_seconds=settings.request_timeout_seconds,
+    )
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Requested-With"],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
+        )
 
 
 def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> threading.Thread:

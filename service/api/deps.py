@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import ANONYMOUS_ADMIN, Principal, authenticate
 from service.identify import Runtime
+from service.metrics import ServiceMetrics
 from service.reindex import Embedders
 from service.settings import Settings
 
@@ -36,6 +37,11 @@ def get_session(
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
 
 
 def get_embedders(request: Request) -> Embedders:
@@ -136,6 +142,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 EmbeddersDep = Annotated[Embedders, Depends(get_embedders)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 Integration = Annotated[Principal, Depends(require("integration"))]
 Curator = Annotated[Principal, Depends(require("curator"))]
 Admin = Annotated[Principal, Depends(require("admin"))]

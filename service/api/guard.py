@@ -20,6 +20,7 @@ from service.settings import Settings
 # Room for the multipart framing and the form fields around an uploaded photo.
 FORM_ALLOWANCE = 64 * 1024
 UPLOAD_PATHS = ("/identify",)
+ENCOUNTER_PATHS = ("/encounters/identify",)
 MODEL_UPLOAD_PATH = "/models"  # an ONNX file, streamed to disk by its route
 ARCHIVE_PATH = "/jobs/identify/archive"  # a ZIP of photos for a batch job
 
@@ -70,6 +71,9 @@ class RequestGuard:
         """The byte limit of a request's body, and what to do when it is over."""
         if path in UPLOAD_PATHS:
             return self.settings.max_upload_bytes + FORM_ALLOWANCE, PHOTO_HINT
+        if path in ENCOUNTER_PATHS:
+            photos = self.settings.encounter_max_photos
+            return photos * self.settings.max_upload_bytes + FORM_ALLOWANCE, PHOTO_HINT
         if method == "POST" and path == MODEL_UPLOAD_PATH:
             return self.settings.max_model_bytes, MODEL_HINT
         if method == "POST" and path == ARCHIVE_PATH:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Integration, RuntimeDep, SessionDep, SettingsDep
+from service.api.deps import Integration, MetricsDep, RuntimeDep, SessionDep, SettingsDep
 from service.api.params import IdentificationId
 from service.api.schemas import (
     INVALID,
@@ -50,7 +50,7 @@ FormSpecies = Annotated[
 FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
 
 
-def _to_response(result: IdentificationResult) -> IdentificationOut:
+def to_response(result: IdentificationResult) -> IdentificationOut:
     assert result.identification_id is not None
     return IdentificationOut(
         identification_id=result.identification_id,
@@ -69,6 +69,7 @@ async def identify(
     caller: Integration,
     runtime: RuntimeDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     photo: Annotated[UploadFile, File(description="The photo: JPEG, PNG, WebP (HEIC if enabled).")],
     species: FormSpecies = None,
     location: FormPlace = None,
@@ -107,10 +108,14 @@ async def identify(
     result = await run_in_threadpool(
         identifier.identify, photo.file, filters=filters, bbox=box, original_name=photo.filename
     )
-    response.headers["Server-Timing"] = ", ".join(
-        f"{name};dur={ms:.2f}" for name, ms in result.timings.items()
-    )
-    return _to_response(result)
+    response.headers["Server-Timing"] = server_timing(result.timings)
+    metrics.observe_stages(result.timings)
+    return to_response(result)
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """The stages' times (milliseconds) as a Server-Timing header."""
+    return ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
 
 
 @router.get(

@@ -1,6 +1,6 @@
 """``service.client`` against a real server over loopback: the sync client through the whole
-lifecycle a platform drives (identify, decide, individuals, models, jobs), and the async client
-for identification and a batch job. The encounter method's route is on another branch."""
+lifecycle a platform drives (identify, an encounter, decide, individuals, models, jobs), and the
+async client for identification and a batch job."""
 
 from __future__ import annotations
 
@@ -67,12 +67,9 @@ def test_a_platform_lifecycle_through_the_sync_client(
         assert platform.job_results(job["id"])[0]["candidates"][0]["individual_id"] == "ind-7"
         assert platform.job_results_csv(job["id"]).startswith("image,predictions\na.png,ind-7 ")
 
-        try:
-            encounter = platform.identify_encounter([encode(photo(1, 33)), encode(photo(1, 34))])
-        except WhaleidError as e:
-            assert e.status == 404, e  # POST /encounters/identify is on another branch
-        else:
-            assert encounter, "check the fused ranking's shape when the route is merged"
+        encounter = platform.identify_encounter([encode(photo(1, 33)), encode(photo(1, 34))])
+        assert encounter["candidates"][0]["individual_id"] == "ind-1"
+        assert len(encounter["photos"]) == len(encounter["identification_ids"]) == 2
 
 
 def test_the_async_client(server: LiveServer) -> None:

@@ -1,0 +1,124 @@
+"""``POST /encounters/identify``: several photos of one animal, one fused ranking."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Integration, MetricsDep, RuntimeDep, SettingsDep
+from service.api.identify import (
+    ERRORS,
+    FILE_NAME_LENGTH,
+    PLACE_LENGTH,
+    FormPlace,
+    FormSpecies,
+    to_response,
+)
+from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut, storable
+from service.curation import Invalid
+from service.encounters import EncounterPhoto, EncounterResult, Fusion, identify_encounter
+from service.limits import check_text
+from service.model_gallery import Filters
+from service.photos import PhotoTooLarge
+
+router = APIRouter(tags=["identify"], responses=INVALID)
+
+FUSION_RULE = (
+    "**Fusion** (`similarity_sum`, the default): per individual named in the photos' own "
+    "answers, the similarity `1 - distance` is summed over the photos that name it; the largest "
+    "sum ranks first, ties going to the smaller distance. An individual's fused distance is its "
+    "smallest over the photos, its votes the sum of its votes; `new_individual` is then placed "
+    "by the model's cutoff on that distance, as for one photo. Alternatives: `rank_sum` (points "
+    "5, 4, ... 1 by place in each photo's answer, summed) and `min_distance` (the nearest over "
+    "all photos)."
+)
+
+
+class EncounterOut(BaseModel):
+    candidates: list[CandidateOut] = Field(description="The fused ranking, five entries.")
+    fusion: Fusion
+    identification_ids: list[int] = Field(
+        description="Each photo's recorded identification, in upload order (curators decide on "
+        "these; the fused ranking itself is not stored)."
+    )
+    photos: list[IdentificationOut] = Field(description="Each photo's own answer.")
+    model: ModelOut
+    gallery_size: int
+    filters: dict[str, str]
+
+
+@router.post(
+    "/encounters/identify",
+    response_model=EncounterOut,
+    responses=ERRORS,
+    description="Identify one animal from several photos of one encounter. Each photo is "
+    "identified as by `POST /identify` (same slots and limits) and recorded; the answer is "
+    "one fused ranking plus each photo's own.\n\n" + FUSION_RULE + "\n\nAt most "
+    "`WHALEID_ENCOUNTER_MAX_PHOTOS` photos (default 5; more: 422), each within the upload "
+    "limit; a body over their sum gets 413.",
+)
+async def identify_encounter_route(
+    caller: Integration,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    photos: Annotated[
+        list[UploadFile], File(description="The encounter's photos (repeat the field).")
+    ],
+    fusion: Annotated[Fusion, Form()] = Fusion.SIMILARITY_SUM,
+    species: FormSpecies = None,
+    location: FormPlace = None,
+    date_from: Annotated[dt.date | None, Form()] = None,
+    date_to: Annotated[dt.date | None, Form()] = None,
+    exclude_encounter: Annotated[
+        str | None,
+        Form(max_length=PLACE_LENGTH, description="Leave out gallery photos of this encounter."),
+        AfterValidator(storable),
+    ] = None,
+) -> EncounterOut:
+    _check_photos(photos, settings.encounter_max_photos, settings.max_upload_bytes)
+    filters = Filters(
+        species or None, location or None, date_from, date_to, exclude_encounter or None
+    )
+    identifier = await run_in_threadpool(runtime.current)
+    result = await run_in_threadpool(
+        identify_encounter,
+        identifier,
+        [EncounterPhoto(p.file, p.filename) for p in photos],
+        filters=filters,
+        fusion=fusion,
+    )
+    for photo in result.photos:
+        metrics.observe_stages(photo.timings)
+    return _to_encounter(result)
+
+
+def _check_photos(photos: list[UploadFile], most: int, max_bytes: int) -> None:
+    if len(photos) > most:
+        raise Invalid(
+            f"{len(photos)} photos, over the limit of {most} per encounter: send the best {most}"
+        )
+    for number, photo in enumerate(photos, start=1):
+        if photo.size is not None and photo.size > max_bytes:
+            raise PhotoTooLarge(
+                f"photo {number} is {photo.size} bytes, over the limit of {max_bytes}: "
+                "send a smaller file"
+            )
+        check_text(f"photo {number}'s file name", photo.filename, FILE_NAME_LENGTH)
+
+
+def _to_encounter(result: EncounterResult) -> EncounterOut:
+    first = result.photos[0]
+    return EncounterOut(
+        candidates=[CandidateOut(**c.__dict__) for c in result.candidates],
+        fusion=result.fusion,
+        identification_ids=[r.identification_id for r in result.photos if r.identification_id],
+        photos=[to_response(r) for r in result.photos],
+        model=ModelOut.of(first.model),
+        gallery_size=first.gallery_size,
+        filters=first.filters,
+    )
