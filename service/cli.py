@@ -96,6 +96,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from service.catalogue import CatalogueError, CatalogueImport, model_for_import
     from service.db import Model
     from service.embedder import Embedder
+    from service.modelfiles import local_model_file
 
     factory = _sessions(settings)
     with factory() as session:
@@ -108,7 +109,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         embedder = Embedder(
-            settings.data_dir / model.file_path,
+            local_model_file(settings, model.file_path, model.file_hash),
             threads=settings.onnx_threads,
             max_batch_size=settings.embed_batch_size,
         )

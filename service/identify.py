@@ -21,6 +21,7 @@ from service.db import Candidate, Identification, Image, Individual, Model, tran
 from service.embedder import Embedder
 from service.galleries import Filters, Gallery, latest_change, log_gallery_changes
 from service.knn import RankedCandidate, rank_candidates
+from service.modelfiles import local_model_file
 from service.photos import Keepsake, Photo, decode_photo, keepsake, to_model_input
 from service.photostore import PhotoStore, StoredPhoto, content_hash
 from service.records import add_embedding, get_or_add_image
@@ -110,7 +111,7 @@ class Identifier:
         )
         self.embedder = embedder
         self.gallery = gallery
-        self.store = PhotoStore(settings.photos_dir)
+        self.store = PhotoStore.open(settings)
 
     @classmethod
     def load(
@@ -122,7 +123,7 @@ class Identifier:
     ) -> Identifier:
         """Open the model's ONNX file and its gallery (rebuilding the index if need be)."""
         embedder = Embedder(
-            settings.data_dir / model.file_path,
+            local_model_file(settings, model.file_path, model.file_hash),
             threads=settings.onnx_threads,
             max_batch_size=settings.embed_batch_size,
         )
@@ -331,6 +332,7 @@ class Runtime:
         self._identifier: Identifier | None = None
         self._lock = threading.Lock()
         self.slots = WorkSlots(settings)  # shared by every model this process loads
+        self.photos = PhotoStore.open(settings)  # what GET /images/{id}/file reads
 
     @property
     def loaded(self) -> Identifier | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -14,13 +13,15 @@ from service.db import Model, transaction
 from service.embedder import Embedder, file_sha256
 from service.galleries import Gallery
 from service.identify import index_path
+from service.modelfiles import local_model_file, model_key, publish_model
 from service.settings import Settings
+from service.storage import open_store
 
 log = logging.getLogger(__name__)
 
 
 def register_model(settings: Settings, factory: sessionmaker[Session], source: Path) -> Model:
-    """Validate ``source`` against the model contract, copy it into the data directory and add a
+    """Validate ``source`` against the model contract, publish it to the model store and add a
     row (status ``registered``). Registering the same file twice returns the existing row."""
     embedder = Embedder(source)  # refuses a file that breaks the contract, before any write
     digest = file_sha256(source)
@@ -29,12 +30,9 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
         if existing is not None:
             return existing
     contract = embedder.contract
-    relative = f"models/{digest}.onnx"
-    target = settings.data_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    created = not target.exists()
-    if created:
-        shutil.copyfile(source, target)
+    relative = model_key(digest)
+    objects = open_store(settings)
+    created = publish_model(objects, source, digest)
     try:
         with transaction(factory) as session:
             model = Model(
@@ -58,7 +56,7 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
         return model
     except BaseException:
         if created:
-            target.unlink(missing_ok=True)
+            objects.delete(relative)
         raise
 
 
@@ -69,7 +67,7 @@ def activate_model(settings: Settings, factory: sessionmaker[Session], model_id:
     with factory() as session:
         model = session.get_one(Model, model_id)
     embedder = Embedder(
-        settings.data_dir / model.file_path,
+        local_model_file(settings, model.file_path, model.file_hash),
         threads=settings.onnx_threads,
         max_batch_size=settings.embed_batch_size,
     )
