@@ -23,9 +23,11 @@ COPY service ./service
 COPY migrations ./migrations
 COPY training ./training
 COPY model_export ./model_export
+# The train and export extras pin every version in pyproject.toml.
+# hadolint ignore=DL3013
 RUN pip install '.[train,export]' \
     && useradd --system --uid 10001 --create-home whaleid
-USER whaleid
+USER 10001
 ENTRYPOINT ["whaleid-train"]
 CMD ["--help"]
 
@@ -38,7 +40,7 @@ RUN useradd --system --uid 10001 --create-home whaleid \
     && chown whaleid /data
 COPY --from=build /opt/whaleid /opt/whaleid
 COPY scripts/docker-entrypoint.sh /usr/local/bin/whaleid-entrypoint
-USER whaleid
+USER 10001
 VOLUME /data
 EXPOSE 8000
 # /health answers once the process serves; /ready also needs an active model.

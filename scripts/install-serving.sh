@@ -7,7 +7,6 @@ set -euo pipefail
 : "${WHALEID_VENV:?set WHALEID_VENV to the virtualenv to create}"
 python3 scripts/serving_pyproject.py pyproject.toml
 python3 -m venv "$WHALEID_VENV"
-"$WHALEID_VENV/bin/pip" install --quiet --upgrade pip
 "$WHALEID_VENV/bin/pip" install --quiet '.[heic,s3]'
 # The image must not hold TensorFlow or the training code.
 if "$WHALEID_VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(not any(u.find_spec(m) for m in ("tensorflow", "training", "model_export")))'; then
