@@ -161,8 +161,12 @@ def open_store(settings: Settings) -> ObjectStore:
     if not url.startswith("s3://"):
         raise ValueError(f"WHALEID_STORAGE_URL must be empty or s3://bucket/prefix, not {url!r}")
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    import boto3
-
+    try:
+        import boto3
+    except ImportError as e:
+        raise RuntimeError(
+            f"WHALEID_STORAGE_URL={url} needs boto3: pip install 'whaleid[s3]'"
+        ) from e
     client = boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint_url or None,

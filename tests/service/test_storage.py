@@ -3,21 +3,26 @@ replicas with their own data directories, as on several machines."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 
 from service import migrate
-from service.db import make_engine, make_sessionmaker
+from service.catalogue import CatalogueImport
+from service.db import Image, make_engine, make_sessionmaker
+from service.galleries import Filters
+from service.identify import Runtime
 from service.modelfiles import ModelFileCorrupt, local_model_file, model_key
 from service.registry import activate_model, register_model
+from service.retention import prune_query_photos
 from service.settings import Settings
 from service.storage import LocalStore, MissingObject, ObjectStore, S3Store, open_store
 from tests.conftest import free_port, load_catalogue, make_keys, s3_settings, serve_process
-from tests.toy import build_toy_model, encode, photo
+from tests.toy import build_toy_model, encode, photo, write_catalogue
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -162,3 +167,52 @@ def test_local_store_keeps_the_data_directory_layout(sqlite_settings: Settings) 
     """The default (no WHALEID_STORAGE_URL) stores under the data directory, as before."""
     store = open_store(sqlite_settings)
     assert isinstance(store, LocalStore) and store.root == sqlite_settings.data_dir
+
+
+def _bucket_keys(settings: Settings) -> set[str]:
+    store = open_store(settings)
+    assert isinstance(store, S3Store)
+    pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def _refuse_inserts(engine: Engine) -> None:
+    def refuse(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            raise RuntimeError("disk full")
+
+    event.listen(engine, "before_cursor_execute", refuse)
+
+
+def test_photos_in_the_bucket_leave_no_orphan_and_prune_removes_them(
+    s3_env: dict[str, str], tmp_path: Path, toy_model: Path
+) -> None:
+    s = s3_settings(s3_env, tmp_path / "data", _sqlite(tmp_path))
+    catalogue = load_catalogue(s, tmp_path / "catalogue", toy_model, individuals=4)
+    keys = _bucket_keys(s)
+    assert len([k for k in keys if k.startswith("replicas/photos/")]) == 12
+    assert not any((s.data_dir / "photos").rglob("*.*")), "photos go to the bucket only"
+
+    # An import and an identification the database refuses leave no object behind.
+    refusing = make_engine(s.sqlalchemy_url)
+    _refuse_inserts(refusing)
+    more = write_catalogue(tmp_path / "more", range(20, 23), (0,))
+    with pytest.raises(RuntimeError, match="disk full"):
+        CatalogueImport(s, make_sessionmaker(refusing), None, None).run(
+            more, tmp_path / "more" / "images"
+        )
+    identifier = Runtime(s, make_sessionmaker(refusing)).current()
+    with pytest.raises(Exception, match="disk full"):
+        identifier.identify(encode(photo(8, 55)), filters=Filters())
+    assert _bucket_keys(s) == keys
+
+    # A query photo pruned after the retention period is deleted from the bucket.
+    query = (
+        Runtime(s, catalogue.sessions).current().identify(encode(photo(8, 56)), filters=Filters())
+    )
+    with catalogue.sessions() as session:
+        image = session.get_one(Image, query.query_image_id)
+    assert _bucket_keys(s) - keys == {f"replicas/photos/{image.file_path}"}
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=100)
+    assert prune_query_photos(s, catalogue.sessions, 90, now=later).photos == 1
+    assert _bucket_keys(s) == keys
