@@ -57,13 +57,14 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict
     from service.embedder import ModelContractError
     from service.registry import activate_model, register_model
 
     factory = _sessions(settings)
     try:
         model = register_model(settings, factory, Path(args.model))
-    except (ModelContractError, OSError) as e:
+    except (ModelContractError, OSError, Conflict) as e:
         log.error("%s", e)
         return 2
     log.info("registered model %s %s as id %s", model.name, model.version, model.id)
@@ -74,9 +75,195 @@ def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict, NotFound
+    from service.db import Model
     from service.registry import activate_model
+    from service.reindex import ActivationRefused, Embedders, HeadChoice, activate
 
-    activate_model(settings, _sessions(settings), args.model_id)
+    factory = _sessions(settings)
+    with factory() as session:
+        model = session.get(Model, args.model_id)
+        if model is None:
+            log.error("model %s does not exist: see `whaleid models list`", args.model_id)
+            return 2
+    if model.status != "ready":
+        # Not re-indexed in the background: embed here, then switch (no shadow evaluation).
+        activate_model(settings, factory, args.model_id)
+        return 0
+    try:
+        switch = activate(
+            settings,
+            factory,
+            Embedders(settings, factory),
+            args.model_id,
+            head=HeadChoice(args.head),
+            force=args.force,
+            actor="cli",
+        )
+    except ActivationRefused as e:
+        log.error("%s", e)
+        sys.stdout.write(json.dumps(e.report, indent=2) + "\n")
+        return 3
+    except (Conflict, NotFound) as e:
+        log.error("%s", e)
+        return 2
+    log.info(
+        "model %s is active (was %s), head %s", args.model_id, switch.from_model_id, switch.head
+    )
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict
+    from service.reindex import Embedders, rollback
+
+    factory = _sessions(settings)
+    try:
+        switch = rollback(settings, factory, Embedders(settings, factory), actor="cli")
+    except Conflict as e:
+        log.error("%s", e)
+        return 2
+    log.info(
+        "rolled back: model %s is active again (was %s)", switch.to_model_id, switch.from_model_id
+    )
+    return 0
+
+
+def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict, NotFound
+    from service.reindex import retire
+
+    try:
+        retire(settings, _sessions(settings), args.model_id)
+    except (Conflict, NotFound) as e:
+        log.error("%s", e)
+        return 2
+    log.info("model %s is retired; its index files are deleted", args.model_id)
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict, NotFound
+    from service.embedder import ModelContractError
+    from service.registry import register_model
+    from service.reindex import start_reindex
+
+    factory = _sessions(settings)
+    if args.model.isdigit():
+        model_id = int(args.model)
+    else:
+        try:
+            model_id = register_model(settings, factory, Path(args.model)).id
+        except (ModelContractError, OSError, Conflict) as e:
+            log.error("%s", e)
+            return 2
+    try:
+        job = start_reindex(
+            settings, factory, model_id, include_queries=args.include_queries, actor="cli"
+        )
+    except (Conflict, NotFound) as e:
+        log.error("%s", e)
+        return 2
+    log.info("re-index of model %s is job %s (%d photos)", model_id, job.id, job.total)
+    sys.stdout.write(f"{job.id}\n")
+    if args.wait:
+        return _follow_job(factory, job.id, args.poll)
+    return 0
+
+
+def _follow_job(factory, job_id: int, poll: float) -> int:  # type: ignore[no-untyped-def]
+    """A progress bar until the job ends; 0 if it succeeded."""
+    import time
+
+    from tqdm import tqdm
+
+    from service.jobs import get_job, progress
+
+    with factory() as session:
+        p = progress(session, get_job(session, job_id))
+    bar = tqdm(total=p.total, desc=f"job {job_id} {p.kind}", unit="photo")
+    try:
+        while True:
+            with factory() as session:
+                p = progress(session, get_job(session, job_id))
+            bar.update(p.done + p.failed - bar.n)
+            bar.set_postfix(state=p.state, failed=p.failed)
+            if p.finished:
+                break
+            time.sleep(poll)
+    finally:
+        bar.close()
+    for error in p.errors:
+        log.warning("job %s: %s", job_id, error)
+    log.info("job %s %s", job_id, p.state)
+    return 0 if p.state == "succeeded" else 1
+
+
+def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> int:
+    from service.jobs import list_jobs, progress
+
+    with _sessions(settings)() as session:
+        for job in list_jobs(session, args.limit):
+            p = progress(session, job)
+            sys.stdout.write(
+                f"{p.id}\t{p.kind}\t{p.state}\tmodel={p.model_id}\t{p.done + p.failed}/{p.total}"
+                f"\tfailed={p.failed}\t{p.created_at:%Y-%m-%d %H:%M:%S}\n"
+            )
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import NotFound
+    from service.jobs import get_job, progress
+
+    factory = _sessions(settings)
+    try:
+        with factory() as session:
+            p = progress(session, get_job(session, args.job_id))
+    except NotFound as e:
+        log.error("%s", e)
+        return 2
+    if args.follow and not p.finished:
+        return _follow_job(factory, args.job_id, args.poll)
+    body = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in p.__dict__.items()}
+    sys.stdout.write(json.dumps(body, indent=2) + "\n")
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from service.curation import Conflict, NotFound
+    from service.jobs import cancel
+
+    try:
+        cancel(_sessions(settings), args.job_id)
+    except (Conflict, NotFound) as e:
+        log.error("%s", e)
+        return 2
+    log.info("job %s cancelled", args.job_id)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from service.jobs import Worker
+    from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
+
+    factory = _sessions(settings)
+    embedders = Embedders(settings, factory)
+    worker = Worker(
+        factory,
+        worker_handlers(settings, factory, embedders),
+        lease_seconds=settings.job_lease_seconds,
+        poll_seconds=settings.job_poll_seconds,
+        idle=ActiveGalleryKeeper(factory, embedders),
+        name=args.name,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.run(stop, exit_when_idle=args.exit_when_idle)
     return 0
 
 
@@ -267,12 +454,89 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(func=cmd_models_add)
     act = m_sub.add_parser(
         "activate",
-        help="embed the gallery and switch to a model",
+        help="switch to a model (a ready one through the shadow evaluation's gate)",
         formatter_class=fmt,
         epilog=_examples("whaleid models activate 2"),
     )
     act.add_argument("model_id", type=int)
+    act.add_argument(
+        "--head",
+        choices=["model", "paper", "best"],
+        default="model",
+        help="for a ready model: its own head, the paper's, or the best on the confirmations",
+    )
+    act.add_argument(
+        "--force", action="store_true", help="activate even if the shadow evaluation says no"
+    )
     act.set_defaults(func=cmd_models_activate)
+    rb = m_sub.add_parser(
+        "rollback",
+        help="go back to the model that was active before",
+        formatter_class=fmt,
+        epilog=_examples("whaleid models rollback"),
+    )
+    rb.set_defaults(func=cmd_models_rollback)
+    rt = m_sub.add_parser(
+        "retire",
+        help="retire a model that is not active (its index is deleted)",
+        formatter_class=fmt,
+        epilog=_examples("whaleid models retire 1"),
+    )
+    rt.add_argument("model_id", type=int)
+    rt.set_defaults(func=cmd_models_retire)
+
+    ri = sub.add_parser(
+        "reindex",
+        help="re-embed the gallery with a model, as a background job",
+        formatter_class=fmt,
+        description="Queues a job that embeds every gallery photo with MODEL (a model id, or an "
+        "ONNX file to register first); workers (the API process, or `whaleid worker`) "
+        "run it. When it ends the model is ready; its shadow evaluation is in `whaleid "
+        "jobs show JOB`; then `whaleid models activate MODEL`.",
+        epilog=_examples("whaleid reindex 2 --wait", "whaleid reindex effb5-v2.onnx"),
+    )
+    ri.add_argument("model", help="model id, or an ONNX file")
+    ri.add_argument("--include-queries", action="store_true", help="also embed kept query photos")
+    ri.add_argument("--wait", action="store_true", help="show a progress bar until it ends")
+    ri.add_argument("--poll", type=float, default=1.0, help="seconds between progress reads")
+    ri.set_defaults(func=cmd_reindex)
+
+    jobs = sub.add_parser("jobs", help="background jobs")
+    j_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jl = j_sub.add_parser(
+        "list", help="newest jobs first", formatter_class=fmt, epilog=_examples("whaleid jobs list")
+    )
+    jl.add_argument("--limit", type=int, default=20)
+    jl.set_defaults(func=cmd_jobs_list)
+    js = j_sub.add_parser(
+        "show",
+        help="a job's progress, errors and result",
+        formatter_class=fmt,
+        epilog=_examples("whaleid jobs show 4 --follow"),
+    )
+    js.add_argument("job_id", type=int)
+    js.add_argument("--follow", action="store_true", help="a progress bar until the job ends")
+    js.add_argument("--poll", type=float, default=1.0)
+    js.set_defaults(func=cmd_jobs_show)
+    jc = j_sub.add_parser(
+        "cancel", help="stop a job", formatter_class=fmt, epilog=_examples("whaleid jobs cancel 4")
+    )
+    jc.add_argument("job_id", type=int)
+    jc.set_defaults(func=cmd_jobs_cancel)
+
+    wk = sub.add_parser(
+        "worker",
+        help="run background jobs (any number, on machines sharing the database and photos)",
+        formatter_class=fmt,
+        description="Claims chunks of queued jobs and runs them. The API process runs one too "
+        "unless WHALEID_WORKER=false. On SQLite, run one worker in all.",
+        epilog=_examples("WHALEID_WORKER=false whaleid serve & whaleid worker"),
+    )
+    wk.add_argument("--name", help="worker name in leases (default host:pid:random)")
+    wk.add_argument(
+        "--exit-when-idle", action="store_true", help="stop when no chunk is left to claim"
+    )
+    wk.set_defaults(func=cmd_worker)
     ls = m_sub.add_parser(
         "list",
         help="list registered models",

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     Float,
@@ -238,6 +239,64 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    """A background job (a re-index, later batch identification), split into leased chunks so
+    that any number of workers share it and a dead worker's chunk is taken over."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30))
+    state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[str]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobChunk(Base):
+    """A piece of a job's work. Phase 0 chunks run in any order; the phase 1 chunk (finishing the
+    job) is leased only once every phase 0 chunk is done."""
+
+    __tablename__ = "job_chunks"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_chunks_job_seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[int] = mapped_column(Integer, default=0)
+    items: Mapped[list[int]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), default="pending", index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ModelSwitch(Base):
+    """One change of the active model (activation or rollback): the audit trail, and what a
+    rollback goes back to."""
+
+    __tablename__ = "model_switches"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    from_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    to_model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(20))
+    head: Mapped[dict[str, Any]] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(200))
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def make_engine(url: str) -> Engine:

@@ -97,11 +97,17 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
 class Embedder:
     """One onnxruntime session for one model; thread-safe for concurrent ``embed`` calls."""
 
-    def __init__(self, path: Path, *, threads: int = 0, max_batch_size: int = 16) -> None:
+    def __init__(
+        self, path: Path, *, threads: int = 0, max_batch_size: int = 16, spinning: bool = True
+    ) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            # Idle onnxruntime threads spin by default; a background job turns that off so its
+            # decoding threads (and /identify in the same process) get the cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]

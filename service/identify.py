@@ -330,6 +330,8 @@ class Runtime:
         self.settings = settings
         self.factory = factory
         self._identifier: Identifier | None = None
+        # A model loaded ahead of its activation (``prepare``), so the switch costs no load.
+        self._standby: Identifier | None = None
         self._lock = threading.Lock()
         self.slots = WorkSlots(settings)  # shared by every model this process loads
         self.photos = PhotoStore.open(settings)  # what GET /images/{id}/file reads
@@ -348,17 +350,51 @@ class Runtime:
         identifier = self._identifier
         if identifier is None or identifier.model.id != active_id:
             with self._lock:
-                identifier = self._identifier
-                if identifier is None or identifier.model.id != active_id:
-                    with self.factory() as session:
-                        model = session.get_one(Model, active_id)
-                    log.info("loading model %s %s (id %s)", model.name, model.version, model.id)
-                    identifier = self._identifier = Identifier.load(
-                        self.settings, self.factory, model, self.slots
-                    )
+                identifier = self._switch()
         elif identifier.gallery.version != version:
             self.sync(identifier)
         return identifier
+
+    def _switch(self) -> Identifier:
+        """Under the lock: the active model's identifier, loaded unless it is already. The active
+        id is read again here: a request that read it before a switch must not load the old
+        model back."""
+        with self.factory() as session:
+            model = session.scalar(select(Model).where(Model.status == "active"))
+        if model is None:
+            raise NoActiveModel()
+        identifier = self._identifier
+        if identifier is not None and identifier.model.id == model.id:
+            return identifier
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.model.id == model.id:
+            log.info(
+                "switching to prepared model %s %s (id %s)", model.name, model.version, model.id
+            )
+            standby.model = ModelInfo(
+                model.id, model.name, model.version, model.k, model.cutoff, model.ranking
+            )
+            standby.gallery.sync(self.factory)
+            self._identifier = standby
+            return standby
+        log.info("loading model %s %s (id %s)", model.name, model.version, model.id)
+        identifier = self._identifier = Identifier.load(
+            self.settings, self.factory, model, self.slots
+        )
+        return identifier
+
+    def prepare(self, model_id: int) -> None:
+        """Load a model that is about to be activated, so that the switch itself loads nothing.
+        Its head (k, cutoff, ranking) is read again if the activation changes it."""
+        with self.factory() as session:
+            model = session.get_one(Model, model_id)
+        identifier = Identifier.load(self.settings, self.factory, model, self.slots)
+        with self._lock:
+            self._standby = identifier
+
+    def drop_prepared(self) -> None:
+        with self._lock:
+            self._standby = None
 
     def sync(self, identifier: Identifier | None = None) -> None:
         """Bring the loaded gallery up to the database's change log, now."""

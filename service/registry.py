@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import select, update
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.catalogue import embed_gallery
+from service.curation import Conflict
 from service.db import Model, transaction
-from service.embedder import Embedder, file_sha256
+from service.embedder import Embedder, ModelContractError, file_sha256
 from service.galleries import Gallery
 from service.identify import index_path
-from service.modelfiles import local_model_file, model_key, publish_model
+from service.modelfiles import model_key, publish_model
+from service.reindex import Embedders, switch_to
 from service.settings import Settings
 from service.storage import open_store
 
@@ -23,13 +27,31 @@ log = logging.getLogger(__name__)
 def register_model(settings: Settings, factory: sessionmaker[Session], source: Path) -> Model:
     """Validate ``source`` against the model contract, publish it to the model store and add a
     row (status ``registered``). Registering the same file twice returns the existing row."""
+    return register_model_file(settings, factory, source)[0]
+
+
+def register_model_file(
+    settings: Settings, factory: sessionmaker[Session], source: Path
+) -> tuple[Model, bool]:
+    """``register_model``, also saying whether the row is new."""
     embedder = Embedder(source)  # refuses a file that breaks the contract, before any write
+    _probe(embedder)
     digest = file_sha256(source)
     with factory() as session:
         existing = session.scalar(select(Model).where(Model.file_hash == digest))
         if existing is not None:
-            return existing
+            return existing, False
     contract = embedder.contract
+    _check_names(contract.name, contract.version)
+    with factory() as session:
+        same_name = session.scalar(
+            select(Model.id).where(Model.name == contract.name, Model.version == contract.version)
+        )
+    if same_name is not None:
+        raise Conflict(
+            f"model {contract.name} {contract.version} is registered already (id {same_name}) "
+            "with another file: export the new one with another whaleid.version"
+        )
     relative = model_key(digest)
     objects = open_store(settings)
     created = publish_model(objects, source, digest)
@@ -53,41 +75,60 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
                 metadata_props=dict(embedder.session.get_modelmeta().custom_metadata_map),
             )
             session.add(model)
-        return model
+        return model, True
+    except IntegrityError as e:  # registered by a concurrent upload a moment ago
+        if created:
+            objects.delete(relative)
+        raise Conflict(
+            f"model {contract.name} {contract.version} was registered concurrently: list the "
+            "models (GET /models) and use that one"
+        ) from e
     except BaseException:
         if created:
             objects.delete(relative)
         raise
 
 
+def _probe(embedder: Embedder) -> None:
+    """Embed a grey photo: the model must run at its input size and give one finite vector of
+    its declared dimension."""
+    size = embedder.contract.preprocessing.input_size
+    try:
+        out = embedder.embed(np.full((1, size, size, 3), 127.0, dtype=np.float32))
+    except Exception as e:  # onnxruntime raises its own types for a graph that cannot run
+        raise ModelContractError(f"the model cannot embed a {size}x{size} photo: {e}") from e
+    if out.shape != (1, embedder.dim) or not np.isfinite(out).all() or not out.any():
+        raise ModelContractError(
+            f"the probe embedding is {out.shape}, not (1, {embedder.dim}), or not finite and "
+            "non-zero: check the export"
+        )
+
+
+def _check_names(name: str, version: str) -> None:
+    for key, value, limit in (("whaleid.name", name, 200), ("whaleid.version", version, 100)):
+        if not value or len(value) > limit or "\x00" in value:
+            raise ModelContractError(
+                f"{key} must be 1 to {limit} characters without NUL bytes, not {value[:40]!r}"
+            )
+
+
 def activate_model(settings: Settings, factory: sessionmaker[Session], model_id: int) -> int:
-    """Embed the gallery with ``model_id``, write its index, then make it the active model in one
-    transaction. ``/identify`` answers with the previous model until the switch. Returns how many
-    photos were embedded."""
-    with factory() as session:
-        model = session.get_one(Model, model_id)
-    embedder = Embedder(
-        local_model_file(settings, model.file_path, model.file_hash),
-        threads=settings.onnx_threads,
-        max_batch_size=settings.embed_batch_size,
-    )
-    embedded = embed_gallery(settings, factory, embedder, model_id)
+    """Embed the gallery with ``model_id`` in this process, write its index, then make it the
+    active model (no shadow evaluation: the CLI's direct path; the API re-indexes in the
+    background and gates the switch). ``/identify`` answers with the previous model until the
+    switch, and can roll back to it. Returns how many photos were embedded."""
+    embedders = Embedders(settings, factory)
+    photos = embedders(model_id)
+    embedded = embed_gallery(settings, factory, photos.embedder, model_id)
     gallery = Gallery(
-        model_id, embedder.dim, index_path(settings, model_id), ivf_threshold=settings.ivf_threshold
+        model_id,
+        photos.embedder.dim,
+        index_path(settings, model_id),
+        ivf_threshold=settings.ivf_threshold,
     )
     gallery.open(factory)
-    with transaction(factory) as session:
-        session.execute(
-            update(Model)
-            .where(Model.status == "active", Model.id != model_id)
-            .values(status="registered")
-        )
-        session.execute(update(Model).where(Model.id == model_id).values(status="active"))
-    log.info(
-        "model %s %s (id %s) is active; gallery of %d photos",
-        model.name,
-        model.version,
-        model_id,
-        gallery.size,
+    switch = switch_to(
+        settings, factory, photos, model_id, action="activate", head=None, actor="cli", forced=True
     )
-    return embedded
+    log.info("model id %s is active; gallery of %d photos", model_id, gallery.size)
+    return embedded + switch.caught_up

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # API keys are required unless this is switched off explicitly (a local demo).
     auth: bool = True
+    # Background jobs: a worker runs inside the API process unless switched off (then run
+    # `whaleid worker` elsewhere). A chunk's lease lapses unless renewed within this time.
+    worker: bool = True
+    job_lease_seconds: float = 30.0
+    job_poll_seconds: float = 1.0
+    reindex_chunk_size: int = 256
+    max_model_bytes: int = 1024 * 1024 * 1024
+    # Fewer curator-confirmed identifications than this cannot judge a new model.
+    shadow_min_confirmations: int = 20
     # Fault injection for tests: "after-decision-commit" kills the process between a decision's
     # database commit and the gallery update.
     failpoint: str = ""

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 
-class MissingObject(LookupError):
-    """The store holds no object under that key."""
+class MissingObject(FileNotFoundError):
+    """The store holds no object under that key (a missing file, wherever the store is)."""
 
 
 class ObjectStore(Protocol):

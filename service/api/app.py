@@ -4,6 +4,7 @@ database, checks the schema and loads the active model and its gallery once."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -13,15 +14,19 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import admin, catalogue, curation, errors, health, identify, review
+from service.api import jobs as jobs_api
+from service.api import models as models_api
 from service.api.accesslog import redacted_access_log
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
+from service.jobs import Worker
 from service.limits import BadText
 from service.migrate import is_current
 from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
+from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 from service.settings import Settings
 from service.slots import Busy
 
@@ -63,13 +68,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.runtime = Runtime(settings, app.state.sessions)
             if not settings.auth:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
+            app.state.embedders = Embedders(settings, app.state.sessions)
             try:
                 loaded = await run_in_threadpool(app.state.runtime.current)
                 log.info("ready: gallery of %d photos", loaded.gallery.size)
             except NoActiveModel as e:
                 log.warning("%s", e)
-            with redacted_access_log():
-                yield
+            stop = threading.Event()
+            worker = _start_worker(settings, app, stop) if settings.worker else None
+            try:
+                with redacted_access_log():
+                    yield
+            finally:
+                stop.set()
+                if worker is not None:
+                    await run_in_threadpool(worker.join)
         finally:
             engine.dispose()
 
@@ -93,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin.router,
         review.router,
         health.router,
+        jobs_api.router,
+        models_api.router,
     ):
         app.include_router(router)
 
@@ -105,6 +120,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: the key is checked and the body limited before anything reads it.
     app.add_middleware(RequestGuard, settings=settings)
     return app
+
+
+def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> threading.Thread:
+    """The in-process job worker (switch off with WHALEID_WORKER=false and run `whaleid worker`)."""
+    worker = Worker(
+        app.state.sessions,
+        worker_handlers(settings, app.state.sessions, app.state.embedders),
+        lease_seconds=settings.job_lease_seconds,
+        poll_seconds=settings.job_poll_seconds,
+        idle=ActiveGalleryKeeper(app.state.sessions, app.state.embedders),
+    )
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True, name="job-worker")
+    thread.start()
+    return thread
 
 
 def _problem(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:

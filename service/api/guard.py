@@ -20,6 +20,7 @@ from service.settings import Settings
 # Room for the multipart framing and the form fields around an uploaded photo.
 FORM_ALLOWANCE = 64 * 1024
 UPLOAD_PATHS = ("/identify",)
+MODEL_UPLOAD_PATH = "/models"  # an ONNX file, streamed to disk by its route
 
 
 class Refused(HTTPException):
@@ -63,16 +64,18 @@ class RequestGuard:
         self.app = app
         self.settings = settings
 
-    def limit_for(self, path: str) -> int:
+    def limit_for(self, method: str, path: str) -> int:
         if path in UPLOAD_PATHS:
             return self.settings.max_upload_bytes + FORM_ALLOWANCE
+        if method == "POST" and path == MODEL_UPLOAD_PATH:
+            return self.settings.max_model_bytes
         return self.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(scope["method"], scope["path"])
         received = 0
         # Without a body there is nothing to guard (a response may still listen on receive for
         # a disconnect, while its route holds a database session).

@@ -1,0 +1,73 @@
+"""Background jobs: progress (state, done/total, rate, ETA, errors) and cancellation."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Admin, SessionDep
+from service.api.schemas import Problem
+from service.jobs import Progress, cancel, get_job, list_jobs, progress
+
+router = APIRouter(tags=["jobs"])
+
+JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The job's id.")]
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str = Field(examples=["reindex"])
+    state: str = Field(
+        examples=["running"], description="queued, running, succeeded, failed or cancelled"
+    )
+    model_id: int | None
+    done: int = Field(description="Items handled.")
+    failed: int = Field(description="Items that could not be handled (see errors).")
+    total: int
+    rate: float | None = Field(description="Items per second since the job started.")
+    eta_seconds: float | None = Field(description="Time left at that rate.")
+    errors: list[str]
+    result: dict[str, Any] | None = Field(
+        description="What the job produced: for a re-index, the shadow evaluation."
+    )
+    chunks: dict[str, int] = Field(description="Chunks per state.")
+    redone_chunks: int = Field(description="Chunks leased more than once (a worker was lost).")
+    created_by: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+def job_out(p: Progress) -> JobOut:
+    return JobOut(**p.__dict__)
+
+
+@router.get("/jobs", response_model=list[JobOut])
+def get_jobs(
+    session: SessionDep, caller: Admin, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> list[JobOut]:
+    """The newest jobs first."""
+    return [job_out(progress(session, j)) for j in list_jobs(session, limit)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": Problem}})
+def get_one_job(job_id: JobId, session: SessionDep, caller: Admin) -> JobOut:
+    """A job's state, done/total, rate, ETA and errors; poll it until `state` is final."""
+    return job_out(progress(session, get_job(session, job_id)))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobOut,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+async def cancel_job(job_id: JobId, request: Request, caller: Admin) -> JobOut:
+    """Stop a queued or running job; chunks being worked on write nothing."""
+    factory = request.app.state.sessions
+    job = await run_in_threadpool(cancel, factory, job_id)
+    with factory() as session:
+        return job_out(progress(session, get_job(session, job.id)))
