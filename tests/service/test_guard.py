@@ -65,7 +65,8 @@ def send_chunks(sock: socket.socket, total: int, chunk: int = 16 * 1024, start: 
 
 
 def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """The status and headers of the response (a timeout fails the test: no answer came)."""
+    """The status, headers and body of the response (a timeout fails the test: no answer
+    came). The body is read up to its Content-Length: it may arrive in a later segment."""
     data = b""
     while b"\r\n\r\n" not in data:
         part = sock.recv(65536)
@@ -78,6 +79,12 @@ def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     for line in header_lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0") or 0)
+    while len(rest) < length:
+        part = sock.recv(65536)
+        if not part:
+            break
+        rest += part
     return int(status_line.split()[1]), headers, rest
 
 

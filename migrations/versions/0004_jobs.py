@@ -1,7 +1,7 @@
 """background jobs with leased chunks, and model switches (re-index, activation, rollback)
 
-Revision ID: 0010
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-30 04:20:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
