@@ -148,10 +148,20 @@ def test_two_replicas_share_one_database_and_one_bucket(
         gallery = clients[1].get("/images/1/file")  # a catalogue photo, imported through a
         assert gallery.status_code == 200 and gallery.content
 
-        # A model registered through replica b is the one replica a then serves.
+        # A model uploaded to replica b (POST /models) and activated from a third machine (the
+        # CLI's path, with its own data directory) is the one replica a then serves.
         second = build_toy_model(tmp_path / "second.onnx", seed=7)
-        factory = make_sessionmaker(make_engine(b.sqlalchemy_url))
-        activate_model(b, factory, register_model(b, factory, second).id)
+        uploaded = clients[1].post(
+            "/models",
+            content=second.read_bytes(),
+            headers={
+                "Authorization": f"Bearer {keys['admin']}",
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        c = s3_settings(s3_env, tmp_path / "data-c", postgres_url)
+        activate_model(c, make_sessionmaker(make_engine(c.sqlalchemy_url)), uploaded.json()["id"])
         ready = clients[0].get("/ready").json()
         assert ready["model"]["version"] == "seed7" and ready["gallery_size"] == 36
         assert _identify(clients[0], query)["model"] == _identify(clients[1], query)["model"]
