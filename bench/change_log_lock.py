@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.replicas import scratch_database, within  # noqa: E402
-from service import galleries, migrate  # noqa: E402
+from service import migrate, model_gallery  # noqa: E402
 from service.db import (  # noqa: E402
     Embedding,
     Image,
@@ -91,7 +91,7 @@ def decision_tail(factory: sessionmaker[Session], photo: int, individual: int) -
         session.add(
             IndividualEvent(individual_id=individual, event="photo_added", detail={}, actor="b")
         )
-        galleries.log_gallery_changes(session, [photo])
+        model_gallery.log_gallery_changes(session, [photo])
     return (time.perf_counter() - start) * 1000
 
 
@@ -130,18 +130,18 @@ def main() -> None:
         engine = make_engine(url)
         factory = make_sessionmaker(engine)
         seed(factory)
-        locked = galleries._lock_change_log
+        locked = model_gallery._lock_change_log
         skipped: Callable[[Session], None] = lambda session: None  # noqa: E731
         results: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
         for _ in range(args.turns):
             for writers in (1, args.writers):
                 for name, hook in (("with lock", locked), ("without", skipped)):
-                    galleries._lock_change_log = hook  # type: ignore[assignment]
+                    model_gallery._lock_change_log = hook  # type: ignore[assignment]
                     ms, rate = run(factory, writers, args.transactions // args.turns)
                     all_ms, rates = results.setdefault((name, writers), ([], []))
                     all_ms.extend(ms)
                     rates.append(rate)
-        galleries._lock_change_log = locked  # type: ignore[assignment]
+        model_gallery._lock_change_log = locked  # type: ignore[assignment]
         engine.dispose()
     log.info("| writers | change log | p50 | p95 | transactions/s |")
     log.info("|---:|---|---:|---:|---:|")

@@ -121,8 +121,7 @@ def measure(size: int, rounds: int, postgres: str | None = None) -> dict[str, fl
         model = register_model(settings, factory, build_toy_model(Path(tmp) / "toy.onnx"))
         pad_gallery(settings, model.id, 64, size)
         activate_model(settings, factory, model.id)
-        with transaction(factory) as session:
-            key = create_key(session, "bench", "curator")[1]
+        key = create_key(factory, "bench", "curator")[1]
         engine.dispose()
         ports = free_port(), free_port()
         servers = [

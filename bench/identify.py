@@ -60,7 +60,7 @@ from service import migrate
 from service.auth import create_key
 from service.db import Embedding, Image, Individual, make_engine, make_sessionmaker, transaction
 from service.embedder import Embedder
-from service.gallery import GalleryIndex, IndexPlan
+from service.gallery_index import GalleryIndex, IndexPlan
 from service.knn import Neighbour, rank_candidates
 from service.photos import decode_photo, to_model_input
 from service.registry import activate_model, register_model
@@ -695,8 +695,7 @@ class Service:
                 faiss.omp_set_num_threads(CORES)
                 activate_model(settings, factory, model_row.id)
             setup["activate_s"] = t["s"]
-            with transaction(factory) as session:
-                _, key = create_key(session, "bench", "integration")
+            _, key = create_key(factory, "bench", "integration")
         finally:
             engine.dispose()
         return cls(root, settings, key, setup)

@@ -34,21 +34,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Which tests cover which module (SQLite runs only; PostgreSQL adds nothing to a logic mutant).
 COVERED_BY: dict[str, list[str]] = {
-    "service/knn.py": ["tests/service/test_knn.py", "tests/service/test_api.py"],
-    "service/galleries.py": [
+    "service/knn.py": [
+        "tests/service/test_knn.py",
+        "tests/service/test_five_candidates.py",
+        "tests/service/test_api.py",
+    ],
+    "service/model_gallery.py": [
         "tests/service/test_gallery.py",
+        "tests/service/test_gallery_replay.py",
+        "tests/service/test_five_candidates.py",
         "tests/service/test_live_gallery.py",
         "tests/service/test_rules.py",
         "tests/service/test_api.py",
         "tests/service/test_curation.py",
     ],
-    "service/curation.py": ["tests/service/test_curation.py", "tests/service/test_live_gallery.py"],
+    "service/curation.py": [
+        "tests/service/test_curation.py",
+        "tests/service/test_live_gallery.py",
+        "tests/service/test_input_limits.py",
+    ],
     "service/photos.py": [
         "tests/service/test_photos.py",
         "tests/service/test_photo_geometry.py",
+        "tests/service/test_operations.py",
         "tests/service/test_api.py",
     ],
     "service/auth.py": [
+        "tests/service/test_guard.py",
         "tests/service/test_curation.py",
         "tests/service/test_rules.py",
         "tests/service/test_api.py",

@@ -9,9 +9,9 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import ApiKey
+from service.db import ApiKey, transaction
 
 ROLES = ("integration", "curator", "admin")
 KEY_PREFIX = "wid_"
@@ -37,16 +37,16 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, name: str, role: str) -> tuple[ApiKey, str]:
-    """A new key for ``name``; the plain key is returned once and never stored."""
+def create_key(factory: sessionmaker[Session], name: str, role: str) -> tuple[ApiKey, str]:
+    """A new key for ``name``, committed; the plain key is returned once and never stored."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     if not name.strip():
         raise ValueError("a key needs the name of its owner")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name.strip(), role=role, key_hash=hash_key(key), prefix=key[:10])
-    session.add(row)
-    session.flush()
+    with transaction(factory) as session:
+        session.add(row)
     return row, key
 
 
@@ -62,9 +62,14 @@ class LastAdminKey(Exception):
     """Revoking this key would leave no admin key, and so no way to manage keys over the API."""
 
 
-def revoke_key(session: Session, key_id: int, *, keep_an_admin: bool = False) -> bool:
-    """Revoke a key (False if there is none). With ``keep_an_admin``, the last active admin
-    key is refused with ``LastAdminKey``."""
+def revoke_key(factory: sessionmaker[Session], key_id: int, *, keep_an_admin: bool = False) -> bool:
+    """Revoke a key (False if there is none), committed. With ``keep_an_admin``, the last
+    active admin key is refused with ``LastAdminKey``."""
+    with transaction(factory) as session:
+        return _revoke(session, key_id, keep_an_admin)
+
+
+def _revoke(session: Session, key_id: int, keep_an_admin: bool) -> bool:
     row = session.get(ApiKey, key_id)
     if row is None:
         return False

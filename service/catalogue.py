@@ -9,21 +9,20 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from service.db import Embedding, Image, Individual, Model, transaction
 from service.embedder import Embedder
-from service.galleries import Gallery, log_gallery_changes
-from service.identify import index_path
+from service.embedding import embed_photos
 from service.limits import BadText, check_catalogue_id, check_text, column_length
-from service.photos import Photo, PhotoError, decode_photo, to_model_input
+from service.model_gallery import Gallery, log_gallery_changes
+from service.photos import Photo, PhotoError, decode_photo
 from service.photostore import PhotoStore, StoredPhoto, content_hash
 from service.records import add_embedding, get_or_add_image, get_or_add_individual
 from service.settings import Settings
@@ -135,11 +134,6 @@ def _batches(
         yield batch
 
 
-def _embed_photos(embedder: Embedder, photos: Sequence[Photo]) -> np.ndarray:
-    spec = embedder.contract.preprocessing
-    return embedder.embed(np.stack([to_model_input(p.image, spec) for p in photos]))
-
-
 class CatalogueImport:
     """One import run into the database (and the active model's gallery)."""
 
@@ -171,13 +165,7 @@ class CatalogueImport:
         finally:
             bar.close()
         if self.embedder is not None and self.model_id is not None:
-            gallery = Gallery(
-                self.model_id,
-                self.embedder.dim,
-                index_path(self.settings, self.model_id),
-                ivf_threshold=self.settings.ivf_threshold,
-            )
-            gallery.open(self.factory)
+            Gallery.for_model(self.settings, self.model_id, self.embedder.dim).open(self.factory)
         return report
 
     def _read(self, row: _Row, images_dir: Path) -> tuple[bytes, str] | str:
@@ -247,7 +235,7 @@ class CatalogueImport:
         log.warning("line %d: %s", line, message)
 
     def _write(self, ready: list[_Ready], report: ImportReport) -> None:
-        vectors = _embed_photos(self.embedder, [r.photo for r in ready]) if self.embedder else None
+        vectors = embed_photos(self.embedder, [r.photo for r in ready]) if self.embedder else None
         stored: list[StoredPhoto] = []
         try:
             for r in ready:
@@ -282,46 +270,6 @@ class CatalogueImport:
             for s in stored:
                 self.store.discard(s)
             raise
-
-
-def embed_gallery(
-    settings: Settings,
-    factory: sessionmaker[Session],
-    embedder: Embedder,
-    model_id: int,
-    *,
-    batch_size: int = 32,
-) -> int:
-    """Embed every gallery photo (confirmed individual) that ``model_id`` has not embedded yet.
-    Resumable: each batch commits; a re-run picks up what is left."""
-    store = PhotoStore.open(settings)
-    with factory() as session:
-        done = select(Embedding.image_id).where(Embedding.model_id == model_id)
-        todo = session.execute(
-            select(Image.id, Image.file_path)
-            .where(Image.individual_id.is_not(None), Image.id.not_in(done))
-            .order_by(Image.id)
-        ).all()
-    count = 0
-    spec = embedder.contract.preprocessing
-    batches = range(0, len(todo), batch_size)
-    for start in tqdm(batches, desc="embed", unit="batch", disable=not batches):
-        chunk = todo[start : start + batch_size]
-        photos = [
-            decode_photo(
-                store.read(path),
-                max_pixels=settings.max_image_pixels,
-                target_size=spec.input_size,
-            )
-            for _, path in chunk
-        ]
-        vectors = _embed_photos(embedder, photos)
-        with transaction(factory) as session:
-            for (image_id, _), vector in zip(chunk, vectors, strict=True):
-                add_embedding(session, image_id, model_id, vector)
-            log_gallery_changes(session, [image_id for image_id, _ in chunk], model_id)
-        count += len(chunk)
-    return count
 
 
 def model_for_import(session: Session) -> Model | None:

@@ -283,7 +283,6 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from service.catalogue import CatalogueError, CatalogueImport, model_for_import
     from service.db import Model
     from service.embedder import Embedder
-    from service.modelfiles import local_model_file
 
     factory = _sessions(settings)
     with factory() as session:
@@ -295,11 +294,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             "with `whaleid models add MODEL.onnx --activate`"
         )
     else:
-        embedder = Embedder(
-            local_model_file(settings, model.file_path, model.file_hash),
-            threads=settings.onnx_threads,
-            max_batch_size=settings.embed_batch_size,
-        )
+        embedder = Embedder.for_model(settings, model.file_path)
     run = CatalogueImport(settings, factory, embedder, model.id if model else None)
     try:
         report = run.run(Path(args.catalogue), Path(args.images), batch_size=args.batch_size)
@@ -341,14 +336,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     from service.auth import create_key
-    from service.db import transaction
 
-    with transaction(_sessions(settings)) as session:
-        try:
-            row, key = create_key(session, args.name, args.role)
-        except ValueError as e:
-            log.error("%s", e)
-            return 2
+    try:
+        row, key = create_key(_sessions(settings), args.name, args.role)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     log.info(
         "created %s key %s for %s; it is shown once, on standard output", row.role, row.id, row.name
     )
@@ -368,12 +361,10 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from service.auth import revoke_key
-    from service.db import transaction
 
-    with transaction(_sessions(settings)) as session:
-        if not revoke_key(session, args.key_id):
-            log.error("key %s does not exist", args.key_id)
-            return 2
+    if not revoke_key(_sessions(settings), args.key_id):
+        log.error("key %s does not exist", args.key_id)
+        return 2
     return 0
 
 

@@ -20,9 +20,9 @@ from service.db import (
     IndividualEvent,
     transaction,
 )
-from service.galleries import log_gallery_changes
 from service.knn import NEW_INDIVIDUAL
 from service.limits import check_catalogue_id, is_reserved
+from service.model_gallery import log_gallery_changes
 
 DecisionKind = Literal["confirm", "new_individual", "reject"]
 STATUS_AFTER = {"confirm": "confirmed", "new_individual": "new_individual", "reject": "rejected"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,9 @@ import numpy as np
 import onnxruntime as ort
 
 from service.knn import RANKINGS, Ranking
+from service.modelfiles import local_model_file
 from service.photos import PixelRange, Preprocessing, Resize
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ModelContractError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (a zero row stays zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -120,6 +113,18 @@ class Embedder:
         )
         self.max_batch_size = max_batch_size
         self.dim = self._check_shapes(path)
+
+    @classmethod
+    def for_model(cls, settings: Settings, file_path: str, *, spinning: bool = True) -> Embedder:
+        """The embedder of a registered model (``Model.file_path``), with the thread count and
+        batch size from ``settings``; the file is fetched from the model store first if this
+        replica lacks it (``service.modelfiles``)."""
+        return cls(
+            local_model_file(settings, file_path),
+            threads=settings.onnx_threads,
+            max_batch_size=settings.embed_batch_size,
+            spinning=spinning,
+        )
 
     def _check_shapes(self, path: Path) -> int:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -10,9 +10,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from service.catalogue import read_catalogue
-from service.galleries import Filters
 from service.identify import Identifier
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5
+from service.model_gallery import Filters
 from service.photos import PhotoError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 import numpy as np
@@ -19,9 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Candidate, Identification, Image, Individual, Model, transaction
 from service.embedder import Embedder
-from service.galleries import Filters, Gallery, latest_change, log_gallery_changes
 from service.knn import RankedCandidate, rank_candidates
-from service.modelfiles import local_model_file
+from service.model_gallery import Filters, Gallery, latest_change, log_gallery_changes
 from service.photos import Keepsake, Photo, decode_photo, keepsake, to_model_input
 from service.photostore import PhotoStore, StoredPhoto, content_hash
 from service.records import add_embedding, get_or_add_image
@@ -87,10 +85,6 @@ class _Stopwatch:
             self.laps[name] = (time.perf_counter() - start) * 1000.0
 
 
-def index_path(settings: Settings, model_id: int) -> Path:
-    return settings.indexes_dir / f"model-{model_id}.faiss"
-
-
 class Identifier:
     """Everything ``/identify`` needs for one model, loaded once."""
 
@@ -122,17 +116,8 @@ class Identifier:
         slots: WorkSlots | None = None,
     ) -> Identifier:
         """Open the model's ONNX file and its gallery (rebuilding the index if need be)."""
-        embedder = Embedder(
-            local_model_file(settings, model.file_path, model.file_hash),
-            threads=settings.onnx_threads,
-            max_batch_size=settings.embed_batch_size,
-        )
-        gallery = Gallery(
-            model.id,
-            embedder.dim,
-            index_path(settings, model.id),
-            ivf_threshold=settings.ivf_threshold,
-        )
+        embedder = Embedder.for_model(settings, model.file_path)
+        gallery = Gallery.for_model(settings, model.id, embedder.dim)
         gallery.open(factory)
         return cls(settings, factory, model, embedder, gallery, slots)
 

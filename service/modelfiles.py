@@ -3,12 +3,12 @@ replica into its own data directory (a cache) before it loads them."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
 from pathlib import Path
 
-from service.embedder import file_sha256
 from service.settings import Settings
 from service.storage import ObjectStore, open_store
 
@@ -20,8 +20,17 @@ class ModelFileCorrupt(RuntimeError):
 
 
 def model_key(digest: str) -> str:
-    """The store key (and the path under the data directory) of the model with ``digest``."""
+    """The store key (and the path under the data directory) of the model with ``digest``:
+    ``Model.file_path``."""
     return f"models/{digest}.onnx"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def publish_model(objects: ObjectStore, source: Path, digest: str) -> bool:
@@ -29,12 +38,14 @@ def publish_model(objects: ObjectStore, source: Path, digest: str) -> bool:
     return objects.upload_new(source, model_key(digest))
 
 
-def local_model_file(settings: Settings, key: str, digest: str) -> Path:
-    """The model's file in this replica's data directory, fetched from the store by its hash and
-    verified first if this replica does not have it yet."""
+def local_model_file(settings: Settings, key: str) -> Path:
+    """The model's file in this replica's data directory. A replica that lacks it fetches it from
+    the store and checks its sha256 (the key names it, see ``model_key``) before renaming it into
+    place, so a half-fetched or altered file is never loaded."""
     target = settings.data_dir / key
     if target.is_file():
         return target
+    digest = Path(key).name.removesuffix(".onnx")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".fetch.", suffix=".tmp")
     os.close(fd)

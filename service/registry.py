@@ -10,13 +10,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.catalogue import embed_gallery
 from service.curation import Conflict
 from service.db import Model, transaction
-from service.embedder import Embedder, ModelContractError, file_sha256
-from service.galleries import Gallery
-from service.identify import index_path
-from service.modelfiles import model_key, publish_model
+from service.embedder import Embedder, ModelContractError
+from service.embedding import embed_gallery
+from service.model_gallery import Gallery
+from service.modelfiles import file_sha256, model_key, publish_model
 from service.reindex import Embedders, switch_to
 from service.settings import Settings
 from service.storage import open_store
@@ -120,12 +119,7 @@ def activate_model(settings: Settings, factory: sessionmaker[Session], model_id:
     embedders = Embedders(settings, factory)
     photos = embedders(model_id)
     embedded = embed_gallery(settings, factory, photos.embedder, model_id)
-    gallery = Gallery(
-        model_id,
-        photos.embedder.dim,
-        index_path(settings, model_id),
-        ivf_threshold=settings.ivf_threshold,
-    )
+    gallery = Gallery.for_model(settings, model_id, photos.embedder.dim)
     gallery.open(factory)
     switch = switch_to(
         settings, factory, photos, model_id, action="activate", head=None, actor="cli", forced=True

@@ -28,12 +28,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.curation import Conflict, NotFound
 from service.db import Embedding, GalleryChange, Image, Job, Model, ModelSwitch, transaction
 from service.embedder import Embedder
-from service.galleries import Gallery, log_gallery_changes
-from service.gallery import sidecar_path
-from service.identify import index_path
+from service.gallery_index import sidecar_path
 from service.jobs import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
 from service.knn import PAPER_CUTOFF, PAPER_K
-from service.modelfiles import local_model_file
+from service.model_gallery import Gallery, index_path, log_gallery_changes
 from service.photos import PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore
 from service.settings import Settings
@@ -203,14 +201,8 @@ class Embedders:
         with self._lock:
             if model_id not in self._loaded:
                 with self.factory() as session:
-                    model = _model(session, model_id)
-                    key, digest = model.file_path, model.file_hash
-                embedder = Embedder(
-                    local_model_file(self.settings, key, digest),
-                    threads=self.settings.onnx_threads,
-                    max_batch_size=self.settings.embed_batch_size,
-                    spinning=False,
-                )
+                    file_path = _model(session, model_id).file_path
+                embedder = Embedder.for_model(self.settings, file_path, spinning=False)
                 if len(self._loaded) >= 3:
                     self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[model_id] = PhotoEmbedder(self.settings, embedder)
@@ -344,12 +336,7 @@ class ReindexChunks:
         added, errors = catch_up(self.factory, photos, lease.model_id, alive=alive)
         if added:
             log.info("model %s: caught up with %d new gallery photos", lease.model_id, added)
-        gallery = Gallery(
-            lease.model_id,
-            photos.embedder.dim,
-            index_path(self.settings, lease.model_id),
-            ivf_threshold=self.settings.ivf_threshold,
-        )
+        gallery = Gallery.for_model(self.settings, lease.model_id, photos.embedder.dim)
         gallery.open(self.factory)  # writes the index file the replicas load at the switch
         if not alive():
             raise LeaseLost("the lease was lost while writing the index")

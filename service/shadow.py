@@ -24,7 +24,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Decision, Identification, Model
-from service.galleries import gallery_rows, load_vectors
 from service.knn import (
     CUTOFF_GRID,
     K_GRID,
@@ -37,6 +36,7 @@ from service.knn import (
     fill,
     rank_candidates,
 )
+from service.model_gallery import gallery_rows, load_vectors
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -102,11 +102,10 @@ class LiveServer:
 def make_keys(settings: Settings) -> dict[str, str]:
     """One key per role, owned by "<role> tester"."""
     from service.auth import ROLES, create_key
-    from service.db import transaction
 
     engine = make_engine(settings.sqlalchemy_url)
-    with transaction(make_sessionmaker(engine)) as session:
-        keys = {role: create_key(session, f"{role} tester", role)[1] for role in ROLES}
+    factory = make_sessionmaker(engine)
+    keys = {role: create_key(factory, f"{role} tester", role)[1] for role in ROLES}
     engine.dispose()
     return keys
 
@@ -247,7 +246,6 @@ def load_catalogue(
     code path."""
     from service.catalogue import CatalogueImport
     from service.embedder import Embedder
-    from service.modelfiles import local_model_file
     from service.registry import activate_model, register_model
     from tests.toy import write_catalogue
 
@@ -256,7 +254,7 @@ def load_catalogue(
     model = register_model(settings, factory, model_path)
     activate_model(settings, factory, model.id)
     csv_path = write_catalogue(folder, range(individuals), shots)
-    embedder = Embedder(local_model_file(settings, model.file_path, model.file_hash))
+    embedder = Embedder.for_model(settings, model.file_path)
     report = CatalogueImport(settings, factory, embedder, model.id).run(csv_path, folder / "images")
     assert not report.errors and report.imported == individuals * len(shots)
     return Catalogue(settings, factory, model.id, folder)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, RuntimeDep, SessionDep
+from service.api.deps import Admin, RuntimeDep, SessionDep, SessionsDep
 from service.api.params import KeyId
 from service.api.schemas import INVALID, GalleryDigestOut, KeyIn, KeyOut, Problem, as_utc
 from service.auth import LastAdminKey, create_key, revoke_key
@@ -28,10 +28,9 @@ def _key_out(row: ApiKey, key: str | None = None) -> KeyOut:
 
 
 @router.post("/keys", response_model=KeyOut, status_code=201)
-def post_key(body: KeyIn, session: SessionDep, caller: Admin) -> KeyOut:
+def post_key(body: KeyIn, sessions: SessionsDep, caller: Admin) -> KeyOut:
     """Create an API key; the key itself is in this answer only."""
-    row, key = create_key(session, body.name, body.role)
-    session.commit()
+    row, key = create_key(sessions, body.name, body.role)
     return _key_out(row, key)
 
 
@@ -43,16 +42,15 @@ def list_keys(session: SessionDep, caller: Admin) -> list[KeyOut]:
 @router.delete(
     "/keys/{key_id}", status_code=204, responses={404: {"model": Problem}, 409: {"model": Problem}}
 )
-def delete_key(key_id: KeyId, session: SessionDep, caller: Admin) -> None:
+def delete_key(key_id: KeyId, sessions: SessionsDep, caller: Admin) -> None:
     """Revoke a key: it stops working at once. The last admin key is refused (409): create
     another first, or revoke it on the server with `whaleid keys revoke`."""
     try:
-        found = revoke_key(session, key_id, keep_an_admin=True)
+        found = revoke_key(sessions, key_id, keep_an_admin=True)
     except LastAdminKey as e:
         raise HTTPException(409, str(e)) from e
     if not found:
         raise HTTPException(404, f"key {key_id} does not exist")
-    session.commit()
 
 
 @router.get("/models")

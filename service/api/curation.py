@@ -9,7 +9,14 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Curator, Integration, RuntimeDep, SessionDep, SettingsDep
+from service.api.deps import (
+    Curator,
+    Integration,
+    RuntimeDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+)
 from service.api.params import (
     IdentificationId,
     IndividualId,
@@ -108,15 +115,14 @@ async def post_decision(
     identification_id: IdentificationId,
     body: DecisionIn,
     caller: Curator,
+    sessions: SessionsDep,
     runtime: RuntimeDep,
     settings: SettingsDep,
 ) -> DecisionOut:
     """Confirm a candidate, declare a new individual, or reject. The photo joins the gallery at
     once. Repeating a decision returns the first; a different one needs `supersede`."""
     request = DecisionRequest(**body.model_dump())
-    record = await run_in_threadpool(
-        decide, runtime.factory, identification_id, request, caller.name
-    )
+    record = await run_in_threadpool(decide, sessions, identification_id, request, caller.name)
     if settings.failpoint == "after-decision-commit":
         os._exit(70)  # a crash between the database commit and the index update
     await run_in_threadpool(runtime.sync)
@@ -125,12 +131,12 @@ async def post_decision(
 
 @router.post("/individuals", response_model=IndividualOut, status_code=201, responses=ERRORS)
 async def post_individual(
-    body: IndividualIn, caller: Curator, runtime: RuntimeDep
+    body: IndividualIn, caller: Curator, sessions: SessionsDep
 ) -> IndividualOut:
     """Create an individual (without photos yet)."""
     ind = await run_in_threadpool(
         create_individual,
-        runtime.factory,
+        sessions,
         body.individual_id,
         body.species,
         body.name,
@@ -144,9 +150,9 @@ async def post_individual(
     )
 
 
-async def _summary(runtime: RuntimeDep, ind: Individual) -> IndividualOut:
+async def _summary(sessions: SessionsDep, runtime: RuntimeDep, ind: Individual) -> IndividualOut:
     def count() -> int:
-        with runtime.factory() as session:
+        with sessions() as session:
             return (
                 session.scalar(
                     select(func.count()).select_from(Image).where(Image.individual_id == ind.id)
@@ -165,12 +171,16 @@ async def _summary(runtime: RuntimeDep, ind: Individual) -> IndividualOut:
 
 @router.patch("/individuals/{individual_id}", response_model=IndividualOut, responses=ERRORS)
 async def patch_individual(
-    individual_id: IndividualId, body: IndividualPatch, caller: Curator, runtime: RuntimeDep
+    individual_id: IndividualId,
+    body: IndividualPatch,
+    caller: Curator,
+    sessions: SessionsDep,
+    runtime: RuntimeDep,
 ) -> IndividualOut:
     """Rename (catalogue id or display name) or change the species."""
     ind = await run_in_threadpool(
         lambda: update_individual(
-            runtime.factory,
+            sessions,
             individual_id,
             caller.name,
             new_code=body.individual_id,
@@ -178,28 +188,36 @@ async def patch_individual(
             species=body.species,
         )
     )
-    return await _summary(runtime, ind)
+    return await _summary(sessions, runtime, ind)
 
 
 @router.post("/individuals/{individual_id}/merge", response_model=IndividualOut, responses=ERRORS)
 async def merge(
-    individual_id: IndividualId, body: MergeIn, caller: Curator, runtime: RuntimeDep
+    individual_id: IndividualId,
+    body: MergeIn,
+    caller: Curator,
+    sessions: SessionsDep,
+    runtime: RuntimeDep,
 ) -> IndividualOut:
     """Merge this individual into another: every photo moves, this one redirects there."""
     target = await run_in_threadpool(
-        merge_individuals, runtime.factory, individual_id, body.into, caller.name
+        merge_individuals, sessions, individual_id, body.into, caller.name
     )
-    return await _summary(runtime, target)
+    return await _summary(sessions, runtime, target)
 
 
 @router.post("/individuals/{individual_id}/split", response_model=IndividualOut, responses=ERRORS)
 async def split(
-    individual_id: IndividualId, body: SplitIn, caller: Curator, runtime: RuntimeDep
+    individual_id: IndividualId,
+    body: SplitIn,
+    caller: Curator,
+    sessions: SessionsDep,
+    runtime: RuntimeDep,
 ) -> IndividualOut:
     """Move chosen photos to another or a new individual; answers with where they went."""
     target = await run_in_threadpool(
         lambda: split_individual(
-            runtime.factory,
+            sessions,
             individual_id,
             body.image_ids,
             caller.name,
@@ -208,7 +226,7 @@ async def split(
             name=body.name,
         )
     )
-    return await _summary(runtime, target)
+    return await _summary(sessions, runtime, target)
 
 
 @router.get(

@@ -1,4 +1,8 @@
-"""Dependencies shared by the routers, as ``Annotated`` aliases."""
+"""Dependencies shared by the routers, as ``Annotated`` aliases.
+
+The database is reached one way: ``SessionsDep``, the app's sessionmaker. Routes read through
+``SessionDep`` (a session from it for the request) and never commit; every write is a domain
+function that takes the sessionmaker and owns its transaction (``service.db.transaction``)."""
 
 from __future__ import annotations
 
@@ -7,23 +11,37 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import ANONYMOUS_ADMIN, Principal, authenticate
 from service.identify import Runtime
+from service.reindex import Embedders
 from service.settings import Settings
 
 COOKIE = "whaleid_key"
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    return sessions
+
+
+def get_session(
+    sessions: Annotated[sessionmaker[Session], Depends(get_sessions)],
+) -> Iterator[Session]:
+    with sessions() as session:
         yield session
 
 
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+def get_embedders(request: Request) -> Embedders:
+    """The models' embedders this process has loaded for background work (re-index, switch)."""
+    embedders: Embedders = request.app.state.embedders
+    return embedders
 
 
 def get_settings(request: Request) -> Settings:
@@ -76,7 +94,7 @@ def _principal_of_key(request: Request, role: str) -> Principal:
             f"this needs an API key with the {role} role: {how}",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    with request.app.state.sessions() as session:
+    with get_sessions(request)() as session:
         principal = authenticate(session, key)
     if principal is None:
         raise HTTPException(
@@ -113,8 +131,10 @@ def require(role: str) -> Require:
     return Require(role)
 
 
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+EmbeddersDep = Annotated[Embedders, Depends(get_embedders)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 Integration = Annotated[Principal, Depends(require("integration"))]
 Curator = Annotated[Principal, Depends(require("curator"))]

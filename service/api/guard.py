@@ -48,13 +48,13 @@ def _has_body(headers: Headers) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
 
 
-def _too_large(limit: int, size: str | None = None) -> Refused:
+PHOTO_HINT = "send a smaller photo (or fewer items)"
+MODEL_HINT = "raise WHALEID_MAX_MODEL_BYTES, or register it with `whaleid models add`"
+
+
+def _too_large(limit: int, hint: str, size: str | None = None) -> Refused:
     said = f" is {size} bytes," if size else " is"
-    return Refused(
-        413,
-        f"the request body{said} over the limit of {limit} bytes: send a smaller photo (or fewer "
-        "items)",
-    )
+    return Refused(413, f"the request body{said} over the limit of {limit} bytes: {hint}")
 
 
 class RequestGuard:
@@ -64,18 +64,19 @@ class RequestGuard:
         self.app = app
         self.settings = settings
 
-    def limit_for(self, method: str, path: str) -> int:
+    def limit_for(self, method: str, path: str) -> tuple[int, str]:
+        """The byte limit of a request's body, and what to do when it is over."""
         if path in UPLOAD_PATHS:
-            return self.settings.max_upload_bytes + FORM_ALLOWANCE
+            return self.settings.max_upload_bytes + FORM_ALLOWANCE, PHOTO_HINT
         if method == "POST" and path == MODEL_UPLOAD_PATH:
-            return self.settings.max_model_bytes
-        return self.settings.max_body_bytes
+            return self.settings.max_model_bytes, MODEL_HINT
+        return self.settings.max_body_bytes, PHOTO_HINT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["method"], scope["path"])
+        limit, hint = self.limit_for(scope["method"], scope["path"])
         received = 0
         # Without a body there is nothing to guard (a response may still listen on receive for
         # a disconnect, while its route holds a database session).
@@ -85,13 +86,13 @@ class RequestGuard:
         async def guarded_receive() -> Message:
             nonlocal received, admitted
             if not admitted:  # the first read of the body: check the caller first
-                await self._admit(scope, limit)
+                await self._admit(scope, limit, hint)
                 admitted = True
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _too_large(limit)
+                    raise _too_large(limit, hint)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -107,7 +108,7 @@ class RequestGuard:
             response = JSONResponse({"detail": e.detail}, e.status_code, headers=e.headers)
             await response(scope, receive, send)
 
-    async def _admit(self, scope: Scope, limit: int) -> None:
+    async def _admit(self, scope: Scope, limit: int, hint: str) -> None:
         """Authenticate for the matched route, then refuse a declared length over the limit."""
         role = required_role(scope) if self.settings.auth else None
         known = scope.get("state", {}).get("principal")
@@ -119,4 +120,4 @@ class RequestGuard:
             scope.setdefault("state", {})["principal"] = principal
         length = Headers(scope=scope).get("content-length", "")
         if re.fullmatch(r"\d{1,30}", length) and int(length) > limit:
-            raise _too_large(limit, length)
+            raise _too_large(limit, hint, length)

@@ -25,9 +25,9 @@ from service.api.schemas import (
 )
 from service.curation import decision_history
 from service.db import Identification, Image
-from service.galleries import Filters
 from service.identify import IdentificationResult
 from service.limits import check_text, column_length
+from service.model_gallery import Filters
 from service.photos import PhotoTooLarge, parse_bbox
 
 router = APIRouter(tags=["identify"], responses=INVALID)

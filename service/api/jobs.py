@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, SessionDep
+from service.api.deps import Admin, SessionDep, SessionsDep
 from service.api.schemas import Problem
 from service.jobs import Progress, cancel, get_job, list_jobs, progress
 
@@ -65,9 +65,8 @@ def get_one_job(job_id: JobId, session: SessionDep, caller: Admin) -> JobOut:
     response_model=JobOut,
     responses={404: {"model": Problem}, 409: {"model": Problem}},
 )
-async def cancel_job(job_id: JobId, request: Request, caller: Admin) -> JobOut:
+async def cancel_job(job_id: JobId, sessions: SessionsDep, caller: Admin) -> JobOut:
     """Stop a queued or running job; chunks being worked on write nothing."""
-    factory = request.app.state.sessions
-    job = await run_in_threadpool(cancel, factory, job_id)
-    with factory() as session:
+    job = await run_in_threadpool(cancel, sessions, job_id)
+    with sessions() as session:
         return job_out(progress(session, get_job(session, job.id)))

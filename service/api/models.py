@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, RuntimeDep, SettingsDep
+from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
 from service.api.jobs import JobOut, job_out
 from service.api.schemas import Problem
 from service.db import Model
@@ -131,7 +131,11 @@ async def _receive_model(request: Request, limit: int, folder: FilePath) -> File
     },
 )
 async def upload_model(
-    request: Request, response: Response, settings: SettingsDep, caller: Admin
+    request: Request,
+    response: Response,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    caller: Admin,
 ) -> RegisteredModel:
     """Register an ONNX model sent as the request body. It is checked as `whaleid models add`
     checks it (contract metadata, output dimension, a probe embedding). The same file again
@@ -139,9 +143,7 @@ async def upload_model(
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     path = await _receive_model(request, settings.max_model_bytes, settings.models_dir)
     try:
-        model, created = await run_in_threadpool(
-            register_model_file, settings, request.app.state.sessions, path
-        )
+        model, created = await run_in_threadpool(register_model_file, settings, sessions, path)
     except ModelContractError as e:
         raise HTTPException(422, str(e)) from e
     finally:
@@ -159,33 +161,32 @@ async def upload_model(
 )
 async def reindex_model(
     model_id: ModelId,
-    request: Request,
+    sessions: SessionsDep,
     settings: SettingsDep,
     caller: Admin,
     body: ReindexIn | None = None,
 ) -> JobOut:
     """Start a job embedding the gallery with this model; follow it at `GET /jobs/{id}`. The
     active model keeps answering meanwhile."""
-    factory = request.app.state.sessions
     job = await run_in_threadpool(
         start_reindex,
         settings,
-        factory,
+        sessions,
         model_id,
         include_queries=(body or ReindexIn()).include_queries,
         actor=caller.name,
     )
-    with factory() as session:
+    with sessions() as session:
         return job_out(progress(session, get_job(session, job.id)))
 
 
 @router.get("/models/{model_id}/shadow", responses={404: {"model": Problem}})
 async def get_shadow_report(
-    model_id: ModelId, request: Request, settings: SettingsDep, caller: Admin
+    model_id: ModelId, sessions: SessionsDep, settings: SettingsDep, caller: Admin
 ) -> dict[str, Any]:
     """The shadow evaluation of this model against the active one (recomputed if the active
     model changed since its re-index)."""
-    report = await run_in_threadpool(shadow_report, settings, request.app.state.sessions, model_id)
+    report = await run_in_threadpool(shadow_report, settings, sessions, model_id)
     return report.data
 
 
@@ -208,7 +209,8 @@ async def _follow(runtime: RuntimeDep) -> None:
 )
 async def activate_model(
     model_id: ModelId,
-    request: Request,
+    sessions: SessionsDep,
+    embedders: EmbeddersDep,
     settings: SettingsDep,
     runtime: RuntimeDep,
     caller: Admin,
@@ -222,8 +224,8 @@ async def activate_model(
         switch = await run_in_threadpool(
             activate,
             settings,
-            request.app.state.sessions,
-            request.app.state.embedders,
+            sessions,
+            embedders,
             model_id,
             head=choice.head,
             force=choice.force,
@@ -242,15 +244,19 @@ async def activate_model(
 
 @router.post("/models/rollback", response_model=SwitchOut, responses={409: {"model": Problem}})
 async def rollback_model(
-    request: Request, settings: SettingsDep, runtime: RuntimeDep, caller: Admin
+    sessions: SessionsDep,
+    embedders: EmbeddersDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    caller: Admin,
 ) -> SwitchOut:
     """Go back to the model that was active before, in one call."""
     try:
         switch = await run_in_threadpool(
             rollback,
             settings,
-            request.app.state.sessions,
-            request.app.state.embedders,
+            sessions,
+            embedders,
             caller.name,
             runtime.prepare,
         )
@@ -267,9 +273,9 @@ async def rollback_model(
     responses={404: {"model": Problem}, 409: {"model": Problem}},
 )
 async def retire_model(
-    model_id: ModelId, request: Request, settings: SettingsDep, caller: Admin
+    model_id: ModelId, sessions: SessionsDep, settings: SettingsDep, caller: Admin
 ) -> RegisteredModel:
     """Retire a model that is not active: its index is deleted; it can no longer be rolled
     back to without a re-index."""
-    model = await run_in_threadpool(retire, settings, request.app.state.sessions, model_id)
+    model = await run_in_threadpool(retire, settings, sessions, model_id)
     return _registered(model)

@@ -15,7 +15,7 @@ from service.catalogue import CatalogueImport
 from service.db import Identification
 from service.db import Image as ImageRow
 from service.embedder import Embedder
-from service.identify import index_path
+from service.model_gallery import index_path
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo, write_catalogue

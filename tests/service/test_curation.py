@@ -16,9 +16,8 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db import ApiKey, Individual, make_engine, make_sessionmaker
-from service.galleries import GalleryEntries, gallery_rows
-from service.gallery import GalleryIndex
-from service.identify import index_path
+from service.gallery_index import GalleryIndex
+from service.model_gallery import GalleryEntries, gallery_rows, index_path
 from service.settings import Settings
 from tests.conftest import (
     Catalogue,

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.galleries import Filters
-from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, sidecar_path
-from service.identify import Identifier, index_path
+from service.gallery_index import GalleryFileError, GalleryIndex, IndexPlan, sidecar_path
+from service.identify import Identifier
+from service.model_gallery import Filters, index_path
 from tests.conftest import Catalogue
 from tests.toy import encode, photo
 
@@ -115,7 +115,7 @@ def test_gallery_rebuilt_from_stored_embeddings_with_identical_answers(
     elif damage == "truncate":
         path.write_bytes(original[: len(original) // 3])
     else:  # the file of an older gallery: one photo fewer than the database holds
-        from service.gallery import GalleryIndex as GI
+        from service.gallery_index import GalleryIndex as GI
 
         index, sidecar = GI.load(path)
         index.remove(index.ids()[:1])

@@ -18,8 +18,8 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, Image, make_engine, make_sessionmaker, transaction
-from service.galleries import Gallery, GalleryDigest, log_gallery_changes
-from service.gallery import GalleryIndex
+from service.gallery_index import GalleryIndex
+from service.model_gallery import Gallery, GalleryDigest, log_gallery_changes
 from service.settings import Settings
 from tests.conftest import (
     Catalogue,

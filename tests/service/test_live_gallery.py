@@ -14,8 +14,7 @@ from sqlalchemy import select
 from service.cli import main
 from service.db import Embedding, Image, Individual
 from service.embedder import Embedder
-from service.galleries import Filters, Gallery
-from service.identify import index_path
+from service.model_gallery import Filters, Gallery, index_path
 from tests.conftest import Catalogue, LiveServer
 from tests.toy import build_toy_model, encode, photo
 

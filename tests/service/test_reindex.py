@@ -16,8 +16,8 @@ from onnx import numpy_helper
 from sqlalchemy import func, select
 
 from service.db import Embedding, Image, Individual, Model
-from service.galleries import gallery_rows
 from service.jobs import Worker
+from service.model_gallery import gallery_rows
 from service.reindex import Embedders, worker_handlers
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import build_toy_model, encode, photo

@@ -12,8 +12,8 @@ from sqlalchemy import event, func, select, text
 from service import migrate
 from service.db import Image, make_engine
 from service.evaluation import evaluate
-from service.galleries import Filters, GalleryEntries
 from service.identify import Runtime
+from service.model_gallery import Filters, GalleryEntries
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, load_catalogue
 from tests.toy import build_toy_model, encode, photo, write_catalogue

@@ -14,8 +14,8 @@ from sqlalchemy import Engine, event
 from service import migrate
 from service.catalogue import CatalogueImport
 from service.db import Image, make_engine, make_sessionmaker
-from service.galleries import Filters
 from service.identify import Runtime
+from service.model_gallery import Filters
 from service.modelfiles import ModelFileCorrupt, local_model_file, model_key
 from service.registry import activate_model, register_model
 from service.retention import prune_query_photos
@@ -67,7 +67,7 @@ def test_a_replica_fetches_a_model_by_its_hash_and_verifies_it(
     assert model.file_hash == digest and model.file_path == model_key(digest)
     assert open_store(a).read(model.file_path) == toy_model.read_bytes()
 
-    fetched = local_model_file(b, model.file_path, digest)
+    fetched = local_model_file(b, model.file_path)
     assert fetched == b.data_dir / model.file_path
     assert fetched.read_bytes() == toy_model.read_bytes()
 
@@ -77,7 +77,7 @@ def test_a_replica_fetches_a_model_by_its_hash_and_verifies_it(
     bucket.delete(model.file_path)
     bucket.put_new(model.file_path, b"not the registered model")
     with pytest.raises(ModelFileCorrupt, match=digest):
-        local_model_file(b, model.file_path, digest)
+        local_model_file(b, model.file_path)
     assert [p.name for p in (b.data_dir / "models").iterdir()] == []
 
 

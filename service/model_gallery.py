@@ -18,8 +18,15 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Embedding, GalleryChange, Image, Individual
-from service.gallery import GalleryFileError, GalleryIndex, IndexPlan, ids_digest, sidecar_path
+from service.gallery_index import (
+    GalleryFileError,
+    GalleryIndex,
+    IndexPlan,
+    ids_digest,
+    sidecar_path,
+)
 from service.knn import Neighbour, shortfall
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 _NO_DATE = np.iinfo(np.int64).min
@@ -345,6 +352,11 @@ class GalleryDigest:
         return cls.of(model_id, ids, load_vectors(session, ids.tolist(), dim), [r[2] for r in rows])
 
 
+def index_path(settings: Settings, model_id: int) -> Path:
+    """Where the faiss index of ``model_id`` is kept (its sidecar lies beside it)."""
+    return settings.indexes_dir / f"model-{model_id}.faiss"
+
+
 class Gallery:
     """The gallery of one model, searched by ``/identify`` and kept in step by ``sync``."""
 
@@ -359,6 +371,13 @@ class Gallery:
         self.entries = GalleryEntries.from_rows([])
         self.version = -1
         self._lock = threading.RLock()
+
+    @classmethod
+    def for_model(cls, settings: Settings, model_id: int, dim: int) -> Gallery:
+        """The gallery of ``model_id`` at its place in the data directory (not opened yet)."""
+        return cls(
+            model_id, dim, index_path(settings, model_id), ivf_threshold=settings.ivf_threshold
+        )
 
     @property
     def size(self) -> int:
