@@ -14,7 +14,7 @@ COPY migrations ./migrations
 COPY scripts/install-serving.sh scripts/serving_pyproject.py ./scripts/
 RUN scripts/install-serving.sh
 
-# Training and export: TensorFlow 2.15 on the CPU (docs/training.md).
+# Training and export: TensorFlow on the CPU (docs/training.md).
 FROM python:3.11-slim AS train
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app

@@ -7,7 +7,10 @@
 #      data directory through the service, exactly as demo/setup.sh does for `serve`, and
 #      evaluate the held-out queries (whaleid evaluate): MAP@5 must reach 0.8,
 #   5. check the README's three example photos are answered rightly, then copy the model to
-#      demo/whaleid-demo.onnx and the photos to demo/queries/.
+#      demo/whaleid-demo.onnx and the photos to demo/queries/;
+#   6. export the int8 version (whaleid-export --quantize int8): if it passes the gate it becomes
+#      demo/whaleid-demo-int8.onnx, and both models are timed and scored side by side on the
+#      demo gallery (build/demo/compare.json, the figures of docs/performance.md).
 # Needs the TensorFlow virtualenv .venv-train (created here if missing). Training on a CPU is not
 # bit-for-bit repeatable, so a rebuild gives a slightly different model with similar figures.
 set -euo pipefail
@@ -17,7 +20,7 @@ WORK=build/demo
 log() { echo "[demo/build.sh] $*" >&2; }
 
 if [ ! -x "$VENV/bin/whaleid-train" ]; then
-  log "creating $VENV (TensorFlow 2.15, CPU)"
+  log "creating $VENV (TensorFlow, CPU)"
   "${PYTHON:-python3}" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[train,export,dev]'
@@ -57,3 +60,15 @@ rm -rf demo/queries
 mkdir -p demo/queries
 for pair in $EXAMPLES; do cp "$GALLERY/images/${pair%%:*}" demo/queries/; done
 log "demo/whaleid-demo.onnx rebuilt: $(tr -d '\n ' < "$WORK/evaluation.json")"
+
+if "$VENV/bin/whaleid-export" "$WORK/run/model.keras" --out "$WORK/whaleid-demo-int8.onnx" \
+  --quantize int8; then
+  cp "$WORK/whaleid-demo-int8.onnx" demo/whaleid-demo-int8.onnx
+  "$VENV/bin/python" -m model_export.compare demo/whaleid-demo.onnx demo/whaleid-demo-int8.onnx \
+    --catalogue "$GALLERY/catalogue.csv" --queries "$GALLERY/queries.csv" \
+    --images "$GALLERY/images" --out "$WORK/compare.json"
+  log "demo/whaleid-demo-int8.onnx rebuilt; fp32 against int8: $WORK/compare.json"
+else
+  rm -f demo/whaleid-demo-int8.onnx
+  log "the int8 model did not pass the gate: only the fp32 demo model is shipped"
+fi

@@ -22,18 +22,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import onnx
 import onnxruntime as ort
 import tensorflow as tf
 
 from model_export.metadata import build_metadata, head_from
-from service.embedder import Embedder, ModelContractError, l2_normalise
-from service.photos import Preprocessing, decode_photo, to_model_input
+from model_export.quantize import (
+    CALIBRATION_PHOTOS,
+    INT8,
+    MIN_COSINE,
+    QUANTIZATION,
+    QuantizationRefused,
+    calibration_sample,
+    check_int8,
+    quantize_int8,
+)
+from service.contract import ModelContractError, Preprocessing
+from service.embedder import Embedder, l2_normalise
+from service.photos import decode_photo, to_model_input
 from training.augment import decode, model_input
-from training.data import MAX_PIXELS, upright_bytes
+from training.data import MAX_PIXELS, Entry, PhotoSource, upright_bytes
+from training.evaluate import prepare
 from training.model import embedding_submodel
 from training.runs import find_summary, load_model, preprocessing_of
+from training.train import RUN_CONFIG, build_validation, run_data
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +76,7 @@ class Parity:
         )
 
 
-def to_onnx(embedder: tf.keras.Model, size: int, opset: int) -> onnx.ModelProto:
+def to_onnx(embedder: keras.Model, size: int, opset: int) -> onnx.ModelProto:
     """tf2onnx conversion with a dynamic batch axis named ``batch``."""
     import tf2onnx
 
@@ -92,7 +106,7 @@ def _tf_training_input(data: bytes, spec: Preprocessing) -> np.ndarray:
 
 
 def check_parity(
-    embedder: tf.keras.Model,
+    embedder: keras.Model,
     onnx_path: Path,
     photos: Sequence[Path],
     *,
@@ -195,13 +209,20 @@ def export_model(
     preprocessing: dict[str, Any] | None = None,
     opset: int = 17,
     service_tolerance: float = SERVICE_TOLERANCE,
+    quantize: str | None = None,
+    calibration_photos: Path | None = None,
+    int8_min_cosine: float = MIN_COSINE,
 ) -> ExportResult:
     """Export ``model_path`` to ``out`` (written only if both parity checks pass).
 
     ``head`` and ``preprocessing`` override what the run's summary says (k/cutoff/ranking and
     resize/pixel_range); overriding the preprocessing to something training did not do makes the
-    second check fail, as it should.
+    second check fail, as it should. ``quantize="int8"`` writes the int8 model instead of the
+    fp32 one, calibrated on the run's training photos (or ``calibration_photos``, a folder), and
+    only if it passes the gate of ``model_export.quantize`` on the run's validation photos.
     """
+    if quantize not in (None, INT8):
+        raise ValueError(f"quantize={quantize!r}: only {INT8!r} is supported")
     started = time.perf_counter()
     photos = list(photos) or default_photos(model_path)
     if not photos:
@@ -232,7 +253,19 @@ def export_model(
         )
         metadata["whaleid.training.export_parity"] = parity.describe()
         _save(proto, metadata, tmp)
-        os.replace(tmp, out)
+        if quantize == INT8:
+            del model, embedder  # TensorFlow's part is done: calibration needs the memory
+            keras.backend.clear_session()
+            metadata = _write_int8(
+                tmp,
+                out,
+                model_path,
+                metadata,
+                calibration_photos=calibration_photos,
+                min_cosine=int8_min_cosine,
+            )
+        else:
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
@@ -244,6 +277,92 @@ def export_model(
         parity.describe(),
     )
     return ExportResult(out, metadata, parity, seconds)
+
+
+def run_folder(model_path: Path) -> Path:
+    """The run folder of a model written by training (a checkpoint sits one level down)."""
+    for folder in (model_path.parent, model_path.parent.parent):
+        if (folder / RUN_CONFIG).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no {RUN_CONFIG} beside {model_path} or above it: int8 quantization needs the training "
+        "run (its validation photos check the int8 model)"
+    )
+
+
+def _calibration_tensors(
+    source: PhotoSource,
+    train: Sequence[Entry],
+    folder: Path | None,
+    spec: Preprocessing,
+    seed: int,
+) -> tuple[np.ndarray, str]:
+    """Model input of the calibration photos: ``folder``'s, else a sample of the run's training
+    photos (the validation photos stay held out for the check)."""
+    if folder is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+        if not files:
+            raise ExportRefused(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {folder}")
+        datas = [p.read_bytes() for p in files]
+        where = f"{len(datas)} photos of {folder.name}/"
+    else:
+        entries = calibration_sample(list(train), CALIBRATION_PHOTOS, seed)
+        datas = [data for _, data in source.read(entries)]
+        where = f"{len(datas)} training photos of the run"
+    return np.stack([prepare(d, spec) for d in datas]), where
+
+
+def _write_int8(
+    fp32: Path,
+    out: Path,
+    model_path: Path,
+    metadata: dict[str, str],
+    *,
+    calibration_photos: Path | None,
+    min_cosine: float,
+) -> dict[str, str]:
+    """Quantize the verified fp32 file, check it, and write it at ``out``; its metadata."""
+    config, source, split = run_data(run_folder(model_path))
+    validation = build_validation(source, split, config)
+    if validation is None:
+        raise ExportRefused(
+            "int8 quantization needs the run's validation photos to check the int8 model, and "
+            "this run has none (folds: 1): train with validation, or export fp32"
+        )
+    contract = Embedder(fp32).contract
+    tensors, where = _calibration_tensors(
+        source, split.train, calibration_photos, contract.preprocessing, config.seed
+    )
+    quantized = out.with_name(f".{out.name}.{os.getpid()}.int8.tmp")
+    try:
+        quantize_int8(fp32, quantized, tensors)
+        int8_metadata = {
+            **metadata,
+            "whaleid.version": f"{metadata['whaleid.version']}-int8",
+            "whaleid.training.quantization": f"{QUANTIZATION}, calibrated on {where}",
+        }
+        proto = onnx.load(str(quantized))
+        _save(proto, int8_metadata, quantized)
+        try:
+            check = check_int8(
+                fp32,
+                quantized,
+                validation,
+                k=contract.head.k,
+                cutoff=contract.head.cutoff,
+                ranking=contract.head.ranking,
+                min_cosine=min_cosine,
+            )
+        except QuantizationRefused as e:
+            raise ExportRefused(str(e)) from e
+        int8_metadata["whaleid.training.int8_check"] = check.describe()
+        int8_metadata["whaleid.training.int8_val_map5"] = f"{check.int8.map5:.4f}"
+        int8_metadata["whaleid.training.fp32_val_map5"] = f"{check.fp32.map5:.4f}"
+        _save(proto, int8_metadata, quantized)
+        os.replace(quantized, out)
+    finally:
+        quantized.unlink(missing_ok=True)
+    return int8_metadata
 
 
 def _save(proto: onnx.ModelProto, metadata: dict[str, str], path: Path) -> None:

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Any
 
-from service.embedder import DEFAULT_CUTOFF, DEFAULT_K
-from service.photos import Preprocessing
-
-
-@dataclass(frozen=True)
-class Head:
-    """The kNN head settings written into the model (per-model settings of the service)."""
-
-    k: int = DEFAULT_K
-    cutoff: float = DEFAULT_CUTOFF
-    ranking: str = "vote"
+from service.contract import PAPER_HEAD, Head, ModelContract, Preprocessing, Ranking
 
 
 def head_from(summary: dict[str, Any] | None) -> Head:
     """The head the run's grid search chose; the paper's defaults when there is no summary."""
     chosen = (summary or {}).get("head") or {}
     return Head(
-        int(chosen.get("k", DEFAULT_K)),
-        float(chosen.get("cutoff", DEFAULT_CUTOFF)),
-        str(chosen.get("ranking", "vote")),
+        int(chosen.get("k", PAPER_HEAD.k)),
+        float(chosen.get("cutoff", PAPER_HEAD.cutoff)),
+        Ranking(chosen.get("ranking", PAPER_HEAD.ranking)),
     )
 
 
@@ -67,19 +56,12 @@ def build_metadata(
     summary: dict[str, Any] | None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """All values are strings, as ONNX metadata_props are."""
-    props = {
-        "whaleid.input_size": str(spec.input_size),
-        "whaleid.resize": spec.resize,
-        "whaleid.pixel_range": spec.pixel_range,
-        "whaleid.k": str(head.k),
-        "whaleid.cutoff": f"{head.cutoff:g}",
-        "whaleid.ranking": head.ranking,
-        "whaleid.name": name,
-        "whaleid.version": version,
+    """The model contract as ONNX metadata_props (all strings), with what the run tells of its
+    training under ``whaleid.training.*``."""
+    training = {
         "whaleid.training.exported_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **(_training_facts(summary) if summary else {}),
     }
-    if summary:
-        props.update(_training_facts(summary))
+    props = ModelContract(name, version, spec, head, training).to_metadata()
     props.update(extra or {})
     return props

@@ -57,8 +57,8 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
+    from service.contract import ModelContractError
     from service.curation import Conflict
-    from service.embedder import ModelContractError
     from service.registry import activate_model, register_model
 
     factory = _sessions(settings)
@@ -143,8 +143,8 @@ def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    from service.contract import ModelContractError
     from service.curation import Conflict, NotFound
-    from service.embedder import ModelContractError
     from service.registry import register_model
     from service.reindex import start_reindex
 

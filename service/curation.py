@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,8 +25,27 @@ from service.knn import NEW_INDIVIDUAL
 from service.limits import check_catalogue_id, is_reserved
 from service.model_gallery import log_gallery_changes
 
-DecisionKind = Literal["confirm", "new_individual", "reject"]
-STATUS_AFTER = {"confirm": "confirmed", "new_individual": "new_individual", "reject": "rejected"}
+
+class DecisionKind(StrEnum):
+    CONFIRM = "confirm"
+    NEW_INDIVIDUAL = "new_individual"
+    REJECT = "reject"
+
+
+class IdentificationStatus(StrEnum):
+    """Where an identification stands in the review queue."""
+
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    NEW_INDIVIDUAL = "new_individual"
+    REJECTED = "rejected"
+
+
+STATUS_AFTER = {
+    DecisionKind.CONFIRM: IdentificationStatus.CONFIRMED,
+    DecisionKind.NEW_INDIVIDUAL: IdentificationStatus.NEW_INDIVIDUAL,
+    DecisionKind.REJECT: IdentificationStatus.REJECTED,
+}
 
 
 class CurationError(Exception):
@@ -131,11 +151,11 @@ def decision_history(session: Session, identification_id: int) -> list[DecisionR
 def _same(session: Session, current: Decision, request: DecisionRequest) -> bool:
     if current.decision != request.decision:
         return False
-    if request.decision == "reject":
+    if request.decision == DecisionKind.REJECT:
         return True
     assert current.individual_id is not None
     decided = session.get_one(Individual, current.individual_id)
-    if request.decision == "confirm":
+    if request.decision == DecisionKind.CONFIRM:
         assert request.individual_id is not None
         return (
             resolve(session, request.individual_id).id == resolve(session, decided.catalogue_id).id
@@ -152,9 +172,9 @@ def decide(
 ) -> DecisionRecord:
     """Record a curator's decision. The same decision again returns the first one unchanged; a
     different one is a ``Conflict`` unless ``supersede`` is set, and then the history keeps both."""
-    if request.decision == "confirm" and not request.individual_id:
+    if request.decision == DecisionKind.CONFIRM and not request.individual_id:
         raise Invalid("a confirmation needs individual_id: the catalogue id of the individual")
-    if request.decision == "confirm" and is_reserved(request.individual_id or ""):
+    if request.decision == DecisionKind.CONFIRM and is_reserved(request.individual_id or ""):
         raise Invalid(
             f"{NEW_INDIVIDUAL} is not an individual to confirm: send decision new_individual"
         )
@@ -177,7 +197,7 @@ def decide(
                 + "; send supersede=true to replace that decision"
             )
         image = session.get_one(Image, ident.query_image_id, with_for_update=True)
-        if image.pruned_at is not None and request.decision != "reject":
+        if image.pruned_at is not None and request.decision != DecisionKind.REJECT:
             raise Conflict(
                 f"the photo of identification {identification_id} was pruned on "
                 f"{image.pruned_at:%Y-%m-%d} (never confirmed within the retention period): "
@@ -227,9 +247,9 @@ def _apply(
     actor: str,
     undone: int | None,
 ) -> tuple[Individual | None, int | None]:
-    if request.decision == "reject":
+    if request.decision == DecisionKind.REJECT:
         return None, None
-    if request.decision == "confirm":
+    if request.decision == DecisionKind.CONFIRM:
         assert request.individual_id is not None
         individual = resolve(session, request.individual_id)
         rank = _candidate_rank(ident, individual.catalogue_id) or _candidate_rank(

@@ -147,7 +147,9 @@ class Identification(Base):
     cutoff: Mapped[float] = mapped_column(Float)
     ranking: Mapped[str] = mapped_column(String(20))
     gallery_size: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)
+    status: Mapped[str] = mapped_column(
+        String(20), default="pending", index=True
+    )  # curation.IdentificationStatus
     created_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, server_default=func.now()
     )

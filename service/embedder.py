@@ -3,81 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from service.knn import RANKINGS, Ranking
+from service.contract import ModelContract, ModelContractError
 from service.modelfiles import local_model_file
-from service.photos import PixelRange, Preprocessing, Resize
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_K = 50
-DEFAULT_CUTOFF = 0.62
-RESIZES: tuple[Resize, ...] = ("stretch", "letterbox")
-PIXEL_RANGES: tuple[PixelRange, ...] = ("0-255", "0-1", "imagenet")
-
-
-class ModelContractError(ValueError):
-    """An ONNX file that does not follow the model contract; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class ModelContract:
-    """What the service needs to know about a model, read from ``whaleid.*`` metadata."""
-
-    name: str
-    version: str
-    preprocessing: Preprocessing
-    k: int = DEFAULT_K
-    cutoff: float = DEFAULT_CUTOFF
-    ranking: Ranking = "vote"
-    training: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_metadata(cls, props: dict[str, str], *, fallback_name: str) -> ModelContract:
-        """Parse ``metadata_props``; missing optional keys take the documented defaults."""
-        if "whaleid.input_size" not in props:
-            raise ModelContractError(
-                "the model has no whaleid.input_size metadata: export it with model_export, or "
-                "add metadata_props whaleid.input_size (e.g. '380') to the ONNX file"
-            )
-        try:
-            size = int(props["whaleid.input_size"])
-            k = int(props.get("whaleid.k", DEFAULT_K))
-            cutoff = float(props.get("whaleid.cutoff", DEFAULT_CUTOFF))
-        except ValueError as e:
-            raise ModelContractError(f"a whaleid.* metadata value is not a number: {e}") from e
-        resize = props.get("whaleid.resize", "stretch")
-        pixel_range = props.get("whaleid.pixel_range", "0-255")
-        ranking = props.get("whaleid.ranking", "vote")
-        _check_choice("whaleid.resize", resize, RESIZES)
-        _check_choice("whaleid.pixel_range", pixel_range, PIXEL_RANGES)
-        _check_choice("whaleid.ranking", ranking, RANKINGS)
-        if size <= 0 or k <= 0 or not 0.0 <= cutoff <= 2.0:
-            raise ModelContractError(
-                f"whaleid.input_size={size}, whaleid.k={k}, whaleid.cutoff={cutoff}: size and k "
-                "must be positive and the cutoff a cosine distance in [0, 2]"
-            )
-        return cls(
-            name=props.get("whaleid.name", fallback_name),
-            version=props.get("whaleid.version", "0"),
-            preprocessing=Preprocessing(size, resize, pixel_range),  # type: ignore[arg-type]
-            k=k,
-            cutoff=cutoff,
-            ranking=ranking,  # type: ignore[arg-type]
-            training={k_: v for k_, v in props.items() if k_.startswith("whaleid.training.")},
-        )
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ModelContractError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contract import Head, Ranking
 from service.db import Candidate, Identification, Image, Individual, Model, transaction
 from service.embedder import Embedder
 from service.knn import RankedCandidate, rank_candidates
@@ -40,12 +41,16 @@ class NoActiveModel(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """The model an answer came from, and the head it answered with."""
+
     id: int
     name: str
     version: str
-    k: int
-    cutoff: float
-    ranking: str
+    head: Head
+
+    @classmethod
+    def of(cls, model: Model) -> ModelInfo:
+        return cls(model.id, model.name, model.version, model_head(model))
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,7 @@ class Identifier:
         self.settings = settings
         self.slots = slots or WorkSlots(settings)
         self.factory = factory
-        self.model = ModelInfo(
-            model.id, model.name, model.version, model.k, model.cutoff, model.ranking
-        )
+        self.model = ModelInfo.of(model)
         self.embedder = embedder
         self.gallery = gallery
         self.store = PhotoStore.open(settings)
@@ -165,13 +168,13 @@ class Identifier:
         with self.slots.embed.hold(), watch.lap("embed"):
             vector = self.embedder.embed(pixels[np.newaxis])[0]
         with watch.lap("search"):
-            neighbours, searched = self.gallery.search(vector, self.model.k, filters)
+            neighbours, searched = self.gallery.search(vector, self.model.head.k, filters)
             beyond = self.gallery.search_beyond(vector, filters, neighbours)
         with watch.lap("head"):
             ranked = rank_candidates(
                 neighbours,
-                cutoff=self.model.cutoff,
-                ranking=self.model.ranking,  # type: ignore[arg-type]
+                cutoff=self.model.head.cutoff,
+                ranking=self.model.head.ranking,
                 beyond=beyond,
             )
         with watch.lap("database"):
@@ -263,9 +266,9 @@ class Identifier:
                         model_id=self.model.id,
                         filters=filters.as_dict(),
                         bbox=list(bbox) if bbox else None,
-                        k=self.model.k,
-                        cutoff=self.model.cutoff,
-                        ranking=self.model.ranking,
+                        k=self.model.head.k,
+                        cutoff=self.model.head.cutoff,
+                        ranking=self.model.head.ranking,
                         gallery_size=self.gallery.size,
                     )
                     ident.candidates = [
@@ -356,9 +359,7 @@ class Runtime:
             log.info(
                 "switching to prepared model %s %s (id %s)", model.name, model.version, model.id
             )
-            standby.model = ModelInfo(
-                model.id, model.name, model.version, model.k, model.cutoff, model.ranking
-            )
+            standby.model = ModelInfo.of(model)
             standby.gallery.sync(self.factory)
             self._identifier = standby
             return standby
@@ -387,3 +388,8 @@ class Runtime:
         if identifier is not None:
             with self._lock:
                 identifier.gallery.sync(self.factory)
+
+
+def model_head(model: Model) -> Head:
+    """The head a registered model answers with (its row, which an activation may change)."""
+    return Head(model.k, model.cutoff, Ranking(model.ranking))

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+
+from service.contract import RANKINGS, Ranking
 
 NEW_INDIVIDUAL = "new_individual"
 TOP = 5
-Ranking = Literal["vote", "nearest"]
-RANKINGS: tuple[Ranking, ...] = ("vote", "nearest")
-# The paper's head (k 50, cutoff 0.62, vote), and the grid a catalogue's head is chosen from:
-# the service's shadow evaluation searches it, and training should use these values too.
-PAPER_K = 50
-PAPER_CUTOFF = 0.62
+# The grid a catalogue's head is chosen from: the service's shadow evaluation searches it, and
+# training should use these values too. The paper's head is ``service.contract.PAPER_HEAD``.
 K_GRID = (1, 3, 5, 10, 20, 50, 75, 100)
 CUTOFF_GRID = tuple(round(0.30 + 0.02 * i, 2) for i in range(31))  # 0.30 ... 0.90
 # A neighbour at distance 0 (the same photo) must not divide by zero.
@@ -92,7 +89,7 @@ def rank_candidates(
     neighbours: Sequence[Neighbour],
     *,
     cutoff: float,
-    ranking: Ranking = "vote",
+    ranking: Ranking = Ranking.VOTE,
     top: int = TOP,
     beyond: Sequence[Neighbour] = (),
 ) -> list[RankedCandidate]:

@@ -6,10 +6,11 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from service.contract import PixelRange, Preprocessing, Resize
 
 try:  # HEIC from iPhones, when the optional extra is installed
     import pillow_heif
@@ -31,8 +32,6 @@ ACCEPTED_FORMATS = {
     "WEBP": "image/webp",
     "HEIF": "image/heic",
 }
-Resize = Literal["stretch", "letterbox"]
-PixelRange = Literal["0-255", "0-1", "imagenet"]
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _PIXELS = re.compile(r"-?\d{1,9}(\.\d{1,6})?")
@@ -58,15 +57,6 @@ class PhotoTooLarge(PhotoError):
 
 class BadBoundingBox(PhotoError):
     """A crop box that is malformed or falls outside the photo."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a model wants its input: the one description training, export and serving share."""
-
-    input_size: int
-    resize: Resize = "stretch"
-    pixel_range: PixelRange = "0-255"
 
 
 @dataclass(frozen=True)
@@ -222,7 +212,7 @@ def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     resampled, so a model can be checked bit-for-bit."""
     size = spec.input_size
     if image.size != (size, size):
-        if spec.resize == "letterbox":
+        if spec.resize == Resize.LETTERBOX:
             scale = size / max(image.size)
             fitted = image.resize(
                 (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -234,9 +224,9 @@ def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
         else:
             image = image.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32)
-    if spec.pixel_range == "0-1":
+    if spec.pixel_range == PixelRange.UNIT:
         return pixels / 255.0
-    if spec.pixel_range == "imagenet":
+    if spec.pixel_range == PixelRange.IMAGENET:
         result: np.ndarray = (pixels / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
         return result
     return pixels

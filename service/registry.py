@@ -10,9 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contract import ModelContractError, ModelStatus
 from service.curation import Conflict
 from service.db import Model, transaction
-from service.embedder import Embedder, ModelContractError
+from service.embedder import Embedder
 from service.embedding import embed_gallery
 from service.model_gallery import Gallery
 from service.modelfiles import file_sha256, model_key, publish_model
@@ -67,10 +68,10 @@ def register_model_file(
                     "resize": contract.preprocessing.resize,
                     "pixel_range": contract.preprocessing.pixel_range,
                 },
-                k=contract.k,
-                cutoff=contract.cutoff,
-                ranking=contract.ranking,
-                status="registered",
+                k=contract.head.k,
+                cutoff=contract.head.cutoff,
+                ranking=contract.head.ranking,
+                status=ModelStatus.REGISTERED,
                 metadata_props=dict(embedder.session.get_modelmeta().custom_metadata_map),
             )
             session.add(model)

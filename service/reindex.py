@@ -25,12 +25,12 @@ from sqlalchemy import exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contract import PAPER_HEAD, ModelStatus
 from service.curation import Conflict, NotFound
 from service.db import Embedding, GalleryChange, Image, Job, Model, ModelSwitch, transaction
 from service.embedder import Embedder
 from service.gallery_index import sidecar_path
 from service.jobs import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
-from service.knn import PAPER_CUTOFF, PAPER_K
 from service.model_gallery import Gallery, index_path, log_gallery_changes
 from service.photos import PhotoError, decode_photo, to_model_input
 from service.photostore import PhotoStore
@@ -43,14 +43,6 @@ REINDEX = "reindex"
 # Photos embedded while the switch holds gallery writes; more than this are caught up outside it
 # first, so decisions wait at most about a second.
 _CATCH_UP_IN_LOCK = 100
-
-
-class ModelStatus(StrEnum):
-    REGISTERED = "registered"
-    INDEXING = "indexing"
-    READY = "ready"
-    ACTIVE = "active"
-    RETIRED = "retired"
 
 
 class HeadChoice(StrEnum):
@@ -387,7 +379,7 @@ def head_of(report: ShadowReport, model: Model, choice: HeadChoice) -> dict[str,
     if choice == HeadChoice.MODEL:
         return {"k": model.k, "cutoff": model.cutoff, "ranking": model.ranking}
     if choice == HeadChoice.PAPER:
-        return {"k": PAPER_K, "cutoff": PAPER_CUTOFF, "ranking": "vote"}
+        return {"k": PAPER_HEAD.k, "cutoff": PAPER_HEAD.cutoff, "ranking": str(PAPER_HEAD.ranking)}
     best = report.best_head()
     if best is None:
         raise Conflict(

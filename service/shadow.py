@@ -23,14 +23,12 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contract import PAPER_HEAD, RANKINGS
 from service.db import Decision, Identification, Model
 from service.knn import (
     CUTOFF_GRID,
     K_GRID,
     NEW_INDIVIDUAL,
-    PAPER_CUTOFF,
-    PAPER_K,
-    RANKINGS,
     TOP,
     Neighbour,
     fill,
@@ -160,16 +158,16 @@ def _best(cells: list[dict[str, Any]]) -> dict[str, Any]:
         cells,
         key=lambda c: (
             round(c["map5"], 6),
-            -abs(c["k"] - PAPER_K),
-            -abs(c["cutoff"] - PAPER_CUTOFF),
+            -abs(c["k"] - PAPER_HEAD.k),
+            -abs(c["cutoff"] - PAPER_HEAD.cutoff),
         ),
     )
 
 
 def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> dict[str, Any]:
     """MAP@5 of ``model`` on ``queries`` with its own head, the paper's and the best."""
-    k_grid = sorted({*K_GRID, model.k, PAPER_K})
-    cutoff_grid = sorted({*CUTOFF_GRID, round(model.cutoff, 4), PAPER_CUTOFF})
+    k_grid = sorted({*K_GRID, model.k, PAPER_HEAD.k})
+    cutoff_grid = sorted({*CUTOFF_GRID, round(model.cutoff, 4), PAPER_HEAD.cutoff})
     cells = grid(
         [search.neighbours[q] for q in queries],
         [search.truths[q] for q in queries],
@@ -182,7 +180,7 @@ def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> di
         "version": model.version,
         "heads": {
             "model": _cell(cells, model.k, round(model.cutoff, 4), model.ranking),
-            "paper": _cell(cells, PAPER_K, PAPER_CUTOFF, "vote"),
+            "paper": _cell(cells, PAPER_HEAD.k, PAPER_HEAD.cutoff, "vote"),
             "best": _best(cells) if queries else None,
         },
     }
@@ -232,7 +230,7 @@ def evaluate_shadow(
         candidate = session.get_one(Model, candidate_id)
         baseline = session.scalar(select(Model).where(Model.status == "active"))
         queries = confirmed_queries(session)
-        depth = max(*K_GRID, candidate.k, baseline.k if baseline else 0, PAPER_K) + 2 * TOP
+        depth = max(*K_GRID, candidate.k, baseline.k if baseline else 0, PAPER_HEAD.k) + 2 * TOP
         searches = {candidate.id: search_model(session, candidate, queries, depth)}
         if baseline is not None and baseline.id != candidate.id:
             searches[baseline.id] = search_model(session, baseline, queries, depth)

@@ -3,5 +3,10 @@ ArcFace, TPU/GPU/CPU strategy, the paper's learning-rate schedule, splits, valid
 service's kNN head, threshold search, ensemble blending, Grad-CAM and robustness figures.
 
 Importing the package does not import TensorFlow: ``training.synthetic`` runs in the serving
-virtualenv too.
+virtualenv too. The models are Keras 3 on its TensorFlow backend (the layers use tf ops and the
+input pipeline is tf.data), so a ``KERAS_BACKEND`` left unset means TensorFlow here.
 """
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")

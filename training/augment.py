@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from service.photos import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from service.contract import Preprocessing
+from service.photos import IMAGENET_MEAN, IMAGENET_STD
 from training.config import Augmentation
 
 _DRAFT_RATIOS = (1, 2, 4, 8)

@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service.knn import NEW_INDIVIDUAL, Ranking
-from training.config import CUTOFF_GRID, K_GRID
+from service.contract import Ranking
+from service.knn import CUTOFF_GRID, K_GRID, NEW_INDIVIDUAL
 from training.data import read_entries
 from training.evaluate import embed_photos, grid_search, nearest
 from training.robustness import open_model, split_by_photo
@@ -23,7 +23,7 @@ def run_calibration(
     images: Path,
     *,
     queries_csv: Path | None = None,
-    rankings: tuple[Ranking, ...] = ("vote", "nearest"),
+    rankings: tuple[Ranking, ...] = tuple(Ranking),
     out: Path | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:

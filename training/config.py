@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.embedder import PIXEL_RANGES, RESIZES
-from service.knn import RANKINGS
-from service.photos import Preprocessing
+from service.contract import RANKINGS, Head, PixelRange, Preprocessing, Ranking, Resize
+from service.knn import CUTOFF_GRID, K_GRID
 
 BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + ("compact",)
-K_GRID = (1, 3, 5, 10, 20, 50, 75, 100)
-CUTOFF_GRID = tuple(round(0.30 + 0.02 * i, 2) for i in range(31))  # 0.30 ... 0.90
 
 
 class ConfigError(ValueError):
@@ -103,8 +100,13 @@ class TrainConfig:
     snapshots: bool = False  # keep a checkpoint of every epoch (for blending, §3.10)
 
     @property
+    def head(self) -> Head:
+        """The kNN head this run evaluates with by default (the grid search may pick another)."""
+        return Head(self.k, self.cutoff, Ranking(self.ranking))
+
+    @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.input_size, self.resize, self.pixel_range)  # type: ignore[arg-type]
+        return Preprocessing(self.input_size, Resize(self.resize), PixelRange(self.pixel_range))
 
     @property
     def output_dir(self) -> Path:
@@ -117,10 +119,10 @@ class TrainConfig:
         """Raise ConfigError for values that cannot work; return self."""
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone={self.backbone!r}: use one of {', '.join(BACKBONES)}")
-        if self.resize not in RESIZES:
-            raise ConfigError(f"resize={self.resize!r}: use one of {', '.join(RESIZES)}")
-        if self.pixel_range not in PIXEL_RANGES:
-            raise ConfigError(f"pixel_range={self.pixel_range!r}: use {', '.join(PIXEL_RANGES)}")
+        if self.resize not in tuple(Resize):
+            raise ConfigError(f"resize={self.resize!r}: use one of {', '.join(Resize)}")
+        if self.pixel_range not in tuple(PixelRange):
+            raise ConfigError(f"pixel_range={self.pixel_range!r}: use {', '.join(PixelRange)}")
         if self.backbone.startswith("EfficientNet") and self.pixel_range != "0-255":
             raise ConfigError(
                 "Keras EfficientNets rescale and normalise inside the graph: use pixel_range 0-255"

@@ -25,8 +25,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from service.catalogue import read_catalogue
+from service.contract import Preprocessing
 from service.knn import NEW_INDIVIDUAL
-from service.photos import Preprocessing, decode_photo
+from service.photos import decode_photo
 from service.settings import Settings
 from training.augment import augmented_input, decode
 from training.config import Augmentation

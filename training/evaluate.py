@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.contract import PixelRange, Preprocessing, Ranking
 from service.embedder import Embedder, l2_normalise
-from service.knn import NEW_INDIVIDUAL, Neighbour, Ranking, map_at_5, rank_candidates
-from service.photos import Preprocessing, decode_photo, to_model_input
+from service.knn import NEW_INDIVIDUAL, Neighbour, map_at_5, rank_candidates
+from service.photos import decode_photo, to_model_input
 from training.data import MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class PreparedPhotos:
 
     @classmethod
     def from_bytes(cls, photos: Iterable[bytes], spec: Preprocessing) -> PreparedPhotos:
-        eight_bit = Preprocessing(spec.input_size, spec.resize, "0-255")
+        eight_bit = Preprocessing(spec.input_size, spec.resize, PixelRange.BYTES)
         images = [
             Image.fromarray(prepare(data, eight_bit).astype(np.uint8), "RGB") for data in photos
         ]
@@ -215,12 +216,26 @@ class Validation:
             return photos.embed(embed)
         return embed_photos(embed, photos, self.spec)
 
+    def embeddings(self, embed: Embed) -> tuple[np.ndarray, np.ndarray]:
+        """The gallery's and the queries' embeddings."""
+        return self._embed(embed, self.gallery), self._embed(embed, self.queries)
+
     def neighbours(self, embed: Embed, k: int) -> list[list[Neighbour]]:
-        gallery = self._embed(embed, self.gallery)
-        queries = self._embed(embed, self.queries)
+        gallery, queries = self.embeddings(embed)
         return nearest(queries, gallery, self.gallery_labels, k)
 
+    def score(
+        self,
+        gallery: np.ndarray,
+        queries: np.ndarray,
+        *,
+        k: int,
+        cutoff: float,
+        ranking: Ranking,
+    ) -> Scores:
+        """MAP@5 of embeddings already computed (by ``embeddings``)."""
+        neighbours = nearest(queries, gallery, self.gallery_labels, k)
+        return score(predict(neighbours, k=k, cutoff=cutoff, ranking=ranking), self.truths)
+
     def evaluate(self, embed: Embed, *, k: int, cutoff: float, ranking: Ranking) -> Scores:
-        return score(
-            predict(self.neighbours(embed, k), k=k, cutoff=cutoff, ranking=ranking), self.truths
-        )
+        return self.score(*self.embeddings(embed), k=k, cutoff=cutoff, ranking=ranking)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from service.photos import Preprocessing
+from service.contract import Preprocessing
 from training.data import MAX_PIXELS
 from training.evaluate import prepare
 from training.model import HEAD_LAYERS, backbone_of
@@ -37,7 +38,7 @@ def jet(values: np.ndarray) -> np.ndarray:
 
 
 def heatmap(
-    model: tf.keras.Model, pixels: np.ndarray, reference: np.ndarray | None = None
+    model: keras.Model, pixels: np.ndarray, reference: np.ndarray | None = None
 ) -> np.ndarray:
     """Grad-CAM of one preprocessed photo (HxWx3) -> a feature-map-sized heat map in 0-1."""
     backbone = backbone_of(model)
@@ -72,7 +73,7 @@ def overlay(photo: Image.Image, cam: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(blended * 255, 0, 255).astype(np.uint8), "RGB")
 
 
-def _embedding(model: tf.keras.Model, pixels: np.ndarray) -> np.ndarray:
+def _embedding(model: keras.Model, pixels: np.ndarray) -> np.ndarray:
     from training.model import embedding_submodel
 
     e = embedding_submodel(model)(pixels[None], training=False).numpy()[0]

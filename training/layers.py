@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 
-@tf.keras.utils.register_keras_serializable(package="whaleid")
-class ArcFace(tf.keras.layers.Layer):  # type: ignore[misc]
+@keras.saving.register_keras_serializable(package="whaleid")
+class ArcFace(keras.layers.Layer):  # type: ignore[misc]
     """Additive angular margin head (Deng et al., 2019): ``s * cos(theta_y + m)`` for the true
     class and ``s * cos(theta_j)`` for the others, with embeddings and class centres normalised.
 
@@ -68,8 +69,8 @@ class ArcFace(tf.keras.layers.Layer):  # type: ignore[misc]
         }
 
 
-@tf.keras.utils.register_keras_serializable(package="whaleid")
-class PaperSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
+@keras.saving.register_keras_serializable(package="whaleid")
+class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
     """The learning rate of §3.6 / Figure 4, per step: linear warm-up from ``start`` to ``peak``
     over ``warmup_epochs``, ``peak`` for ``sustain_epochs``, then exponential decay that reaches
     ``end`` at ``decay_until_epoch`` and stays there."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from training.config import TrainConfig
@@ -17,25 +18,25 @@ HEAD_LAYERS = ("pool", "embedding_bn", "embedding_dropout", EMBEDDING)
 COMPACT_WIDTHS = (32, 64, 128, 256)
 
 
-def _compact_backbone(size: int) -> tf.keras.Model:
+def _compact_backbone(size: int) -> keras.Model:
     """A small CNN for CPU demos and tests: four stride-2 stages of conv-BN-ReLU with a residual
     3x3 block each. Pixels come in 0-255 and are scaled inside, as in the Keras EfficientNets.
     BatchNorm statistics move fast (momentum 0.9): such models train for only a few hundred
     steps, and slow moving averages would leave inference far from training."""
-    inputs = tf.keras.Input((size, size, 3), name="pixels")
-    x = tf.keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
     for stage, width in enumerate(COMPACT_WIDTHS):
-        x = tf.keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
-        x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = tf.keras.layers.ReLU()(x)
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.ReLU()(x)
         shortcut = x
-        x = tf.keras.layers.SeparableConv2D(width, 3, padding="same", use_bias=False)(x)
-        x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = tf.keras.layers.ReLU(name=f"stage{stage + 1}_out")(x + shortcut)
-    return tf.keras.Model(inputs, x, name="compact_backbone")
+        x = keras.layers.SeparableConv2D(width, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.ReLU(name=f"stage{stage + 1}_out")(x + shortcut)
+    return keras.Model(inputs, x, name="compact_backbone")
 
 
-def build_backbone(name: str, size: int, weights: str = "none") -> tf.keras.Model:
+def build_backbone(name: str, size: int, weights: str = "none") -> keras.Model:
     """A backbone that maps 0-255 RGB pixels to its last feature map.
 
     ``weights``: ``none`` (random), ``imagenet`` (Keras downloads them: needs the internet), or
@@ -52,8 +53,8 @@ def build_backbone(name: str, size: int, weights: str = "none") -> tf.keras.Mode
         raise ValueError(f"unknown backbone {name!r}")
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file {weights} not found")
-    builder = getattr(tf.keras.applications, name)
-    model: tf.keras.Model = builder(
+    builder = getattr(keras.applications, name)
+    model: keras.Model = builder(
         include_top=False,
         weights=None if weights == "none" else weights,
         input_shape=(size, size, 3),
@@ -61,31 +62,31 @@ def build_backbone(name: str, size: int, weights: str = "none") -> tf.keras.Mode
     return model
 
 
-def build_embedding_model(config: TrainConfig) -> tf.keras.Model:
+def build_embedding_model(config: TrainConfig) -> keras.Model:
     """Image (0-255 or the configured pixel range) -> the embedding before normalisation."""
     size = config.input_size
-    image = tf.keras.Input((size, size, 3), name=IMAGE_INPUT)
+    image = keras.Input((size, size, 3), name=IMAGE_INPUT)
     features = build_backbone(config.backbone, size, config.weights)(image)
-    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    x = tf.keras.layers.BatchNormalization(momentum=config.bn_momentum, name="embedding_bn")(x)
-    x = tf.keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
-    embedding = tf.keras.layers.Dense(
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    x = keras.layers.BatchNormalization(momentum=config.bn_momentum, name="embedding_bn")(x)
+    x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
+    embedding = keras.layers.Dense(
         config.embedding_dim, name=EMBEDDING, kernel_initializer="he_normal"
     )(x)
-    return tf.keras.Model(image, embedding, name="embedder")
+    return keras.Model(image, embedding, name="embedder")
 
 
-def build_training_model(config: TrainConfig, n_classes: int) -> tf.keras.Model:
+def build_training_model(config: TrainConfig, n_classes: int) -> keras.Model:
     """``[image, label] -> ArcFace logits``; the embedding model is its image -> embedding part."""
     embedder = build_embedding_model(config)
-    label = tf.keras.Input((), dtype=tf.int32, name=LABEL_INPUT)
+    label = keras.Input((), dtype=tf.int32, name=LABEL_INPUT)
     logits = ArcFace(
         n_classes, scale=config.arcface_scale, margin=config.arcface_margin, name="arcface"
     )([embedder.output, label])
-    return tf.keras.Model([embedder.input, label], logits, name="whaleid_arcface")
+    return keras.Model([embedder.input, label], logits, name="whaleid_arcface")
 
 
-def embedding_submodel(model: tf.keras.Model) -> tf.keras.Model:
+def embedding_submodel(model: keras.Model) -> keras.Model:
     """The image -> embedding part of a training model (the ArcFace head and label dropped); an
     embedding model is returned as it is."""
     if EMBEDDING not in {layer.name for layer in model.layers}:
@@ -93,12 +94,12 @@ def embedding_submodel(model: tf.keras.Model) -> tf.keras.Model:
             f"{model.name} has no layer named {EMBEDDING!r}: build it with training.model"
         )
     image = next(t for t in model.inputs if t.name.split(":")[0] == IMAGE_INPUT)
-    return tf.keras.Model(image, model.get_layer(EMBEDDING).output, name="embedder")
+    return keras.Model(image, model.get_layer(EMBEDDING).output, name="embedder")
 
 
-def backbone_of(model: tf.keras.Model) -> tf.keras.Model:
+def backbone_of(model: keras.Model) -> keras.Model:
     """The nested backbone model (whose output is the last convolutional feature map)."""
-    nested = [layer for layer in model.layers if isinstance(layer, tf.keras.Model)]
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     if len(nested) != 1:
         raise ValueError(f"expected one nested backbone in {model.name}, found {len(nested)}")
     return nested[0]

@@ -13,15 +13,15 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from service.knn import NEW_INDIVIDUAL, Ranking
-from service.photos import Preprocessing, to_model_input
+from service.contract import PAPER_HEAD, Head, PixelRange, Preprocessing, Ranking
+from service.knn import NEW_INDIVIDUAL
+from service.photos import to_model_input
 from training.data import Entry, read_entries
 from training.evaluate import Condition, Embed, embed_photos, nearest, predict, score
 
@@ -55,20 +55,13 @@ CONDITIONS: dict[str, Condition | None] = {
 
 def at_input_size(condition: Condition, spec: Preprocessing) -> Condition:
     """Resize to the model input first (8-bit, as the service would), then degrade."""
-    eight_bit = Preprocessing(spec.input_size, spec.resize, "0-255")
+    eight_bit = Preprocessing(spec.input_size, spec.resize, PixelRange.BYTES)
 
     def apply(image: Image.Image) -> Image.Image:
         resized = Image.fromarray(to_model_input(image, eight_bit).astype(np.uint8), "RGB")
         return condition(resized)
 
     return apply
-
-
-@dataclass
-class Head:
-    k: int
-    cutoff: float
-    ranking: Ranking
 
 
 def open_model(path: Path) -> tuple[Embed, Preprocessing, Head]:
@@ -78,16 +71,21 @@ def open_model(path: Path) -> tuple[Embed, Preprocessing, Head]:
 
         embed, embedder = onnx_embed(path)
         c = embedder.contract
-        return embed, c.preprocessing, Head(c.k, c.cutoff, c.ranking)
+        return embed, c.preprocessing, c.head
     from training.evaluate import keras_embed
     from training.model import embedding_submodel
     from training.runs import find_summary, load_model, preprocessing_of
 
     model = load_model(path)
     summary = find_summary(path)
-    head = (summary or {}).get("head") or {"k": 50, "cutoff": 0.62, "ranking": "vote"}
+    chosen = (summary or {}).get("head") or {}
+    head = Head(
+        int(chosen.get("k", PAPER_HEAD.k)),
+        float(chosen.get("cutoff", PAPER_HEAD.cutoff)),
+        Ranking(chosen.get("ranking", PAPER_HEAD.ranking)),
+    )
     spec = preprocessing_of(model, summary)
-    return keras_embed(embedding_submodel(model)), spec, Head(**head)
+    return keras_embed(embedding_submodel(model)), spec, head
 
 
 def split_by_photo(entries: Sequence[Entry], seed: int) -> tuple[list[Entry], list[Entry]]:
@@ -122,7 +120,7 @@ def run_robustness(
     head = Head(
         k or head.k,
         cutoff if cutoff is not None else head.cutoff,
-        (ranking or head.ranking),  # type: ignore[arg-type]
+        Ranking(ranking) if ranking else head.ranking,
     )
     entries = read_entries(catalogue_csv)
     if queries_csv is None:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import tensorflow as tf
+import keras
 
-from service.photos import Preprocessing
+from service.contract import Preprocessing
 from training.model import embedding_submodel
 
 SUMMARY = "summary.json"
@@ -24,22 +24,22 @@ def find_summary(model_path: Path) -> dict[str, Any] | None:
     return None
 
 
-def load_model(path: Path) -> tf.keras.Model:
+def load_model(path: Path) -> keras.Model:
     """A ``.keras`` file written by training (its custom layers come from ``training.layers``)."""
     import training.layers  # noqa: F401  (registers ArcFace and PaperSchedule)
 
-    model: tf.keras.Model = tf.keras.models.load_model(path, compile=False)
+    model: keras.Model = keras.models.load_model(path, compile=False)
     return model
 
 
-def input_size_of(model: tf.keras.Model) -> int:
+def input_size_of(model: keras.Model) -> int:
     shape = embedding_submodel(model).input_shape
     if shape[1] is None or shape[1] != shape[2]:
         raise ValueError(f"the model input must be square with a fixed size, not {shape}")
     return int(shape[1])
 
 
-def preprocessing_of(model: tf.keras.Model, summary: dict[str, Any] | None) -> Preprocessing:
+def preprocessing_of(model: keras.Model, summary: dict[str, Any] | None) -> Preprocessing:
     """How the model was fed in training: the run summary's description, else the defaults
     (stretch, 0-255) at the model's input size."""
     size = input_size_of(model)

@@ -10,8 +10,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from training.config import TrainConfig
 from training.layers import PaperSchedule
@@ -39,8 +39,8 @@ def measure(backbone: str, input_size: int, batch: int, steps: int, classes: int
     config = TrainConfig(backbone=backbone, input_size=input_size)
     model = build_training_model(config, classes)
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(PaperSchedule(100)),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.Adam(PaperSchedule(100)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch, input_size, input_size, 3)).astype(np.float32)

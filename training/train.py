@@ -18,12 +18,14 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
 import tensorflow as tf
 
-from service.knn import Ranking
+from service.contract import Ranking
 from training.config import ConfigError, TrainConfig, config_from_dict
 from training.data import PhotoSource, Split, open_source, split_catalogue, training_dataset
 from training.evaluate import PreparedPhotos, Validation, fits_in_memory, grid_search, keras_embed
@@ -35,6 +37,7 @@ from training.runs import SUMMARY
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
+RUN_CONFIG = "config.json"
 # Settings that may change when a run is resumed: they do not change what is being trained.
 _RESUMABLE_CHANGES = {
     "tpu",
@@ -49,30 +52,62 @@ _PARITY_PHOTOS = 8
 
 
 def choose_strategy(tpu: str | None) -> tf.distribute.Strategy:
-    """TPU when asked (``auto``: from the environment, e.g. Kaggle/Colab; ``local``: a TPU VM;
-    else a TPU name or grpc address), else MirroredStrategy over the visible GPUs, else CPU."""
+    """TPU when asked (``auto``: from the environment, e.g. Colab or a GCE VM; ``local``: a TPU
+    VM, as on Kaggle; else a TPU name or grpc address), else MirroredStrategy over the visible
+    GPUs, else the default (one-device) strategy."""
     if tpu is not None:
-        resolver = (
-            tf.distribute.cluster_resolver.TPUClusterResolver()
-            if tpu == "auto"
-            else tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver.connect(
+            tpu=None if tpu == "auto" else tpu
         )
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if tf.config.list_logical_devices("GPU"):
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
 
-class ValidationMap(tf.keras.callbacks.Callback):  # type: ignore[misc]
+def _runs_multi_step(strategy: tf.distribute.Strategy) -> bool:
+    """Keras 3 cannot run several steps per execution under the (multi-worker) mirrored
+    strategies (keras-team/keras#19246: "You must feed a value for placeholder tensor"); on a TPU
+    and on one device it can, and a TPU is where it matters."""
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if isinstance(strategy, mirrored):
+        log.info("%s runs one step per execution (Keras 3)", type(strategy).__name__)
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How an epoch is cut for a strategy's replicas."""
+
+    replicas: int
+    global_batch: int
+    steps_per_epoch: int
+    steps_per_execution: int
+
+
+def plan_steps(
+    config: TrainConfig, train_photos: int, replicas: int, *, multi_step: bool = True
+) -> StepPlan:
+    """Global batch = ``batch_per_replica`` x replicas; an epoch covers the training photos once
+    (or ``steps_per_epoch``), in whole executions of ``steps_per_execution`` steps, because Keras
+    runs every execution in full: a partial last one would add steps the schedule did not plan.
+    ``multi_step=False``: one step per execution whatever the configuration says."""
+    global_batch = config.batch_per_replica * replicas
+    steps = config.steps_per_epoch or max(1, math.ceil(train_photos / global_batch))
+    per_execution = max(1, min(config.steps_per_execution if multi_step else 1, steps))
+    steps = math.ceil(steps / per_execution) * per_execution
+    return StepPlan(replicas, global_batch, steps, per_execution)
+
+
+class ValidationMap(keras.callbacks.Callback):  # type: ignore[misc]
     """Validation MAP@5 through the service's kNN head, added to the epoch logs (so the CSV and
     TensorBoard logs and checkpoints see ``val_map5``)."""
 
     def __init__(
         self,
         validation: Validation,
-        embedder: tf.keras.Model,
+        embedder: keras.Model,
         *,
         k: int,
         cutoff: float,
@@ -99,7 +134,7 @@ class ValidationMap(tf.keras.callbacks.Callback):  # type: ignore[misc]
             logs["val_map5_unseen"] = scores.map5_unseen if scores.map5_unseen is not None else -1.0
 
 
-class EpochLog(tf.keras.callbacks.Callback):  # type: ignore[misc]
+class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
     """One log line per epoch with its metrics and learning rate."""
 
     def __init__(self, schedule: PaperSchedule) -> None:
@@ -126,7 +161,7 @@ def _prepare_run_dir(config: TrainConfig, restart: bool) -> Path:
     if restart and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.json"
+    saved = out / RUN_CONFIG
     if saved.exists():
         before = config_from_dict(json.loads(saved.read_text())).to_dict()
         now = config.to_dict()
@@ -164,6 +199,29 @@ def build_validation(source: PhotoSource, split: Split, config: TrainConfig) -> 
     )
 
 
+def run_data(run: Path) -> tuple[TrainConfig, PhotoSource, Split]:
+    """The configuration, photos and split of the run in folder ``run`` (as it trained)."""
+    path = run / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run} is not a whaleid-train run folder")
+    config = config_from_dict(json.loads(path.read_text()))
+    source = open_source(
+        catalogue=config.catalogue,
+        images=config.images,
+        shards=config.shards,
+        cache_dir=run / "upright",
+    )
+    split = split_catalogue(
+        source.entries,
+        folds=config.folds,
+        validation_fold=config.validation_fold,
+        unseen_fraction=config.unseen_fraction,
+        gallery_fraction=config.gallery_fraction,
+        seed=config.seed,
+    )
+    return config, source, split
+
+
 def _write_parity_photos(source: PhotoSource, split: Split, out: Path) -> None:
     """Keep a few real validation (or training) photos for the export's parity check."""
     folder = out / "parity"
@@ -181,9 +239,9 @@ def _callbacks(
     out: Path,
     schedule: PaperSchedule,
     validation: Validation | None,
-    embedder: tf.keras.Model,
-) -> list[tf.keras.callbacks.Callback]:
-    callbacks: list[tf.keras.callbacks.Callback] = []
+    embedder: keras.Model,
+) -> list[keras.callbacks.Callback]:
+    callbacks: list[keras.callbacks.Callback] = []
     if validation is not None:
         callbacks.append(
             ValidationMap(
@@ -200,16 +258,16 @@ def _callbacks(
     checkpoints.mkdir(exist_ok=True)
     callbacks += [
         EpochLog(schedule),
-        tf.keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-        tf.keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
-        tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
+        keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")),
     ]
     if config.snapshots:
         callbacks.append(
-            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "epoch-{epoch:03d}.keras"))
+            keras.callbacks.ModelCheckpoint(str(checkpoints / "epoch-{epoch:03d}.keras"))
         )
     # Last, so that it saves the epoch only after everything above has logged it.
-    callbacks.append(tf.keras.callbacks.BackupAndRestore(str(out / "backup")))
+    callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")))
     return callbacks
 
 
@@ -224,7 +282,7 @@ def _history(out: Path) -> list[dict[str, str]]:
 
 
 def _search_head(
-    config: TrainConfig, validation: Validation | None, embedder: tf.keras.Model, out: Path
+    config: TrainConfig, validation: Validation | None, embedder: keras.Model, out: Path
 ) -> dict[str, Any]:
     """Grid search of k, cutoff (and ranking) on validation; writes the out-of-fold predictions."""
     head: dict[str, Any] = {"k": config.k, "cutoff": config.cutoff, "ranking": config.ranking}
@@ -284,15 +342,21 @@ def _write_predictions(out: Path, validation: Validation, predictions: list[list
         writer.writerows(zip(validation.query_names, validation.truths, strict=True))
 
 
-def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
-    """Run (or resume, or skip when finished) the training described by ``config``."""
+def train(
+    config: TrainConfig,
+    *,
+    restart: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or skip when finished) the training described by ``config``; under
+    ``strategy`` when given (e.g. a MultiWorkerMirroredStrategy), else ``choose_strategy``'s."""
     config.validate()
     out = _prepare_run_dir(config, restart)
     if (out / SUMMARY).exists():
         log.info("%s is a finished run: nothing to do (pass --restart to train again)", out)
         summary: dict[str, Any] = json.loads((out / SUMMARY).read_text())
         return summary
-    tf.keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)
     source = open_source(
         catalogue=config.catalogue,
         images=config.images,
@@ -310,16 +374,21 @@ def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
     if len(split.classes) < 2:
         raise ConfigError("the training fold needs at least two individuals")
     log.info("split: %s", split.summary())
-    strategy = choose_strategy(config.tpu)
-    replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_per_replica * replicas
-    steps = config.steps_per_epoch or max(1, math.ceil(len(split.train) / global_batch))
+    strategy = strategy or choose_strategy(config.tpu)
+    plan = plan_steps(
+        config,
+        len(split.train),
+        strategy.num_replicas_in_sync,
+        multi_step=_runs_multi_step(strategy),
+    )
+    replicas, global_batch, steps = plan.replicas, plan.global_batch, plan.steps_per_epoch
     log.info(
-        "%s with %d replica(s): global batch %d, %d steps per epoch",
+        "%s with %d replica(s): global batch %d, %d steps per epoch, %d per execution",
         type(strategy).__name__,
         replicas,
         global_batch,
         steps,
+        plan.steps_per_execution,
     )
     dataset = training_dataset(
         source,
@@ -344,10 +413,10 @@ def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
     with strategy.scope():
         model = build_training_model(config, len(split.classes))
         model.compile(
-            optimizer=tf.keras.optimizers.Adam(schedule, epsilon=1e-5),
-            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            steps_per_execution=config.steps_per_execution,
+            optimizer=keras.optimizers.Adam(schedule, epsilon=1e-5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            steps_per_execution=plan.steps_per_execution,
         )
         embedder = embedding_submodel(model)
     validation = build_validation(source, split, config)
@@ -357,6 +426,7 @@ def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
         dataset,
         epochs=config.epochs,
         steps_per_epoch=steps,
+        shuffle=False,  # the dataset shuffles itself
         callbacks=_callbacks(config, out, schedule, validation, embedder),
         verbose=1 if sys.stderr.isatty() else 2,
     )
@@ -381,6 +451,7 @@ def train(config: TrainConfig, *, restart: bool = False) -> dict[str, Any]:
         },
         "epochs": len(history),
         "steps_per_epoch": steps,
+        "steps_per_execution": plan.steps_per_execution,
         "global_batch": global_batch,
         "strategy": type(strategy).__name__,
         "replicas": replicas,

@@ -29,6 +29,6 @@ async def ready(runtime: RuntimeDep) -> Readiness | JSONResponse:
         return JSONResponse(body.model_dump(), status_code=503)
     return Readiness(
         status="ready",
-        model=ModelOut(**identifier.model.__dict__),
+        model=ModelOut.of(identifier.model),
         gallery_size=identifier.gallery.size,
     )

@@ -55,7 +55,7 @@ def _to_response(result: IdentificationResult) -> IdentificationOut:
     return IdentificationOut(
         identification_id=result.identification_id,
         candidates=[CandidateOut(**c.__dict__) for c in result.candidates],
-        model=ModelOut(**result.model.__dict__),
+        model=ModelOut.of(result.model),
         gallery_size=result.gallery_size,
         filters=result.filters,
         created_at=result.created_at,

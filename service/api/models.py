@@ -16,8 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
 from service.api.jobs import JobOut, job_out
 from service.api.schemas import Problem
+from service.contract import ModelContractError
 from service.db import Model
-from service.embedder import ModelContractError
 from service.identify import NoActiveModel
 from service.jobs import get_job, progress
 from service.registry import register_model_file

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from service.db import ApiKey, Image, Individual
+from service.identify import ModelInfo
 from service.limits import MAX_ROW_ID, check_catalogue_id, column_length, text_problem
 
 
@@ -80,6 +81,18 @@ class ModelOut(BaseModel):
     k: int = Field(examples=[50])
     cutoff: float = Field(examples=[0.62])
     ranking: str = Field(examples=["vote"])
+
+    @classmethod
+    def of(cls, model: ModelInfo) -> ModelOut:
+        head = model.head
+        return cls(
+            id=model.id,
+            name=model.name,
+            version=model.version,
+            k=head.k,
+            cutoff=head.cutoff,
+            ranking=str(head.ranking),
+        )
 
 
 class DecisionOut(BaseModel):

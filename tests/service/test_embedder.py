@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.embedder import Embedder, ModelContractError
+from service.contract import ModelContractError
+from service.embedder import Embedder
 from tests.toy import build_toy_model
 
 
@@ -16,7 +17,7 @@ def test_defaults_for_missing_optional_metadata(toy_model: Path) -> None:
     assert contract.preprocessing.input_size == 32
     assert contract.preprocessing.resize == "stretch"
     assert contract.preprocessing.pixel_range == "0-255"
-    assert (contract.k, contract.cutoff, contract.ranking) == (50, 0.62, "vote")
+    assert (contract.head.k, contract.head.cutoff, contract.head.ranking) == (50, 0.62, "vote")
     assert (contract.name, contract.version) == ("toy", "seed0")
 
 
@@ -33,7 +34,7 @@ def test_metadata_overrides(tmp_path: Path) -> None:
         },
     )
     contract = Embedder(path).contract
-    assert (contract.k, contract.cutoff, contract.ranking) == (20, 0.5, "nearest")
+    assert (contract.head.k, contract.head.cutoff, contract.head.ranking) == (20, 0.5, "nearest")
     assert contract.preprocessing.resize == "letterbox"
     assert contract.training == {"whaleid.training.map5": "0.86"}
 

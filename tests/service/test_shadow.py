@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.knn import NEW_INDIVIDUAL, RANKINGS, Neighbour, map_at_5, rank_candidates
+from service.contract import RANKINGS
+from service.knn import NEW_INDIVIDUAL, Neighbour, map_at_5, rank_candidates
 from service.shadow import grid
 
 

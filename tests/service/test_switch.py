@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import httpx
@@ -282,7 +283,7 @@ def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_hea
     switch_to(s, catalogue.sessions, embedders(new_id), new_id, action="t", head=head, actor="t")
     now = runtime.current()
     assert now is prepared
-    assert (now.model.id, now.model.k, now.model.cutoff, now.model.ranking) == (
+    assert (now.model.id, *astuple(now.model.head)) == (
         new_id,
         7,
         0.5,

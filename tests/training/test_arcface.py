@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
 
 from training.layers import ArcFace  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_past_pi_the_target_logit_stays_monotonic() -> None:
 
 def test_serialisable() -> None:
     layer = ArcFace(7, scale=20.0, margin=0.4, name="head")
-    restored = tf.keras.layers.deserialize(tf.keras.layers.serialize(layer))
+    restored = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(restored, ArcFace)
     assert (restored.n_classes, restored.scale, restored.margin, restored.name) == (
         7,

@@ -10,8 +10,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from service.contract import Preprocessing  # noqa: E402
 from service.knn import NEW_INDIVIDUAL  # noqa: E402
-from service.photos import Preprocessing  # noqa: E402
 from training.config import Augmentation  # noqa: E402
 from training.data import (  # noqa: E402
     CsvSource,
@@ -88,13 +88,18 @@ def catalogue(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     return write_catalogue(tmp_path_factory.mktemp("cat"), individuals=5, photos=3, size=40, seed=4)
 
 
-def test_shards_hold_the_catalogue(catalogue, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_shards_round_trip_through_gfile(catalogue, tmp_path: Path, scheme: str) -> None:  # type: ignore[no-untyped-def]
+    """Written and read back through tf.io.gfile, as in a gs:// bucket; ``file://`` is the local
+    file system addressed as a URL, the way a bucket is."""
     csv_source = CsvSource(catalogue.catalogue_csv, catalogue.images)
-    names = write_shards(
-        csv_source.entries, catalogue.images, str(tmp_path / "shards"), photos_per_shard=4
-    )
+    prefix = f"{scheme}{tmp_path}/shards/"
+    names = write_shards(csv_source.entries, catalogue.images, prefix, photos_per_shard=4)
     assert names == [f"shard-{i:05d}-of-00004.tfrecord" for i in range(4)]
-    shards = ShardSource(str(tmp_path / "shards"))
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
+        [*names, "manifest.csv"]
+    )
+    shards = ShardSource(prefix)
     assert sorted(shards.entries, key=str) == sorted(csv_source.entries, key=str)
     from_shards = dict(shards.read(shards.entries))
     assert from_shards == {

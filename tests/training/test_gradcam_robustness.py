@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
 
-from service.photos import Preprocessing  # noqa: E402
+from service.contract import Preprocessing  # noqa: E402
 from training.cli import main as cli_main  # noqa: E402
 from training.gradcam import heatmap, jet, write_overlays  # noqa: E402
 from training.robustness import CONDITIONS, at_input_size, blur, dim, run_robustness  # noqa: E402
@@ -37,17 +38,17 @@ def test_heatmap_of_the_trained_model(tiny_run: Path) -> None:
         assert cam.min() >= 0.0 and cam.max() in (0.0, pytest.approx(1.0))
 
 
-def two_colour_model() -> tf.keras.Model:
+def two_colour_model() -> keras.Model:
     """Backbone channel 0 sees red, channel 1 sees blue; a fixed projection to 4-d."""
-    inner = tf.keras.Input((8, 8, 3))
-    conv = tf.keras.layers.Conv2D(2, 1, use_bias=False, name="colours")
-    backbone = tf.keras.Model(inner, tf.keras.layers.ReLU()(conv(inner)), name="backbone")
-    image = tf.keras.Input((8, 8, 3), name="image")
-    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(backbone(image))
-    x = tf.keras.layers.BatchNormalization(name="embedding_bn")(x)
-    x = tf.keras.layers.Dropout(0.2, name="embedding_dropout")(x)
-    dense = tf.keras.layers.Dense(4, use_bias=False, name="embedding")
-    model = tf.keras.Model(image, dense(x))
+    inner = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(2, 1, use_bias=False, name="colours")
+    backbone = keras.Model(inner, keras.layers.ReLU()(conv(inner)), name="backbone")
+    image = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(image))
+    x = keras.layers.BatchNormalization(name="embedding_bn")(x)
+    x = keras.layers.Dropout(0.2, name="embedding_dropout")(x)
+    dense = keras.layers.Dense(4, use_bias=False, name="embedding")
+    model = keras.Model(image, dense(x))
     conv.set_weights([np.array([[[[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]]], np.float32)])
     dense.set_weights([np.array([[1.0, 0.2, 0.0, 0.5], [0.0, 0.3, 1.0, -0.5]], np.float32)])
     return model

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
 
 from training.layers import PaperSchedule  # noqa: E402
 
@@ -49,21 +50,19 @@ def test_shape_rises_then_falls(schedule: PaperSchedule) -> None:
 def test_config_round_trip(schedule: PaperSchedule) -> None:
     custom = PaperSchedule(7, start=1e-5, peak=1e-3, end=1e-5, warmup_epochs=2, sustain_epochs=0)
     for s in (schedule, custom):
-        restored = tf.keras.optimizers.schedules.deserialize(
-            tf.keras.optimizers.schedules.serialize(s)
-        )
+        restored = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(s))
         assert isinstance(restored, PaperSchedule)
         assert restored.get_config() == s.get_config()
         assert restored.at_epoch(4.3) == s.at_epoch(4.3)
 
 
 def test_saved_with_the_optimizer(tmp_path: Path) -> None:
-    inputs = tf.keras.Input((2,))
-    model = tf.keras.Model(inputs, tf.keras.layers.Dense(1)(inputs))
-    model.compile(optimizer=tf.keras.optimizers.Adam(PaperSchedule(5, peak=3e-4)), loss="mse")
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.Adam(PaperSchedule(5, peak=3e-4)), loss="mse")
     model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)
     model.save(tmp_path / "m.keras")
-    restored = tf.keras.models.load_model(tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
     lr = restored.optimizer._learning_rate  # the schedule, not its current value
     assert isinstance(lr, PaperSchedule)
     assert lr.get_config() == PaperSchedule(5, peak=3e-4).get_config()

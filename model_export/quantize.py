@@ -1,0 +1,178 @@
+"""Static int8 quantization of an exported model, and the gate it must pass to be written.
+
+onnxruntime's quantization tools rewrite the fp32 graph in QDQ form: weights int8 per output
+channel, activations uint8 per tensor with ranges calibrated (min/max) on real photos fed
+through the service's preprocessing. Dynamic quantization (``ConvInteger``) is not used: it runs
+several times slower than fp32 on a CPU.
+
+The int8 model is accepted only if, on held-out photos (the run's validation photos, never used
+for calibration),
+- every photo's int8 embedding is within ``min_cosine`` of its fp32 embedding, and
+- validation MAP@5 through the serving path (``service.photos`` → the service's ``Embedder`` →
+  exact search → ``service.knn``) with the model's own head drops by at most ``max_map5_drop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from service.contract import Ranking
+from training.evaluate import Scores, Validation, onnx_embed
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+INT8 = "int8"
+MIN_COSINE = 0.98
+MAX_MAP5_DROP = 0.01
+CALIBRATION_PHOTOS = 64
+CALIBRATION_BATCH = 4
+QUANTIZATION = (
+    "int8 static QDQ (onnxruntime): weights int8 per channel, activations uint8 per tensor, "
+    "min/max calibration"
+)
+
+
+class QuantizationRefused(RuntimeError):
+    """The int8 model is not close enough to the fp32 one; nothing was written."""
+
+
+class _Batches(CalibrationDataReader):  # type: ignore[misc]
+    """Model-input tensors in batches, as onnxruntime's calibrator wants them; ``set_range``
+    lets it take them a few at a time (``CalibStridedMinMax``)."""
+
+    def __init__(self, input_name: str, tensors: np.ndarray) -> None:
+        self.input_name = input_name
+        self.batches = [
+            tensors[i : i + CALIBRATION_BATCH] for i in range(0, len(tensors), CALIBRATION_BATCH)
+        ]
+        self.window: Iterator[np.ndarray] = iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.window = iter(self.batches[start_index:end_index])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.window, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
+    """Write the int8 QDQ version of ``fp32`` at ``out``, calibrated on ``calibration`` (NHWC
+    model input, as the service feeds it). Metadata is not carried over: the caller sets it."""
+    if not len(calibration):
+        raise QuantizationRefused("no calibration photos")
+    input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="whaleid-int8-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        # shape inference and graph fusions first, as onnxruntime recommends before quantizing
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Batches(input_name, calibration.astype(np.float32)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            # onnxruntime keeps every intermediate tensor of the batches it is given until it
+            # computes their ranges (gigabytes per batch for a B5 at 380 px): one batch at a time
+            extra_options={"CalibStridedMinMax": 1},
+        )
+
+
+@dataclass(frozen=True)
+class Int8Check:
+    """How close the int8 model stays to the fp32 one on held-out photos."""
+
+    photos: int
+    min_cosine: float
+    mean_cosine: float
+    fp32: Scores
+    int8: Scores
+
+    @property
+    def map5_drop(self) -> float:
+        return self.fp32.map5 - self.int8.map5
+
+    def describe(self) -> str:
+        return (
+            f"int8 vs fp32 cosine min {self.min_cosine:.5f} / mean {self.mean_cosine:.5f} on "
+            f"{self.photos} held-out photos; validation MAP@5 {self.int8.map5:.4f} int8 against "
+            f"{self.fp32.map5:.4f} fp32 ({self.int8.queries} queries)"
+        )
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # both come L2-normalised from the service's Embedder
+    result: np.ndarray = np.sum(a * b, axis=1)
+    return result
+
+
+def check_int8(
+    fp32: Path,
+    int8: Path,
+    validation: Validation,
+    *,
+    k: int,
+    cutoff: float,
+    ranking: Ranking,
+    min_cosine: float = MIN_COSINE,
+    max_map5_drop: float = MAX_MAP5_DROP,
+) -> Int8Check:
+    """Compare the two files through the service's embedder; raise QuantizationRefused when the
+    int8 one strays too far."""
+    fp32_embed, _ = onnx_embed(fp32)
+    int8_embed, _ = onnx_embed(int8)
+    fp32_gallery, fp32_queries = validation.embeddings(fp32_embed)
+    int8_gallery, int8_queries = validation.embeddings(int8_embed)
+    cos = _cosines(
+        np.concatenate([fp32_gallery, fp32_queries]), np.concatenate([int8_gallery, int8_queries])
+    )
+    check = Int8Check(
+        photos=len(cos),
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        fp32=validation.score(fp32_gallery, fp32_queries, k=k, cutoff=cutoff, ranking=ranking),
+        int8=validation.score(int8_gallery, int8_queries, k=k, cutoff=cutoff, ranking=ranking),
+    )
+    log.info("int8 check: %s", check.describe())
+    if check.min_cosine < min_cosine:
+        raise QuantizationRefused(
+            f"int8 embeddings stray from fp32: cosine {check.min_cosine:.5f} < {min_cosine} on "
+            f"a held-out photo ({check.describe()}); calibrate on more, or more typical, photos "
+            "(--calibration-photos), or keep the fp32 model"
+        )
+    if check.map5_drop > max_map5_drop:
+        raise QuantizationRefused(
+            f"int8 loses validation MAP@5: {check.int8.map5:.4f} against {check.fp32.map5:.4f} "
+            f"fp32, more than {max_map5_drop} lower ({check.describe()}); keep the fp32 model"
+        )
+    return check
+
+
+def calibration_sample(photos: Sequence[T], count: int, seed: int) -> list[T]:
+    """Up to ``count`` photos, a seeded sample so that a re-export calibrates alike."""
+    if len(photos) <= count:
+        return list(photos)
+    picked = np.random.default_rng(seed).choice(len(photos), count, replace=False)
+    return [photos[int(i)] for i in sorted(picked)]

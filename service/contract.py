@@ -1,0 +1,142 @@
+"""The model contract: what an exported ONNX model tells the service about itself, in one place.
+
+Training writes it (``to_metadata``), export checks it, and the service reads it
+(``from_metadata``): the preprocessing a photo needs, the kNN head (k, cutoff, ranking) and the
+model's name and version, as ``whaleid.*`` strings in the ONNX file's ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TypeVar
+
+
+class Ranking(StrEnum):
+    """How the kNN head orders individuals: most votes first (the paper), or nearest first."""
+
+    VOTE = "vote"
+    NEAREST = "nearest"
+
+
+class Resize(StrEnum):
+    STRETCH = "stretch"
+    LETTERBOX = "letterbox"
+
+
+class PixelRange(StrEnum):
+    """``0-255``: Keras EfficientNets normalise inside the graph; ``imagenet``: mean/std."""
+
+    BYTES = "0-255"
+    UNIT = "0-1"
+    IMAGENET = "imagenet"
+
+
+class ModelStatus(StrEnum):
+    """A registered model's lifecycle: registered → indexing → ready → active → retired."""
+
+    REGISTERED = "registered"
+    INDEXING = "indexing"
+    READY = "ready"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+RANKINGS: tuple[Ranking, ...] = tuple(Ranking)
+E = TypeVar("E", bound=StrEnum)
+
+
+class ModelContractError(ValueError):
+    """An ONNX file that does not follow the model contract; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its input: the one description training, export and serving share."""
+
+    input_size: int
+    resize: Resize = Resize.STRETCH
+    pixel_range: PixelRange = PixelRange.BYTES
+
+
+@dataclass(frozen=True)
+class Head:
+    """The kNN head's per-model settings: ``k`` neighbours, the ``new_individual`` cutoff (a
+    cosine distance) and the ranking."""
+
+    k: int = 50
+    cutoff: float = 0.62
+    ranking: Ranking = Ranking.VOTE
+
+
+PAPER_HEAD = Head()  # the seed paper's head: k 50, cutoff 0.62, vote
+
+_PREFIX = "whaleid."
+_TRAINING = "whaleid.training."
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What the service needs to know about a model, read from ``whaleid.*`` metadata."""
+
+    name: str
+    version: str
+    preprocessing: Preprocessing
+    head: Head = PAPER_HEAD
+    training: dict[str, str] = field(default_factory=dict)  # whaleid.training.* as written
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], *, fallback_name: str) -> ModelContract:
+        """Parse ``metadata_props``; missing optional keys take the documented defaults."""
+        if "whaleid.input_size" not in props:
+            raise ModelContractError(
+                "the model has no whaleid.input_size metadata: export it with model_export, or "
+                "add metadata_props whaleid.input_size (e.g. '380') to the ONNX file"
+            )
+        try:
+            size = int(props["whaleid.input_size"])
+            k = int(props.get("whaleid.k", PAPER_HEAD.k))
+            cutoff = float(props.get("whaleid.cutoff", PAPER_HEAD.cutoff))
+        except ValueError as e:
+            raise ModelContractError(f"a whaleid.* metadata value is not a number: {e}") from e
+        if size <= 0 or k <= 0 or not 0.0 <= cutoff <= 2.0:
+            raise ModelContractError(
+                f"whaleid.input_size={size}, whaleid.k={k}, whaleid.cutoff={cutoff}: size and k "
+                "must be positive and the cutoff a cosine distance in [0, 2]"
+            )
+        return cls(
+            name=props.get("whaleid.name", fallback_name),
+            version=props.get("whaleid.version", "0"),
+            preprocessing=Preprocessing(
+                size,
+                _choice(props, "whaleid.resize", Resize, Resize.STRETCH),
+                _choice(props, "whaleid.pixel_range", PixelRange, PixelRange.BYTES),
+            ),
+            head=Head(k, cutoff, _choice(props, "whaleid.ranking", Ranking, Ranking.VOTE)),
+            training={k_: v for k_, v in props.items() if k_.startswith(_TRAINING)},
+        )
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ``metadata_props`` that ``from_metadata`` reads back to this contract."""
+        spec, head = self.preprocessing, self.head
+        return {
+            "whaleid.input_size": str(spec.input_size),
+            "whaleid.resize": str(spec.resize),
+            "whaleid.pixel_range": str(spec.pixel_range),
+            "whaleid.k": str(head.k),
+            "whaleid.cutoff": f"{head.cutoff:g}",
+            "whaleid.ranking": str(head.ranking),
+            "whaleid.name": self.name,
+            "whaleid.version": self.version,
+            **{k: v for k, v in self.training.items() if k.startswith(_TRAINING)},
+        }
+
+
+def _choice(props: dict[str, str], key: str, kind: type[E], default: E) -> E:
+    value = props.get(key, str(default))
+    try:
+        return kind(value)
+    except ValueError:
+        raise ModelContractError(
+            f"{key}={value!r} is not one of {', '.join(str(v) for v in kind)}"
+        ) from None
