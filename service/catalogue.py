@@ -148,7 +148,7 @@ class CatalogueImport:
         self.factory = factory
         self.embedder = embedder
         self.model_id = model_id
-        self.store = PhotoStore(settings.photos_dir)
+        self.store = PhotoStore.open(settings)
         self.max_pixels = settings.max_image_pixels
         self.target = embedder.contract.preprocessing.input_size if embedder else None
 

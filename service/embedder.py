@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,17 +10,10 @@ import numpy as np
 import onnxruntime as ort
 
 from service.contract import ModelContract, ModelContractError
+from service.modelfiles import local_model_file
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -61,9 +53,10 @@ class Embedder:
     @classmethod
     def for_model(cls, settings: Settings, file_path: str, *, spinning: bool = True) -> Embedder:
         """The embedder of a registered model (``Model.file_path``), with the thread count and
-        batch size from ``settings``."""
+        batch size from ``settings``; the file is fetched from the model store first if this
+        replica lacks it (``service.modelfiles``)."""
         return cls(
-            settings.data_dir / file_path,
+            local_model_file(settings, file_path),
             threads=settings.onnx_threads,
             max_batch_size=settings.embed_batch_size,
             spinning=spinning,

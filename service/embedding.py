@@ -35,7 +35,7 @@ def embed_gallery(
 ) -> int:
     """Embed every gallery photo (confirmed individual) that ``model_id`` has not embedded yet.
     Resumable: each batch commits; a re-run picks up what is left."""
-    store = PhotoStore(settings.photos_dir)
+    store = PhotoStore.open(settings)
     with factory() as session:
         done = select(Embedding.image_id).where(Embedding.model_id == model_id)
         todo = session.execute(
@@ -50,7 +50,7 @@ def embed_gallery(
         chunk = todo[start : start + batch_size]
         photos = [
             decode_photo(
-                store.path(path).read_bytes(),
+                store.read(path),
                 max_pixels=settings.max_image_pixels,
                 target_size=spec.input_size,
             )

@@ -108,7 +108,7 @@ class Identifier:
         self.model = ModelInfo.of(model)
         self.embedder = embedder
         self.gallery = gallery
-        self.store = PhotoStore(settings.photos_dir)
+        self.store = PhotoStore.open(settings)
 
     @classmethod
     def load(
@@ -322,6 +322,7 @@ class Runtime:
         self._standby: Identifier | None = None
         self._lock = threading.Lock()
         self.slots = WorkSlots(settings)  # shared by every model this process loads
+        self.photos = PhotoStore.open(settings)  # what GET /images/{id}/file reads
 
     @property
     def loaded(self) -> Identifier | None:

@@ -1,13 +1,18 @@
-"""Photos stored content-addressed under the data directory, so identical uploads are stored
-once and a new model can re-embed every photo."""
+"""Photos stored content-addressed in the object store (the data directory by default), so
+identical uploads are stored once and a new model can re-embed every photo."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.storage import ObjectStore, open_store
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+_PREFIX = "photos/"  # the key prefix, so a bucket mirrors the data directory
 
 _EXTENSIONS = {
     "image/jpeg": ".jpg",
@@ -29,14 +34,17 @@ def content_hash(data: bytes) -> str:
 
 
 class PhotoStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    """Photos in the object store (``settings.storage_url``) under ``photos/``."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    @classmethod
+    def open(cls, settings: Settings) -> PhotoStore:
+        return cls(open_store(settings))
 
     def relative_path(self, digest: str, media_type: str) -> str:
         return f"{digest[:2]}/{digest[2:4]}/{digest}{_EXTENSIONS.get(media_type, '.bin')}"
-
-    def path(self, relative_path: str) -> Path:
-        return self.root / relative_path
 
     def put(self, data: bytes, media_type: str, digest: str | None = None) -> StoredPhoto:
         """Store ``data`` (atomically) unless a file with the same content is already there.
@@ -44,25 +52,18 @@ class PhotoStore:
         it (a re-encoded query photo), so an identical upload still finds it."""
         digest = digest or content_hash(data)
         rel = self.relative_path(digest, media_type)
-        target = self.path(rel)
-        if target.exists():
-            return StoredPhoto(digest, rel, created=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return StoredPhoto(digest, rel, created=True)
+        created = self.objects.put_new(_PREFIX + rel, data)
+        return StoredPhoto(digest, rel, created=created)
+
+    def read(self, relative_path: str) -> bytes:
+        """The stored photo's bytes; raises ``MissingObject``."""
+        return self.objects.read(_PREFIX + relative_path)
 
     def remove(self, relative_path: str) -> None:
         """Delete a stored file (a pruned query photo)."""
-        self.path(relative_path).unlink(missing_ok=True)
+        self.objects.delete(_PREFIX + relative_path)
 
     def discard(self, stored: StoredPhoto) -> None:
         """Undo a ``put`` whose database row was not written (no orphan files)."""
         if stored.created:
-            self.path(stored.relative_path).unlink(missing_ok=True)
+            self.objects.delete(_PREFIX + stored.relative_path)

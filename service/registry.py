@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.contract import ModelContractError, ModelStatus
 from service.curation import Conflict
 from service.db import Model, transaction
-from service.embedder import Embedder, file_sha256
+from service.embedder import Embedder
 from service.embedding import embed_gallery
 from service.model_gallery import Gallery
+from service.modelfiles import file_sha256, model_key, publish_model
 from service.reindex import Embedders, switch_to
 from service.settings import Settings
+from service.storage import open_store
 
 log = logging.getLogger(__name__)
 
 
 def register_model(settings: Settings, factory: sessionmaker[Session], source: Path) -> Model:
-    """Validate ``source`` against the model contract, copy it into the data directory and add a
+    """Validate ``source`` against the model contract, publish it to the model store and add a
     row (status ``registered``). Registering the same file twice returns the existing row."""
     return register_model_file(settings, factory, source)[0]
 
@@ -51,12 +52,9 @@ def register_model_file(
             f"model {contract.name} {contract.version} is registered already (id {same_name}) "
             "with another file: export the new one with another whaleid.version"
         )
-    relative = f"models/{digest}.onnx"
-    target = settings.data_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    created = not target.exists()
-    if created:
-        shutil.copyfile(source, target)
+    relative = model_key(digest)
+    objects = open_store(settings)
+    created = publish_model(objects, source, digest)
     try:
         with transaction(factory) as session:
             model = Model(
@@ -80,14 +78,14 @@ def register_model_file(
         return model, True
     except IntegrityError as e:  # registered by a concurrent upload a moment ago
         if created:
-            target.unlink(missing_ok=True)
+            objects.delete(relative)
         raise Conflict(
             f"model {contract.name} {contract.version} was registered concurrently: list the "
             "models (GET /models) and use that one"
         ) from e
     except BaseException:
         if created:
-            target.unlink(missing_ok=True)
+            objects.delete(relative)
         raise
 
 

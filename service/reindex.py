@@ -103,7 +103,7 @@ class PhotoEmbedder:
     def __init__(self, settings: Settings, embedder: Embedder, *, prefetch: int = 2) -> None:
         self.settings = settings
         self.embedder = embedder
-        self.store = PhotoStore(settings.photos_dir)
+        self.store = PhotoStore.open(settings)
         self.prefetch = prefetch
         self.batch_size = max(1, embedder.max_batch_size)
 
@@ -113,7 +113,7 @@ class PhotoEmbedder:
         for image_id, path in rows:
             try:
                 photo = decode_photo(
-                    self.store.path(path).read_bytes(),
+                    self.store.read(path),
                     max_pixels=self.settings.max_image_pixels,
                     target_size=spec.input_size,
                 )

@@ -59,7 +59,7 @@ def prune_query_photos(
     re-run does not need."""
     now = now or utcnow()
     cutoff = now - dt.timedelta(days=days)
-    store = PhotoStore(settings.photos_dir)
+    store = PhotoStore.open(settings)
     report = PruneReport()
     while True:
         with transaction(factory) as session:

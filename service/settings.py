@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +16,15 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     database_url: str = ""
+    # Where model files and photos live: empty for the data directory, or s3://bucket/prefix for
+    # an S3-compatible bucket that replicas on several machines share (the `s3` extra). Each
+    # replica keeps the model files it uses in its data directory, fetched by hash and verified.
+    storage_url: str = ""
+    s3_endpoint_url: str = ""  # e.g. http://minio:9000; empty for AWS S3
+    s3_region: str = "us-east-1"
+    # Empty: boto3's own chain (AWS_* variables, ~/.aws, an instance role).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
     max_upload_bytes: int = 25 * 1024 * 1024
     # Every other request body (JSON, the sign-in form) is small.
     max_body_bytes: int = 1024 * 1024

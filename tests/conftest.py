@@ -145,6 +145,66 @@ def serve_process(
     raise RuntimeError("whaleid serve did not start")
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server, a real S3 API over loopback, for the whole session."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/moto-api/", timeout=5)
+            break
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str) -> dict[str, str]:
+    """A fresh bucket; the ``WHALEID_*`` variables that point a replica at it."""
+    import boto3
+
+    bucket = f"whaleid-{uuid.uuid4().hex[:12]}"
+    env = {
+        "WHALEID_STORAGE_URL": f"s3://{bucket}/replicas",
+        "WHALEID_S3_ENDPOINT_URL": s3_endpoint,
+        "WHALEID_S3_ACCESS_KEY_ID": "testing",
+        "WHALEID_S3_SECRET_ACCESS_KEY": "testing",
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket=bucket)
+    return env
+
+
+def s3_settings(env: dict[str, str], data_dir: Path, database_url: str) -> Settings:
+    """Settings for a replica with its own data directory, sharing the bucket in ``env``."""
+    s = Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        _env_file=None,  # type: ignore[call-arg]
+        **{k.removeprefix("WHALEID_").lower(): v for k, v in env.items()},
+    )
+    s.ensure_dirs()
+    return s
+
+
 def run_server(settings: Settings) -> Iterator[LiveServer]:
     """uvicorn serving ``create_app(settings)`` over loopback, in a thread."""
     keys = make_keys(settings)
@@ -194,7 +254,7 @@ def load_catalogue(
     model = register_model(settings, factory, model_path)
     activate_model(settings, factory, model.id)
     csv_path = write_catalogue(folder, range(individuals), shots)
-    embedder = Embedder(settings.data_dir / model.file_path)
+    embedder = Embedder.for_model(settings, model.file_path)
     report = CatalogueImport(settings, factory, embedder, model.id).run(csv_path, folder / "images")
     assert not report.errors and report.imported == individuals * len(shots)
     return Catalogue(settings, factory, model.id, folder)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.responses import RedirectResponse
 from sqlalchemy import ColumnElement, func, select
 
-from service.api.deps import Integration, SessionDep, SettingsDep
+from service.api.deps import Integration, RuntimeDep, SessionDep
 from service.api.params import ImageId, IndividualId, Limit, Offset, SpeciesFilter
 from service.api.schemas import (
     INVALID,
@@ -20,6 +20,7 @@ from service.api.schemas import (
 )
 from service.curation import resolve
 from service.db import Image, Individual
+from service.storage import MissingObject
 
 router = APIRouter(tags=["catalogue"], responses=INVALID)
 
@@ -106,11 +107,13 @@ def get_individual(
 
 
 @router.get(
-    "/images/{image_id}/file", response_class=FileResponse, responses={404: {"model": Problem}}
+    "/images/{image_id}/file",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}}, 404: {"model": Problem}},
 )
 def get_image_file(
-    image_id: ImageId, session: SessionDep, settings: SettingsDep, caller: Integration
-) -> FileResponse:
+    image_id: ImageId, session: SessionDep, runtime: RuntimeDep, caller: Integration
+) -> Response:
     """The stored photo file (for a query photo: what identification needs of it)."""
     image = session.get(Image, image_id)
     if image is None:
@@ -121,7 +124,10 @@ def get_image_file(
             f"the file of image {image_id} was pruned on {image.pruned_at:%Y-%m-%d}: it was a "
             "query photo never confirmed within the retention period",
         )
-    path = settings.photos_dir / image.file_path
-    if not path.is_file():
-        raise HTTPException(404, f"the file of image {image_id} is missing from the data directory")
-    return FileResponse(path, media_type=image.media_type)
+    try:
+        data = runtime.photos.read(image.file_path)
+    except MissingObject as e:
+        raise HTTPException(
+            404, f"the file of image {image_id} is missing from the photo store"
+        ) from e
+    return Response(data, media_type=image.media_type)

@@ -1,0 +1,177 @@
+"""Where model files and photos live: the local data directory (the default) or an S3-compatible
+bucket shared by replicas on several machines (``WHALEID_STORAGE_URL=s3://bucket/prefix``).
+
+Keys are paths relative to the data directory (``models/<sha256>.onnx``,
+``photos/ab/cd/<sha256>.jpg``), so the local layout is unchanged and a bucket mirrors it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+
+class MissingObject(FileNotFoundError):
+    """The store holds no object under that key (a missing file, wherever the store is)."""
+
+
+class ObjectStore(Protocol):
+    """Content-addressed objects: each key is written once and never changes."""
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``data`` unless ``key`` exists; True when this call created it."""
+        ...
+
+    def upload_new(self, source: Path, key: str) -> bool:
+        """Copy the file ``source`` to ``key`` unless it exists; True when this call created it."""
+        ...
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes; raises ``MissingObject``."""
+        ...
+
+    def download(self, key: str, target: Path) -> None:
+        """Write the object to the file ``target``; raises ``MissingObject``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object (nothing happens when it is already gone)."""
+        ...
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file next to ``target``, then rename it into place,
+    so a reader never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalStore:
+    """Objects as files under one folder (the data directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        target = self.path(key)
+        if target.exists():
+            return False
+        _write_atomically(target, lambda f: f.write(data))
+        return True
+
+    def upload_new(self, source: Path, key: str) -> bool:
+        target = self.path(key)
+        if target.exists():
+            return False
+        with source.open("rb") as src:
+            _write_atomically(target, lambda f: shutil.copyfileobj(src, f))
+        return True
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise MissingObject(f"{key} is missing from {self.root}") from e
+
+    def download(self, key: str, target: Path) -> None:
+        source = self.path(key)
+        if not source.is_file():
+            raise MissingObject(f"{key} is missing from {self.root}")
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+class S3Store:
+    """Objects in an S3-compatible bucket (AWS S3, MinIO, Ceph...), under a key prefix.
+
+    A write is conditional (``If-None-Match: *``), so "created" is true for exactly one of two
+    replicas storing the same photo at once, and only that one may delete it on rollback."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+        except ClientError as e:
+            if _error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                return False
+            raise
+        return True
+
+    def upload_new(self, source: Path, key: str) -> bool:
+        return self.put_new(key, source.read_bytes())
+
+    def read(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if _error_code(e) in {"NoSuchKey", "404"}:
+                raise MissingObject(f"{key} is missing from s3://{self.bucket}") from e
+            raise
+        data: bytes = response["Body"].read()
+        return data
+
+    def download(self, key: str, target: Path) -> None:
+        target.write_bytes(self.read(key))
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def _error_code(error: Any) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store ``settings.storage_url`` names: empty for the data directory, or
+    ``s3://bucket/prefix`` (needs the ``s3`` extra: ``pip install 'whaleid[s3]'``)."""
+    url = settings.storage_url
+    if not url:
+        return LocalStore(settings.data_dir)
+    if not url.startswith("s3://"):
+        raise ValueError(f"WHALEID_STORAGE_URL must be empty or s3://bucket/prefix, not {url!r}")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    try:
+        import boto3
+    except ImportError as e:
+        raise RuntimeError(
+            f"WHALEID_STORAGE_URL={url} needs boto3: pip install 'whaleid[s3]'"
+        ) from e
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url or None,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id or None,
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value() or None,
+    )
+    return S3Store(client, bucket, prefix)
