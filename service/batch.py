@@ -6,7 +6,7 @@ chunk POSTs the result to the job's ``callback_url``, signed (``service.callback
 An archive is checked before anything is kept: at most ``batch_max_items`` photos, each at most
 ``max_upload_bytes`` and all together at most ``batch_max_uncompressed_bytes`` once inflated,
 whatever the archive's headers claim (every entry is read with a bounded read). Its photos wait
-under ``<data>/batches`` until the job ends.
+under ``batches/`` of the object store (the data directory, or the bucket) until the job ends.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Item:
 
 
 def archive_store(settings: Settings) -> PhotoStore:
-    return PhotoStore(settings.data_dir / "batches")
+    return PhotoStore.open(settings, prefix="batches/")
 
 
 def _wanted(info: zipfile.ZipInfo) -> bool:
@@ -240,17 +240,17 @@ class BatchChunks:
         self.factory = factory
         self.runtime = runtime or Runtime(settings, factory)
         self.store = archive_store(settings)
-        self.photos = PhotoStore(settings.photos_dir)
+        self.photos = PhotoStore.open(settings)
 
     def _bytes(self, item: dict[str, Any]) -> bytes:
         if item["kind"] == "archive":
-            return self.store.path(str(item["ref"])).read_bytes()
+            return self.store.read(str(item["ref"]))
         if item["kind"] == "image":
             with self.factory() as session:
                 path = session.scalar(select(Image.file_path).where(Image.id == int(item["ref"])))
             if path is None:
                 raise FileNotFoundError(f"image {item['ref']} no longer exists")
-            return self.photos.path(path).read_bytes()
+            return self.photos.read(path)
         return fetch_photo(
             str(item["ref"]),
             self.settings.fetch_hosts,

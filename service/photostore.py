@@ -34,14 +34,16 @@ def content_hash(data: bytes) -> str:
 
 
 class PhotoStore:
-    """Photos in the object store (``settings.storage_url``) under ``photos/``."""
+    """Photos in the object store (``settings.storage_url``) under ``photos/`` (or another
+    ``prefix``: batch archives keep their photos under ``batches/``)."""
 
-    def __init__(self, objects: ObjectStore) -> None:
+    def __init__(self, objects: ObjectStore, prefix: str = _PREFIX) -> None:
         self.objects = objects
+        self.prefix = prefix
 
     @classmethod
-    def open(cls, settings: Settings) -> PhotoStore:
-        return cls(open_store(settings))
+    def open(cls, settings: Settings, prefix: str = _PREFIX) -> PhotoStore:
+        return cls(open_store(settings), prefix)
 
     def relative_path(self, digest: str, media_type: str) -> str:
         return f"{digest[:2]}/{digest[2:4]}/{digest}{_EXTENSIONS.get(media_type, '.bin')}"
@@ -52,18 +54,18 @@ class PhotoStore:
         it (a re-encoded query photo), so an identical upload still finds it."""
         digest = digest or content_hash(data)
         rel = self.relative_path(digest, media_type)
-        created = self.objects.put_new(_PREFIX + rel, data)
+        created = self.objects.put_new(self.prefix + rel, data)
         return StoredPhoto(digest, rel, created=created)
 
     def read(self, relative_path: str) -> bytes:
         """The stored photo's bytes; raises ``MissingObject``."""
-        return self.objects.read(_PREFIX + relative_path)
+        return self.objects.read(self.prefix + relative_path)
 
     def remove(self, relative_path: str) -> None:
         """Delete a stored file (a pruned query photo)."""
-        self.objects.delete(_PREFIX + relative_path)
+        self.objects.delete(self.prefix + relative_path)
 
     def discard(self, stored: StoredPhoto) -> None:
         """Undo a ``put`` whose database row was not written (no orphan files)."""
         if stored.created:
-            self.objects.delete(_PREFIX + stored.relative_path)
+            self.objects.delete(self.prefix + stored.relative_path)
