@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
 from service.api.jobs import JobId, JobOut, job_out
+from service.api.params import CandidateSet
 from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
 from service.batch import (
     IDENTIFY_BATCH,
@@ -40,8 +41,6 @@ Url = Annotated[
 ]
 Species = Annotated[str | None, Field(max_length=SPECIES_LENGTH), AfterValidator(storable)]
 Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(storable)]
-FormSpecies = Annotated[str | None, Form(max_length=SPECIES_LENGTH), AfterValidator(storable)]
-FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
 FormUrl = Annotated[
     str | None,
     Form(max_length=MAX_URL_LENGTH, description="Where to POST the result."),
@@ -120,17 +119,12 @@ async def identify_archive(
     settings: SettingsDep,
     caller: Integration,
     archive: Annotated[UploadFile, File(description="A ZIP of photos.")],
-    species: FormSpecies = None,
-    location: FormPlace = None,
-    date_from: Annotated[dt.date | None, Form()] = None,
-    date_to: Annotated[dt.date | None, Form()] = None,
-    exclude_encounter: FormPlace = None,
+    filters: CandidateSet,
     callback_url: FormUrl = None,
 ) -> JobOut:
     """Identify every photo of a ZIP archive in the background (at most `batch_max_items`
     photos, each within the upload limit, within `batch_max_uncompressed_bytes` inflated)."""
     factory = sessions
-    filters = Filters(species, location, date_from, date_to, exclude_encounter)
     file: IO[bytes] = archive.file
     items = await run_in_threadpool(read_archive, settings, file)
     job_id = await run_in_threadpool(

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, MetricsDep, RuntimeDep, SettingsDep
 from service.api.identify import (
     ERRORS,
     FILE_NAME_LENGTH,
-    PLACE_LENGTH,
-    FormPlace,
-    FormSpecies,
     to_response,
 )
-from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut, storable
+from service.api.params import CandidateSet
+from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut
 from service.curation import Invalid
 from service.encounters import EncounterPhoto, EncounterResult, Fusion, identify_encounter
 from service.limits import check_text
-from service.model_gallery import Filters
 from service.photos import PhotoTooLarge
 
 router = APIRouter(tags=["identify"], responses=INVALID)
@@ -69,21 +65,10 @@ async def identify_encounter_route(
     photos: Annotated[
         list[UploadFile], File(description="The encounter's photos (repeat the field).")
     ],
+    filters: CandidateSet,
     fusion: Annotated[Fusion, Form()] = Fusion.SIMILARITY_SUM,
-    species: FormSpecies = None,
-    location: FormPlace = None,
-    date_from: Annotated[dt.date | None, Form()] = None,
-    date_to: Annotated[dt.date | None, Form()] = None,
-    exclude_encounter: Annotated[
-        str | None,
-        Form(max_length=PLACE_LENGTH, description="Leave out gallery photos of this encounter."),
-        AfterValidator(storable),
-    ] = None,
 ) -> EncounterOut:
     _check_photos(photos, settings.encounter_max_photos, settings.max_upload_bytes)
-    filters = Filters(
-        species or None, location or None, date_from, date_to, exclude_encounter or None
-    )
     identifier = await run_in_threadpool(runtime.current)
     result = await run_in_threadpool(
         identify_encounter,

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
-from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, MetricsDep, RuntimeDep, SessionDep, SettingsDep
-from service.api.params import IdentificationId
+from service.api.params import CandidateSet, IdentificationId
 from service.api.schemas import (
     INVALID,
-    SPECIES_LENGTH,
     CandidateOut,
     DecisionOut,
     IdentificationOut,
     ModelOut,
     Problem,
-    storable,
 )
 from service.curation import decision_history
 from service.db import Identification, Image
 from service.identify import IdentificationResult
 from service.limits import check_text, column_length
-from service.model_gallery import Filters
 from service.photos import PhotoTooLarge, parse_bbox
 
 router = APIRouter(tags=["identify"], responses=INVALID)
@@ -41,13 +36,6 @@ ERRORS: dict[int | str, dict[str, object]] = {
     },
 }
 FILE_NAME_LENGTH = column_length(Image.original_name)
-PLACE_LENGTH = column_length(Image.location)
-FormSpecies = Annotated[
-    str | None,
-    Form(max_length=SPECIES_LENGTH, examples=["humpback_whale"]),
-    AfterValidator(storable),
-]
-FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
 
 
 def to_response(result: IdentificationResult) -> IdentificationOut:
@@ -71,15 +59,7 @@ async def identify(
     settings: SettingsDep,
     metrics: MetricsDep,
     photo: Annotated[UploadFile, File(description="The photo: JPEG, PNG, WebP (HEIC if enabled).")],
-    species: FormSpecies = None,
-    location: FormPlace = None,
-    date_from: Annotated[dt.date | None, Form()] = None,
-    date_to: Annotated[dt.date | None, Form()] = None,
-    exclude_encounter: Annotated[
-        str | None,
-        Form(max_length=PLACE_LENGTH, description="Leave out gallery photos of this encounter."),
-        AfterValidator(storable),
-    ] = None,
+    filters: CandidateSet,
     bbox: Annotated[
         str | None, Form(max_length=200, description="Crop box x,y,w,h in pixels.")
     ] = None,
@@ -99,9 +79,6 @@ async def identify(
             "send a smaller file"
         )
     check_text("the photo's file name", photo.filename, FILE_NAME_LENGTH)
-    filters = Filters(
-        species or None, location or None, date_from, date_to, exclude_encounter or None
-    )
     box = parse_bbox(bbox)
     identifier = await run_in_threadpool(runtime.current)
     # The upload waits on disk (spooled) until a decode slot reads it.

@@ -3,13 +3,16 @@ and no more characters than its column (so no input reaches the database that it
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
-from fastapi import Path, Query
+from fastapi import Depends, Form, Path, Query
 from pydantic import AfterValidator
 
 from service.api.schemas import CATALOGUE_ID_LENGTH, SPECIES_LENGTH, storable
-from service.limits import MAX_ROW_ID
+from service.db import Image
+from service.limits import MAX_ROW_ID, column_length
+from service.model_gallery import Filters
 
 STATUS_LENGTH = 20
 
@@ -32,3 +35,40 @@ SpeciesFilter = Annotated[
 StatusFilter = Annotated[
     str | None, Query(max_length=STATUS_LENGTH, examples=["pending"]), AfterValidator(storable)
 ]
+
+
+# The caller's candidate set, as form fields: one definition for every route that identifies
+# (one photo, an encounter, a batch archive).
+PLACE_LENGTH = column_length(Image.location)
+FormSpecies = Annotated[
+    str | None,
+    Form(max_length=SPECIES_LENGTH, examples=["humpback_whale"]),
+    AfterValidator(storable),
+]
+FormPlace = Annotated[str | None, Form(max_length=PLACE_LENGTH), AfterValidator(storable)]
+FormDate = Annotated[
+    dt.date | None,
+    Form(
+        description="YYYY-MM-DD, inclusive. Under a date filter, gallery photos without a date "
+        "are left out."
+    ),
+]
+FormEncounter = Annotated[
+    str | None,
+    Form(max_length=PLACE_LENGTH, description="Leave out gallery photos of this encounter."),
+    AfterValidator(storable),
+]
+
+
+def candidate_set(
+    species: FormSpecies = None,
+    location: FormPlace = None,
+    date_from: FormDate = None,
+    date_to: FormDate = None,
+    exclude_encounter: FormEncounter = None,
+) -> Filters:
+    """The gallery photos to search: those matching every field given (blank means any)."""
+    return Filters(species or None, location or None, date_from, date_to, exclude_encounter or None)
+
+
+CandidateSet = Annotated[Filters, Depends(candidate_set)]
