@@ -189,6 +189,9 @@ class GalleryChange(Base):
     removed. Every replica replays it to keep its in-memory index in step."""
 
     __tablename__ = "gallery_changes"
+    # Ids never come back after a delete (SQLite would reuse the highest one otherwise), so a
+    # replica's "replayed up to id N" stays true.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
@@ -241,6 +244,25 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The key's own callback trust: its jobs' callbacks are signed with this secret (the server
+    # must sign with it, so it is kept, not hashed; shown once when made or rotated) and go only
+    # to these host names.
+    callback_secret: Mapped[str | None] = mapped_column(String(100))
+    callback_hosts: Mapped[list[str] | None] = mapped_column(JSON)
+
+
+class ReviewSession(Base):
+    """A signed-in review page: the cookie holds a random id, stored here hashed; it ends at
+    ``expires_at`` or when revoked (logout, or the key revoked)."""
+
+    __tablename__ = "review_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -260,9 +282,18 @@ class Job(Base):
     errors: Mapped[list[str]] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_by: Mapped[str] = mapped_column(String(200))
+    # The API key that made the job (None: the command line); only it, and admins, see the job.
+    key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), index=True
+    )
+    # Bytes the job holds in the object store (an archive's photos) until it ends.
+    held_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When an ended job's files were removed and its end was reported (callback): nothing of it
+    # is left to do.
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobChunk(Base):
@@ -280,6 +311,8 @@ class JobChunk(Base):
     state: Mapped[str] = mapped_column(String(20), default="pending", index=True)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the chunk was last claimed: the worker serves the key served longest ago first.
+    leased_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
