@@ -40,6 +40,7 @@ from onnx import helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service import migrate  # noqa: E402
+from service.auth import COMMAND_LINE
 from service.catalogue import CatalogueImport  # noqa: E402
 from service.db import JobChunk, make_engine, make_sessionmaker  # noqa: E402
 from service.embedder import Embedder  # noqa: E402
@@ -181,7 +182,7 @@ def reindex_throughput(bench: Bench, model_id: int) -> dict[str, float]:
     finished = time.perf_counter()
     assert embedded_at is not None
     with factory() as session:
-        p = progress(session, get_job(session, job.id))
+        p = progress(session, get_job(session, job.id, COMMAND_LINE))
     assert p.state == "succeeded", p
     return {
         "photos": p.total,
@@ -309,7 +310,7 @@ def killed_worker(bench: Bench, model_id: int, lease_seconds: float) -> dict[str
     try:
         while True:  # both workers busy, 40 % done: kill one that holds a chunk right now
             with bench.factory() as session:
-                p = progress(session, get_job(session, job.id))
+                p = progress(session, get_job(session, job.id, COMMAND_LINE))
                 owners = dict(
                     session.query(JobChunk.lease_owner, JobChunk.state)
                     .filter(JobChunk.job_id == job.id, JobChunk.state == "leased")
@@ -332,7 +333,7 @@ def killed_worker(bench: Bench, model_id: int, lease_seconds: float) -> dict[str
         while not p.finished:
             time.sleep(0.2)
             with bench.factory() as session:
-                p = progress(session, get_job(session, job.id))
+                p = progress(session, get_job(session, job.id, COMMAND_LINE))
         elapsed = time.perf_counter() - started
     finally:
         for w in workers:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ class Principal:
 
 
 ANONYMOUS_ADMIN = Principal("anonymous (auth off)", "admin")
+COMMAND_LINE = Principal("command line", "admin")  # whoever runs `whaleid` on the server
 
 
 def hash_key(key: str) -> str:
@@ -88,3 +91,51 @@ def _revoke(session: Session, key_id: int, keep_an_admin: bool) -> bool:
     if row.revoked_at is None:
         row.revoked_at = dt.datetime.now(dt.UTC)
     return True
+
+
+MAX_CALLBACK_HOSTS = 20
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,62}[a-z0-9_])?)*"
+)
+
+
+def callback_host(host: str) -> str:
+    """A host name (or IP address) as callbacks are matched against it; ``ValueError`` if it is
+    anything else (a URL, a path, a port, a control character)."""
+    name = host.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(
+            f"{host[:100]!r} is not a host name: give names like hooks.example.org, without "
+            "scheme, port or path"
+        )
+    return name
+
+
+def set_callback_hosts(factory: sessionmaker[Session], key_id: int, hosts: list[str]) -> ApiKey:
+    """Allow the key's callbacks to go to ``hosts`` (replacing the previous list), committed;
+    ``LookupError`` if there is no such key, ``ValueError`` for a bad host."""
+    if len(hosts) > MAX_CALLBACK_HOSTS:
+        raise ValueError(f"{len(hosts)} hosts is over the limit of {MAX_CALLBACK_HOSTS} a key")
+    names = sorted({callback_host(h) for h in hosts})
+    with transaction(factory) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            raise LookupError(f"key {key_id} does not exist")
+        row.callback_hosts = names
+        return row
+
+
+def rotate_callback_secret(factory: sessionmaker[Session], key_id: int) -> tuple[ApiKey, str]:
+    """A new callback secret for the key (the old one stops at once), committed; the secret is
+    returned to be shown once. ``LookupError`` if there is no such key, or it is revoked."""
+    secret = "whsec_" + secrets.token_urlsafe(32)
+    with transaction(factory) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            raise LookupError(f"key {key_id} does not exist or is revoked")
+        row.callback_secret = secret
+        return row, secret

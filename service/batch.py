@@ -1,12 +1,20 @@
 """Batch identification on the job system: a job of kind ``identify_batch`` identifies many
 photos (the entries of a ZIP archive, stored images, or URLs on the fetch allowlist) chunk by
 chunk, like ``POST /identify`` one by one, and keeps each photo's answer on the job. Its last
-chunk POSTs the result to the job's ``callback_url``, signed (``service.callbacks``).
+chunk POSTs the result to the job's ``callback_url``, signed with the key's own secret
+(``service.callbacks``); a job that fails or is cancelled reports that too.
 
-An archive is checked before anything is kept: at most ``batch_max_items`` photos, each at most
-``max_upload_bytes`` and all together at most ``batch_max_uncompressed_bytes`` once inflated,
-whatever the archive's headers claim (every entry is read with a bounded read). Its photos wait
-under ``batches/`` of the object store (the data directory, or the bucket) until the job ends.
+Several partners share one service, so a job belongs to the key that made it (another
+integration key never sees it), and each key is held to quotas: jobs queued or running, photos
+waiting in them, and bytes of archive photos held in the store. The worker takes chunks key by
+key in turn (``service.jobs.lease_next``), so one partner's thousand photos do not starve
+another's ten.
+
+An archive is checked before anything is kept (``service.archives``): at most
+``batch_max_items`` photos, each at most ``max_upload_bytes`` and all together at most
+``batch_max_uncompressed_bytes`` once inflated, whatever the archive's headers claim; each entry
+must be a photo. Its photos wait under ``batches/<token>/`` of the object store until the job
+ends, in any state.
 """
 
 from __future__ import annotations
@@ -18,36 +26,46 @@ import logging
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.callbacks import deliver
+from service.archives import ArchiveFiles, check_directory, is_encrypted
+from service.auth import Principal
+from service.callbacks import CallbackTrust, deliver, trust_of
 from service.curation import Invalid
-from service.db import Image, Job, transaction
+from service.db import ApiKey, Image, Job, transaction, utcnow
 from service.fetch import FetchRefused, check_url, fetch_photo
 from service.identify import Identifier, Runtime
-from service.jobs import ChunkHandler, Lease, LeaseLost, complete, create_job
+from service.jobs import LIVE_STATES, ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
 from service.model_gallery import Filters
-from service.photos import PhotoError
+from service.photos import PhotoError, open_photo
 from service.photostore import PhotoStore
+from service.redact import public_text, without_query
 from service.settings import Settings
 from service.slots import Busy
+from service.storage import MissingObject
 
 log = logging.getLogger(__name__)
 
 IDENTIFY_BATCH = "identify_batch"
 MAX_NAME_LENGTH = 500
 _BUSY_TRIES = 5
+# Spreadsheets run a cell that starts with one of these as a formula (OWASP: CSV injection).
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+class OverQuota(Exception):
+    """The key already holds as many jobs, waiting photos or stored bytes as it may."""
 
 
 @dataclass(frozen=True)
 class Item:
     """One photo of a batch: ``kind`` is "archive" (ref: the kept file), "image" (ref: an image
-    id) or "url"."""
+    id), "url", or "refused" (ref: why the archive's entry is not a photo; nothing was kept)."""
 
     name: str
     kind: str
@@ -57,8 +75,17 @@ class Item:
         return {"name": self.name, "kind": self.kind, "ref": self.ref}
 
 
-def archive_store(settings: Settings) -> PhotoStore:
-    return PhotoStore.open(settings, prefix="batches/")
+@dataclass
+class Archive:
+    """An archive's entries, its photos kept under ``batches/<token>/``."""
+
+    token: str
+    items: list[Item] = field(default_factory=list)
+    kept: dict[str, int] = field(default_factory=dict)  # ref -> bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self.kept.values())
 
 
 def _wanted(info: zipfile.ZipInfo) -> bool:
@@ -66,68 +93,95 @@ def _wanted(info: zipfile.ZipInfo) -> bool:
     return not info.is_dir() and not base.startswith(".") and "__MACOSX/" not in info.filename
 
 
-def read_archive(settings: Settings, archive: IO[bytes]) -> list[Item]:
-    """Check the ZIP and keep its photos; raise ``Invalid`` saying which limit it breaks."""
+def _entries(settings: Settings, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    entries = [i for i in zf.infolist() if _wanted(i)]
+    if not entries:
+        raise Invalid("the archive holds no photos")
+    if len(entries) > settings.batch_max_items:
+        raise Invalid(
+            f"the archive holds {len(entries)} files, over the limit of "
+            f"{settings.batch_max_items} per batch"
+        )
+    declared = sum(i.file_size for i in entries)
+    if declared > settings.batch_max_uncompressed_bytes:
+        raise Invalid(
+            f"the archive inflates to {declared} bytes, over the limit of "
+            f"{settings.batch_max_uncompressed_bytes}"
+        )
+    return entries
+
+
+def _member(settings: Settings, zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> bytes:
+    """The entry's bytes, read no further than the upload limit."""
+    limit = settings.max_upload_bytes
+    if info.file_size > limit:
+        raise Invalid(f"{name!r} is {info.file_size} bytes, over the limit of {limit}")
+    try:
+        with zf.open(info) as f:
+            data = f.read(limit + 1)  # headers can lie: never inflate past the limit
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise Invalid(f"{name!r} cannot be read from the archive: {e}") from None
+    if len(data) > limit:
+        raise Invalid(f"{name!r} inflates past its declared size and the limit of {limit}")
+    return data
+
+
+def read_archive(settings: Settings, archive: IO[bytes]) -> Archive:
+    """Check the ZIP and keep its photos; raise ``Invalid`` saying which limit it breaks (and
+    then nothing is kept). An entry that is not a photo becomes a refused item."""
+    check_directory(archive, settings.batch_max_items)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise Invalid(f"the archive is not a readable ZIP file: {e}") from None
-    with zf:
-        entries = [i for i in zf.infolist() if _wanted(i)]
-        if not entries:
-            raise Invalid("the archive holds no photos")
-        if len(entries) > settings.batch_max_items:
-            raise Invalid(
-                f"the archive holds {len(entries)} files, over the limit of "
-                f"{settings.batch_max_items} per batch"
-            )
-        declared = sum(i.file_size for i in entries)
-        if declared > settings.batch_max_uncompressed_bytes:
-            raise Invalid(
-                f"the archive inflates to {declared} bytes, over the limit of "
-                f"{settings.batch_max_uncompressed_bytes}"
-            )
-        store = archive_store(settings)
-        items: list[Item] = []
-        total = 0
-        try:
-            for info in entries:
+    files = ArchiveFiles.open(settings)
+    result = Archive(ArchiveFiles.new_token())
+    total = 0
+    try:
+        with zf:
+            for info in _entries(settings, zf):
                 name = info.filename[-MAX_NAME_LENGTH:].replace("\x00", "")
-                limit = settings.max_upload_bytes
-                if info.file_size > limit:
-                    raise Invalid(f"{name!r} is {info.file_size} bytes, over the limit of {limit}")
-                try:
-                    with zf.open(info) as f:
-                        data = f.read(limit + 1)  # headers can lie: never inflate past the limit
-                except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:
-                    raise Invalid(f"{name!r} cannot be read from the archive: {e}") from None
+                if is_encrypted(info.flag_bits):
+                    result.items.append(Item(name, "refused", "the entry is encrypted"))
+                    continue
+                data = _member(settings, zf, info, name)
                 total += len(data)
-                if len(data) > limit or total > settings.batch_max_uncompressed_bytes:
-                    raise Invalid(f"{name!r} inflates past its declared size and the limits")
-                kept = store.put(data, "application/octet-stream")
-                items.append(Item(name, "archive", kept.relative_path))
-        except BaseException:
-            for item in items:
-                store.remove(str(item.ref))
-            raise
-    return items
+                if total > settings.batch_max_uncompressed_bytes:
+                    raise Invalid(f"{name!r} inflates the archive past its declared size")
+                try:
+                    open_photo(data, max_pixels=settings.max_image_pixels)
+                except PhotoError as e:
+                    result.items.append(Item(name, "refused", str(e)))
+                    continue
+                ref = files.keep(result.token, data)
+                result.kept[ref] = len(data)
+                result.items.append(Item(name, "archive", ref))
+        if not result.kept:
+            reasons = "; ".join(f"{i.name!r}: {i.ref}" for i in result.items[:3])
+            raise Invalid(f"the archive holds no photos we can read ({reasons})")
+    except BaseException:
+        files.remove(result.kept)
+        raise
+    return result
 
 
 def url_items(settings: Settings, urls: Sequence[str]) -> list[Item]:
     """Items for photo URLs; refuses at once a URL whose host is not on the allowlist (the
-    address is checked again, resolved, when it is fetched)."""
+    address is checked again, resolved, when it is fetched). The name shown in results is the
+    URL without its query: a signed URL's token is never shown or kept past the job."""
     allowed = {h.lower().rstrip(".") for h in settings.fetch_hosts}
     items = []
     for url in urls:
         try:
             parts = httpx.URL(url)
         except (httpx.InvalidURL, ValueError) as e:
-            raise Invalid(f"{url[:200]!r} is not a URL: {e}") from None
+            raise Invalid(f"{without_query(url)[:200]!r} is not a URL: {e}") from None
         if parts.scheme not in ("http", "https") or parts.host.rstrip(".") not in allowed:
             raise Invalid(
-                f"{url[:200]!r}: only http(s) URLs on hosts in WHALEID_FETCH_HOSTS are fetched"
+                f"{without_query(url)[:200]!r}: only http(s) URLs on hosts in "
+                "WHALEID_FETCH_HOSTS are fetched"
             )
-        items.append(Item(url[-MAX_NAME_LENGTH:], "url", url))
+        items.append(Item(without_query(url)[-MAX_NAME_LENGTH:], "url", url))
     return items
 
 
@@ -139,6 +193,69 @@ def image_items(session: Session, image_ids: Sequence[int]) -> list[Item]:
     return [Item(f"image-{i}", "image", i) for i in image_ids]
 
 
+def _owner_key(session: Session, caller: Principal) -> ApiKey | None:
+    """The caller's key row, locked: a key's submissions are checked against its quotas one
+    at a time."""
+    if caller.key_id is None:
+        return None
+    return session.scalar(select(ApiKey).where(ApiKey.id == caller.key_id).with_for_update())
+
+
+def _check_callback(settings: Settings, key: ApiKey | None, caller: Principal, url: str) -> None:
+    trust = trust_of(key)
+    if trust is None:
+        where = f"/keys/{caller.key_id}" if caller.key_id is not None else "/keys/ID"
+        raise Invalid(
+            f"callbacks are off for the key of {caller.name!r}: it needs its own callback secret "
+            f"and callback hosts (an admin sets them with POST {where}/callback-secret and PUT "
+            f"{where}/callback-hosts, or `whaleid keys callbacks`)"
+        )
+    try:
+        check_url(url, trust.hosts, allow_loopback=settings.unsafe_allow_loopback_for_tests)
+    except FetchRefused as e:
+        raise Invalid(f"callback_url: {e}") from None
+
+
+def _owned_by(caller: Principal) -> Any:
+    if caller.key_id is None:
+        return Job.key_id.is_(None)
+    return Job.key_id == caller.key_id
+
+
+def check_quota(
+    session: Session, settings: Settings, caller: Principal, *, photos: int, held_bytes: int
+) -> None:
+    """Raise ``OverQuota`` if a job of ``photos`` holding ``held_bytes`` would take the key past
+    its jobs, waiting photos or stored bytes."""
+    live, waiting = session.execute(
+        select(func.count(), func.coalesce(func.sum(Job.total - Job.done - Job.failed), 0)).where(
+            _owned_by(caller), Job.state.in_(LIVE_STATES)
+        )
+    ).one()
+    held = session.scalar(
+        select(func.coalesce(func.sum(Job.held_bytes), 0)).where(
+            _owned_by(caller), Job.closed_at.is_(None)
+        )
+    )
+    who = f"the key of {caller.name!r}"
+    wait = "wait for one of its jobs to end (GET /jobs), or cancel one"
+    if live + 1 > settings.key_max_live_jobs:
+        raise OverQuota(
+            f"{who} has {live} jobs queued or running, the most it may "
+            f"(WHALEID_KEY_MAX_LIVE_JOBS={settings.key_max_live_jobs}): {wait}"
+        )
+    if int(waiting) + photos > settings.key_max_waiting_photos:
+        raise OverQuota(
+            f"{who} has {int(waiting)} photos waiting in its jobs; {photos} more is over its "
+            f"limit of {settings.key_max_waiting_photos} (WHALEID_KEY_MAX_WAITING_PHOTOS): {wait}"
+        )
+    if int(held or 0) + held_bytes > settings.key_max_held_bytes:
+        raise OverQuota(
+            f"{who} holds {int(held or 0)} bytes of archive photos; {held_bytes} more is over "
+            f"its limit of {settings.key_max_held_bytes} (WHALEID_KEY_MAX_HELD_BYTES): {wait}"
+        )
+
+
 def submit(
     factory: sessionmaker[Session],
     settings: Settings,
@@ -146,27 +263,23 @@ def submit(
     *,
     filters: Filters,
     callback_url: str | None,
-    created_by: str,
+    caller: Principal,
+    archive: Archive | None = None,
 ) -> int:
-    """Queue a batch job over ``items``; its id."""
+    """Queue a batch job over ``items`` for ``caller``'s key; its id. Refused (``Invalid``,
+    ``OverQuota``) with nothing written; the caller removes what ``archive`` kept."""
     if not items:
         raise Invalid("the batch is empty")
     if len(items) > settings.batch_max_items:
         raise Invalid(f"{len(items)} photos is over the limit of {settings.batch_max_items}")
-    if callback_url is not None:
-        if not settings.callback_secret:
-            raise Invalid("callbacks are off: WHALEID_CALLBACK_SECRET is not set")
-        try:
-            check_url(
-                callback_url,
-                settings.callback_hosts,
-                allow_loopback=settings.unsafe_allow_loopback_for_tests,
-            )
-        except FetchRefused as e:
-            raise Invalid(f"callback_url: {e}") from None
     size = max(1, settings.batch_chunk_size)
     indices = list(range(len(items)))
     with transaction(factory) as session:
+        key = _owner_key(session, caller)
+        if callback_url is not None:
+            _check_callback(settings, key, caller, callback_url)
+        held = archive.held_bytes if archive else 0
+        check_quota(session, settings, caller, photos=len(items), held_bytes=held)
         return create_job(
             session,
             kind=IDENTIFY_BATCH,
@@ -175,11 +288,39 @@ def submit(
                 "items": [i.as_dict() for i in items],
                 "filters": filters.as_dict(),
                 "callback_url": callback_url,
+                "archive_token": archive.token if archive else None,
             },
             chunks=[indices[i : i + size] for i in range(0, len(indices), size)],
-            created_by=created_by,
+            created_by=caller.name,
+            key_id=caller.key_id,
+            held_bytes=held,
             finish=True,
         ).id
+
+
+def submit_archive(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    archive: Archive,
+    *,
+    filters: Filters,
+    callback_url: str | None,
+    caller: Principal,
+) -> int:
+    """Queue the job of an archive already read; if it is refused, its photos are removed."""
+    try:
+        return submit(
+            factory,
+            settings,
+            archive.items,
+            filters=filters,
+            callback_url=callback_url,
+            caller=caller,
+            archive=archive,
+        )
+    except BaseException:
+        ArchiveFiles.open(settings).remove(archive.kept)
+        raise
 
 
 def _filters(data: dict[str, str]) -> Filters:
@@ -192,18 +333,26 @@ def _filters(data: dict[str, str]) -> Filters:
     )
 
 
-def results(job: Job) -> list[dict[str, Any]]:
-    """Each photo's answer (or error), in the order the photos were given."""
+def results(job: Job, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Each photo's answer (or error), in the order the photos were given, from ``offset``."""
     done = (job.result or {}).get("items", {})
+    items = job.params.get("items", [])
+    end = len(items) if limit is None else min(len(items), offset + limit)
     out = []
-    for index, item in enumerate(job.params.get("items", [])):
+    for index in range(offset, end):
         entry = done.get(str(index))
+        name = items[index]["name"]
         out.append(
-            {"index": index, "image": item["name"], "state": "pending"}
+            {"index": index, "image": name, "state": "pending"}
             if entry is None
-            else {"index": index, "image": item["name"], **entry}
+            else {"index": index, "image": name, **entry}
         )
     return out
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A cell a spreadsheet shows as text: one that starts like a formula gets a quote."""
+    return "'" + cell if cell.startswith(_FORMULA_PREFIXES) else cell
 
 
 def results_csv(job: Job) -> str:
@@ -213,7 +362,7 @@ def results_csv(job: Job) -> str:
     writer.writerow(["image", "predictions"])
     for row in results(job):
         ids = [c["individual_id"] for c in row.get("candidates", [])][:5]
-        writer.writerow([row["image"], " ".join(ids)])
+        writer.writerow([spreadsheet_safe(row["image"]), spreadsheet_safe(" ".join(ids))])
     return buffer.getvalue()
 
 
@@ -226,8 +375,53 @@ def payload(job: Job, state: str) -> dict[str, Any]:
         "total": job.total,
         "done": job.done,
         "failed": job.failed,
+        "errors": list(job.errors),
         "results": results(job),
     }
+
+
+def item_error(e: Exception) -> str:
+    """What a partner reads of a photo that failed: never a server path or a signed query."""
+    if isinstance(e, MissingObject):
+        return "the photo is no longer stored"
+    if isinstance(e, (FetchRefused, httpx.HTTPError, PhotoError, Busy)):
+        return public_text(str(e))[:500]
+    return f"the photo could not be read ({type(e).__name__})"
+
+
+def _archive_refs(params: dict[str, Any]) -> list[str]:
+    return [str(i["ref"]) for i in params.get("items", []) if i["kind"] == "archive"]
+
+
+def _forget_urls(params: dict[str, Any]) -> dict[str, Any]:
+    """The job's parameters without the signed query strings of its photo URLs."""
+    items = [
+        {**i, "ref": without_query(str(i["ref"]))} if i["kind"] == "url" else i
+        for i in params.get("items", [])
+    ]
+    return {**params, "items": items}
+
+
+def _undelivered(url: str, why: str) -> dict[str, Any]:
+    return {"url": url, "delivered": False, "attempts": [], "error": why}
+
+
+def report_end(
+    settings: Settings, factory: sessionmaker[Session], job_id: int, state: str
+) -> dict[str, Any] | None:
+    """POST the job's end to its callback (signed with its key's secret, read now, so a rotated
+    secret applies); what happened, or None when it has no callback."""
+    with factory() as session:
+        job = session.get_one(Job, job_id)
+        url = job.params.get("callback_url")
+        if not url:
+            return None
+        body = payload(job, state)
+        key = session.get(ApiKey, job.key_id) if job.key_id is not None else None
+        trust: CallbackTrust | None = trust_of(key)
+    if trust is None:
+        return _undelivered(url, "the key was revoked, or has no callback secret or hosts")
+    return deliver(settings, trust, url, body, str(job_id))
 
 
 class BatchChunks:
@@ -239,17 +433,19 @@ class BatchChunks:
         self.settings = settings
         self.factory = factory
         self.runtime = runtime or Runtime(settings, factory)
-        self.store = archive_store(settings)
+        self.files = ArchiveFiles.open(settings)
         self.photos = PhotoStore.open(settings)
 
     def _bytes(self, item: dict[str, Any]) -> bytes:
+        if item["kind"] == "refused":
+            raise PhotoError(f"not a photo we can read: {item['ref']}")
         if item["kind"] == "archive":
-            return self.store.read(str(item["ref"]))
+            return self.files.read(str(item["ref"]))
         if item["kind"] == "image":
             with self.factory() as session:
                 path = session.scalar(select(Image.file_path).where(Image.id == int(item["ref"])))
             if path is None:
-                raise FileNotFoundError(f"image {item['ref']} no longer exists")
+                raise MissingObject(f"image {item['ref']} no longer exists")
             return self.photos.read(path)
         return fetch_photo(
             str(item["ref"]),
@@ -299,8 +495,9 @@ class BatchChunks:
             try:
                 answers[str(index)] = self._identify(identifier, self._bytes(item), filters)
             except (FetchRefused, httpx.HTTPError, PhotoError, OSError, Busy) as e:
-                answers[str(index)] = {"error": str(e)[:500]}
-                errors.append(f"{item['name'][:200]}: {str(e)[:300]}")
+                message = item_error(e)
+                answers[str(index)] = {"error": message}
+                errors.append(f"{item['name'][:200]}: {message[:300]}")
         with transaction(self.factory) as session:
             job = complete(
                 session, lease, done=len(answers) - len(errors), failed=len(errors), errors=errors
@@ -310,21 +507,77 @@ class BatchChunks:
             job.result = result
 
     def finish(self, lease: Lease) -> None:
-        """Remove the archive's photos and deliver the callback."""
-        with self.factory() as session:
-            job = session.get_one(Job, lease.job_id)
-            body = payload(job, "succeeded")
-            url = job.params.get("callback_url")
-        for item in lease.params["items"]:
-            if item["kind"] == "archive":
-                self.store.remove(str(item["ref"]))
-        delivery = deliver(self.settings, url, body, str(lease.job_id)) if url else None
+        """Remove the archive's photos, deliver the callback, and close the job."""
+        self.files.remove(_archive_refs(lease.params))
+        delivery = report_end(self.settings, self.factory, lease.job_id, JobState.SUCCEEDED)
         with transaction(self.factory) as session:
             job = complete(session, lease, done=0)
             job.result = {**(job.result or {}), "callback": delivery}
+            job.params = _forget_urls(job.params)
+            job.closed_at = utcnow()
 
 
 def batch_handlers(
     settings: Settings, factory: sessionmaker[Session], runtime: Runtime | None = None
 ) -> dict[str, ChunkHandler]:
     return {IDENTIFY_BATCH: BatchChunks(settings, factory, runtime)}
+
+
+class JobCloser:
+    """Closes jobs that ended (failed or cancelled, in any process): removes their archive's
+    photos, forgets their photo URLs' query strings, and reports the end to the callback. Runs
+    in the worker's idle time; each job is closed once (its ``closed_at`` is claimed first)."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.files = ArchiveFiles.open(settings)
+
+    def __call__(self) -> None:
+        with self.factory() as session:
+            ended = session.scalars(
+                select(Job.id)
+                .where(Job.closed_at.is_(None), Job.state.not_in(LIVE_STATES))
+                .order_by(Job.id)
+                .limit(20)
+            ).all()
+        for job_id in ended:
+            self.close(job_id)
+
+    def close(self, job_id: int) -> bool:
+        """Close one ended job; False if it is live or another worker closed it."""
+        with transaction(self.factory) as session:
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.closed_at.is_(None), Job.state.not_in(LIVE_STATES))
+                .values(closed_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+            if not claimed:
+                return False
+            job = session.get_one(Job, job_id)
+            state, kind, params = job.state, job.kind, dict(job.params)
+            job.params = _forget_urls(params) if kind == IDENTIFY_BATCH else params
+        if kind != IDENTIFY_BATCH:
+            return True
+        self.files.remove(_archive_refs(params))
+        delivery = report_end(self.settings, self.factory, job_id, state)
+        if delivery is not None:
+            with transaction(self.factory) as session:
+                job = session.get_one(Job, job_id)
+                job.result = {**(job.result or {}), "callback": delivery}
+        log.info("job %s (%s) closed: its files removed", job_id, state)
+        return True
+
+
+def prune_batch_files(
+    settings: Settings, factory: sessionmaker[Session], grace: dt.timedelta
+) -> int:
+    """Remove archive photos that no open job holds (a crash between keeping them and queuing
+    the job, or between a job's end and its closing), older than ``grace``; how many."""
+    with factory() as session:
+        params = session.scalars(select(Job.params).where(Job.closed_at.is_(None))).all()
+    live = {str(p.get("archive_token")) for p in params if p.get("archive_token")}
+    files = ArchiveFiles.open(settings)
+    stale = files.stale(live, utcnow() - grace)
+    files.remove(stale)
+    return len(stale)

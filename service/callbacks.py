@@ -5,7 +5,9 @@ When a batch job with a ``callback_url`` ends, its result is POSTed there as JSO
     X-Whaleid-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
     X-Whaleid-Delivery: <job id>.<attempt>
 
-The receiver recomputes the HMAC over the raw body with the shared ``WHALEID_CALLBACK_SECRET``,
+Each integration key has its own callback secret (shown once when an admin creates or rotates
+it) and its own callback hosts, so one partner can neither send callbacks to another's receiver
+nor forge them. The receiver recomputes the HMAC over the raw body with its key's secret,
 compares in constant time, refuses a timestamp older than its tolerance (5 minutes by default)
 and refuses a signature it has already accepted (a replay within the tolerance). ``verify`` below
 (also ``service.client.verify_callback``) is the sample verifier. Delivery is retried with
@@ -22,12 +24,17 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from service.fetch import FetchRefused, request
+from service.redact import public_text
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.db import ApiKey
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,23 @@ SIGNATURE_HEADER = "X-Whaleid-Signature"
 DELIVERY_HEADER = "X-Whaleid-Delivery"
 DEFAULT_TOLERANCE = 300.0
 _ANSWER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class CallbackTrust:
+    """What one key's callbacks are signed with and where they may go."""
+
+    secret: str
+    hosts: list[str]
+
+
+def trust_of(key: ApiKey | None) -> CallbackTrust | None:
+    """The key's callback trust; None when it is revoked or lacks a secret or hosts."""
+    if key is None or key.revoked_at is not None:
+        return None
+    if not key.callback_secret or not key.callback_hosts:
+        return None
+    return CallbackTrust(key.callback_secret, list(key.callback_hosts))
 
 
 class BadSignature(ValueError):
@@ -74,6 +98,7 @@ def verify(
 
 def deliver(
     settings: Settings,
+    trust: CallbackTrust,
     url: str,
     payload: dict[str, Any],
     delivery: str,
@@ -90,7 +115,7 @@ def deliver(
             sleep(settings.callback_backoff_seconds * 2 ** (n - 1))
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(settings.callback_secret, body),
+            SIGNATURE_HEADER: sign(trust.secret, body),
             DELIVERY_HEADER: f"{delivery}.{n + 1}",
         }
         at = time.time()
@@ -98,7 +123,7 @@ def deliver(
             answer = request(
                 "POST",
                 url,
-                settings.callback_hosts,
+                trust.hosts,
                 allow_loopback=settings.unsafe_allow_loopback_for_tests,
                 timeout=settings.callback_timeout_seconds,
                 max_bytes=_ANSWER_BYTES,
@@ -106,11 +131,12 @@ def deliver(
                 headers=headers,
             )
         except FetchRefused as e:
-            attempts.append({"at": at, "status": None, "error": str(e)})
+            attempts.append({"at": at, "status": None, "error": public_text(str(e))})
             log.warning("callback %s to %s refused: %s", delivery, url, e)
             break
         except httpx.HTTPError as e:
-            attempts.append({"at": at, "status": None, "error": f"{type(e).__name__}: {e}"})
+            error = public_text(f"{type(e).__name__}: {e}")
+            attempts.append({"at": at, "status": None, "error": error})
             log.warning("callback %s to %s failed: %s", delivery, url, e)
             continue
         attempts.append({"at": at, "status": answer.status, "error": None})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from service import migrate
+from service.auth import COMMAND_LINE
 from service.settings import Settings
 
 log = logging.getLogger("whaleid")
@@ -180,12 +182,12 @@ def _follow_job(factory, job_id: int, poll: float) -> int:  # type: ignore[no-un
     from service.jobs import get_job, progress
 
     with factory() as session:
-        p = progress(session, get_job(session, job_id))
+        p = progress(session, get_job(session, job_id, COMMAND_LINE))
     bar = tqdm(total=p.total, desc=f"job {job_id} {p.kind}", unit="photo")
     try:
         while True:
             with factory() as session:
-                p = progress(session, get_job(session, job_id))
+                p = progress(session, get_job(session, job_id, COMMAND_LINE))
             bar.update(p.done + p.failed - bar.n)
             bar.set_postfix(state=p.state, failed=p.failed)
             if p.finished:
@@ -203,7 +205,7 @@ def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> int:
     from service.jobs import list_jobs, progress
 
     with _sessions(settings)() as session:
-        for job in list_jobs(session, args.limit):
+        for job in list_jobs(session, COMMAND_LINE, args.limit):
             p = progress(session, job)
             sys.stdout.write(
                 f"{p.id}\t{p.kind}\t{p.state}\tmodel={p.model_id}\t{p.done + p.failed}/{p.total}"
@@ -219,7 +221,7 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
     factory = _sessions(settings)
     try:
         with factory() as session:
-            p = progress(session, get_job(session, args.job_id))
+            p = progress(session, get_job(session, args.job_id, COMMAND_LINE))
     except NotFound as e:
         log.error("%s", e)
         return 2
@@ -235,7 +237,7 @@ def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
     from service.jobs import cancel
 
     try:
-        cancel(_sessions(settings), args.job_id)
+        cancel(_sessions(settings), args.job_id, COMMAND_LINE)
     except (Conflict, NotFound) as e:
         log.error("%s", e)
         return 2
@@ -247,7 +249,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    from service.batch import batch_handlers
+    from service.batch import JobCloser, batch_handlers
     from service.jobs import Worker
     from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 
@@ -258,7 +260,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         worker_handlers(settings, factory, embedders) | batch_handlers(settings, factory),
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
-        idle=ActiveGalleryKeeper(factory, embedders),
+        idle=(ActiveGalleryKeeper(factory, embedders), JobCloser(settings, factory)),
         name=args.name,
     )
     stop = threading.Event()
@@ -369,20 +371,44 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_keys_callbacks(args: argparse.Namespace, settings: Settings) -> int:
+    from service.auth import rotate_callback_secret, set_callback_hosts
+
+    factory = _sessions(settings)
+    try:
+        if args.host is not None:
+            row = set_callback_hosts(factory, args.key_id, [h for h in args.host if h.strip()])
+            hosts = ", ".join(row.callback_hosts or []) or "nowhere"
+            log.info("key %s may send callbacks to: %s", row.id, hosts)
+        if args.rotate_secret:
+            row, secret = rotate_callback_secret(factory, args.key_id)
+            log.info("new callback secret of key %s; it is shown once, on standard output", row.id)
+            sys.stdout.write(secret + "\n")
+    except (LookupError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from service.batch import prune_batch_files
     from service.retention import prune_query_photos
 
     days = settings.query_photo_retention_days if args.days is None else args.days
     if days < 0:
         log.error("--days must be 0 or more, not %s", days)
         return 2
-    report = prune_query_photos(settings, _sessions(settings), days)
+    factory = _sessions(settings)
+    report = prune_query_photos(settings, factory, days)
     log.info(
         "pruned %d query photos never confirmed within %d days (%.1f MiB freed)",
         report.photos,
         days,
         report.bytes / 2**20,
     )
+    grace = dt.timedelta(hours=settings.batch_orphan_grace_hours)
+    orphans = prune_batch_files(settings, factory, grace)
+    log.info("pruned %d archive photos that no open job holds", orphans)
     return 0
 
 
@@ -562,6 +588,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kr.add_argument("key_id", type=int)
     kr.set_defaults(func=cmd_keys_revoke)
+    kb = k_sub.add_parser(
+        "callbacks",
+        help="a key's callback hosts and secret",
+        formatter_class=fmt,
+        description="Each integration key sends its jobs' callbacks only to its own hosts, "
+        "signed with its own secret. --host replaces the key's hosts (repeat it; --host '' "
+        "clears them); --rotate-secret prints a new secret, once, on standard output.",
+        epilog=_examples(
+            "whaleid keys callbacks 3 --host hooks.example.org --rotate-secret",
+        ),
+    )
+    kb.add_argument("key_id", type=int)
+    kb.add_argument("--host", action="append", default=None, help="a host callbacks may go to")
+    kb.add_argument("--rotate-secret", action="store_true", help="make a new callback secret")
+    kb.set_defaults(func=cmd_keys_callbacks)
 
     imp = sub.add_parser(
         "import",

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from service.auth import Principal
 from service.curation import Conflict, NotFound
 from service.db import Job, JobChunk, Model, transaction, utcnow
+from service.redact import public_text
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ def create_job(
     params: dict[str, Any],
     chunks: Sequence[Sequence[int]],
     created_by: str,
+    key_id: int | None = None,
+    held_bytes: int = 0,
     finish: bool = False,
 ) -> Job:
     """A queued job with one chunk per item list; with ``finish``, a last chunk (phase 1) that
@@ -102,6 +106,8 @@ def create_job(
         failed=0,
         errors=[],
         created_by=created_by,
+        key_id=key_id,
+        held_bytes=held_bytes,
     )
     session.add(job)
     session.flush()
@@ -119,10 +125,33 @@ def create_job(
     return job
 
 
+def _key_of(job: Any) -> Any:
+    # The command line's jobs share one turn. A literal, not a bound parameter: PostgreSQL
+    # matches the GROUP BY expression by its text.
+    return func.coalesce(job.key_id, literal_column("0"))
+
+
+def _last_served() -> Any:
+    """When each key with live jobs last had a chunk claimed."""
+    job = aliased(Job)
+    chunk = aliased(JobChunk)
+    return (
+        select(_key_of(job).label("key"), func.max(chunk.leased_at).label("at"))
+        .join(job, job.id == chunk.job_id)
+        .where(job.state.in_(LIVE_STATES))
+        .group_by(_key_of(job))
+        .subquery()
+    )
+
+
 def lease_next(
     factory: sessionmaker[Session], owner: str, lease_seconds: float, kinds: Sequence[str]
 ) -> Lease | None:
-    """Claim the next chunk that is pending, or whose lease lapsed; None if there is none."""
+    """Claim the next chunk that is pending, or whose lease lapsed; None if there is none.
+
+    Keys take turns: the chunk comes from the key whose chunk was claimed longest ago (a key
+    never served comes first), and within a key from its oldest job, so a partner's thousand
+    photos queued first do not hold back another's ten."""
     now = utcnow()
     other = aliased(JobChunk)
     unfinished_work = exists(
@@ -130,9 +159,11 @@ def lease_next(
             other.job_id == JobChunk.job_id, other.phase == 0, other.state != ChunkState.DONE
         )
     )
+    served = _last_served()
     stmt = (
         select(JobChunk)
         .join(Job, Job.id == JobChunk.job_id)
+        .outerjoin(served, served.c.key == _key_of(Job))
         .where(
             Job.state.in_(LIVE_STATES),
             Job.kind.in_(list(kinds)),
@@ -142,7 +173,7 @@ def lease_next(
             ),
             or_(JobChunk.phase == 0, ~unfinished_work),
         )
-        .order_by(JobChunk.job_id, JobChunk.phase, JobChunk.seq)
+        .order_by(served.c.at.asc().nulls_first(), JobChunk.job_id, JobChunk.phase, JobChunk.seq)
         .limit(1)
         .with_for_update(skip_locked=True, of=JobChunk)
     )
@@ -161,6 +192,7 @@ def lease_next(
         chunk.state = ChunkState.LEASED
         chunk.lease_owner = owner
         chunk.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+        chunk.leased_at = now
         chunk.attempts += 1
         job = session.get_one(Job, chunk.job_id)
         if job.state == JobState.QUEUED:
@@ -249,6 +281,7 @@ def release_failed(factory: sessionmaker[Session], lease: Lease, error: str) -> 
         chunk = session.get_one(JobChunk, lease.chunk_id)
         if chunk.lease_owner != lease.owner or chunk.state != ChunkState.LEASED:
             return
+        error = public_text(error)
         chunk.error = error[:2000]
         chunk.lease_owner = None
         chunk.lease_expires_at = None
@@ -288,12 +321,18 @@ def _stop(session: Session, job: Job, state: JobState) -> None:
         )
 
 
-def cancel(factory: sessionmaker[Session], job_id: int) -> Job:
+def can_see(viewer: Principal, job: Job) -> bool:
+    """A job is its key's: an admin sees every job, any other key only the jobs it made (so a
+    re-index, made by an admin, is an admin's only)."""
+    return viewer.can("admin") or (job.key_id is not None and job.key_id == viewer.key_id)
+
+
+def cancel(factory: sessionmaker[Session], job_id: int, viewer: Principal) -> Job:
     """Stop a job: no chunk is leased any more, and running chunks write nothing (their next
-    heartbeat or completion sees the job stopped)."""
+    heartbeat or completion sees the job stopped). Its files go when it is closed."""
     with transaction(factory) as session:
         job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None:
+        if job is None or not can_see(viewer, job):
             raise NotFound(f"job {job_id} does not exist")
         if job.state not in LIVE_STATES:
             raise Conflict(f"job {job_id} is already {job.state}: there is nothing to cancel")
@@ -302,9 +341,11 @@ def cancel(factory: sessionmaker[Session], job_id: int) -> Job:
         return job
 
 
-def get_job(session: Session, job_id: int) -> Job:
+def get_job(session: Session, job_id: int, viewer: Principal) -> Job:
+    """The job, if ``viewer`` may see it; otherwise the same 404 as a job that does not exist,
+    so ids cannot be walked to learn what others run."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or not can_see(viewer, job):
         raise NotFound(f"job {job_id} does not exist")
     return job
 
@@ -334,6 +375,14 @@ class Progress:
     @property
     def finished(self) -> bool:
         return self.state not in LIVE_STATES
+
+
+def _summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    # A batch's per-photo answers are read page by page (GET /jobs/{id}/results): polling a
+    # thousand-photo job stays small.
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k != "items"}
 
 
 def progress(session: Session, job: Job) -> Progress:
@@ -367,7 +416,7 @@ def progress(session: Session, job: Job) -> Progress:
         rate,
         eta,
         list(job.errors),
-        job.result,
+        _summary(job.result),
         job.created_by,
         aware(job.created_at),
         aware(job.started_at) if job.started_at else None,
@@ -377,8 +426,12 @@ def progress(session: Session, job: Job) -> Progress:
     )
 
 
-def list_jobs(session: Session, limit: int = 50) -> list[Job]:
-    return list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
+def list_jobs(session: Session, viewer: Principal, limit: int = 50) -> list[Job]:
+    """The newest jobs ``viewer`` may see."""
+    stmt = select(Job).order_by(Job.id.desc()).limit(limit)
+    if not viewer.can("admin"):
+        stmt = stmt.where(Job.key_id == viewer.key_id)
+    return list(session.scalars(stmt))
 
 
 # Does one chunk of one kind of job. It writes its output and calls ``complete`` in one
@@ -400,7 +453,7 @@ class Worker:
         *,
         lease_seconds: float = 30.0,
         poll_seconds: float = 1.0,
-        idle: Callable[[], None] | None = None,
+        idle: Sequence[Callable[[], None]] = (),
         name: str | None = None,
     ) -> None:
         self.factory = factory
@@ -458,8 +511,8 @@ class Worker:
             try:
                 if self.run_once():
                     continue
-                if self.idle is not None:
-                    self.idle()
+                for step in self.idle:  # housekeeping while there is no chunk to claim
+                    step()
             except Exception:  # the database is away: wait and try again
                 log.exception("worker %s: claiming work failed", self.name)
             if exit_when_idle:

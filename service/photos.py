@@ -95,18 +95,9 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def decode_photo(
-    data: bytes,
-    *,
-    max_pixels: int,
-    target_size: int | None = None,
-    bbox: tuple[int, int, int, int] | None = None,
-) -> Photo:
-    """Decode, apply EXIF orientation, crop to ``bbox`` and convert to RGB.
-
-    With ``target_size``, JPEGs are decoded at the smallest DCT scale that still gives the crop at
-    least ``target_size`` pixels on each side, which makes large photos several times cheaper.
-    """
+def open_photo(data: bytes, *, max_pixels: int) -> Image.Image:
+    """The photo's header, read and checked (an accepted format, at most ``max_pixels``); its
+    pixels are not decoded yet. Raises ``PhotoError`` saying what is wrong."""
     if not data:
         raise UnreadablePhoto("the upload is empty (0 bytes): attach the photo file")
     try:
@@ -130,6 +121,24 @@ def decode_photo(
             f"the photo is {raw_w}x{raw_h} = {raw_w * raw_h} pixels, over the limit of "
             f"{max_pixels}: downscale it before uploading"
         )
+    return image
+
+
+def decode_photo(
+    data: bytes,
+    *,
+    max_pixels: int,
+    target_size: int | None = None,
+    bbox: tuple[int, int, int, int] | None = None,
+) -> Photo:
+    """Decode, apply EXIF orientation, crop to ``bbox`` and convert to RGB.
+
+    With ``target_size``, JPEGs are decoded at the smallest DCT scale that still gives the crop at
+    least ``target_size`` pixels on each side, which makes large photos several times cheaper.
+    """
+    image = open_photo(data, max_pixels=max_pixels)
+    fmt = image.format or "unknown"
+    raw_w, raw_h = image.size
     orientation = _orientation(image)
     shown_w, shown_h = (raw_h, raw_w) if orientation in _SWAPS_AXES else (raw_w, raw_h)
     if bbox is not None:

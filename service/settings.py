@@ -74,14 +74,20 @@ class Settings(BaseSettings):
     batch_chunk_size: int = 16
     batch_max_archive_bytes: int = 200 * 1024 * 1024
     batch_max_uncompressed_bytes: int = 1024 * 1024 * 1024
+    # What one API key may have at once, so that one partner cannot starve the others: jobs
+    # queued or running, photos waiting in them, and bytes of archive photos held in the store.
+    key_max_live_jobs: int = 10
+    key_max_waiting_photos: int = 5000
+    key_max_held_bytes: int = 2 * 1024 * 1024 * 1024
+    # `whaleid prune` removes archive photos no open job holds once they are this old.
+    batch_orphan_grace_hours: float = 1.0
     # Photo URLs are fetched only from these host names (exact, case-insensitive), and never
     # from a private, loopback, link-local or otherwise non-public address they resolve to.
     fetch_hosts: list[str] = []
     fetch_timeout_seconds: float = 10.0
-    # Callbacks are POSTed only to these host names, under the same address rule, signed with
-    # callback_secret (no secret: a job with a callback_url is refused).
-    callback_hosts: list[str] = []
-    callback_secret: str = ""
+    # Callbacks go only to the host names an admin allowed for the job's key, under the same
+    # address rule, signed with that key's own secret (`whaleid keys callbacks`, or
+    # POST /keys/{id}/callback-secret and PUT /keys/{id}/callback-hosts).
     callback_attempts: int = 5
     callback_backoff_seconds: float = 1.0
     callback_timeout_seconds: float = 10.0

@@ -6,9 +6,12 @@ Keys are paths relative to the data directory (``models/<sha256>.onnx``,
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +21,14 @@ if TYPE_CHECKING:
 
 class MissingObject(FileNotFoundError):
     """The store holds no object under that key (a missing file, wherever the store is)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A key in the store and when it was written (UTC)."""
+
+    key: str
+    modified: dt.datetime
 
 
 class ObjectStore(Protocol):
@@ -41,6 +52,10 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object (nothing happens when it is already gone)."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix`` (a folder, ending in "/")."""
         ...
 
 
@@ -98,6 +113,15 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        folder = self.path(prefix)
+        if not folder.is_dir():
+            return
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.startswith(".upload."):
+                modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                yield StoredObject(path.relative_to(self.root).as_posix(), modified)
+
 
 class S3Store:
     """Objects in an S3-compatible bucket (AWS S3, MinIO, Ceph...), under a key prefix.
@@ -146,6 +170,15 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix)
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                key = str(item["Key"]).removeprefix(self.prefix)
+                yield StoredObject(key, item["LastModified"].astimezone(dt.UTC))
 
 
 def _error_code(error: Any) -> str:

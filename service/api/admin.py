@@ -6,10 +6,25 @@ from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, RuntimeDep, SessionDep, SessionsDep
+from service.api.deps import Admin, Integration, RuntimeDep, SessionDep, SessionsDep
 from service.api.params import KeyId
-from service.api.schemas import INVALID, GalleryDigestOut, KeyIn, KeyOut, Problem, as_utc
-from service.auth import LastAdminKey, create_key, revoke_key
+from service.api.schemas import (
+    INVALID,
+    CallbackHostsIn,
+    CallbackSecretOut,
+    GalleryDigestOut,
+    KeyIn,
+    KeyOut,
+    Problem,
+    as_utc,
+)
+from service.auth import (
+    LastAdminKey,
+    create_key,
+    revoke_key,
+    rotate_callback_secret,
+    set_callback_hosts,
+)
 from service.db import ApiKey, Model
 
 router = APIRouter(tags=["admin"], responses=INVALID)
@@ -24,6 +39,8 @@ def _key_out(row: ApiKey, key: str | None = None) -> KeyOut:
         created_at=row.created_at,
         revoked=row.revoked_at is not None,
         key=key,
+        callback_hosts=list(row.callback_hosts or []),
+        has_callback_secret=bool(row.callback_secret),
     )
 
 
@@ -51,6 +68,54 @@ def delete_key(key_id: KeyId, sessions: SessionsDep, caller: Admin) -> None:
         raise HTTPException(409, str(e)) from e
     if not found:
         raise HTTPException(404, f"key {key_id} does not exist")
+
+
+@router.put(
+    "/keys/{key_id}/callback-hosts",
+    response_model=KeyOut,
+    responses={404: {"model": Problem}},
+)
+def put_callback_hosts(
+    key_id: KeyId, body: CallbackHostsIn, sessions: SessionsDep, caller: Admin
+) -> KeyOut:
+    """The hosts this key's job callbacks may go to (replacing the list; empty: none). Each
+    partner's key has its own, so one partner cannot send callbacks to another's receiver."""
+    try:
+        return _key_out(set_callback_hosts(sessions, key_id, body.hosts))
+    except LookupError as e:
+        raise HTTPException(404, str(e)) from e
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from e
+
+
+def _rotated(sessions: SessionsDep, key_id: int) -> CallbackSecretOut:
+    try:
+        row, secret = rotate_callback_secret(sessions, key_id)
+    except LookupError as e:
+        raise HTTPException(404, str(e)) from e
+    return CallbackSecretOut(key_id=row.id, callback_secret=secret)
+
+
+@router.post(
+    "/keys/{key_id}/callback-secret",
+    response_model=CallbackSecretOut,
+    responses={404: {"model": Problem}},
+)
+def post_callback_secret(key_id: KeyId, sessions: SessionsDep, caller: Admin) -> CallbackSecretOut:
+    """Create or rotate a key's callback secret; shown in this answer only."""
+    return _rotated(sessions, key_id)
+
+
+@router.post(
+    "/callbacks/secret",
+    response_model=CallbackSecretOut,
+    responses={409: {"model": Problem}},
+)
+def post_own_callback_secret(sessions: SessionsDep, caller: Integration) -> CallbackSecretOut:
+    """Create or rotate the calling key's own callback secret; shown in this answer only."""
+    if caller.key_id is None:
+        raise HTTPException(409, "callbacks need an API key: authentication is off")
+    return _rotated(sessions, caller.key_id)
 
 
 @router.get("/models")

@@ -31,8 +31,8 @@ from service.api import models as models_api
 from service.api.accesslog import redacted_access_log
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
-from service.api.observability import RateLimit, RequestContext
-from service.batch import batch_handlers
+from service.api.observability import KeyRate, RateLimit, RequestContext
+from service.batch import JobCloser, OverQuota, batch_handlers
 from service.curation import Conflict, Invalid, NotFound
 from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
@@ -58,6 +58,7 @@ STATUS_OF: dict[type[Exception], int] = {
     Conflict: 409,
     Invalid: 422,
     BadText: 422,
+    OverQuota: 429,
 }
 
 
@@ -151,8 +152,9 @@ def add_observability(app: FastAPI, settings: Settings) -> None:
     """From the outside in: CORS (when configured), the request id, metrics and timeout, the
     rate limit, the request guard."""
     app.add_middleware(RequestGuard, settings=settings)
-    if settings.rate_limit:
-        app.add_middleware(RateLimit, rate=settings.rate_limit)
+    app.state.rate = KeyRate(settings.rate_limit) if settings.rate_limit else None
+    if app.state.rate is not None:
+        app.add_middleware(RateLimit, rate=app.state.rate)
     app.add_middleware(
         RequestContext,
         metrics=app.state.metrics,
@@ -177,7 +179,10 @@ def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> th
         | batch_handlers(settings, app.state.sessions, app.state.runtime),
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
-        idle=ActiveGalleryKeeper(app.state.sessions, app.state.embedders),
+        idle=(
+            ActiveGalleryKeeper(app.state.sessions, app.state.embedders),
+            JobCloser(settings, app.state.sessions),
+        ),
     )
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True, name="job-worker")
     thread.start()

@@ -7,7 +7,7 @@ import datetime as dt
 from functools import partial
 from typing import IO, Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,8 +15,11 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
 from service.api.jobs import JobId, JobOut, job_out
+from service.api.observability import KeyRate, caller_of
 from service.api.params import CandidateSet
 from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
+from service.archives import ArchiveFiles
+from service.auth import Principal
 from service.batch import (
     IDENTIFY_BATCH,
     Item,
@@ -25,6 +28,7 @@ from service.batch import (
     results,
     results_csv,
     submit,
+    submit_archive,
     url_items,
 )
 from service.db import Job
@@ -36,6 +40,7 @@ router = APIRouter(tags=["jobs"], responses=INVALID)
 
 PLACE_LENGTH = 200
 MAX_LIST = 10_000
+MAX_PAGE = 1000
 Url = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(storable)
 ]
@@ -63,26 +68,55 @@ class BatchIn(BaseModel):
     date_to: dt.date | None = None
     exclude_encounter: Place = None
     callback_url: Url | None = Field(
-        None, description="POSTed the signed result when the job ends (WHALEID_CALLBACK_HOSTS)."
+        None,
+        description="POSTed the signed result when the job ends (a host the key may call back).",
     )
 
 
-def _out(factory: sessionmaker[Session], job_id: int) -> JobOut:
+def _out(factory: sessionmaker[Session], job_id: int, caller: Principal) -> JobOut:
     with factory() as session:
-        return job_out(progress(session, get_job(session, job_id)))
+        return job_out(progress(session, get_job(session, job_id, caller)))
 
 
 ACCEPTED: dict[int | str, dict[str, Any]] = {
-    413: {"model": Problem, "description": "The archive is over its byte limit."}
+    413: {"model": Problem, "description": "The archive is over its byte limit."},
+    429: {"model": Problem, "description": "The key is over its quota or its rate."},
 }
 
 
-@router.post("/jobs/identify", response_model=JobOut, status_code=202)
+def charge_photos(request: Request, photos: int) -> None:
+    """Count a job's photos against the key's rate (when one is set), as if each were a
+    request of its own: 429 with Retry-After when the key has not that many left."""
+    rate: KeyRate | None = request.app.state.rate
+    if rate is None:
+        return
+    if photos > rate.item.amount:
+        raise HTTPException(
+            429,
+            f"{photos} photos is over the rate limit of {rate.item} per key: send at most "
+            f"{rate.item.amount} photos per job",
+        )
+    caller = caller_of(request.scope)
+    if not rate.hit(caller, cost=photos):
+        after = rate.retry_after(caller)
+        raise HTTPException(
+            429,
+            f"{photos} photos would take the key past its rate limit of {rate.item}: retry "
+            f"after {after} s (the Retry-After header), or send fewer photos",
+            headers={"Retry-After": str(after)},
+        )
+
+
+@router.post("/jobs/identify", response_model=JobOut, status_code=202, responses=ACCEPTED)
 async def identify_batch(
-    body: BatchIn, sessions: SessionsDep, settings: SettingsDep, caller: Integration
+    request: Request,
+    body: BatchIn,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    caller: Integration,
 ) -> JobOut:
     """Identify stored images or photos at URLs in the background; poll `GET /jobs/{id}`, then
-    read `GET /jobs/{id}/results` (or `.csv`)."""
+    read `GET /jobs/{id}/results` (or `.csv`). Each photo counts against the key's rate."""
     if (body.image_ids is None) == (body.urls is None):
         raise HTTPException(422, "give exactly one of image_ids and urls")
     factory = sessions
@@ -99,6 +133,7 @@ async def identify_batch(
         items = await run_in_threadpool(lookup)
     else:
         items = url_items(settings, body.urls or [])
+    charge_photos(request, len(items))
     job_id = await run_in_threadpool(
         partial(
             submit,
@@ -107,14 +142,15 @@ async def identify_batch(
             items,
             filters=filters,
             callback_url=body.callback_url,
-            created_by=caller.name,
+            caller=caller,
         )
     )
-    return await run_in_threadpool(_out, factory, job_id)
+    return await run_in_threadpool(_out, factory, job_id, caller)
 
 
 @router.post("/jobs/identify/archive", response_model=JobOut, status_code=202, responses=ACCEPTED)
 async def identify_archive(
+    request: Request,
     sessions: SessionsDep,
     settings: SettingsDep,
     caller: Integration,
@@ -123,36 +159,60 @@ async def identify_archive(
     callback_url: FormUrl = None,
 ) -> JobOut:
     """Identify every photo of a ZIP archive in the background (at most `batch_max_items`
-    photos, each within the upload limit, within `batch_max_uncompressed_bytes` inflated)."""
+    photos, each within the upload limit, within `batch_max_uncompressed_bytes` inflated).
+    An entry that is not a photo is answered as a failed item; it is not kept."""
     factory = sessions
     file: IO[bytes] = archive.file
-    items = await run_in_threadpool(read_archive, settings, file)
+    kept = await run_in_threadpool(read_archive, settings, file)
+    try:
+        charge_photos(request, len(kept.items))
+    except HTTPException:
+        await run_in_threadpool(ArchiveFiles.open(settings).remove, kept.kept)
+        raise
     job_id = await run_in_threadpool(
         partial(
-            submit,
+            submit_archive,
             factory,
             settings,
-            items,
+            kept,
             filters=filters,
             callback_url=callback_url,
-            created_by=caller.name,
+            caller=caller,
         )
     )
-    return await run_in_threadpool(_out, factory, job_id)
+    return await run_in_threadpool(_out, factory, job_id, caller)
 
 
-def _batch_job(session: Session, job_id: int) -> Job:
-    job = get_job(session, job_id)
+def _batch_job(session: Session, job_id: int, caller: Principal) -> Job:
+    job = get_job(session, job_id, caller)
     if job.kind != IDENTIFY_BATCH:
         raise HTTPException(404, f"job {job_id} is not a batch identification")
     return job
 
 
+Offset = Annotated[int, Query(ge=0, le=MAX_LIST, description="The first photo's index.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Photos per page.")]
+
+
 @router.get("/jobs/{job_id}/results", responses={404: {"model": Problem}})
-def batch_results(job_id: JobId, session: SessionDep, caller: Integration) -> list[dict[str, Any]]:
-    """Each photo's five candidates (or its error), in the order given; `state: pending` for a
-    photo not handled yet."""
-    return results(_batch_job(session, job_id))
+def batch_results(
+    job_id: JobId,
+    session: SessionDep,
+    caller: Integration,
+    response: Response,
+    offset: Offset = 0,
+    limit: Limit = MAX_PAGE,
+) -> list[dict[str, Any]]:
+    """Each photo's five candidates (or its error), in the order given, a page at a time from
+    `offset`; `state: pending` for a photo not handled yet. `X-Total-Count` says how many
+    photos the job has, and `Link` (rel="next") where the next page starts."""
+    job = _batch_job(session, job_id, caller)
+    total = len(job.params.get("items", []))
+    response.headers["X-Total-Count"] = str(total)
+    if offset + limit < total:
+        following = f"/jobs/{job_id}/results?offset={offset + limit}&limit={limit}"
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return results(job, offset, limit)
 
 
 @router.get(
@@ -161,5 +221,8 @@ def batch_results(job_id: JobId, session: SessionDep, caller: Integration) -> li
     responses={200: {"content": {"text/csv": {}}}, 404: {"model": Problem}},
 )
 def batch_results_csv(job_id: JobId, session: SessionDep, caller: Integration) -> PlainTextResponse:
-    """`image,predictions`: the five candidate ids, best first, space-separated."""
-    return PlainTextResponse(results_csv(_batch_job(session, job_id)), media_type="text/csv")
+    """`image,predictions`: the five candidate ids, best first, space-separated (cells that a
+    spreadsheet would run as a formula start with a quote)."""
+    return PlainTextResponse(
+        results_csv(_batch_job(session, job_id, caller)), media_type="text/csv"
+    )

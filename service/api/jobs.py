@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, Integration, SessionDep, SessionsDep
+from service.api.deps import Integration, SessionDep, SessionsDep
 from service.api.schemas import Problem
 from service.jobs import Progress, cancel, get_job, list_jobs, progress
 
@@ -32,7 +32,8 @@ class JobOut(BaseModel):
     eta_seconds: float | None = Field(description="Time left at that rate.")
     errors: list[str]
     result: dict[str, Any] | None = Field(
-        description="What the job produced: for a re-index, the shadow evaluation."
+        description="What the job produced: for a re-index, the shadow evaluation; for a batch, "
+        "its callback's delivery (the photos' answers: GET /jobs/{id}/results)."
     )
     chunks: dict[str, int] = Field(description="Chunks per state.")
     redone_chunks: int = Field(description="Chunks leased more than once (a worker was lost).")
@@ -48,17 +49,17 @@ def job_out(p: Progress) -> JobOut:
 
 @router.get("/jobs", response_model=list[JobOut])
 def get_jobs(
-    session: SessionDep, caller: Admin, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    session: SessionDep, caller: Integration, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> list[JobOut]:
-    """The newest jobs first."""
-    return [job_out(progress(session, j)) for j in list_jobs(session, limit)]
+    """The newest jobs first: the caller's own (an admin sees every job)."""
+    return [job_out(progress(session, j)) for j in list_jobs(session, caller, limit)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": Problem}})
 def get_one_job(job_id: JobId, session: SessionDep, caller: Integration) -> JobOut:
-    """A job's state, done/total, rate, ETA and errors; poll it until `state` is final (an
-    integration key may poll the batch jobs it submits)."""
-    return job_out(progress(session, get_job(session, job_id)))
+    """A job's state, done/total, rate, ETA and errors; poll it until `state` is final. A key
+    sees the jobs it made (another key's job is a 404); an admin sees every job."""
+    return job_out(progress(session, get_job(session, job_id, caller)))
 
 
 @router.post(
@@ -66,8 +67,9 @@ def get_one_job(job_id: JobId, session: SessionDep, caller: Integration) -> JobO
     response_model=JobOut,
     responses={404: {"model": Problem}, 409: {"model": Problem}},
 )
-async def cancel_job(job_id: JobId, sessions: SessionsDep, caller: Admin) -> JobOut:
-    """Stop a queued or running job; chunks being worked on write nothing."""
-    job = await run_in_threadpool(cancel, sessions, job_id)
+async def cancel_job(job_id: JobId, sessions: SessionsDep, caller: Integration) -> JobOut:
+    """Stop a queued or running job of the caller's (an admin: any job); chunks being worked on
+    write nothing, and an archive's photos are removed."""
+    job = await run_in_threadpool(cancel, sessions, job_id, caller)
     with sessions() as session:
-        return job_out(progress(session, get_job(session, job.id)))
+        return job_out(progress(session, get_job(session, job.id, caller)))

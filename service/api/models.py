@@ -177,7 +177,7 @@ async def reindex_model(
         actor=caller.name,
     )
     with sessions() as session:
-        return job_out(progress(session, get_job(session, job.id)))
+        return job_out(progress(session, get_job(session, job.id, caller)))
 
 
 @router.get("/models/{model_id}/shadow", responses={404: {"model": Problem}})

@@ -4,7 +4,8 @@
 - ``RequestContext``: the request id (a sane incoming ``X-Request-ID``, else a new one), echoed
   in the response and put on every log line; the latency histogram per route template; the
   request timeout (504).
-- ``RateLimit``: a per-key limit with the ``limits`` library (429 and ``Retry-After``)."""
+- ``RateLimit``: a per-key limit with the ``limits`` library (429 and ``Retry-After``); its
+  ``KeyRate`` is on ``app.state.rate`` for the routes that charge more than one request."""
 
 from __future__ import annotations
 
@@ -95,28 +96,43 @@ class RequestContext:
         return 504
 
 
-class RateLimit:
-    """At most ``rate`` requests (``limits`` notation, e.g. ``600/minute``) per API key, counted
-    in this process's memory: with N replicas a key may make up to N times as many."""
+class KeyRate:
+    """The per-key rate (``limits`` notation, e.g. ``600/minute``), counted in this process's
+    memory: with N replicas a key may make up to N times as many. Requests cost one each; a
+    batch job costs one more per photo (``service.api.batch``), so a job cannot do what the rate
+    forbids one photo at a time."""
 
-    def __init__(self, app: ASGIApp, rate: str) -> None:
-        self.app = app
+    def __init__(self, rate: str) -> None:
         self.item: RateLimitItem = parse(rate)
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def hit(self, caller: str, cost: int = 1) -> bool:
+        return self.limiter.hit(self.item, caller, cost=cost)
+
+    def retry_after(self, caller: str) -> int:
+        reset_at = self.limiter.get_window_stats(self.item, caller).reset_time
+        return max(1, math.ceil(reset_at - time.time()))
+
+
+class RateLimit:
+    """At most ``rate`` requests per API key (429 with ``Retry-After`` beyond)."""
+
+    def __init__(self, app: ASGIApp, rate: KeyRate) -> None:
+        self.app = app
+        self.rate = rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
         caller = caller_of(scope)
-        if self.limiter.hit(self.item, caller):
+        if self.rate.hit(caller):
             await self.app(scope, receive, send)
             return
-        reset_at = self.limiter.get_window_stats(self.item, caller).reset_time
-        retry_after = max(1, math.ceil(reset_at - time.time()))
+        retry_after = self.rate.retry_after(caller)
         response = JSONResponse(
             {
-                "detail": f"rate limit of {self.item} per key reached: retry after "
+                "detail": f"rate limit of {self.rate.item} per key reached: retry after "
                 f"{retry_after} s (the Retry-After header)"
             },
             status_code=429,

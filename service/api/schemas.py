@@ -321,6 +321,28 @@ class KeyOut(BaseModel):
     created_at: Timestamp
     revoked: bool
     key: str | None = Field(default=None, description="Shown once, at creation.")
+    callback_hosts: list[str] = Field(
+        default_factory=list, description="Hosts this key's job callbacks may go to."
+    )
+    has_callback_secret: bool = Field(
+        default=False, description="Whether the key has its own callback secret."
+    )
+
+
+class CallbackHostsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
+        max_length=20, description="Host names (no scheme, port or path), e.g. hooks.example.org."
+    )
+
+
+class CallbackSecretOut(BaseModel):
+    key_id: int
+    callback_secret: str = Field(
+        description="Shown once: the key's receivers verify callbacks with it (the previous "
+        "secret stops at once)."
+    )
 
 
 class GalleryDigestOut(BaseModel):

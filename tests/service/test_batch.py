@@ -121,12 +121,32 @@ def server(catalogue: Catalogue) -> Iterator[LiveServer]:
     s.job_poll_seconds = 0.05
     s.batch_chunk_size = 4
     s.fetch_hosts = ["127.0.0.1"]
-    s.callback_hosts = ["127.0.0.1"]
-    s.callback_secret = SECRET
     s.callback_attempts = 3
     s.callback_backoff_seconds = 0.05
     s.unsafe_allow_loopback_for_tests = True
-    yield from run_server(s)
+    for live in run_server(s):
+        trust_callbacks(live, "integration", SECRET)
+        yield live
+
+
+def trust_callbacks(
+    server: LiveServer, role: str, secret: str, hosts: tuple[str, ...] = ("127.0.0.1",)
+) -> None:
+    """Let the key of ``role`` send callbacks to ``hosts``, signed with ``secret``."""
+    from service.db import ApiKey, make_engine, make_sessionmaker
+
+    with server.client("admin") as admin:
+        key_id = next(k["id"] for k in admin.get("/keys").json() if k["name"] == f"{role} tester")
+        assert (
+            admin.put(f"/keys/{key_id}/callback-hosts", json={"hosts": list(hosts)}).status_code
+            == 200
+        )
+        assert admin.post(f"/keys/{key_id}/callback-secret").status_code == 200
+    # The secret is random; the receivers of these tests know a fixed one.
+    engine = make_engine(server.settings.sqlalchemy_url)
+    with make_sessionmaker(engine).begin() as session:
+        session.get_one(ApiKey, key_id).callback_secret = secret
+    engine.dispose()
 
 
 def client(server: LiveServer, role: str = "integration") -> WhaleidClient:

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.auth import COMMAND_LINE
 from service.db import Job, JobChunk, transaction
 from service.jobs import (
     Lease,
@@ -61,7 +62,7 @@ def test_a_lapsed_lease_is_taken_over_and_its_first_holder_writes_nothing(
     _complete(sessions, second)  # lapsed but not taken: still w2's to finish
     _complete(sessions, taken)
     with sessions() as session:
-        p = progress(session, get_job(session, job_id))
+        p = progress(session, get_job(session, job_id, COMMAND_LINE))
     assert (p.state, p.done, p.total, p.redone_chunks) == ("succeeded", 3, 3, 1)
     assert p.rate is not None and p.rate > 0 and p.eta_seconds == 0
 
@@ -103,13 +104,13 @@ def test_a_cancelled_job_is_not_leased_and_its_running_chunk_writes_nothing(
     job_id = _job(sessions, [[1], [2]])
     running = lease_next(sessions, "w", 30, ["test"])
     assert running is not None
-    assert cancel(sessions, job_id).state == "cancelled"
+    assert cancel(sessions, job_id, COMMAND_LINE).state == "cancelled"
     assert lease_next(sessions, "w", 30, ["test"]) is None
     assert not renew(sessions, running, 30)
     with pytest.raises(LeaseLost):
         _complete(sessions, running)
     with sessions() as session:
-        assert get_job(session, job_id).done == 0
+        assert get_job(session, job_id, COMMAND_LINE).done == 0
 
 
 def _run_worker(
@@ -130,7 +131,7 @@ def test_a_failing_chunk_is_retried_then_fails_the_job(sessions: sessionmaker[Se
     for _ in range(3):
         _run_worker(sessions, broken)
     with sessions() as session:
-        job = get_job(session, job_id)
+        job = get_job(session, job_id, COMMAND_LINE)
         assert job.state == "failed" and job.finished_at is not None
         assert len(job.errors) == 3 and "photo store unreachable" in job.errors[0]
     assert calls == [1, 2, 3]
@@ -149,7 +150,7 @@ def test_the_worker_renews_its_lease_while_a_chunk_runs(sessions: sessionmaker[S
     assert worker.run_once()
     assert seen == [True]
     with sessions() as session:
-        assert get_job(session, job_id).state == "succeeded"
+        assert get_job(session, job_id, COMMAND_LINE).state == "succeeded"
         attempts = session.scalar(select(func.max(JobChunk.attempts)))
     assert attempts == 1
     with sessions() as session:

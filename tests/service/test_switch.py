@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from service.auth import COMMAND_LINE
 from service.db import Embedding, Identification, JobChunk
 from service.jobs import Worker
 from service.registry import register_model
@@ -240,7 +241,7 @@ def test_a_killed_worker_process_loses_one_chunk_and_embeds_nothing_twice(
 
         while True:
             with catalogue.sessions() as session:
-                p = progress(session, get_job(session, job_id))
+                p = progress(session, get_job(session, job_id, COMMAND_LINE))
             if p.finished:
                 break
             assert time.monotonic() < deadline
