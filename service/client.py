@@ -24,6 +24,7 @@ from service.callbacks import DEFAULT_TOLERANCE, BadSignature, verify
 JSON = dict[str, Any]
 Photo = bytes | tuple[str, bytes]  # the bytes, or (file name, bytes)
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+RESULTS_PAGE = 500  # photos per page of a batch job's results
 
 __all__ = [
     "AsyncWhaleidClient",
@@ -105,6 +106,10 @@ def _answer(response: httpx.Response, text: bool) -> Any:
 
 class _Calls:
     """What each method sends; the two clients only differ in how."""
+
+    @staticmethod
+    def job_results(job_id: int, offset: int, limit: int) -> _Call:
+        return _Call("GET", f"/jobs/{job_id}/results", params={"offset": offset, "limit": limit})
 
     @staticmethod
     def identify(photo: Photo, filters: Mapping[str, Any]) -> _Call:
@@ -282,9 +287,14 @@ class WhaleidClient:
         result: JSON = self._send(_Call("POST", f"/jobs/{job_id}/cancel"))
         return result
 
-    def job_results(self, job_id: int) -> list[JSON]:
-        result: list[JSON] = self._send(_Call("GET", f"/jobs/{job_id}/results"))
-        return result
+    def job_results(self, job_id: int, *, page: int = RESULTS_PAGE) -> list[JSON]:
+        """Every photo's answer, read a page at a time."""
+        rows: list[JSON] = []
+        while True:
+            got: list[JSON] = self._send(_Calls.job_results(job_id, len(rows), page))
+            rows += got
+            if len(got) < page:
+                return rows
 
     def job_results_csv(self, job_id: int) -> str:
         result: str = self._send(_Call("GET", f"/jobs/{job_id}/results.csv", text=True))
@@ -426,9 +436,13 @@ class AsyncWhaleidClient:
         result: JSON = await self._send(_Call("POST", f"/jobs/{job_id}/cancel"))
         return result
 
-    async def job_results(self, job_id: int) -> list[JSON]:
-        result: list[JSON] = await self._send(_Call("GET", f"/jobs/{job_id}/results"))
-        return result
+    async def job_results(self, job_id: int, *, page: int = RESULTS_PAGE) -> list[JSON]:
+        rows: list[JSON] = []
+        while True:
+            got: list[JSON] = await self._send(_Calls.job_results(job_id, len(rows), page))
+            rows += got
+            if len(got) < page:
+                return rows
 
     async def job_results_csv(self, job_id: int) -> str:
         result: str = await self._send(_Call("GET", f"/jobs/{job_id}/results.csv", text=True))

@@ -447,6 +447,18 @@ class Gallery:
             latest = latest_change(session, self.model_id)
             if latest == self.version:
                 return False
+            if latest < self.version:
+                # The log lost its newest rows (deleted, or a restored backup): ids this gallery
+                # counts as replayed may come again, so it reloads in full.
+                log.warning(
+                    "gallery of model %s: change log at %s, behind this gallery's %s; reloading",
+                    self.model_id,
+                    latest,
+                    self.version,
+                )
+                self._apply(session, GalleryEntries.from_rows(gallery_rows(session, self.model_id)))
+                self.version = latest
+                return True
             image_ids = np.array(
                 session.scalars(
                     select(GalleryChange.image_id)

@@ -17,9 +17,16 @@ import pytest
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Embedding, Image, make_engine, make_sessionmaker, transaction
+from service.db import (
+    Embedding,
+    GalleryChange,
+    Image,
+    make_engine,
+    make_sessionmaker,
+    transaction,
+)
 from service.gallery_index import GalleryIndex
-from service.model_gallery import Gallery, GalleryDigest, log_gallery_changes
+from service.model_gallery import Gallery, GalleryDigest, latest_change, log_gallery_changes
 from service.settings import Settings
 from tests.conftest import (
     Catalogue,
@@ -174,6 +181,40 @@ def test_a_change_that_commits_after_a_later_one_is_not_skipped(
     assert expected["count"] == 38
     for gallery in (running, starting):
         gallery.sync(factory)
+        assert not differences(gallery.digest().__dict__, expected), gallery.path.name
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+    indirect=True,
+)
+def test_replay_stays_exact_when_the_newest_change_rows_are_deleted(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    """Nothing deletes change rows today; if anything ever does (a cleanup, a restored backup),
+    a new change must not take a deleted id that a replica counts as replayed (SQLite reused the
+    highest rowid), and a gallery whose log went backwards reloads."""
+    factory, model = catalogue.sessions, catalogue.model_id
+    first, second, third = _unconfirmed_photos(factory, model, 3)
+    replica = Gallery(model, 64, tmp_path / "replica.faiss")
+    replica.open(factory)
+    _confirm(factory, first, None)
+    _confirm(factory, second, None)
+    replica.sync(factory)
+    seen = replica.version
+    behind = Gallery(model, 64, tmp_path / "behind.faiss")
+    behind.open(factory)
+    behind.version = seen + 100  # as an index saved before its log lost rows
+    with transaction(factory) as session:
+        session.execute(delete(GalleryChange).where(GalleryChange.id == seen))
+    _confirm(factory, third, None)
+    with factory() as session:
+        assert latest_change(session, model) > seen  # a fresh id, never the deleted one
+    expected = database_digest(catalogue.settings.sqlalchemy_url, model)
+    assert expected["count"] == 36 + 3
+    for gallery in (replica, behind):
+        assert gallery.sync(factory)
         assert not differences(gallery.digest().__dict__, expected), gallery.path.name
 
 
