@@ -48,6 +48,7 @@ from service.redact import public_text, without_query
 from service.settings import Settings
 from service.slots import Busy
 from service.storage import MissingObject
+from service.tenancy import readable_images
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,14 @@ def url_items(settings: Settings, urls: Sequence[str]) -> list[Item]:
     return items
 
 
-def image_items(session: Session, image_ids: Sequence[int]) -> list[Item]:
-    found = set(session.scalars(select(Image.id).where(Image.id.in_(list(image_ids)))))
+def image_items(session: Session, image_ids: Sequence[int], viewer: Principal) -> list[Item]:
+    """Items for stored images ``viewer`` may read (another partner's query photo is as
+    missing as one that does not exist)."""
+    found = set(
+        session.scalars(
+            select(Image.id).where(Image.id.in_(list(image_ids)), readable_images(viewer))
+        )
+    )
     missing = [i for i in image_ids if i not in found]
     if missing:
         raise Invalid(f"images {missing[:20]} do not exist")
@@ -289,6 +296,7 @@ def submit(
                 "filters": filters.as_dict(),
                 "callback_url": callback_url,
                 "archive_token": archive.token if archive else None,
+                "key_id": caller.key_id,  # the identifications are the key's
             },
             chunks=[indices[i : i + size] for i in range(0, len(indices), size)],
             created_by=caller.name,
@@ -455,10 +463,12 @@ class BatchChunks:
             max_bytes=self.settings.max_upload_bytes,
         )
 
-    def _identify(self, identifier: Identifier, data: bytes, filters: Filters) -> dict[str, Any]:
+    def _identify(
+        self, identifier: Identifier, data: bytes, filters: Filters, key_id: int | None
+    ) -> dict[str, Any]:
         for attempt in range(_BUSY_TRIES):
             try:
-                result = identifier.identify(data, filters=filters)
+                result = identifier.identify(data, filters=filters, key_id=key_id)
                 break
             except Busy as e:  # the API's requests hold the slots: wait a little, once more
                 if attempt == _BUSY_TRIES - 1:
@@ -493,7 +503,10 @@ class BatchChunks:
                 raise LeaseLost("the lease was lost")
             item = items[index]
             try:
-                answers[str(index)] = self._identify(identifier, self._bytes(item), filters)
+                data = self._bytes(item)
+                answers[str(index)] = self._identify(
+                    identifier, data, filters, lease.params.get("key_id")
+                )
             except (FetchRefused, httpx.HTTPError, PhotoError, OSError, Busy) as e:
                 message = item_error(e)
                 answers[str(index)] = {"error": message}

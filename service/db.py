@@ -147,6 +147,11 @@ class Identification(Base):
     cutoff: Mapped[float] = mapped_column(Float)
     ranking: Mapped[str] = mapped_column(String(20))
     gallery_size: Mapped[int] = mapped_column(Integer)
+    # The API key that asked (None: the command line, or auth off): an integration key reads
+    # only its own identifications and query photos (service.tenancy).
+    key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), index=True
+    )
     status: Mapped[str] = mapped_column(
         String(20), default="pending", index=True
     )  # curation.IdentificationStatus

@@ -114,6 +114,7 @@ def identify_encounter(
     *,
     filters: Filters,
     fusion: Fusion = Fusion.SIMILARITY_SUM,
+    key_id: int | None = None,
 ) -> EncounterResult:
     """Identify and record each photo with the one model (each through the decode and embed
     slots), then fuse. A photo that cannot be read stops the encounter with its error, naming
@@ -121,7 +122,11 @@ def identify_encounter(
     results = []
     for number, item in enumerate(photos, start=1):
         try:
-            results.append(identifier.identify(item.data, filters=filters, original_name=item.name))
+            results.append(
+                identifier.identify(
+                    item.data, filters=filters, original_name=item.name, key_id=key_id
+                )
+            )
         except PhotoError as e:
             raise type(e)(f"photo {number} ({item.name or 'unnamed'}): {e}") from e
     cutoff = identifier.model.head.cutoff

@@ -90,6 +90,15 @@ class _Stopwatch:
             self.laps[name] = (time.perf_counter() - start) * 1000.0
 
 
+@dataclass(frozen=True)
+class Asker:
+    """Who sent a recorded photo: its file name, and the API key (it alone, with curators,
+    reads the identification and the query photo afterwards)."""
+
+    original_name: str | None = None
+    key_id: int | None = None
+
+
 class Identifier:
     """Everything ``/identify`` needs for one model, loaded once."""
 
@@ -140,6 +149,7 @@ class Identifier:
         bbox: tuple[int, int, int, int] | None = None,
         record: bool = True,
         original_name: str | None = None,
+        key_id: int | None = None,
     ) -> IdentificationResult:
         """Identify one photo. With ``record``, the photo, the answer and what was used are
         written to the database in one transaction (and the photo file removed if that fails).
@@ -180,7 +190,7 @@ class Identifier:
         with watch.lap("database"):
             if kept is not None:
                 ident, candidates = self._record(
-                    kept, digest, vector, ranked, filters, bbox, original_name
+                    kept, digest, vector, ranked, filters, bbox, Asker(original_name, key_id)
                 )
             else:
                 ident, candidates = None, self._answer(ranked, None)
@@ -224,13 +234,11 @@ class Identifier:
         ranked: list[RankedCandidate],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
-        original_name: str | None,
+        asker: Asker,
     ) -> tuple[Identification, list[AnsweredCandidate]]:
         stored = self.store.put(kept.data, kept.photo.media_type, digest)
         try:
-            return self._write(
-                stored, kept.data, kept.photo, vector, ranked, filters, bbox, original_name
-            )
+            return self._write(stored, kept.data, kept.photo, vector, ranked, filters, bbox, asker)
         except BaseException:
             self._discard_if_unreferenced(stored)
             raise
@@ -244,12 +252,12 @@ class Identifier:
         ranked: list[RankedCandidate],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
-        original_name: str | None,
+        asker: Asker,
     ) -> tuple[Identification, list[AnsweredCandidate]]:
         for attempt in range(2):
             try:
                 with transaction(self.factory) as session:
-                    image = get_or_add_image(session, stored, data, photo, original_name)
+                    image = get_or_add_image(session, stored, data, photo, asker.original_name)
                     # Kept so that a confirmation puts the photo in the gallery at once. A crop
                     # (bbox) embeds a part of the photo: that embedding is the one to keep.
                     added = add_embedding(session, image.id, self.model.id, vector)
@@ -270,6 +278,7 @@ class Identifier:
                         cutoff=self.model.head.cutoff,
                         ranking=self.model.head.ranking,
                         gallery_size=self.gallery.size,
+                        key_id=asker.key_id,
                     )
                     ident.candidates = [
                         Candidate(

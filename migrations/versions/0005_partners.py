@@ -6,6 +6,8 @@ Revises: 0004
 Create Date: 2026-12-04 12:40:00
 
 - ``jobs.key_id``: the API key that made the job (another integration key gets 404);
+  ``identifications.key_id``: the key that asked (an integration key reads only its own
+  identifications, and only the query photos it sent);
   ``jobs.held_bytes``: what the job holds in the object store, for the per-key quota;
   ``jobs.closed_at``: the ended job's files are removed and its end reported.
 - ``job_chunks.leased_at``: when a chunk was claimed, so the worker serves keys in turn.
@@ -54,6 +56,17 @@ def upgrade() -> None:
     with op.batch_alter_table("job_chunks", schema=None) as batch_op:
         batch_op.add_column(sa.Column("leased_at", sa.DateTime(timezone=True), nullable=True))
 
+    with op.batch_alter_table("identifications", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("key_id", _ID, nullable=True))
+        batch_op.create_index(batch_op.f("ix_identifications_key_id"), ["key_id"], unique=False)
+        batch_op.create_foreign_key(
+            batch_op.f("fk_identifications_key_id_api_keys"),
+            "api_keys",
+            ["key_id"],
+            ["id"],
+            ondelete="SET NULL",
+        )
+
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.add_column(sa.Column("callback_secret", sa.String(length=100), nullable=True))
         batch_op.add_column(sa.Column("callback_hosts", sa.JSON(), nullable=True))
@@ -99,6 +112,12 @@ def downgrade() -> None:
         batch_op.drop_column("callback_secret")
     with op.batch_alter_table("job_chunks", schema=None) as batch_op:
         batch_op.drop_column("leased_at")
+    with op.batch_alter_table("identifications", schema=None) as batch_op:
+        batch_op.drop_constraint(
+            batch_op.f("fk_identifications_key_id_api_keys"), type_="foreignkey"
+        )
+        batch_op.drop_index(batch_op.f("ix_identifications_key_id"))
+        batch_op.drop_column("key_id")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_jobs_key_id_api_keys"), type_="foreignkey")
         batch_op.drop_index(batch_op.f("ix_jobs_key_id"))

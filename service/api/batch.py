@@ -128,7 +128,7 @@ async def identify_batch(
 
         def lookup() -> list[Item]:
             with factory() as session:
-                return image_items(session, ids)
+                return image_items(session, ids, caller)
 
         items = await run_in_threadpool(lookup)
     else:

@@ -21,6 +21,7 @@ from service.api.schemas import (
 from service.curation import resolve
 from service.db import Image, Individual
 from service.storage import MissingObject
+from service.tenancy import readable_images
 
 router = APIRouter(tags=["catalogue"], responses=INVALID)
 
@@ -114,9 +115,10 @@ def get_individual(
 def get_image_file(
     image_id: ImageId, session: SessionDep, runtime: RuntimeDep, caller: Integration
 ) -> Response:
-    """The stored photo file (for a query photo: what identification needs of it)."""
-    image = session.get(Image, image_id)
-    if image is None:
+    """The stored photo file (for a query photo: what identification needs of it). A catalogue
+    photo is everyone's; a query photo is readable by the keys that sent it, and curators."""
+    image = session.scalar(select(Image).where(Image.id == image_id, readable_images(caller)))
+    if image is None:  # another partner's query photo answers as one that does not exist
         raise HTTPException(404, f"image {image_id} does not exist")
     if image.pruned_at is not None:
         raise HTTPException(

@@ -51,6 +51,7 @@ from service.curation import (
     update_individual,
 )
 from service.db import Identification, Image, Individual
+from service.tenancy import own_identifications
 
 router = APIRouter(tags=["curation"], responses=INVALID)
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -73,8 +74,9 @@ def list_identifications(
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> IdentificationPage:
-    """The review queue: identifications, oldest first, by status, species filter or model."""
-    where: list[ColumnElement[bool]] = []
+    """The review queue: identifications, oldest first, by status, species filter or model (an
+    integration key lists its own)."""
+    where: list[ColumnElement[bool]] = [own_identifications(caller)]
     if status:
         where.append(Identification.status == status)
     if model_id is not None:

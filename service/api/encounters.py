@@ -76,6 +76,7 @@ async def identify_encounter_route(
         [EncounterPhoto(p.file, p.filename) for p in photos],
         filters=filters,
         fusion=fusion,
+        key_id=caller.key_id,
     )
     for photo in result.photos:
         metrics.observe_stages(photo.timings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
@@ -24,6 +25,7 @@ from service.db import Identification, Image
 from service.identify import IdentificationResult
 from service.limits import check_text, column_length
 from service.photos import PhotoTooLarge, parse_bbox
+from service.tenancy import can_read_identification
 
 router = APIRouter(tags=["identify"], responses=INVALID)
 
@@ -83,7 +85,14 @@ async def identify(
     identifier = await run_in_threadpool(runtime.current)
     # The upload waits on disk (spooled) until a decode slot reads it.
     result = await run_in_threadpool(
-        identifier.identify, photo.file, filters=filters, bbox=box, original_name=photo.filename
+        partial(
+            identifier.identify,
+            photo.file,
+            filters=filters,
+            bbox=box,
+            original_name=photo.filename,
+            key_id=caller.key_id,
+        )
     )
     response.headers["Server-Timing"] = server_timing(result.timings)
     metrics.observe_stages(result.timings)
@@ -103,13 +112,14 @@ def server_timing(timings: dict[str, float]) -> str:
 def get_identification(
     identification_id: IdentificationId, session: SessionDep, caller: Integration
 ) -> IdentificationOut:
-    """A recorded identification, as it was answered."""
+    """A recorded identification, as it was answered (an integration key reads its own)."""
     ident = session.scalar(
         select(Identification)
         .where(Identification.id == identification_id)
         .options(selectinload(Identification.candidates), selectinload(Identification.model))
     )
-    if ident is None:
+    if ident is None or not can_read_identification(caller, ident):
+        # Another partner's identification answers as one that does not exist.
         raise HTTPException(404, f"identification {identification_id} does not exist")
     return IdentificationOut(
         identification_id=ident.id,

@@ -485,3 +485,34 @@ def test_csv_results_cannot_run_as_formulas(partners: Partners) -> None:
         job = a.wait_job(a.identify_archive(payload)["id"], timeout=60, poll=0.05)
         lines = a.job_results_csv(job["id"]).strip().split("\n")[1:]
     assert lines[0].startswith("\"'=HYPERLINK(") and lines[1].startswith("'@x.png,")
+
+
+def test_a_partners_identifications_and_query_photos_are_its_own(partners: Partners) -> None:
+    fluke = encode(photo(5, QUERY_SHOT))
+    with partners.client(partners.a) as a:
+        answer = a.identify(("fluke.png", fluke))
+    ident, image = answer["identification_id"], answer["query_image_id"]
+    with partners.http(partners.b) as b:
+        assert b.get(f"/identifications/{ident}").status_code == 404
+        assert b.get(f"/images/{image}/file").status_code == 404
+        assert ident not in [
+            i["identification_id"] for i in b.get("/identifications").json()["items"]
+        ]
+        walked = b.post("/jobs/identify", json={"image_ids": [image]})
+        assert walked.status_code == 422 and "do not exist" in walked.text
+        assert b.get("/images/1/file").status_code == 200  # the catalogue is everyone's
+    with partners.http(partners.a) as a_http:
+        assert a_http.get(f"/identifications/{ident}").status_code == 200
+        assert a_http.get(f"/images/{image}/file").status_code == 200
+        listed = a_http.get("/identifications").json()["items"]
+        assert [i["identification_id"] for i in listed] == [ident]
+    with partners.server.client("curator") as curator:  # curators review everything
+        assert curator.get(f"/identifications/{ident}").status_code == 200
+        assert curator.get(f"/images/{image}/file").status_code == 200
+    # The same photo sent by B too: stored once, and B reads it through its own answer.
+    with partners.client(partners.b) as b_client:
+        again = b_client.identify(("same.png", fluke))
+    assert again["query_image_id"] == image
+    with partners.http(partners.b) as b:
+        assert b.get(f"/images/{image}/file").status_code == 200
+        assert b.get(f"/identifications/{ident}").status_code == 404  # still A's
