@@ -25,13 +25,18 @@ AT_MOST = 4.0
 
 
 class Peer:
-    """The server's side of one connection, for a script: what was asked, and a way to answer
-    slowly that ends when the client hangs up or the server stops."""
+    """The server's side of one connection, for a script: what the client sent first (a
+    request's head, or a TLS ClientHello), and a way to answer slowly that ends when the client
+    hangs up or the server stops."""
 
-    def __init__(self, conn: socket.socket, request_line: str, stop: threading.Event) -> None:
+    def __init__(self, conn: socket.socket, head: bytes, stop: threading.Event) -> None:
         self.conn = conn
-        self.path = request_line.split(" ")[1]
+        self.head = head
         self.stop = stop
+
+    @property
+    def path(self) -> str:
+        return self.head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[1]
 
     def send(self, data: bytes) -> None:
         self.conn.sendall(data)  # raises OSError once the client has gone
@@ -44,10 +49,34 @@ class Peer:
 Script = Callable[[Peer], None]
 
 
+def read_head(conn: socket.socket) -> bytes:
+    """An HTTP request's head."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = conn.recv(65536)
+        if not piece:
+            raise OSError("the client hung up")
+        head += piece
+    return head
+
+
+def read_client_hello(conn: socket.socket) -> bytes:
+    """The first TLS record (the ClientHello: its server name is in clear)."""
+    record = b""
+    while len(record) < 5 or len(record) < 5 + int.from_bytes(record[3:5], "big"):
+        piece = conn.recv(65536)
+        if not piece:
+            raise OSError("the client hung up")
+        record += piece
+    return record
+
+
 @contextmanager
-def raw_server(script: Script) -> Iterator[str]:
-    """A TCP server on 127.0.0.1 that reads each request's head, then runs ``script`` on the
-    connection; yields its base URL. Its threads end with the ``with`` block."""
+def raw_server(
+    script: Script, first: Callable[[socket.socket], bytes] = read_head
+) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that reads what a client sends ``first``, then runs ``script``
+    on the connection; yields its port. Its threads end with the ``with`` block."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     stop = threading.Event()
@@ -56,14 +85,8 @@ def raw_server(script: Script) -> Iterator[str]:
     def handle(conn: socket.socket) -> None:
         with conn:
             conn.settimeout(5)
-            head = b""
             try:
-                while b"\r\n\r\n" not in head:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        return
-                    head += piece
-                script(Peer(conn, head.split(b"\r\n", 1)[0].decode("latin-1"), stop))
+                script(Peer(conn, first(conn), stop))
             except OSError:  # the client gave up, as it should
                 pass
 
@@ -80,7 +103,7 @@ def raw_server(script: Script) -> Iterator[str]:
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield int(listener.getsockname()[1])
     finally:
         stop.set()
         acceptor.join(timeout=5)
@@ -137,29 +160,58 @@ def fetch(url: str) -> bytes:
 
 @pytest.mark.parametrize("script", [trickled_headers, trickled_body], ids=["headers", "body"])
 def test_a_trickling_server_cannot_hold_a_fetch_past_its_deadline(script: Script) -> None:
-    with raw_server(script) as url:
-        seconds, error = timed(lambda: fetch(f"{url}/photo.jpg"))
+    with raw_server(script) as port:
+        seconds, error = timed(lambda: fetch(f"http://127.0.0.1:{port}/photo.jpg"))
     assert seconds < AT_MOST, (seconds, error)
     assert isinstance(error, httpx.TimeoutException), error
     assert "deadline of 1 s" in str(error)
 
 
 def test_redirect_hops_share_one_deadline() -> None:
-    with raw_server(slow_redirects) as url:
+    with raw_server(slow_redirects) as port:
+        url = f"http://127.0.0.1:{port}"
         assert fetch(f"{url}/hop/3") == b"ok"  # one hop alone is within the deadline
         seconds, error = timed(lambda: fetch(f"{url}/hop/0"))
     assert seconds < AT_MOST, (seconds, error)
     assert isinstance(error, httpx.TimeoutException), error
 
 
+def test_a_trickled_tls_handshake_ends_by_the_deadline_and_names_the_host() -> None:
+    """Over https to a name that resolves to loopback: the connection goes to the checked
+    address with the name as SNI, and a server that answers the ClientHello a byte at a time
+    is cut off at the deadline."""
+    hellos: list[bytes] = []
+
+    def trickled_server_hello(peer: Peer) -> None:
+        hellos.append(peer.head)
+        peer.send(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 kB is coming...
+        for _ in range(100):
+            peer.pause(0.5)
+            peer.send(b"\x00")
+
+    with raw_server(trickled_server_hello, first=read_client_hello) as port:
+        start = time.monotonic()
+        with pytest.raises(httpx.ConnectTimeout, match="deadline of 1 s"):
+            fetch_photo(
+                f"https://localhost:{port}/p.jpg",
+                ["localhost"],
+                allow_loopback=True,
+                timeout=DEADLINE,
+                max_bytes=100,
+            )
+        seconds = time.monotonic() - start
+    assert seconds < AT_MOST, seconds
+    assert len(hellos) == 1 and b"localhost" in hellos[0]  # the SNI name
+
+
 def test_a_post_within_the_deadline_gets_its_answer() -> None:
     def created(peer: Peer) -> None:
         peer.send(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
 
-    with raw_server(created) as url:
+    with raw_server(created) as port:
         answer = request(
             "POST",
-            f"{url}/hook",
+            f"http://127.0.0.1:{port}/hook",
             ["127.0.0.1"],
             allow_loopback=True,
             timeout=DEADLINE,
@@ -179,9 +231,9 @@ def test_each_callback_attempt_ends_by_its_deadline() -> None:
         callback_timeout_seconds=DEADLINE,
         unsafe_allow_loopback_for_tests=True,
     )
-    with raw_server(trickled_headers) as url:
+    with raw_server(trickled_headers) as port:
         start = time.monotonic()
-        outcome = deliver(settings, f"{url}/hook", {"job_id": 1}, "1")
+        outcome = deliver(settings, f"http://127.0.0.1:{port}/hook", {"job_id": 1}, "1")
         seconds = time.monotonic() - start
     assert seconds < 2 * AT_MOST, (seconds, outcome)
     assert outcome["delivered"] is False and len(outcome["attempts"]) == 2
