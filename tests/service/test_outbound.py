@@ -5,6 +5,7 @@ photo fetch or a callback attempt must end by its one deadline; the embedded IPv
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -15,7 +16,14 @@ import httpx
 import pytest
 
 from service.callbacks import deliver
-from service.fetch import FetchRefused, allowed_address, check_url, fetch_photo, request
+from service.fetch import (
+    FetchRefused,
+    allowed_address,
+    check_url,
+    embedded_ipv4,
+    fetch_photo,
+    request,
+)
 from service.settings import Settings
 
 # The deadline under test and the most a call may take: the margin is generous so a loaded
@@ -266,6 +274,28 @@ def test_embedded_ipv4_addresses_are_checked(address: str, allowed: bool) -> Non
     assert allowed_address(address, allow_loopback=True) is allowed
     if not allowed:
         assert allowed_address(address, allow_loopback=False) is False
+
+
+@pytest.mark.parametrize(
+    ("address", "embedded"),
+    [
+        ("2002:a00:1::1", ["10.0.0.1"]),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", ["65.54.227.120", "192.0.2.45"]),
+        ("64:ff9b::a00:1", ["10.0.0.1"]),
+        ("::10.0.0.1", ["10.0.0.1"]),
+        ("::1", []),
+        ("::", []),
+        ("2606:4700:4700::1111", []),
+    ],
+)
+def test_the_ipv4_addresses_an_ipv6_address_leads_to(address: str, embedded: list[str]) -> None:
+    found = embedded_ipv4(ipaddress.IPv6Address(address))
+    assert [str(ip) for ip in found] == embedded
+
+
+def test_a_6to4_url_of_a_private_address_is_refused() -> None:
+    with pytest.raises(FetchRefused, match="non-public address"):
+        check_url("http://[2002:a9fe:a9fe::1]/latest", ["2002:a9fe:a9fe::1"], allow_loopback=True)
 
 
 @pytest.mark.parametrize("character", ["\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\x9b"])
