@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from service import migrate
 from service.auth import COMMAND_LINE
+from service.logs import escape_handlers
 from service.settings import Settings
 
 log = logging.getLogger("whaleid")
@@ -660,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    escape_handlers(logging.getLogger())  # no input can start a line of its own
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     # Alembic announces its context on every command; `whaleid -v` shows it.
     logging.getLogger("alembic").setLevel(logging.DEBUG if args.verbose else logging.WARNING)

@@ -2,8 +2,9 @@
 an identification, the loaded gallery, the decode/embed slots and the job queue.
 
 Every label takes a bounded set of values: the route *template* (``/identifications/{id}``, never
-the raw path), the method, the status class, a stage name, a model. Each app gets its own
-registry (no module globals), so two apps in one process (tests) do not mix their counts."""
+the raw path), the method (a standard one, else "other"), the status class, a stage name, a
+model. Each app gets its own registry (no module globals), so two apps in one process (tests) do
+not mix their counts."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNMATCHED = "unmatched"
+# The methods the API answers; any other (h11 takes any token as a method) is counted as OTHER.
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -51,7 +55,7 @@ class ServiceMetrics:
         )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, f"{status // 100}xx").observe(seconds)
+        self.requests.labels(method_label(method), route, f"{status // 100}xx").observe(seconds)
 
     def observe_stages(self, timings_ms: Mapping[str, float]) -> None:
         """Record an identification's stage timings (milliseconds, as in Server-Timing)."""
@@ -65,6 +69,11 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def method_label(method: str) -> str:
+    """``method`` if it is a standard one, else ``OTHER``: the label takes a bounded set."""
+    return method if method in STANDARD_METHODS else OTHER
 
 
 class _RuntimeCollector(Collector):

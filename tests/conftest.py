@@ -205,12 +205,13 @@ def s3_settings(env: dict[str, str], data_dir: Path, database_url: str) -> Setti
     return s
 
 
-def run_server(settings: Settings) -> Iterator[LiveServer]:
-    """uvicorn serving ``create_app(settings)`` over loopback, in a thread."""
+def run_server(settings: Settings, http: str = "auto") -> Iterator[LiveServer]:
+    """uvicorn serving ``create_app(settings)`` over loopback, in a thread (``http``: its HTTP
+    parser, "h11" or "httptools"; "auto" takes httptools when installed)."""
     keys = make_keys(settings)
     port = free_port()
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -157,7 +157,17 @@ def test_the_replayed_image_installs_without_tensorflow_and_serves(tmp_path: Pat
             check=True,
             capture_output=True,
         )
-        ready = _wait(f"{url}/ready", server, 200).json()
+        # Without a key /ready says only its status; with one, which model is active.
+        assert _wait(f"{url}/ready", server, 200).json() == {"status": "ready"}
+        key = subprocess.run(
+            [str(venv / "bin/whaleid"), "keys", "create", "--role", "integration", "--name", "ci"],
+            cwd=tmp_path,
+            env=serve_env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        ready = httpx.get(f"{url}/ready", headers={"Authorization": f"Bearer {key}"}).json()
         assert ready["status"] == "ready" and ready["model"]["name"] == "toy"
     finally:
         server.terminate()

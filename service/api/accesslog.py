@@ -1,6 +1,6 @@
-"""Keys never reach a log: the access log's request line loses every query value that could be
-a key (keys are only accepted in the Authorization header, but a client may still put one in a
-URL)."""
+"""Keys never reach a log: the access log's request line loses every path segment that holds a
+key (``wid_...``, percent-encoded or not) and every query value that could be one (keys are only
+accepted in the Authorization header, but a client may still put one in a URL)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from service.auth import KEY_PREFIX
 
@@ -17,10 +17,12 @@ _SECRET_NAMES = re.compile(r"key|token|auth|secret|password|session", re.IGNOREC
 
 
 def redact(path: str) -> str:
-    """``path`` with the value of each query parameter that names or holds a secret replaced."""
+    """``path`` with each segment that holds a key, and the value of each query parameter that
+    names or holds a secret, replaced."""
     base, sep, query = path.partition("?")
+    base = "/".join(_redact_segment(segment) for segment in base.split("/"))
     if not sep:
-        return path
+        return base
     cleaned = []
     for name, value in parse_qsl(query, keep_blank_values=True):
         if KEY_PREFIX in name:
@@ -28,9 +30,14 @@ def redact(path: str) -> str:
         elif _SECRET_NAMES.search(name) or KEY_PREFIX in value:
             value = "REDACTED"
         cleaned.append((name, value))
-    if not cleaned and KEY_PREFIX in query:  # nothing parsed, but a key is there
+    if not cleaned and KEY_PREFIX in unquote(query):  # nothing parsed, but a key is there
         return f"{base}?REDACTED"
     return f"{base}?{urlencode(cleaned)}"
+
+
+def _redact_segment(segment: str) -> str:
+    # Decoded first: ``wid%5F...`` is the same key to whoever reads the log.
+    return "REDACTED" if KEY_PREFIX in unquote(segment) else segment
 
 
 class RedactQueryKeys(logging.Filter):

@@ -38,7 +38,7 @@ from service.db import make_engine, make_sessionmaker
 from service.identify import NoActiveModel, Runtime
 from service.jobs import Worker
 from service.limits import BadText
-from service.logs import json_logs
+from service.logs import json_logs, text_logs
 from service.metrics import ServiceMetrics
 from service.migrate import is_current
 from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
@@ -97,8 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 async with AsyncExitStack() as stack:
                     stack.enter_context(redacted_access_log())
-                    if settings.log_format == "json":
-                        stack.enter_context(json_logs())
+                    # Text lines escape control characters; JSON escapes them on its own.
+                    json_format = settings.log_format == "json"
+                    stack.enter_context(json_logs() if json_format else text_logs())
                     yield
             finally:
                 stop.set()

@@ -32,7 +32,7 @@ from service.batch import (
     url_items,
 )
 from service.db import Job
-from service.fetch import MAX_URL_LENGTH
+from service.fetch import MAX_URL_LENGTH, url_problem
 from service.jobs import get_job, progress
 from service.model_gallery import Filters
 
@@ -41,8 +41,21 @@ router = APIRouter(tags=["jobs"], responses=INVALID)
 PLACE_LENGTH = 200
 MAX_LIST = 10_000
 MAX_PAGE = 1000
+
+
+def plain_url(value: str | None) -> str | None:
+    """Refuse a URL holding a control character (it could forge a log line or split a header)."""
+    problem = None if value is None else url_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 Url = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(storable)
+    str,
+    StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
+    AfterValidator(storable),
+    AfterValidator(plain_url),
 ]
 Species = Annotated[str | None, Field(max_length=SPECIES_LENGTH), AfterValidator(storable)]
 Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(storable)]
@@ -50,6 +63,7 @@ FormUrl = Annotated[
     str | None,
     Form(max_length=MAX_URL_LENGTH, description="Where to POST the result."),
     AfterValidator(storable),
+    AfterValidator(plain_url),
 ]
 
 

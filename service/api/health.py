@@ -1,13 +1,15 @@
-"""Liveness and readiness."""
+"""Liveness and readiness. Both answer anyone (probes carry no key); which model is active and
+how large its gallery is, ``/ready`` tells only a caller with a valid key."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import RuntimeDep
+from service.api.deps import RuntimeDep, principal_for
 from service.api.schemas import Health, ModelOut, Readiness
+from service.auth import ROLES
 from service.identify import NoActiveModel
 
 router = APIRouter(tags=["health"])
@@ -19,14 +21,30 @@ def health() -> Health:
     return Health(status="ok")
 
 
+def has_valid_key(request: Request) -> bool:
+    """Whether the caller holds a valid key of any role (with auth off, anyone does). Never
+    refuses: a probe without a key, or with a wrong one, is still answered."""
+    try:
+        principal_for(request, ROLES[0])
+    except HTTPException:
+        return False
+    return True
+
+
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
-async def ready(runtime: RuntimeDep) -> Readiness | JSONResponse:
-    """Ready when the active model and its gallery index are loaded."""
+async def ready(request: Request, runtime: RuntimeDep) -> Readiness | JSONResponse:
+    """Ready when the active model and its gallery index are loaded. Without a valid key the
+    answer is the status alone; with one of any role, also the model and the gallery size (or
+    why it is not ready)."""
+    known = await run_in_threadpool(has_valid_key, request)
     try:
         identifier = await run_in_threadpool(runtime.current)
     except NoActiveModel as e:
         body = Readiness(status="not ready", detail=str(e))
-        return JSONResponse(body.model_dump(), status_code=503)
+        shown = body.model_dump() if known else {"status": body.status}
+        return JSONResponse(shown, status_code=503)
+    if not known:
+        return JSONResponse({"status": "ready"})
     return Readiness(
         status="ready",
         model=ModelOut.of(identifier.model),

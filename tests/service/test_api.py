@@ -165,13 +165,29 @@ def test_bad_input_is_refused_clearly_and_leaves_nothing_behind(strict_live: Liv
 
 def test_no_active_model_is_503_saying_how_to_add_one(sqlite_settings: Settings) -> None:
     for server in run_server(sqlite_settings):
+        with server.client(None) as anonymous:
+            assert anonymous.get("/health").json() == {"status": "ok"}
+            ready = anonymous.get("/ready")
+            assert ready.status_code == 503 and ready.json() == {"status": "not ready"}
         with server.client() as client:
-            assert client.get("/health").json() == {"status": "ok"}
             ready = client.get("/ready")
             assert ready.status_code == 503
+            assert "whaleid models add" in ready.json()["detail"]
             response = post_photo(client, encode(photo(1, 1)))
             assert response.status_code == 503
             assert "whaleid models add" in response.json()["detail"]
+
+
+def test_ready_tells_the_model_and_gallery_only_to_a_key(live: LiveServer) -> None:
+    with live.client(None) as anonymous:
+        assert anonymous.get("/ready").json() == {"status": "ready"}
+        bogus = {"Authorization": "Bearer wid_" + "x" * 43}
+        answer = anonymous.get("/ready", headers=bogus)
+        assert answer.status_code == 200 and answer.json() == {"status": "ready"}
+    for role in ("integration", "curator", "admin"):
+        with live.client(role) as client:
+            ready = client.get("/ready").json()
+            assert ready["model"]["name"] == "toy" and ready["gallery_size"] == 36, role
 
 
 def test_catalogue_endpoints(live: LiveServer) -> None:

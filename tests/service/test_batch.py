@@ -341,6 +341,28 @@ def test_bad_form_fields_are_422_not_500(server: LiveServer) -> None:
     assert r.status_code == 401
 
 
+def test_urls_with_control_characters_are_422(server: LiveServer, receiver: Receiver) -> None:
+    """A line feed in a callback URL would forge a log line (urlsplit drops it silently)."""
+    headers = {"Authorization": f"Bearer {server.keys['integration']}"}
+    forged = f"{receiver.url}/hook\n2030-01-01 INFO forged: all is well"
+    photo_url = f"{receiver.url}/p/0.png"
+    for body in (
+        {"urls": [photo_url], "callback_url": forged},
+        {"urls": [photo_url + "\r\nX-Injected: 1"]},
+        {"urls": [photo_url], "callback_url": f"{receiver.url}/hook\x85"},
+    ):
+        r = httpx.post(f"{server.url}/jobs/identify", json=body, headers=headers)
+        assert r.status_code == 422, (body, r.text)
+        assert "control character" in r.text, r.text
+    r = httpx.post(
+        f"{server.url}/jobs/identify/archive",
+        data={"callback_url": forged},
+        files={"archive": ("a.zip", archive(range(1)))},
+        headers=headers,
+    )
+    assert r.status_code == 422 and "control character (U+000A)" in r.text, r.text
+
+
 def test_the_documented_verifier_accepts_once_and_refuses_the_rest() -> None:
     """The sample verifier in docs/integration.md, run as a receiver would paste it."""
     doc = (Path(__file__).parents[2] / "docs" / "integration.md").read_text()

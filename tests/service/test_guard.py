@@ -4,6 +4,7 @@ included). Spoken over raw sockets to a real uvicorn, so nothing is buffered for
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -241,6 +242,44 @@ def test_keys_in_a_query_string_are_refused_and_never_logged(guarded: LiveServer
     logged = [handler.format(r) for r in records]
     assert len(logged) == 4
     assert all(key not in line and "REDACTED" in line for line in logged), logged
+
+
+def test_key_shaped_path_segments_are_never_logged(guarded: LiveServer) -> None:
+    """A client that puts a key in a path (a job id field filled with the key, say): the
+    access log shows the path with the key replaced."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    access = logging.getLogger("uvicorn.access")
+    handler = Keep()
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    access.addHandler(handler)
+    random_key = "wid_" + secrets.token_urlsafe(32)
+    real_key = guarded.keys["integration"]
+    paths = [
+        f"/jobs/{random_key}",
+        f"/jobs/{real_key}/results",
+        f"/individuals/{real_key.replace('_', '%5F', 1)}",  # percent-encoded
+        f"/jobs/1?note=see-{random_key}",
+        f"/jobs/1?{random_key}",
+    ]
+    try:
+        with guarded.client() as client:
+            for path in paths:
+                assert client.get(path).status_code in (404, 422), path
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
+    logged = [handler.format(r) for r in records]
+    assert len(logged) == len(paths)
+    secrets_seen = (random_key, real_key, random_key[4:], real_key[4:])
+    assert not [line for line in logged if any(s in line for s in secrets_seen)], logged
+    assert all("REDACTED" in line for line in logged), logged
+    assert any("/jobs/REDACTED/results" in line for line in logged), logged
 
 
 def test_a_get_with_a_body_is_answered_at_once(guarded: LiveServer) -> None:

@@ -1,12 +1,18 @@
-"""What the command line says on a normal first run: what a user needs at INFO, no noise."""
+"""What the command line says on a normal first run: what a user needs at INFO, no noise; and
+that no input can forge a line of the text log."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from service.logs import EscapingFormatter
+from service.settings import Settings
+from tests.conftest import run_server
 from tests.toy import build_toy_model
 
 
@@ -42,3 +48,79 @@ def test_a_first_run_logs_what_happened_and_nothing_else(tmp_path: Path) -> None
     assert listed.strip() == ""
     # -v shows it all.
     assert "alembic" in whaleid(data, "-v", "models", "list")
+
+
+FORGED = "http://platform/hook\n2030-01-01 00:00:00,000 INFO service.jobs: all is well"
+
+
+def test_a_served_app_writes_control_characters_in_arguments_escaped(
+    sqlite_settings: Settings,
+) -> None:
+    """The default text format, through a real server's lifespan: a line feed in an argument
+    (a URL, say) cannot start a forged line."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        for _ in run_server(sqlite_settings):
+            logging.getLogger("service.callbacks").warning("callback to %s refused", FORGED)
+    finally:
+        root.removeHandler(handler)
+    lines = [
+        line for line in out.getvalue().splitlines() if "callback to" in line or "forged" in line
+    ]
+    assert lines == [
+        "WARNING service.callbacks: callback to http://platform/hook\\n2030-01-01 00:00:00,000 "
+        "INFO service.jobs: all is well refused"
+    ], out.getvalue()
+    assert not isinstance(handler.formatter, EscapingFormatter)  # restored when it stopped
+
+
+def test_the_text_formatter_escapes_every_control_character_and_indents_tracebacks() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(EscapingFormatter(logging.Formatter("%(levelname)s %(message)s")))
+    log = logging.getLogger("tests.escaping")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("%s|%r|%d|%.1f|%s", "a\r\nb", "c\x1bd", 7, 0.25, ValueError("e\x85f"))
+        log.warning("%(url)s", {"url": "g\u2028h"})
+        log.warning("message\nitself")
+        try:
+            raise RuntimeError(FORGED)
+        except RuntimeError:
+            log.exception("failed at %s", "i\nj")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == [
+        "WARNING a\\r\\nb|'c\\x1bd'|7|0.2|e\\x85f",
+        "WARNING g\\u2028h",
+        "WARNING message\\nitself",
+    ]
+    assert lines[3] == "ERROR failed at i\\nj"
+    # The traceback below it is indented, its forged line too: only records start a line.
+    assert len(lines) > 5 and all(line.startswith("  ") for line in lines[4:]), lines
+    assert lines[-1].startswith("  2030-01-01")
+
+
+def test_uvicorns_access_lines_are_escaped_too() -> None:
+    from uvicorn.logging import AccessFormatter
+
+    formatter = EscapingFormatter(
+        AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False)
+    )
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("10.0.0.1:5\n", "GET", "/a\x85b", "1.1", 404),
+        None,
+    )
+    assert formatter.format(record) == '10.0.0.1:5\\n - "GET /a\\x85b HTTP/1.1" 404 Not Found'

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import Job, make_engine, transaction
 from service.logs import JsonFormatter
 from service.metrics import JobQueueCollector
+from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo
 
@@ -60,6 +62,39 @@ def test_metrics_need_a_key_and_count_routes_by_template_and_identify_by_stage(
     assert found[("whaleid_gallery_embeddings", frozenset({("model", "toy:seed0")}))] == 36
     assert found[("whaleid_slots_in_use", frozenset({("step", "decode")}))] == 0
     assert found[("whaleid_slots", frozenset({("step", "embed")}))] == 2
+
+
+@pytest.mark.parametrize(
+    ("http", "made_up"),
+    [
+        # h11 takes any token as a method; httptools (llhttp) the methods it knows, WebDAV's too.
+        ("h11", ["BREW0", "BREW1", "BREW2", "X-ANYTHING", "PROPFIND"]),
+        ("httptools", ["PROPFIND", "MKCOL", "PURGE", "LOCK", "SEARCH"]),
+    ],
+)
+def test_made_up_methods_share_one_metrics_label(
+    sqlite_settings: Settings, http: str, made_up: list[str]
+) -> None:
+    """Each method a parser lets through must not become a label value of its own."""
+    for server in run_server(sqlite_settings, http=http):
+        with server.client() as client:
+            for method in made_up:
+                assert client.request(method, "/health").status_code == 405, method
+                assert client.request(method, "/no/such/path").status_code == 404, method
+            assert client.request("PATCH", "/health").status_code == 405
+            body = client.get("/metrics").text
+    methods = {
+        dict(labels)["method"]
+        for (name, labels) in samples(body)
+        if name == "whaleid_request_duration_seconds_count"
+    }
+    assert methods == {"PATCH", "other"}, methods  # (/metrics counts itself once it answered)
+    other = sum(
+        value
+        for (name, labels), value in samples(body).items()
+        if name == "whaleid_request_duration_seconds_count" and ("method", "other") in labels
+    )
+    assert other == 2 * len(made_up)
 
 
 def test_metrics_can_be_opened_for_a_private_scraper(catalogue: Catalogue) -> None:
