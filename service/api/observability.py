@@ -24,7 +24,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
-from service.api.deps import COOKIE
+from service.api.deps import SESSION_COOKIE
 from service.metrics import UNMATCHED, ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,15 @@ class RateLimit:
 
 def caller_of(scope: Scope) -> str:
     """Who a request counts against: its bearer key (hashed; never kept in clear), else the
-    review page's cookie, else the client address."""
+    review page's session (its cookie, hashed: telling its key would cost a database read on
+    every request), else the client address."""
     headers = Headers(scope=scope)
     authorization = headers.get("authorization", "")
     secret = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
     if not secret:
-        cookie = re.search(rf"{COOKIE}=([^;\s]+)", headers.get("cookie", ""))
-        secret = cookie.group(1) if cookie else ""
+        cookie = re.search(rf"{SESSION_COOKIE}=([^;\s]+)", headers.get("cookie", ""))
+        if cookie:
+            return "session:" + hashlib.sha256(cookie.group(1).encode()).hexdigest()[:32]
     if secret:
         return "key:" + hashlib.sha256(secret.encode()).hexdigest()[:32]
     client = scope.get("client")
