@@ -133,6 +133,16 @@ def session_principal(session: Session, token: str) -> Principal | None:
     return None if row is None else Principal(row.name, row.role, row.id)
 
 
+def key_hash_of_session(session: Session, token: str) -> str | None:
+    """The stored hash of the key that opened the review session ``token`` (live or not), so a
+    session counts against its key's rate limit; None for no such session."""
+    return session.scalar(
+        select(ApiKey.key_hash)
+        .join(ReviewSession, ReviewSession.key_id == ApiKey.id)
+        .where(ReviewSession.token_hash == hash_key(token))
+    )
+
+
 def close_review_session(factory: sessionmaker[Session], token: str) -> bool:
     """End the review session ``token`` names (logout), committed; False if none was live."""
     with transaction(factory) as session:
