@@ -24,7 +24,6 @@ from service.settings import Settings
 SESSION_COOKIE = "whaleid_session"
 # Where the page kept the raw key before review sessions; sign-in and logout clear it.
 LEGACY_KEY_COOKIE = "whaleid_key"
-SIGN_IN_AGAIN = "sign in again at /review/login"
 
 
 def get_sessions(request: Request) -> sessionmaker[Session]:
@@ -124,7 +123,7 @@ def _principal_presented(request: Request, role: str) -> Principal:
             f"the API key is unknown or revoked: {how}"
             if credential.kind == "key"
             else "the review session has ended (signed out, expired, or its key revoked): "
-            f"{SIGN_IN_AGAIN}, or {how}"
+            f"sign in again at /review/login, or {how}"
         )
         raise HTTPException(401, problem, headers={"WWW-Authenticate": "Bearer"})
     return principal
