@@ -34,9 +34,9 @@ def test_curator_reviews_the_queue_with_keyboard_and_buttons(
     wait_for(browser, "h1", f"Identification #{known}")
     # The browser holds a random session id, never the key.
     cookies = {c["name"]: c for c in browser.get_cookies()}
+    assert not any(live.keys["curator"] in c["value"] for c in cookies.values())
     session = cookies["whaleid_session"]
     assert session["httpOnly"] and session["sameSite"] == "Strict"
-    assert not any(live.keys["curator"] in c["value"] for c in cookies.values())
 
     query = browser.find_element(By.CSS_SELECTOR, "figure.query img")
     assert browser.execute_script("return arguments[0].naturalWidth", query) == 64

@@ -39,14 +39,16 @@ def set_cookies(response: httpx.Response, name: str) -> list[str]:
     return [c for c in response.headers.get_list("set-cookie") if c.startswith(f"{name}=")]
 
 
-def replay(live: LiveServer, token: str) -> httpx.Client:
-    """A fresh client that sends only the session cookie ``token``, as a thief would."""
-    return httpx.Client(base_url=live.url, cookies={SESSION: token}, timeout=30)
+def replay(live: LiveServer, cookies: dict[str, str] | str) -> httpx.Client:
+    """A fresh client that sends copied ``cookies`` (a string: the session cookie's value), as a
+    thief would."""
+    jar = {SESSION: cookies} if isinstance(cookies, str) else cookies
+    return httpx.Client(base_url=live.url, cookies=jar, timeout=30)
 
 
-def assert_refused(live: LiveServer, token: str, ident: int) -> None:
-    """The session ``token`` opens neither the page nor the API, read or write."""
-    with replay(live, token) as thief:
+def assert_refused(live: LiveServer, cookies: dict[str, str] | str, ident: int) -> None:
+    """The copied ``cookies`` open neither the page nor the API, read or write."""
+    with replay(live, cookies) as thief:
         page = thief.get("/review")
         assert page.status_code == 303 and page.headers["location"] == "/review/login"
         read = thief.get(f"/identifications/{ident}")
@@ -61,8 +63,8 @@ def assert_refused(live: LiveServer, token: str, ident: int) -> None:
         assert integration.get(f"/identifications/{ident}").json()["status"] == "pending"
 
 
-def assert_accepted(live: LiveServer, token: str) -> None:
-    with replay(live, token) as browser:
+def assert_accepted(live: LiveServer, cookies: dict[str, str] | str) -> None:
+    with replay(live, cookies) as browser:
         page = browser.get("/review")
         assert page.status_code == 200 and "curator tester" in page.text
 
@@ -131,11 +133,11 @@ def test_a_logged_out_session_is_refused_even_when_replayed(live: LiveServer) ->
         ident = identify(integration, 3, 40)["identification_id"]
     with httpx.Client(base_url=live.url) as browser:
         assert sign_in(browser, live.keys["curator"]).status_code == 303
-        token = browser.cookies[SESSION]
+        copied = dict(browser.cookies)  # every cookie the browser holds, as a thief takes them
         # A GET of the logout page (a link, a prefetch) only shows the sign-out button.
         page = browser.get("/review/logout")
         assert page.status_code == 200 and 'action="/review/logout"' in page.text
-        assert_accepted(live, token)
+        assert_accepted(live, copied)
 
         out = browser.post("/review/logout", data={"csrf": form_token(page)})
         assert out.status_code == 303 and out.headers["location"] == "/review/login"
@@ -144,7 +146,7 @@ def test_a_logged_out_session_is_refused_even_when_replayed(live: LiveServer) ->
         assert SESSION not in browser.cookies
     [row] = sessions_of(live.settings)
     assert row.revoked_at is not None
-    assert_refused(live, token, ident)  # a copy taken before logout is dead too
+    assert_refused(live, copied, ident)  # a copy taken before logout is dead too
 
 
 @pytest.fixture
