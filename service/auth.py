@@ -188,10 +188,10 @@ def _revoke(session: Session, key_id: int, keep_an_admin: bool) -> bool:
     if row.revoked_at is None:
         row.revoked_at = now
     # The key's review pages are signed out with it, at once.
-    for review in session.scalars(
+    for live in session.scalars(
         select(ReviewSession).where(
             ReviewSession.key_id == key_id, ReviewSession.revoked_at.is_(None)
         )
     ):
-        review.revoked_at = now
+        live.revoked_at = now
     return True

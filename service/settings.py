@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     stored_photo_max_side: int = 1024
     # `whaleid prune` removes query photos never confirmed after this many days.
     query_photo_retention_days: int = 90
-    # The review page's cookie is Secure: "auto" when the request came over HTTPS (directly or
+    # The review page's cookies are Secure: "auto" when the request came over HTTPS (directly or
     # through a proxy that says X-Forwarded-Proto: https), "always" or "never".
     secure_cookie: Literal["auto", "always", "never"] = "auto"
     # A review page sign-in lasts this long (then the curator signs in again); logging out or
