@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.replicas import scratch_database, within  # noqa: E402
-from service import migrate, model_gallery  # noqa: E402
-from service.db import (  # noqa: E402
+from service.db import migrate
+from service.db.tables import (  # noqa: E402
     Embedding,
     Image,
     Individual,
@@ -38,6 +38,7 @@ from service.db import (  # noqa: E402
     make_sessionmaker,
     transaction,
 )
+from service.gallery import sync as model_gallery  # noqa: E402
 
 log = logging.getLogger("bench.change_log_lock")
 PHOTOS = 64

@@ -27,9 +27,9 @@ from sqlalchemy import insert
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.replicas import scratch_database  # noqa: E402
-from service import migrate  # noqa: E402
-from service.auth import create_key  # noqa: E402
-from service.db import (  # noqa: E402
+from service.access.auth import create_key  # noqa: E402
+from service.db import migrate  # noqa: E402
+from service.db.tables import (  # noqa: E402
     Embedding,
     GalleryChange,
     Image,
@@ -38,7 +38,7 @@ from service.db import (  # noqa: E402
     make_sessionmaker,
     transaction,
 )
-from service.registry import activate_model, register_model  # noqa: E402
+from service.models.registry import activate_model, register_model  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, serve_process  # noqa: E402
 from tests.toy import build_toy_model, encode, photo  # noqa: E402

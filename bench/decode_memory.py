@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from service import migrate
+from service.db import migrate
 from service.settings import Settings
 from tests.conftest import free_port, load_catalogue, make_keys, serve_process
 from tests.toy import build_toy_model

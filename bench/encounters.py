@@ -1,7 +1,7 @@
 """Encounter fusion against single photos: MAP@5 of each photo alone and of the fused ranking of
 encounters of 2 and 3 held-out photos of one individual, with the demo model through the serving
-path (decode, preprocessing, embedder, kNN head, ``service.encounters.fuse``); the gallery search
-is exact (numpy), as faiss' flat index is at these sizes.
+path (decode, preprocessing, embedder, kNN head, ``service.matching.encounters.fuse``); the
+gallery search is exact (numpy), as faiss' flat index is at these sizes.
 
 Data: the synthetic catalogue the demo uses (rendered into a scratch folder), and the real photos
 in ../shared/data (read in place, never copied): dolphin fins (Moray Firth), harbour seals
@@ -31,11 +31,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.embedder import Embedder  # noqa: E402
-from service.encounters import Fusion, fuse  # noqa: E402
-from service.identify import AnsweredCandidate  # noqa: E402
+from service.imaging import decode_photo, to_model_input  # noqa: E402
 from service.knn import Neighbour, map_at_5, rank_candidates  # noqa: E402
-from service.photos import decode_photo, to_model_input  # noqa: E402
+from service.matching.encounters import Fusion, fuse  # noqa: E402
+from service.matching.identify import AnsweredCandidate  # noqa: E402
+from service.onnx.embedder import Embedder  # noqa: E402
 
 log = logging.getLogger("bench.encounters")
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,10 +206,10 @@ def render(rows: list[Row], datasets: list[Dataset], embedder: Embedder, seconds
         f"Measured by `bench/encounters.py` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC "
         f"({seconds:.0f} s), with `demo/whaleid-demo.onnx` ({c.name} {c.version}: k {c.k}, "
         f"cutoff {c.cutoff}, {c.ranking}) through the serving path (decode, preprocessing, "
-        "embedder, kNN head, `service.encounters.fuse`; exact search). An encounter is 2 or 3 "
-        "held-out photos of one individual; *single* is MAP@5 of those same photos one at a time. "
-        "Real photos are read in place from `../shared/data`, never copied. Reproduce with "
-        "`.venv/bin/python bench/encounters.py`.",
+        "embedder, kNN head, `service.matching.encounters.fuse`; exact search). An encounter is "
+        "2 or 3 held-out photos of one individual; *single* is MAP@5 of those same photos one "
+        "at a time. Real photos are read in place from `../shared/data`, never copied. "
+        "Reproduce with `.venv/bin/python bench/encounters.py`.",
         "",
         "| data | photos per encounter | encounters | gallery (photos / individuals) | single | "
         + " | ".join(f"fused `{rule}`" for rule in Fusion)

@@ -55,15 +55,22 @@ import numpy as np
 from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import db as service_db
-from service import migrate
-from service.auth import create_key
-from service.db import Embedding, Image, Individual, make_engine, make_sessionmaker, transaction
-from service.embedder import Embedder
-from service.gallery_index import GalleryIndex, IndexPlan
+from service.access.auth import create_key
+from service.db import migrate
+from service.db import tables as service_db
+from service.db.tables import (
+    Embedding,
+    Image,
+    Individual,
+    make_engine,
+    make_sessionmaker,
+    transaction,
+)
+from service.gallery.index import GalleryIndex, IndexPlan
+from service.imaging import decode_photo, to_model_input
 from service.knn import Neighbour, rank_candidates
-from service.photos import decode_photo, to_model_input
-from service.registry import activate_model, register_model
+from service.models.registry import activate_model, register_model
+from service.onnx.embedder import Embedder
 from service.settings import Settings
 
 log = logging.getLogger("bench.identify")
@@ -1118,8 +1125,8 @@ def profile_overhead(
 
     from service.api import deps
     from service.api.app import create_app
-    from service.identify import Identifier, Runtime
-    from service.photostore import PhotoStore
+    from service.matching.identify import Identifier, Runtime
+    from service.store.photos import PhotoStore
 
     probes = _Probes()
     probes.wrap(deps, "principal_for", "auth: API key lookup")
@@ -1518,7 +1525,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
     )
     w(
         "- **End-to-end** (sections 1 and 4): for each gallery size a fresh data directory with "
-        "SQLite; the model registered and activated through `service.registry` "
+        "SQLite; the model registered and activated through `service.models.registry` "
         "(`register_model`, `activate_model`, which builds and saves the gallery index from the "
         "database); the gallery inserted as real `individuals`, `images` (confirmed, no files), "
         "`embeddings` and `gallery_changes` rows; an `integration` API key. The server is "
@@ -1945,7 +1952,7 @@ def interpretation(results: dict[str, Any]) -> list[str]:
             f"entropy-decoding {results['jpeg']['bytes'] / 1e6:.1f} MB, which no scale skips "
             f"(full resolution {fmt(dec['full-resolution load (no draft)'])} ms, ½ scale "
             f"{fmt(dec['open + DCT draft + load'])} ms), so there is no decoding fix worth "
-            "making in `service/photos.py`."
+            "making in `service/imaging.py`."
         )
     if prof:
         parts.append(

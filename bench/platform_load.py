@@ -30,8 +30,8 @@ from sqlalchemy import text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.replicas import scratch_database, within  # noqa: E402
-from service import migrate  # noqa: E402
-from service.db import make_engine  # noqa: E402
+from service.db import migrate  # noqa: E402
+from service.db.tables import make_engine  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, load_catalogue, make_keys, serve_process  # noqa: E402
 from tests.replica_load import check_replicas  # noqa: E402

@@ -39,15 +39,15 @@ from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import migrate  # noqa: E402
-from service.auth import COMMAND_LINE
-from service.catalogue import CatalogueImport  # noqa: E402
-from service.db import JobChunk, make_engine, make_sessionmaker  # noqa: E402
-from service.embedder import Embedder  # noqa: E402
-from service.jobs import Worker, get_job, progress  # noqa: E402
-from service.photos import decode_photo, to_model_input  # noqa: E402
-from service.registry import activate_model, register_model  # noqa: E402
-from service.reindex import Embedders, start_reindex, worker_handlers  # noqa: E402
+from service.access.auth import COMMAND_LINE
+from service.catalogue.imports import CatalogueImport  # noqa: E402
+from service.db import migrate  # noqa: E402
+from service.db.tables import JobChunk, make_engine, make_sessionmaker  # noqa: E402
+from service.imaging import decode_photo, to_model_input  # noqa: E402
+from service.jobs.queue import Worker, get_job, progress  # noqa: E402
+from service.models.registry import activate_model, register_model  # noqa: E402
+from service.models.reindex import Embedders, start_reindex, worker_handlers  # noqa: E402
+from service.onnx.embedder import Embedder  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, make_keys, serve_process  # noqa: E402
 

@@ -30,7 +30,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import migrate  # noqa: E402
+from service.db import migrate  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, load_catalogue, make_keys, serve_process  # noqa: E402
 from tests.replica_load import Mix, check_replicas, run_round  # noqa: E402

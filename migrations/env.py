@@ -1,11 +1,12 @@
-"""Alembic environment: the URL comes from the config (set by ``service.migrate``) or settings."""
+"""Alembic environment: the URL comes from the config (set by ``service.db.migrate``) or
+settings."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.db import Base
+from service.db.tables import Base
 from service.settings import Settings
 
 config = context.config

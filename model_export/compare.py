@@ -6,7 +6,7 @@ through the serving path, measured in one run.
 
 Time: the service's ``Embedder`` (all cores, batch of one photo, already preprocessed), the
 models taking turns in blocks of ten so that a machine whose speed drifts treats them alike;
-p50 and p90 in milliseconds. MAP@5: every photo decoded and preprocessed by ``service.photos``,
+p50 and p90 in milliseconds. MAP@5: every photo decoded and preprocessed by ``service.imaging``,
 exact cosine search of the gallery, each model's own head (``service.knn``).
 """
 

@@ -7,7 +7,7 @@
 3. Verify on real photos, before anything is written at ``out``:
    - TF and ONNX agree on identical input tensors (cosine >= 0.9999, batch of 1 and of all);
    - TF fed as in training (the photo files through the tf.data decode and resize) and the
-     service's Embedder fed through ``service.photos`` as the metadata says agree (cosine >=
+     service's Embedder fed through ``service.imaging`` as the metadata says agree (cosine >=
      ``service_tolerance``): this catches metadata that does not describe the training input.
    A model that fails is not written; the error says what differed.
 """
@@ -40,8 +40,8 @@ from model_export.quantize import (
     quantize_int8,
 )
 from service.contract import ModelContractError, Preprocessing
-from service.embedder import Embedder, l2_normalise
-from service.photos import decode_photo, to_model_input
+from service.imaging import decode_photo, to_model_input
+from service.onnx.embedder import Embedder, l2_normalise
 from training.augment import decode, model_input
 from training.data import MAX_PIXELS, Entry, PhotoSource, upright_bytes
 from training.evaluate import prepare
@@ -178,7 +178,7 @@ def _service_mismatch(
         return message + "Preprocessing differs: " + "; ".join(differing) + "."
     return message + (
         f"Both say {declared}: the decoders or resamplers disagree more than expected; "
-        "compare the photos' tensors (training.augment.model_input vs service.photos)."
+        "compare the photos' tensors (training.augment.model_input vs service.imaging)."
     )
 
 

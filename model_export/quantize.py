@@ -8,7 +8,7 @@ several times slower than fp32 on a CPU.
 The int8 model is accepted only if, on held-out photos (the run's validation photos, never used
 for calibration),
 - every photo's int8 embedding is within ``min_cosine`` of its fp32 embedding, and
-- validation MAP@5 through the serving path (``service.photos`` → the service's ``Embedder`` →
+- validation MAP@5 through the serving path (``service.imaging`` → the service's ``Embedder`` →
   exact search → ``service.knn``) with the model's own head is not shown to drop by more than
   ``max_map5_drop``: compared query by query, with a bootstrap interval, and only on enough
   queries to tell a drop from noise (``model_export.map5_drop``). On fewer, the model is

@@ -39,7 +39,7 @@ COVERED_BY: dict[str, list[str]] = {
         "tests/service/test_five_candidates.py",
         "tests/service/test_api.py",
     ],
-    "service/model_gallery.py": [
+    "service/gallery/sync.py": [
         "tests/service/test_gallery.py",
         "tests/service/test_gallery_replay.py",
         "tests/service/test_five_candidates.py",
@@ -48,18 +48,18 @@ COVERED_BY: dict[str, list[str]] = {
         "tests/service/test_api.py",
         "tests/service/test_curation.py",
     ],
-    "service/curation.py": [
+    "service/catalogue/curation.py": [
         "tests/service/test_curation.py",
         "tests/service/test_live_gallery.py",
         "tests/service/test_input_limits.py",
     ],
-    "service/photos.py": [
+    "service/imaging.py": [
         "tests/service/test_photos.py",
         "tests/service/test_photo_geometry.py",
         "tests/service/test_operations.py",
         "tests/service/test_api.py",
     ],
-    "service/auth.py": [
+    "service/access/auth.py": [
         "tests/service/test_guard.py",
         "tests/service/test_curation.py",
         "tests/service/test_rules.py",

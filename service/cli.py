@@ -12,8 +12,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from service import migrate
-from service.auth import COMMAND_LINE
+from service.access.auth import COMMAND_LINE
+from service.db import migrate
 from service.logs import escape_handlers
 from service.settings import Settings
 
@@ -25,7 +25,7 @@ def _examples(*lines: str) -> str:
 
 
 def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
-    from service.db import make_engine, make_sessionmaker
+    from service.db.tables import make_engine, make_sessionmaker
 
     settings.ensure_dirs()
     engine = make_engine(settings.sqlalchemy_url)
@@ -60,9 +60,9 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
+    from service.catalogue.curation import Conflict
     from service.contract import ModelContractError
-    from service.curation import Conflict
-    from service.registry import activate_model, register_model
+    from service.models.registry import activate_model, register_model
 
     factory = _sessions(settings)
     try:
@@ -78,10 +78,10 @@ def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
-    from service.curation import Conflict, NotFound
-    from service.db import Model
-    from service.registry import activate_model
-    from service.reindex import ActivationRefused, Embedders, HeadChoice, activate
+    from service.catalogue.curation import Conflict, NotFound
+    from service.db.tables import Model
+    from service.models.registry import activate_model
+    from service.models.reindex import ActivationRefused, Embedders, HeadChoice, activate
 
     factory = _sessions(settings)
     with factory() as session:
@@ -117,8 +117,8 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from service.curation import Conflict
-    from service.reindex import Embedders, rollback
+    from service.catalogue.curation import Conflict
+    from service.models.reindex import Embedders, rollback
 
     factory = _sessions(settings)
     try:
@@ -133,8 +133,8 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
-    from service.curation import Conflict, NotFound
-    from service.reindex import retire
+    from service.catalogue.curation import Conflict, NotFound
+    from service.models.reindex import retire
 
     try:
         retire(settings, _sessions(settings), args.model_id)
@@ -146,10 +146,10 @@ def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    from service.catalogue.curation import Conflict, NotFound
     from service.contract import ModelContractError
-    from service.curation import Conflict, NotFound
-    from service.registry import register_model
-    from service.reindex import start_reindex
+    from service.models.registry import register_model
+    from service.models.reindex import start_reindex
 
     factory = _sessions(settings)
     if args.model.isdigit():
@@ -180,7 +180,7 @@ def _follow_job(factory, job_id: int, poll: float) -> int:  # type: ignore[no-un
 
     from tqdm import tqdm
 
-    from service.jobs import get_job, progress
+    from service.jobs.queue import get_job, progress
 
     with factory() as session:
         p = progress(session, get_job(session, job_id, COMMAND_LINE))
@@ -203,7 +203,7 @@ def _follow_job(factory, job_id: int, poll: float) -> int:  # type: ignore[no-un
 
 
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> int:
-    from service.jobs import list_jobs, progress
+    from service.jobs.queue import list_jobs, progress
 
     with _sessions(settings)() as session:
         for job in list_jobs(session, COMMAND_LINE, args.limit):
@@ -216,8 +216,8 @@ def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
-    from service.curation import NotFound
-    from service.jobs import get_job, progress
+    from service.catalogue.curation import NotFound
+    from service.jobs.queue import get_job, progress
 
     factory = _sessions(settings)
     try:
@@ -234,8 +234,8 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    from service.curation import Conflict, NotFound
-    from service.jobs import cancel
+    from service.catalogue.curation import Conflict, NotFound
+    from service.jobs.queue import cancel
 
     try:
         cancel(_sessions(settings), args.job_id, COMMAND_LINE)
@@ -250,9 +250,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    from service.batch import JobCloser, batch_handlers
-    from service.jobs import Worker
-    from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
+    from service.jobs.batch import JobCloser, batch_handlers
+    from service.jobs.queue import Worker
+    from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 
     factory = _sessions(settings)
     embedders = Embedders(settings, factory)
@@ -272,7 +272,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from service.db import Model
+    from service.db.tables import Model
 
     with _sessions(settings)() as session:
         for m in session.scalars(select(Model).order_by(Model.id)):
@@ -284,9 +284,9 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue import CatalogueError, CatalogueImport, model_for_import
-    from service.db import Model
-    from service.embedder import Embedder
+    from service.catalogue.imports import CatalogueError, CatalogueImport, model_for_import
+    from service.db.tables import Model
+    from service.onnx.embedder import Embedder
 
     factory = _sessions(settings)
     with factory() as session:
@@ -318,8 +318,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from service.evaluation import evaluate
-    from service.identify import NoActiveModel, Runtime
+    from service.matching.identify import NoActiveModel, Runtime
+    from service.models.evaluation import evaluate
 
     runtime = Runtime(settings, _sessions(settings))
     try:
@@ -339,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from service.auth import create_key
+    from service.access.auth import create_key
 
     try:
         row, key = create_key(_sessions(settings), args.name, args.role)
@@ -354,7 +354,7 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    from service.db import ApiKey
+    from service.db.tables import ApiKey
 
     with _sessions(settings)() as session:
         for k in session.scalars(select(ApiKey).order_by(ApiKey.id)):
@@ -364,7 +364,7 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from service.auth import revoke_key
+    from service.access.auth import revoke_key
 
     if not revoke_key(_sessions(settings), args.key_id):
         log.error("key %s does not exist", args.key_id)
@@ -373,7 +373,7 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_callbacks(args: argparse.Namespace, settings: Settings) -> int:
-    from service.auth import rotate_callback_secret, set_callback_hosts
+    from service.access.auth import rotate_callback_secret, set_callback_hosts
 
     factory = _sessions(settings)
     try:
@@ -392,8 +392,8 @@ def cmd_keys_callbacks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    from service.batch import prune_batch_files
-    from service.retention import prune_query_photos
+    from service.jobs.batch import prune_batch_files
+    from service.store.retention import prune_query_photos
 
     days = settings.query_photo_retention_days if args.days is None else args.days
     if days < 0:

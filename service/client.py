@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import httpx
 
-from service.callbacks import DEFAULT_TOLERANCE, BadSignature, verify
+from service.outbound.callbacks import DEFAULT_TOLERANCE, BadSignature, verify
 
 JSON = dict[str, Any]
 Photo = bytes | tuple[str, bytes]  # the bytes, or (file name, bytes)

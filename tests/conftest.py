@@ -20,9 +20,9 @@ import pytest
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import migrate
 from service.api.app import create_app
-from service.db import make_engine, make_sessionmaker
+from service.db import migrate
+from service.db.tables import make_engine, make_sessionmaker
 from service.settings import Settings
 from tests.toy import build_toy_model
 
@@ -101,7 +101,7 @@ class LiveServer:
 
 def make_keys(settings: Settings) -> dict[str, str]:
     """One key per role, owned by "<role> tester"."""
-    from service.auth import ROLES, create_key
+    from service.access.auth import ROLES, create_key
 
     engine = make_engine(settings.sqlalchemy_url)
     factory = make_sessionmaker(engine)
@@ -245,9 +245,9 @@ def load_catalogue(
 ) -> Catalogue:
     """Register and activate ``model_path``, then import a synthetic catalogue through the CLI
     code path."""
-    from service.catalogue import CatalogueImport
-    from service.embedder import Embedder
-    from service.registry import activate_model, register_model
+    from service.catalogue.imports import CatalogueImport
+    from service.models.registry import activate_model, register_model
+    from service.onnx.embedder import Embedder
     from tests.toy import write_catalogue
 
     engine = make_engine(settings.sqlalchemy_url)

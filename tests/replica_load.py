@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 from sqlalchemy import text
 
-from service.db import make_engine
+from service.db.tables import make_engine
 from tests.toy import encode, photo
 
 DIGEST_FIELDS = ("count", "ids_sha256", "vectors_sha256", "labels_sha256")

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service import migrate
-from service.db import Base, make_engine
+from service.db import migrate
+from service.db.tables import Base, make_engine
 
 TABLES = {
     "individuals",

@@ -1,4 +1,4 @@
-"""Model input in TensorFlow: the twin of ``service.photos.to_model_input``, and §3.2 augmentation.
+"""Model input in TensorFlow: the twin of ``service.imaging.to_model_input``, and §3.2 augmentation.
 
 The service's ``Preprocessing`` is the one description of the input. Here it is implemented with
 tf ops so that it runs inside tf.data (on TPU hosts too): resize as Pillow does (bilinear with an
@@ -12,7 +12,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from service.contract import Preprocessing
-from service.photos import IMAGENET_MEAN, IMAGENET_STD
+from service.imaging import IMAGENET_MEAN, IMAGENET_STD
 from training.config import Augmentation
 
 _DRAFT_RATIOS = (1, 2, 4, 8)
@@ -43,7 +43,7 @@ def _decode_jpeg(data: tf.Tensor, target_size: int | None) -> tf.Tensor:
 
 def decode(data: tf.Tensor, target_size: int | None = None) -> tf.Tensor:
     """JPEG/PNG bytes -> uint8 HxWx3 (greyscale is replicated to RGB, alpha dropped), decoded as
-    ``service.photos.decode_photo`` decodes them, bit for bit.
+    ``service.imaging.decode_photo`` decodes them, bit for bit.
 
     JPEGs use the accurate integer DCT and fancy chroma upsampling (libjpeg's defaults, which
     Pillow uses; TensorFlow's default fast DCT is off by about one level), and with

@@ -24,10 +24,10 @@ import tensorflow as tf
 from PIL import Image
 from tqdm import tqdm
 
-from service.catalogue import read_catalogue
+from service.catalogue.imports import read_catalogue
 from service.contract import Preprocessing
+from service.imaging import decode_photo
 from service.knn import NEW_INDIVIDUAL
-from service.photos import decode_photo
 from service.settings import Settings
 from training.augment import augmented_input, decode
 from training.config import Augmentation

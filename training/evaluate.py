@@ -1,5 +1,5 @@
-"""Validation through the serving path: photos decoded and preprocessed by ``service.photos``,
-embedded (by a Keras model or an ONNX file through ``service.embedder``), searched by cosine
+"""Validation through the serving path: photos decoded and preprocessed by ``service.imaging``,
+embedded (by a Keras model or an ONNX file through ``service.onnx.embedder``), searched by cosine
 distance and answered by ``service.knn.rank_candidates``; scored with ``service.knn.map_at_5``.
 
 Nothing here re-implements the kNN head or the metric; only the exact nearest-neighbour search
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from service.contract import PixelRange, Preprocessing, Ranking
-from service.embedder import Embedder, l2_normalise
+from service.imaging import decode_photo, to_model_input
 from service.knn import (
     NEW_INDIVIDUAL,
     Neighbour,
@@ -27,7 +27,7 @@ from service.knn import (
     map_at_5,
     rank_candidates,
 )
-from service.photos import decode_photo, to_model_input
+from service.onnx.embedder import Embedder, l2_normalise
 from training.data import MAX_PIXELS
 
 log = logging.getLogger(__name__)

@@ -85,7 +85,7 @@ def write_overlays(
     model_path: Path, photos: list[Path], out: Path, *, reference: Path | None = None
 ) -> list[Path]:
     """One ``<name>.gradcam.png`` per photo under ``out``."""
-    from service.photos import decode_photo
+    from service.imaging import decode_photo
 
     model = load_model(model_path)
     spec: Preprocessing = preprocessing_of(model, find_summary(model_path))

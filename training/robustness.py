@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from service.contract import PAPER_HEAD, Head, PixelRange, Preprocessing, Ranking
+from service.imaging import to_model_input
 from service.knn import NEW_INDIVIDUAL
-from service.photos import to_model_input
 from training.data import Entry, read_entries
 from training.evaluate import Condition, Embed, embed_photos, nearest, predict, score
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, unquote, urlencode
 
-from service.auth import KEY_PREFIX
+from service.access.auth import KEY_PREFIX
 
 ACCESS_LOGGER = "uvicorn.access"
 _SECRET_NAMES = re.compile(r"key|token|auth|secret|password|session", re.IGNORECASE)

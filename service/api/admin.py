@@ -6,6 +6,13 @@ from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from service.access.auth import (
+    LastAdminKey,
+    create_key,
+    revoke_key,
+    rotate_callback_secret,
+    set_callback_hosts,
+)
 from service.api.deps import Admin, Integration, RuntimeDep, SessionDep, SessionsDep
 from service.api.params import KeyId
 from service.api.schemas import (
@@ -18,14 +25,7 @@ from service.api.schemas import (
     Problem,
     as_utc,
 )
-from service.auth import (
-    LastAdminKey,
-    create_key,
-    revoke_key,
-    rotate_callback_secret,
-    set_callback_hosts,
-)
-from service.db import ApiKey, Model
+from service.db.tables import ApiKey, Model
 
 router = APIRouter(tags=["admin"], responses=INVALID)
 

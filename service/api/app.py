@@ -24,28 +24,28 @@ from service.api import (
     health,
     identify,
     metrics,
+    model_routes,
     review,
 )
 from service.api import batch as batch_api
 from service.api import jobs as jobs_api
-from service.api import models as models_api
 from service.api.accesslog import redacted_access_log
+from service.api.collectors import ServiceMetrics
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
 from service.api.observability import KeyRate, RateLimit, RequestContext
-from service.batch import JobCloser, OverQuota, batch_handlers
-from service.curation import Conflict, Invalid, NotFound
-from service.db import make_engine, make_sessionmaker
-from service.identify import NoActiveModel, Runtime
-from service.jobs import Worker
-from service.limits import BadText
+from service.catalogue.curation import Conflict, Invalid, NotFound
+from service.db.checks import BadText
+from service.db.migrate import is_current
+from service.db.tables import make_engine, make_sessionmaker
+from service.imaging import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
+from service.jobs.batch import JobCloser, OverQuota, batch_handlers
+from service.jobs.queue import Worker
 from service.logs import json_logs, text_logs
-from service.metrics import ServiceMetrics
-from service.migrate import is_current
-from service.photos import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
-from service.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
+from service.matching.identify import NoActiveModel, Runtime
+from service.matching.slots import Busy
+from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 from service.settings import Settings
-from service.slots import Busy
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health.router,
         jobs_api.router,
         batch_api.router,
-        models_api.router,
+        model_routes.router,
     ):
         app.include_router(router)
     app.include_router(metrics.router_for(settings.metrics_public))

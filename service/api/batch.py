@@ -13,14 +13,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.access.auth import Principal
 from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
 from service.api.jobs import JobId, JobOut, job_out
 from service.api.observability import KeyRate, caller_of
 from service.api.params import CandidateSet
 from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
-from service.archives import ArchiveFiles
-from service.auth import Principal
-from service.batch import (
+from service.db.tables import Job
+from service.gallery.sync import Filters
+from service.jobs.archives import ArchiveFiles
+from service.jobs.batch import (
     IDENTIFY_BATCH,
     Item,
     image_items,
@@ -31,10 +33,8 @@ from service.batch import (
     submit_archive,
     url_items,
 )
-from service.db import Job
-from service.fetch import MAX_URL_LENGTH, url_problem
-from service.jobs import get_job, progress
-from service.model_gallery import Filters
+from service.jobs.queue import get_job, progress
+from service.outbound.fetch import MAX_URL_LENGTH, url_problem
 
 router = APIRouter(tags=["jobs"], responses=INVALID)
 

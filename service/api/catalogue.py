@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import RedirectResponse
 from sqlalchemy import ColumnElement, func, select
 
+from service.access.tenancy import readable_images
 from service.api.deps import Integration, RuntimeDep, SessionDep
 from service.api.params import ImageId, IndividualId, Limit, Offset, SpeciesFilter
 from service.api.schemas import (
@@ -18,10 +19,9 @@ from service.api.schemas import (
     IndividualPage,
     Problem,
 )
-from service.curation import resolve
-from service.db import Image, Individual
-from service.storage import MissingObject
-from service.tenancy import readable_images
+from service.catalogue.curation import resolve
+from service.db.tables import Image, Individual
+from service.store.objects import MissingObject
 
 router = APIRouter(tags=["catalogue"], responses=INVALID)
 

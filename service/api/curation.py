@@ -9,6 +9,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
+from service.access.tenancy import own_identifications
 from service.api.deps import (
     Curator,
     Integration,
@@ -40,7 +41,7 @@ from service.api.schemas import (
     Problem,
     SplitIn,
 )
-from service.curation import (
+from service.catalogue.curation import (
     DecisionRecord,
     DecisionRequest,
     create_individual,
@@ -50,8 +51,7 @@ from service.curation import (
     split_individual,
     update_individual,
 )
-from service.db import Identification, Image, Individual
-from service.tenancy import own_identifications
+from service.db.tables import Identification, Image, Individual
 
 router = APIRouter(tags=["curation"], responses=INVALID)
 ERRORS: dict[int | str, dict[str, object]] = {

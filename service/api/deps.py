@@ -2,7 +2,8 @@
 
 The database is reached one way: ``SessionsDep``, the app's sessionmaker. Routes read through
 ``SessionDep`` (a session from it for the request) and never commit; every write is a domain
-function that takes the sessionmaker and owns its transaction (``service.db.transaction``)."""
+function that takes the sessionmaker and owns its transaction
+(``service.db.tables.transaction``)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import ANONYMOUS_ADMIN, Principal, authenticate, session_principal
-from service.identify import Runtime
-from service.metrics import ServiceMetrics
-from service.reindex import Embedders
+from service.access.auth import ANONYMOUS_ADMIN, Principal, authenticate, session_principal
+from service.api.collectors import ServiceMetrics
+from service.matching.identify import Runtime
+from service.models.reindex import Embedders
 from service.settings import Settings
 
-# The review page's cookie: a random session id (service.auth.open_review_session), never a key.
+# The review page's cookie: a random session id (service.access.auth.open_review_session),
+# never a key.
 SESSION_COOKIE = "whaleid_session"
 # Where the page kept the raw key before review sessions; sign-in and logout clear it.
 LEGACY_KEY_COOKIE = "whaleid_key"

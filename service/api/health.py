@@ -7,10 +7,10 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.access.auth import ROLES
 from service.api.deps import RuntimeDep, principal_for
 from service.api.schemas import Health, ModelOut, Readiness
-from service.auth import ROLES
-from service.identify import NoActiveModel
+from service.matching.identify import NoActiveModel
 
 router = APIRouter(tags=["health"])
 

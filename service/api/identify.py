@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
+from service.access.tenancy import can_read_identification
 from service.api.deps import Integration, MetricsDep, RuntimeDep, SessionDep, SettingsDep
 from service.api.params import CandidateSet, IdentificationId
 from service.api.schemas import (
@@ -20,12 +21,11 @@ from service.api.schemas import (
     ModelOut,
     Problem,
 )
-from service.curation import decision_history
-from service.db import Identification, Image
-from service.identify import IdentificationResult
-from service.limits import check_text, column_length
-from service.photos import PhotoTooLarge, parse_bbox
-from service.tenancy import can_read_identification
+from service.catalogue.curation import decision_history
+from service.db.checks import check_text, column_length
+from service.db.tables import Identification, Image
+from service.imaging import PhotoTooLarge, parse_bbox
+from service.matching.identify import IdentificationResult
 
 router = APIRouter(tags=["identify"], responses=INVALID)
 

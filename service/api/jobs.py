@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, SessionDep, SessionsDep
 from service.api.schemas import Problem
-from service.jobs import Progress, cancel, get_job, list_jobs, progress
+from service.jobs.queue import Progress, cancel, get_job, list_jobs, progress
 
 router = APIRouter(tags=["jobs"])
 

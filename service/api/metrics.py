@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from service.api.collectors import CONTENT_TYPE, ServiceMetrics
 from service.api.deps import Integration
-from service.metrics import CONTENT_TYPE, ServiceMetrics
 
 DESCRIPTION = "Prometheus metrics of this worker process (per replica, per worker)."
 

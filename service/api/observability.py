@@ -26,9 +26,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
+from service.access.auth import hash_key, key_hash_of_session
+from service.api.collectors import UNMATCHED, ServiceMetrics
 from service.api.deps import SESSION_COOKIE
-from service.auth import hash_key, key_hash_of_session
-from service.metrics import UNMATCHED, ServiceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from fastapi import Depends, Form, Path, Query
 from pydantic import AfterValidator
 
 from service.api.schemas import CATALOGUE_ID_LENGTH, SPECIES_LENGTH, storable
-from service.db import Image
-from service.limits import MAX_ROW_ID, column_length
-from service.model_gallery import Filters
+from service.db.checks import MAX_ROW_ID, column_length
+from service.db.tables import Image
+from service.gallery.sync import Filters
 
 STATUS_LENGTH = 20
 

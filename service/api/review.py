@@ -1,7 +1,7 @@
 """The review page: server-rendered, no front-end build. A curator signs in with an API key
 and decides with buttons or keyboard shortcuts.
 
-Signing in opens a review session (service.auth): its random id goes in an HttpOnly,
+Signing in opens a review session (service.access.auth): its random id goes in an HttpOnly,
 SameSite=Strict cookie and the key stays out of the browser. Logout ends the session on the
 server, so a copied cookie dies with it. The sign-in and logout forms carry a double-submit
 token (a cookie and a hidden field that must be equal), so another site cannot sign a browser
@@ -21,6 +21,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from service.access.auth import SignInRefused, UnknownKey, close_review_session, open_review_session
 from service.api.deps import (
     LEGACY_KEY_COOKIE,
     SESSION_COOKIE,
@@ -31,10 +32,9 @@ from service.api.deps import (
     principal_for,
 )
 from service.api.params import StatusFilter
-from service.auth import SignInRefused, UnknownKey, close_review_session, open_review_session
-from service.curation import decision_history
-from service.db import Identification
-from service.limits import MAX_ROW_ID
+from service.catalogue.curation import decision_history
+from service.db.checks import MAX_ROW_ID
+from service.db.tables import Identification
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from service.db import ApiKey, Image, Individual
-from service.identify import ModelInfo
-from service.limits import MAX_ROW_ID, check_catalogue_id, column_length, text_problem
+from service.db.checks import MAX_ROW_ID, check_catalogue_id, column_length, text_problem
+from service.db.tables import ApiKey, Image, Individual
+from service.matching.identify import ModelInfo
 
 
 def storable(value: str | None) -> str | None:

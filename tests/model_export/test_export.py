@@ -15,7 +15,7 @@ onnx = pytest.importorskip("onnx")
 from model_export.cli import main as export_cli  # noqa: E402
 from model_export.export import ExportRefused, export_model  # noqa: E402
 from service.contract import Preprocessing  # noqa: E402
-from service.embedder import Embedder, l2_normalise  # noqa: E402
+from service.onnx.embedder import Embedder, l2_normalise  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.model import build_training_model, embedding_submodel  # noqa: E402
 from training.runs import load_model  # noqa: E402

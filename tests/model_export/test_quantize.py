@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 
 from model_export.cli import main as export_cli  # noqa: E402
 from model_export.export import ExportRefused, export_model  # noqa: E402
-from service.embedder import Embedder  # noqa: E402
+from service.onnx.embedder import Embedder  # noqa: E402
 from tests.model_export.test_export import wide_photos  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.model import build_training_model  # noqa: E402

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from service.catalogue import CatalogueImport
-from service.db import Identification
-from service.db import Image as ImageRow
-from service.embedder import Embedder
-from service.model_gallery import index_path
+from service.catalogue.imports import CatalogueImport
+from service.db.tables import Identification
+from service.db.tables import Image as ImageRow
+from service.gallery.sync import index_path
+from service.onnx.embedder import Embedder
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo, write_catalogue
@@ -99,7 +99,7 @@ def test_filters_and_a_catalogue_imported_while_serving(live: LiveServer, tmp_pa
             species="orca",
             extra={"encounter": "E1", "location": "Moray Firth", "date": "2024-06-01"},
         )
-        from service.db import make_engine, make_sessionmaker
+        from service.db.tables import make_engine, make_sessionmaker
 
         factory = make_sessionmaker(make_engine(s.sqlalchemy_url))
         embedder = Embedder(next(s.models_dir.glob("*.onnx")))
@@ -128,7 +128,7 @@ def strict_live(catalogue: Catalogue) -> Iterator[LiveServer]:
 
 
 def _state(settings: Settings) -> tuple[int, int, set[Path], bytes]:
-    from service.db import make_engine, make_sessionmaker
+    from service.db.tables import make_engine, make_sessionmaker
 
     engine = make_engine(settings.sqlalchemy_url)
     with make_sessionmaker(engine)() as session:

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.callbacks import SIGNATURE_HEADER, BadSignature, sign
 from service.client import WhaleidClient, WhaleidError, verify_callback
-from service.fetch import FetchRefused, check_url, fetch_photo
+from service.outbound.callbacks import SIGNATURE_HEADER, BadSignature, sign
+from service.outbound.fetch import FetchRefused, check_url, fetch_photo
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo
 
@@ -133,7 +133,7 @@ def trust_callbacks(
     server: LiveServer, role: str, secret: str, hosts: tuple[str, ...] = ("127.0.0.1",)
 ) -> None:
     """Let the key of ``role`` send callbacks to ``hosts``, signed with ``secret``."""
-    from service.db import ApiKey, make_engine, make_sessionmaker
+    from service.db.tables import ApiKey, make_engine, make_sessionmaker
 
     with server.client("admin") as admin:
         key_id = next(k["id"] for k in admin.get("/keys").json() if k["name"] == f"{role} tester")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from service import catalogue as catalogue_module
+from service.catalogue import imports as catalogue_module
 from service.cli import main
-from service.db import Embedding, Image, Individual, make_engine, make_sessionmaker
+from service.db.tables import Embedding, Image, Individual, make_engine, make_sessionmaker
 from service.settings import Settings
 from tests.conftest import Catalogue
 from tests.toy import encode, photo, write_catalogue

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from service.db import ApiKey, Individual, make_engine, make_sessionmaker
-from service.gallery_index import GalleryIndex
-from service.model_gallery import GalleryEntries, gallery_rows, index_path
+from service.db.tables import ApiKey, Individual, make_engine, make_sessionmaker
+from service.gallery.index import GalleryIndex
+from service.gallery.sync import GalleryEntries, gallery_rows, index_path
 from service.settings import Settings
 from tests.conftest import (
     Catalogue,

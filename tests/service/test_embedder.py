@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.contract import ModelContractError
-from service.embedder import Embedder
+from service.onnx.embedder import Embedder
 from tests.toy import build_toy_model
 
 

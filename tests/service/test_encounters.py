@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.encounters import Fusion, fuse
-from service.identify import AnsweredCandidate
 from service.knn import NEW_INDIVIDUAL
+from service.matching.encounters import Fusion, fuse
+from service.matching.identify import AnsweredCandidate
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo
 

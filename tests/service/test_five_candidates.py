@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.gallery_index import GalleryIndex
+from service.gallery.index import GalleryIndex
+from service.gallery.sync import Filters, Gallery, GalleryEntries
 from service.knn import NEW_INDIVIDUAL, Neighbour, RankedCandidate, rank_candidates
-from service.model_gallery import Filters, Gallery, GalleryEntries
 
 DIM = 16
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.gallery_index import GalleryFileError, GalleryIndex, IndexPlan, sidecar_path
-from service.identify import Identifier
-from service.model_gallery import Filters, index_path
+from service.gallery.index import GalleryFileError, GalleryIndex, IndexPlan, sidecar_path
+from service.gallery.sync import Filters, index_path
+from service.matching.identify import Identifier
 from tests.conftest import Catalogue
 from tests.toy import encode, photo
 
@@ -88,7 +88,7 @@ def test_save_load_round_trip_and_corruption_detected(tmp_path: Path) -> None:
 
 
 def _answers(catalogue: Catalogue) -> list[list[tuple[str, int | None]]]:
-    from service.db import Model
+    from service.db.tables import Model
 
     with catalogue.sessions() as session:
         model = session.get_one(Model, catalogue.model_id)
@@ -115,7 +115,7 @@ def test_gallery_rebuilt_from_stored_embeddings_with_identical_answers(
     elif damage == "truncate":
         path.write_bytes(original[: len(original) // 3])
     else:  # the file of an older gallery: one photo fewer than the database holds
-        from service.gallery_index import GalleryIndex as GI
+        from service.gallery.index import GalleryIndex as GI
 
         index, sidecar = GI.load(path)
         index.remove(index.ids()[:1])

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import (
+from service.db.tables import (
     Embedding,
     GalleryChange,
     Image,
@@ -25,8 +25,8 @@ from service.db import (
     make_sessionmaker,
     transaction,
 )
-from service.gallery_index import GalleryIndex
-from service.model_gallery import Gallery, GalleryDigest, latest_change, log_gallery_changes
+from service.gallery.index import GalleryIndex
+from service.gallery.sync import Gallery, GalleryDigest, latest_change, log_gallery_changes
 from service.settings import Settings
 from tests.conftest import (
     Catalogue,

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import COMMAND_LINE
-from service.db import Job, JobChunk, transaction
-from service.jobs import (
+from service.access.auth import COMMAND_LINE
+from service.db.tables import Job, JobChunk, transaction
+from service.jobs.queue import (
     Lease,
     LeaseLost,
     Worker,

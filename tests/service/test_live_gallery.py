@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from service.cli import main
-from service.db import Embedding, Image, Individual
-from service.embedder import Embedder
-from service.model_gallery import Filters, Gallery, index_path
+from service.db.tables import Embedding, Image, Individual
+from service.gallery.sync import Filters, Gallery, index_path
+from service.onnx.embedder import Embedder
 from tests.conftest import Catalogue, LiveServer
 from tests.toy import build_toy_model, encode, photo
 
@@ -173,8 +173,8 @@ def test_a_gallery_growing_past_the_ivf_threshold_switches_index_kind(
 ) -> None:
     """Replay moves a gallery from the flat index to IVF when it crosses the threshold, and the
     moved photos are found by their embedding ids (which differ from their image ids here)."""
-    from service.catalogue import CatalogueImport
-    from service.db import Model
+    from service.catalogue.imports import CatalogueImport
+    from service.db.tables import Model
     from tests.toy import write_catalogue
 
     s = catalogue.settings

@@ -52,7 +52,7 @@ def test_a_first_run_logs_what_happened_and_nothing_else(tmp_path: Path) -> None
     assert "alembic" in whaleid(data, "-v", "models", "list")
 
 
-FORGED = "http://platform/hook\n2030-01-01 00:00:00,000 INFO service.jobs: all is well"
+FORGED = "http://platform/hook\n2030-01-01 00:00:00,000 INFO service.jobs.queue: all is well"
 
 
 def test_a_served_app_writes_control_characters_in_arguments_escaped(
@@ -67,15 +67,18 @@ def test_a_served_app_writes_control_characters_in_arguments_escaped(
     root.addHandler(handler)
     try:
         for _ in run_server(sqlite_settings):
-            logging.getLogger("service.callbacks").warning("callback to %s refused", FORGED)
+            logging.getLogger("service.outbound.callbacks").warning(
+                "callback to %s refused", FORGED
+            )
     finally:
         root.removeHandler(handler)
     lines = [
         line for line in out.getvalue().splitlines() if "callback to" in line or "forged" in line
     ]
     assert lines == [
-        "WARNING service.callbacks: callback to http://platform/hook\\n2030-01-01 00:00:00,000 "
-        "INFO service.jobs: all is well refused"
+        "WARNING service.outbound.callbacks: callback to http://platform/hook\\n"
+        "2030-01-01 00:00:00,000 "
+        "INFO service.jobs.queue: all is well refused"
     ], out.getvalue()
     assert not isinstance(handler.formatter, EscapingFormatter)  # restored when it stopped
 

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Job, make_engine, transaction
+from service.api.collectors import JobQueueCollector
+from service.db.tables import Job, make_engine, transaction
 from service.logs import JsonFormatter
-from service.metrics import JobQueueCollector
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo

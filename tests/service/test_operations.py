@@ -16,8 +16,8 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from service.cli import main
-from service.db import Embedding, Identification, make_engine, make_sessionmaker
-from service.db import Image as ImageRow
+from service.db.tables import Embedding, Identification, make_engine, make_sessionmaker
+from service.db.tables import Image as ImageRow
 from service.settings import Settings
 from tests.conftest import LiveServer, load_catalogue, run_server
 from tests.service.test_curation import decide, identify

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from service.callbacks import CallbackTrust, deliver
-from service.fetch import (
+from service.outbound.callbacks import CallbackTrust, deliver
+from service.outbound.fetch import (
     FetchRefused,
     allowed_address,
     check_url,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.photos import decode_photo
+from service.imaging import decode_photo
 from tests.toy import encode
 
 LIMIT = 50_000_000
@@ -87,7 +87,7 @@ def test_exif_orientations_5_and_7_swap_width_and_height(
 
 
 def test_a_crop_may_start_at_the_origin_and_must_fit_vertically_too() -> None:
-    from service.photos import BadBoundingBox, parse_bbox
+    from service.imaging import BadBoundingBox, parse_bbox
 
     assert parse_bbox("0,0,5,5") == (0, 0, 5, 5)
     data = encode(quadrants(), "PNG")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.photos import (
+from service.imaging import (
     BadBoundingBox,
     PhotoTooLarge,
     Preprocessing,

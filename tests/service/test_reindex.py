@@ -15,10 +15,10 @@ import pytest
 from onnx import numpy_helper
 from sqlalchemy import func, select
 
-from service.db import Embedding, Image, Individual, Model
-from service.jobs import Worker
-from service.model_gallery import gallery_rows
-from service.reindex import Embedders, worker_handlers
+from service.db.tables import Embedding, Image, Individual, Model
+from service.gallery.sync import gallery_rows
+from service.jobs.queue import Worker
+from service.models.reindex import Embedders, worker_handlers
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import build_toy_model, encode, photo
 
@@ -352,7 +352,7 @@ def test_the_command_line_reindexes_activates_and_rolls_back(
 def test_a_photo_the_old_model_answered_and_confirmed_after_the_switch_joins_the_new_gallery(
     idle_server: LiveServer, catalogue: Catalogue, tmp_path: Path
 ) -> None:
-    from service.reindex import ActiveGalleryKeeper
+    from service.models.reindex import ActiveGalleryKeeper
 
     s = catalogue.settings
     new_file = build_toy_model(tmp_path / "v2.onnx", seed=7, metadata={"whaleid.name": "toy-v2"})

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import Update, select, update
 
-from service.db import ApiKey, ReviewSession, make_engine, make_sessionmaker, utcnow
+from service.db.tables import ApiKey, ReviewSession, make_engine, make_sessionmaker, utcnow
 from service.settings import Settings
 from tests.conftest import LiveServer, run_server
 from tests.service.test_curation import identify

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select, text
 
-from service import migrate
-from service.db import Image, make_engine
-from service.evaluation import evaluate
-from service.identify import Runtime
-from service.model_gallery import Filters, GalleryEntries
+from service.db import migrate
+from service.db.tables import Image, make_engine
+from service.gallery.sync import Filters, GalleryEntries
+from service.matching.identify import Runtime
+from service.models.evaluation import evaluate
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, load_catalogue
 from tests.service.test_review_sessions import sign_in

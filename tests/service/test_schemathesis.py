@@ -22,7 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 from schemathesis.core.failures import FailureGroup
 
-from service import migrate
+from service.db import migrate
 from service.settings import Settings
 from tests.conftest import LiveServer, load_catalogue, run_server
 from tests.toy import encode, photo

@@ -6,7 +6,7 @@ import numpy as np
 
 from service.contract import RANKINGS
 from service.knn import NEW_INDIVIDUAL, Neighbour, map_at_5, rank_candidates
-from service.shadow import grid
+from service.models.shadow import grid
 
 
 def test_every_grid_cell_equals_the_head_of_identify() -> None:

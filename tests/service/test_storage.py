@@ -11,16 +11,16 @@ import httpx
 import pytest
 from sqlalchemy import Engine, event
 
-from service import migrate
-from service.catalogue import CatalogueImport
-from service.db import Image, make_engine, make_sessionmaker
-from service.identify import Runtime
-from service.model_gallery import Filters
-from service.modelfiles import ModelFileCorrupt, local_model_file, model_key
-from service.registry import activate_model, register_model
-from service.retention import prune_query_photos
+from service.catalogue.imports import CatalogueImport
+from service.db import migrate
+from service.db.tables import Image, make_engine, make_sessionmaker
+from service.gallery.sync import Filters
+from service.matching.identify import Runtime
+from service.models.registry import activate_model, register_model
+from service.onnx.files import ModelFileCorrupt, local_model_file, model_key
 from service.settings import Settings
-from service.storage import LocalStore, MissingObject, ObjectStore, S3Store, open_store
+from service.store.objects import LocalStore, MissingObject, ObjectStore, S3Store, open_store
+from service.store.retention import prune_query_photos
 from tests.conftest import free_port, load_catalogue, make_keys, s3_settings, serve_process
 from tests.toy import build_toy_model, encode, photo, write_catalogue
 

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from service.auth import COMMAND_LINE
-from service.db import Embedding, Identification, JobChunk
-from service.jobs import Worker
-from service.registry import register_model
-from service.reindex import Embedders, start_reindex, worker_handlers
+from service.access.auth import COMMAND_LINE
+from service.db.tables import Embedding, Identification, JobChunk
+from service.jobs.queue import Worker
+from service.models.registry import register_model
+from service.models.reindex import Embedders, start_reindex, worker_handlers
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, free_port, make_keys, run_server, serve_process
 from tests.toy import build_toy_model, encode, photo
@@ -137,7 +137,7 @@ def test_a_second_replica_follows_a_switch_at_its_next_request(
 
     settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url, _env_file=None)  # type: ignore[call-arg]
     settings.ensure_dirs()
-    from service import migrate
+    from service.db import migrate
 
     migrate.upgrade(settings.sqlalchemy_url)
     catalogue = load_catalogue(settings, tmp_path / "catalogue", toy_model)
@@ -180,7 +180,7 @@ def test_a_second_replica_follows_a_switch_at_its_next_request(
 def test_a_killed_worker_process_loses_one_chunk_and_embeds_nothing_twice(
     tmp_path: Path, postgres_url: str, toy_model: Path
 ) -> None:
-    from service import migrate
+    from service.db import migrate
     from tests.conftest import load_catalogue
 
     settings = Settings(  # type: ignore[call-arg]
@@ -237,7 +237,7 @@ def test_a_killed_worker_process_loses_one_chunk_and_embeds_nothing_twice(
                 time.sleep(0.1)
                 session.expire_all()
         # The survivor (still working) finishes the job.
-        from service.jobs import get_job, progress
+        from service.jobs.queue import get_job, progress
 
         while True:
             with catalogue.sessions() as session:
@@ -269,8 +269,8 @@ def test_a_killed_worker_process_loses_one_chunk_and_embeds_nothing_twice(
 def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_head(
     catalogue: Catalogue, tmp_path: Path
 ) -> None:
-    from service.identify import Runtime
-    from service.reindex import switch_to
+    from service.matching.identify import Runtime
+    from service.models.reindex import switch_to
 
     s = catalogue.settings
     new_id = ready_model(catalogue, build_toy_model(tmp_path / "v2.onnx", seed=7))

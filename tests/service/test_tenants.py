@@ -18,12 +18,12 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import create_key
-from service.batch import JobCloser, batch_handlers, prune_batch_files
-from service.callbacks import BadSignature, sign, verify
+from service.access.auth import create_key
 from service.client import WhaleidClient, WhaleidError
-from service.db import Job, make_engine, make_sessionmaker
-from service.jobs import Worker, create_job, lease_next, release
+from service.db.tables import Job, make_engine, make_sessionmaker
+from service.jobs.batch import JobCloser, batch_handlers, prune_batch_files
+from service.jobs.queue import Worker, create_job, lease_next, release
+from service.outbound.callbacks import BadSignature, sign, verify
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.service import test_batch

@@ -11,7 +11,7 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 
 from service.contract import Preprocessing  # noqa: E402
-from service.photos import decode_photo, to_model_input  # noqa: E402
+from service.imaging import decode_photo, to_model_input  # noqa: E402
 from training.augment import augmented_input, decode, model_input  # noqa: E402
 from training.config import Augmentation  # noqa: E402
 from training.data import upright_bytes  # noqa: E402

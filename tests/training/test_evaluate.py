@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from service.embedder import l2_normalise  # noqa: E402
 from service.knn import NEW_INDIVIDUAL, Neighbour, rank_candidates  # noqa: E402
+from service.onnx.embedder import l2_normalise  # noqa: E402
 from training.evaluate import grid_search, nearest, predict, score  # noqa: E402
 
 

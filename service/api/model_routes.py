@@ -1,0 +1,281 @@
+"""Models: upload, re-index, shadow report, activate (through the gate), roll back, retire."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
+from service.api.jobs import JobOut, job_out
+from service.api.schemas import Problem
+from service.contract import ModelContractError
+from service.db.tables import Model
+from service.jobs.queue import get_job, progress
+from service.matching.identify import NoActiveModel
+from service.models.registry import register_model_file
+from service.models.reindex import (
+    ActivationRefused,
+    HeadChoice,
+    Switch,
+    activate,
+    retire,
+    rollback,
+    shadow_report,
+    start_reindex,
+)
+
+router = APIRouter(tags=["models"])
+
+ModelId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The model's id.")]
+
+
+class RegisteredModel(BaseModel):
+    id: int
+    name: str
+    version: str
+    status: str = Field(description="registered, indexing, ready, active or retired")
+    embedding_dim: int
+    k: int
+    cutoff: float
+    ranking: str
+    preprocessing: dict[str, Any]
+    created_at: dt.datetime
+
+
+class ReindexIn(BaseModel):
+    include_queries: bool = Field(
+        default=False, description="Also embed kept query photos that are not in the gallery."
+    )
+
+
+class ActivateIn(BaseModel):
+    head: HeadChoice = Field(
+        default=HeadChoice.MODEL,
+        description="model: the head exported with the model; paper: k 50, cutoff 0.62, vote; "
+        "best: the best head of the grid on this catalogue's confirmations.",
+    )
+    force: bool = Field(
+        default=False, description="Activate even if the shadow evaluation says no."
+    )
+
+
+class SwitchOut(BaseModel):
+    from_model_id: int | None
+    to_model_id: int
+    action: str
+    head: dict[str, Any]
+    caught_up: int = Field(description="Gallery photos embedded at the switch.")
+    report: dict[str, Any] | None = Field(description="The shadow evaluation it passed.")
+
+
+def _registered(m: Model) -> RegisteredModel:
+    return RegisteredModel(
+        id=m.id,
+        name=m.name,
+        version=m.version,
+        status=m.status,
+        embedding_dim=m.embedding_dim,
+        k=m.k,
+        cutoff=m.cutoff,
+        ranking=m.ranking,
+        preprocessing=m.preprocessing,
+        created_at=m.created_at,
+    )
+
+
+async def _receive_model(request: Request, limit: int, folder: FilePath) -> FilePath:
+    """The request body, streamed to a temporary file; 413 past ``limit`` bytes."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".upload.", suffix=".onnx")
+    path = FilePath(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(
+                        413,
+                        f"the model file is over the limit of {limit} bytes "
+                        "(WHALEID_MAX_MODEL_BYTES): raise it, or register it with "
+                        "`whaleid models add`",
+                    )
+                f.write(chunk)
+        if size == 0:
+            raise HTTPException(
+                422, "the body is empty: send the ONNX file as the body (application/octet-stream)"
+            )
+        return path
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+@router.post(
+    "/models",
+    response_model=RegisteredModel,
+    status_code=201,
+    responses={413: {"model": Problem}, 422: {"model": Problem}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+        }
+    },
+)
+async def upload_model(
+    request: Request,
+    response: Response,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    caller: Admin,
+) -> RegisteredModel:
+    """Register an ONNX model sent as the request body. It is checked as `whaleid models add`
+    checks it (contract metadata, output dimension, a probe embedding). The same file again
+    answers 200 with the model already registered."""
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    path = await _receive_model(request, settings.max_model_bytes, settings.models_dir)
+    try:
+        model, created = await run_in_threadpool(register_model_file, settings, sessions, path)
+    except ModelContractError as e:
+        raise HTTPException(422, str(e)) from e
+    finally:
+        path.unlink(missing_ok=True)
+    if not created:
+        response.status_code = 200
+    return _registered(model)
+
+
+@router.post(
+    "/models/{model_id}/reindex",
+    response_model=JobOut,
+    status_code=202,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+async def reindex_model(
+    model_id: ModelId,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    caller: Admin,
+    body: ReindexIn | None = None,
+) -> JobOut:
+    """Start a job embedding the gallery with this model; follow it at `GET /jobs/{id}`. The
+    active model keeps answering meanwhile."""
+    job = await run_in_threadpool(
+        start_reindex,
+        settings,
+        sessions,
+        model_id,
+        include_queries=(body or ReindexIn()).include_queries,
+        actor=caller.name,
+    )
+    with sessions() as session:
+        return job_out(progress(session, get_job(session, job.id, caller)))
+
+
+@router.get("/models/{model_id}/shadow", responses={404: {"model": Problem}})
+async def get_shadow_report(
+    model_id: ModelId, sessions: SessionsDep, settings: SettingsDep, caller: Admin
+) -> dict[str, Any]:
+    """The shadow evaluation of this model against the active one (recomputed if the active
+    model changed since its re-index)."""
+    report = await run_in_threadpool(shadow_report, settings, sessions, model_id)
+    return report.data
+
+
+def _switch_out(switch: Switch) -> SwitchOut:
+    return SwitchOut(**switch.__dict__)
+
+
+async def _follow(runtime: RuntimeDep) -> None:
+    # This replica loads the new model before answering; the others at their next request.
+    try:
+        await run_in_threadpool(runtime.current)
+    except NoActiveModel:
+        pass
+
+
+@router.post(
+    "/models/{model_id}/activate",
+    response_model=SwitchOut,
+    responses={404: {"model": Problem}, 409: {"description": "Refused, with the figures."}},
+)
+async def activate_model(
+    model_id: ModelId,
+    sessions: SessionsDep,
+    embedders: EmbeddersDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    caller: Admin,
+    body: ActivateIn | None = None,
+) -> SwitchOut | JSONResponse:
+    """Switch `/identify` to this ready model. Refused (409, with both models' MAP@5) when it
+    scores worse than the active model on the confirmed identifications, or when there are too
+    few to judge, unless `force` is set."""
+    choice = body or ActivateIn()
+    try:
+        switch = await run_in_threadpool(
+            activate,
+            settings,
+            sessions,
+            embedders,
+            model_id,
+            head=choice.head,
+            force=choice.force,
+            actor=caller.name,
+            before_switch=runtime.prepare,
+        )
+    except ActivationRefused as e:
+        runtime.drop_prepared()
+        return JSONResponse({"detail": str(e), "shadow": e.report}, status_code=409)
+    except BaseException:
+        runtime.drop_prepared()
+        raise
+    await _follow(runtime)
+    return _switch_out(switch)
+
+
+@router.post("/models/rollback", response_model=SwitchOut, responses={409: {"model": Problem}})
+async def rollback_model(
+    sessions: SessionsDep,
+    embedders: EmbeddersDep,
+    settings: SettingsDep,
+    runtime: RuntimeDep,
+    caller: Admin,
+) -> SwitchOut:
+    """Go back to the model that was active before, in one call."""
+    try:
+        switch = await run_in_threadpool(
+            rollback,
+            settings,
+            sessions,
+            embedders,
+            caller.name,
+            runtime.prepare,
+        )
+    except BaseException:
+        runtime.drop_prepared()
+        raise
+    await _follow(runtime)
+    return _switch_out(switch)
+
+
+@router.post(
+    "/models/{model_id}/retire",
+    response_model=RegisteredModel,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+async def retire_model(
+    model_id: ModelId, sessions: SessionsDep, settings: SettingsDep, caller: Admin
+) -> RegisteredModel:
+    """Retire a model that is not active: its index is deleted; it can no longer be rolled
+    back to without a re-index."""
+    model = await run_in_threadpool(retire, settings, sessions, model_id)
+    return _registered(model)

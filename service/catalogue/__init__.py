@@ -1,0 +1,1 @@
+"""The catalogue: importing it, and curators' decisions on it."""

@@ -1,0 +1,1 @@
+"""The job queue and worker, and the batch identification job kind."""

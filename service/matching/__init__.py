@@ -1,0 +1,1 @@
+"""Answering a photo: the identification, encounters, and the work slots."""

@@ -1,0 +1,1 @@
+"""A model's life: registry, re-index, shadow evaluation, switch and evaluation."""

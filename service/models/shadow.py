@@ -1,0 +1,261 @@
+"""Shadow evaluation: the active and a new model scored on the curators' confirmed
+identifications, before the new one may answer.
+
+Each confirmed query photo is searched against its model's gallery without its own photo. A
+``confirm`` decision's truth is the photo's individual now (merges followed); a
+``new_individual`` decision counts as unseen (the right answer is ``new_individual``). Both models
+are scored on the same queries, with the model's own head, the paper's head (k 50, cutoff 0.62,
+vote) and the best head of the k x cutoff x ranking grid (``service.knn``), because a cutoff
+calibrated on one catalogue does not transfer to another.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.contract import PAPER_HEAD, RANKINGS
+from service.db.tables import Decision, Identification, Model
+from service.gallery.sync import gallery_rows, load_vectors
+from service.knn import (
+    CUTOFF_GRID,
+    K_GRID,
+    NEW_INDIVIDUAL,
+    TOP,
+    Neighbour,
+    fill,
+    rank_candidates,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def confirmed_queries(session: Session) -> dict[int, str]:
+    """Query image id -> the decision it stands under (``confirm`` or ``new_individual``), for
+    identifications whose current decision is one of those."""
+    rows = session.execute(
+        select(Identification.query_image_id, Decision.decision)
+        .join(Decision, Decision.identification_id == Identification.id)
+        .where(
+            Decision.superseded_by_id.is_(None),
+            Decision.decision.in_(["confirm", "new_individual"]),
+        )
+        .order_by(Decision.id)
+    )
+    return {int(image_id): str(decision) for image_id, decision in rows}
+
+
+@dataclass
+class ModelSearch:
+    """Each query's neighbours in one model's gallery (its own photo left out)."""
+
+    truths: dict[int, str]
+    neighbours: dict[int, list[Neighbour]]
+
+
+def search_model(
+    session: Session, model: Model, queries: dict[int, str], depth: int
+) -> ModelSearch:
+    rows = gallery_rows(session, model.id)
+    if not rows:
+        return ModelSearch({}, {})
+    ids = [r[0] for r in rows]
+    vectors = load_vectors(session, ids, model.embedding_dim)
+    image_ids = np.array([r[1] for r in rows], dtype=np.int64)
+    labels = [str(r[2]) for r in rows]
+    position = {int(image_id): i for i, image_id in enumerate(image_ids)}
+    asked = [i for i in queries if i in position]
+    truths = {
+        i: NEW_INDIVIDUAL if queries[i] == "new_individual" else labels[position[i]] for i in asked
+    }
+    if not asked:
+        return ModelSearch({}, {})
+    index = faiss.IndexFlatIP(model.embedding_dim)
+    index.add(vectors)
+    k = min(depth + 1, len(rows))
+    sims, found = index.search(vectors[[position[i] for i in asked]], k)
+    neighbours = {}
+    for query, row_sims, row_found in zip(asked, sims, found, strict=True):
+        neighbours[query] = [
+            Neighbour(labels[j], float(1.0 - s), int(image_ids[j]))
+            for s, j in zip(row_sims, row_found, strict=True)
+            if j >= 0 and int(image_ids[j]) != query
+        ][:depth]
+    return ModelSearch(truths, neighbours)
+
+
+def grid(
+    neighbours: Sequence[Sequence[Neighbour]],
+    truths: Sequence[str],
+    k_grid: Sequence[int],
+    cutoff_grid: Sequence[float],
+) -> list[dict[str, Any]]:
+    """MAP@5 (overall, known, unseen) of every (ranking, k, cutoff), ranked as ``/identify``
+    ranks (``neighbours`` hold more than the largest k, for the top-up). For one ranking and k the
+    order of the candidates does not depend on the cutoff, which only places
+    ``new_individual``, so each query is ranked once per (ranking, k)."""
+    cuts = np.asarray(cutoff_grid, dtype=np.float64)
+    unseen = np.array([t == NEW_INDIVIDUAL for t in truths], dtype=bool)
+    cells = []
+    for ranking, k in itertools.product(RANKINGS, k_grid):
+        ap = np.zeros((len(truths), len(cuts)))
+        for q, (found, truth) in enumerate(zip(neighbours, truths, strict=True)):
+            ordered = [
+                c
+                for c in rank_candidates(found[:k], cutoff=3.0, ranking=ranking, top=1 << 30)
+                if not c.is_new
+            ]
+            # As /identify does: too few individuals among the k are topped up from beyond.
+            ordered += fill(found[k:], {c.label for c in ordered}, TOP - 1 - len(ordered))
+            dists = np.array([c.distance for c in ordered], dtype=np.float64)
+            within = dists[None, :] <= cuts[:, None]
+            n_within = within.sum(axis=1)
+            if truth == NEW_INDIVIDUAL:
+                rank = n_within + 1
+            else:
+                p = next((i for i, c in enumerate(ordered) if c.label == truth), None)
+                if p is None:
+                    continue
+                before = within[:, :p].sum(axis=1)
+                rank = np.where(within[:, p], before + 1, n_within + 1 + (p - before) + 1)
+            ap[q] = np.where(rank <= 5, 1.0 / rank, 0.0)
+        for j, cutoff in enumerate(cuts):
+            column = ap[:, j]
+            cells.append(
+                {
+                    "ranking": ranking,
+                    "k": int(k),
+                    "cutoff": round(float(cutoff), 4),
+                    "map5": float(column.mean()) if len(column) else 0.0,
+                    "map5_known": float(column[~unseen].mean()) if (~unseen).any() else None,
+                    "map5_unseen": float(column[unseen].mean()) if unseen.any() else None,
+                }
+            )
+    return cells
+
+
+def _cell(cells: list[dict[str, Any]], k: int, cutoff: float, ranking: str) -> dict[str, Any]:
+    return next(
+        c
+        for c in cells
+        if c["k"] == k and c["ranking"] == ranking and abs(c["cutoff"] - cutoff) < 1e-9
+    )
+
+
+def _best(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    # Ties go to the paper's head: the cell closest to it wins (as training's grid search does).
+    return max(
+        cells,
+        key=lambda c: (
+            round(c["map5"], 6),
+            -abs(c["k"] - PAPER_HEAD.k),
+            -abs(c["cutoff"] - PAPER_HEAD.cutoff),
+        ),
+    )
+
+
+def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> dict[str, Any]:
+    """MAP@5 of ``model`` on ``queries`` with its own head, the paper's and the best."""
+    k_grid = sorted({*K_GRID, model.k, PAPER_HEAD.k})
+    cutoff_grid = sorted({*CUTOFF_GRID, round(model.cutoff, 4), PAPER_HEAD.cutoff})
+    cells = grid(
+        [search.neighbours[q] for q in queries],
+        [search.truths[q] for q in queries],
+        k_grid,
+        cutoff_grid,
+    )
+    return {
+        "model_id": model.id,
+        "name": model.name,
+        "version": model.version,
+        "heads": {
+            "model": _cell(cells, model.k, round(model.cutoff, 4), model.ranking),
+            "paper": _cell(cells, PAPER_HEAD.k, PAPER_HEAD.cutoff, "vote"),
+            "best": _best(cells) if queries else None,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    """The stored report, with the questions the activation gate asks of it."""
+
+    data: dict[str, Any]
+
+    @property
+    def baseline_model_id(self) -> int | None:
+        value = self.data.get("baseline_model_id")
+        return int(value) if value is not None else None
+
+    @property
+    def evaluated(self) -> int:
+        return int(self.data["evaluated"])
+
+    @property
+    def min_confirmations(self) -> int:
+        return int(self.data["min_confirmations"])
+
+    @property
+    def sufficient(self) -> bool:
+        return bool(self.data["sufficient"])
+
+    def baseline_map5(self) -> float:
+        return float(self.data["baseline"]["heads"]["model"]["map5"])
+
+    def candidate_map5(self, head: str) -> float:
+        return float(self.data["candidate"]["heads"][str(head)]["map5"])
+
+    def best_head(self) -> dict[str, Any] | None:
+        best = self.data["candidate"]["heads"]["best"]
+        if best is None:
+            return None
+        return {"k": best["k"], "cutoff": best["cutoff"], "ranking": best["ranking"]}
+
+
+def evaluate_shadow(
+    settings: Settings, factory: sessionmaker[Session], candidate_id: int
+) -> ShadowReport:
+    """Score the model active now and ``candidate_id`` on the same confirmed queries."""
+    with factory() as session:
+        candidate = session.get_one(Model, candidate_id)
+        baseline = session.scalar(select(Model).where(Model.status == "active"))
+        queries = confirmed_queries(session)
+        depth = max(*K_GRID, candidate.k, baseline.k if baseline else 0, PAPER_HEAD.k) + 2 * TOP
+        searches = {candidate.id: search_model(session, candidate, queries, depth)}
+        if baseline is not None and baseline.id != candidate.id:
+            searches[baseline.id] = search_model(session, baseline, queries, depth)
+    common = sorted(set.intersection(*(set(s.truths) for s in searches.values())))
+    report: dict[str, Any] = {
+        "candidate_model_id": candidate.id,
+        "baseline_model_id": baseline.id if baseline else None,
+        "confirmations": len(queries),
+        "evaluated": len(common),
+        "known": sum(1 for q in common if queries[q] == "confirm"),
+        "unseen": sum(1 for q in common if queries[q] == "new_individual"),
+        "min_confirmations": settings.shadow_min_confirmations,
+        "sufficient": len(common) >= settings.shadow_min_confirmations,
+        "candidate": score_model(candidate, searches[candidate.id], common),
+        "baseline": (
+            score_model(baseline, searches[baseline.id], common) if baseline is not None else None
+        ),
+        "computed_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    log.info(
+        "shadow evaluation of model %s against %s on %d confirmations: %.4f vs %s",
+        candidate.id,
+        report["baseline_model_id"],
+        len(common),
+        report["candidate"]["heads"]["model"]["map5"],
+        report["baseline"]["heads"]["model"]["map5"] if report["baseline"] else None,
+    )
+    return ShadowReport(report)

@@ -1,0 +1,1 @@
+"""The ONNX model: its registered file and its runtime session (the embedder)."""

@@ -1,0 +1,1 @@
+"""Requests to partners' servers: photo fetches, callbacks, and their deadline."""
