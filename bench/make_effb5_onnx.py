@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The contract module imports only the standard library: any environment can write through it.
+from service.contract import ModelContract, PixelRange, Preprocessing, Resize  # noqa: E402
 
 log = logging.getLogger("make_effb5_onnx")
 
@@ -38,18 +42,15 @@ VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7")
 
 
 def metadata_for(size: int, variant: str) -> dict[str, str]:
-    """The whaleid.* metadata_props written into the ONNX file (all values strings)."""
-    return {
-        "whaleid.input_size": str(size),
-        "whaleid.resize": "stretch",
-        "whaleid.pixel_range": "0-255",
-        "whaleid.k": "50",
-        "whaleid.cutoff": "0.62",
-        "whaleid.ranking": "vote",
-        "whaleid.name": f"eff{variant.lower()}-random",
-        "whaleid.version": "bench",
-        "whaleid.training.note": "random weights, for timing only",
-    }
+    """The whaleid.* metadata_props written into the ONNX file (all values strings), through the
+    model contract: the paper's head, 0-255 input stretched to ``size``."""
+    contract = ModelContract(
+        name=f"eff{variant.lower()}-random",
+        version="bench",
+        preprocessing=Preprocessing(size, Resize.STRETCH, PixelRange.BYTES),
+        training={"whaleid.training.note": "random weights, for timing only"},
+    )
+    return contract.to_metadata()
 
 
 def build_model(size: int, variant: str, seed: int):

@@ -5,17 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from service.contract import PAPER_HEAD, Head, ModelContract, Preprocessing, Ranking
+from service.contract import Head, ModelContract, Preprocessing
 
 
 def head_from(summary: dict[str, Any] | None) -> Head:
     """The head the run's grid search chose; the paper's defaults when there is no summary."""
-    chosen = (summary or {}).get("head") or {}
-    return Head(
-        int(chosen.get("k", PAPER_HEAD.k)),
-        float(chosen.get("cutoff", PAPER_HEAD.cutoff)),
-        Ranking(chosen.get("ranking", PAPER_HEAD.ranking)),
-    )
+    return Head.from_dict((summary or {}).get("head"))
 
 
 def _training_facts(summary: dict[str, Any]) -> dict[str, str]:

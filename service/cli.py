@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from service.access.auth import COMMAND_LINE
+from service.contract import ModelStatus
 from service.db import migrate
 from service.logs import escape_handlers
 from service.settings import Settings
@@ -89,7 +90,7 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
         if model is None:
             log.error("model %s does not exist: see `whaleid models list`", args.model_id)
             return 2
-    if model.status != "ready":
+    if model.status != ModelStatus.READY:
         # Not re-indexed in the background: embed here, then switch (no shadow evaluation).
         activate_model(settings, factory, args.model_id)
         return 0
@@ -111,7 +112,10 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
         log.error("%s", e)
         return 2
     log.info(
-        "model %s is active (was %s), head %s", args.model_id, switch.from_model_id, switch.head
+        "model %s is active (was %s), head %s",
+        args.model_id,
+        switch.from_model_id,
+        switch.head.as_dict(),
     )
     return 0
 

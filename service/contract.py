@@ -7,9 +7,10 @@ model's name and version, as ``whaleid.*`` strings in the ONNX file's ``metadata
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 
 class _Choice(StrEnum):
@@ -75,6 +76,36 @@ class Head:
     k: int = 50
     cutoff: float = 0.62
     ranking: Ranking = Ranking.VOTE
+
+    @classmethod
+    def of(cls, row: HasHead) -> Head:
+        """The head a registered model answers with (its row, which an activation may change)."""
+        return cls(int(row.k), float(row.cutoff), Ranking(row.ranking))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, default: Head | None = None) -> Head:
+        """A head written as ``{"k", "cutoff", "ranking"}`` (a run summary, a report, a request);
+        a key it lacks takes ``default``'s value (the paper's head unless given). Other keys,
+        such as a grid cell's scores, are ignored."""
+        base = default or PAPER_HEAD
+        data = data or {}
+        return cls(
+            int(data.get("k", base.k)),
+            float(data.get("cutoff", base.cutoff)),
+            Ranking(data.get("ranking", base.ranking)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``from_dict`` reads back (ranking as its plain string)."""
+        return {"k": self.k, "cutoff": self.cutoff, "ranking": str(self.ranking)}
+
+
+class HasHead(Protocol):
+    """Anything carrying a head's three fields, such as a model row."""
+
+    k: Any
+    cutoff: Any
+    ranking: Any
 
 
 PAPER_HEAD = Head()  # the seed paper's head: k 50, cutoff 0.62, vote

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from service.contract import RANKINGS, Ranking
+import numpy as np
+
+from service.contract import PAPER_HEAD, RANKINGS, Ranking
 
 NEW_INDIVIDUAL = "new_individual"
 TOP = 5
@@ -15,6 +18,7 @@ K_GRID = (1, 3, 5, 10, 20, 50, 75, 100)
 CUTOFF_GRID = tuple(round(0.30 + 0.02 * i, 2) for i in range(31))  # 0.30 ... 0.90
 # A neighbour at distance 0 (the same photo) must not divide by zero.
 _MIN_DISTANCE = 1e-6
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,51 @@ def rank_candidates(
     """
     ranked = _order(aggregate(neighbours), ranking)
     ranked += fill(beyond, {c.label for c in ranked}, top - 1 - len(ranked))
-    within = [c for c in ranked if c.distance is not None and c.distance <= cutoff]
-    beyond_cutoff = [c for c in ranked if c.distance is not None and c.distance > cutoff]
-    return [*within, NEW, *beyond_cutoff][:top]
+    return place_new_individual(ranked, lambda c: c.distance, cutoff, NEW, top)
+
+
+def place_new_individual(
+    ordered: Sequence[C],
+    distance: Callable[[C], float | None],
+    cutoff: float,
+    new: C,
+    top: int = TOP,
+) -> list[C]:
+    """Where ``new_individual`` goes in an answer: the candidates within ``cutoff`` keep their
+    order, then ``new``, then the rest; the first ``top`` are kept. (Candidates without a
+    distance are dropped.) ``ranks_at_cutoffs`` is the same rule for a grid of cutoffs."""
+    within = [c for c in ordered if (d := distance(c)) is not None and d <= cutoff]
+    beyond = [c for c in ordered if (d := distance(c)) is not None and d > cutoff]
+    return [*within, new, *beyond][:top]
+
+
+def ranks_at_cutoffs(
+    distances: np.ndarray, position: int | None, cutoffs: np.ndarray
+) -> np.ndarray:
+    """``place_new_individual`` for many cutoffs at once: the 1-based rank, at each cutoff, of
+    the candidate at ``position`` in an ordering whose distances are ``distances`` (``None``:
+    the rank of ``new_individual`` itself)."""
+    within = distances[None, :] <= cutoffs[:, None]
+    n_within = within.sum(axis=1)
+    if position is None:
+        return np.asarray(n_within + 1)
+    before = within[:, :position].sum(axis=1)
+    return np.asarray(
+        np.where(within[:, position], before + 1, n_within + 1 + (position - before) + 1)
+    )
+
+
+def best_cell(cells: Iterable[Mapping[str, Any]]) -> Any:
+    """The best cell of a head grid by MAP@5 (to 6 places); ties go to the cell closest to the
+    paper's head, in k and then in cutoff (training's grid search and the shadow evaluation)."""
+    return max(
+        cells,
+        key=lambda c: (
+            round(c["map5"], 6),
+            -abs(c["k"] - PAPER_HEAD.k),
+            -abs(c["cutoff"] - PAPER_HEAD.cutoff),
+        ),
+    )
 
 
 def fill(beyond: Sequence[Neighbour], named: set[str], count: int) -> list[RankedCandidate]:

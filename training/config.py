@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.contract import RANKINGS, Head, PixelRange, Preprocessing, Ranking, Resize
+from service.contract import PAPER_HEAD, RANKINGS, Head, PixelRange, Preprocessing, Ranking, Resize
 from service.knn import CUTOFF_GRID, K_GRID
 
 BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + ("compact",)
@@ -90,9 +90,9 @@ class TrainConfig:
     gallery_fraction: float = 0.5
     train_distractors: int = 2000
     # evaluation and the kNN head
-    k: int = 50
-    cutoff: float = 0.62
-    ranking: str = "vote"
+    k: int = PAPER_HEAD.k
+    cutoff: float = PAPER_HEAD.cutoff
+    ranking: str = str(PAPER_HEAD.ranking)
     k_grid: tuple[int, ...] = K_GRID
     cutoff_grid: tuple[float, ...] = CUTOFF_GRID
     rankings: tuple[str, ...] = ("vote",)

@@ -24,6 +24,7 @@ from service.knn import (
     NEW_INDIVIDUAL,
     Neighbour,
     average_precision_at_5,
+    best_cell,
     map_at_5,
     rank_candidates,
 )
@@ -191,11 +192,8 @@ class GridResult:
 
     @property
     def best(self) -> dict[str, Any]:
-        # Ties go to the paper's head (k = 50, cutoff 0.62): the closest cell to it wins.
-        return max(
-            self.cells,
-            key=lambda c: (round(c["map5"], 6), -abs(c["k"] - 50), -abs(c["cutoff"] - 0.62)),
-        )
+        # Ties go to the paper's head: the closest cell to it wins.
+        return dict(best_cell(self.cells))
 
     def as_dict(self) -> dict[str, Any]:
         return {"best": self.best, "cells": self.cells}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from service.contract import PAPER_HEAD, Head, PixelRange, Preprocessing, Ranking
+from service.contract import Head, PixelRange, Preprocessing, Ranking
 from service.imaging import to_model_input
 from service.knn import NEW_INDIVIDUAL
 from training.data import Entry, read_entries
@@ -78,12 +78,7 @@ def open_model(path: Path) -> tuple[Embed, Preprocessing, Head]:
 
     model = load_model(path)
     summary = find_summary(path)
-    chosen = (summary or {}).get("head") or {}
-    head = Head(
-        int(chosen.get("k", PAPER_HEAD.k)),
-        float(chosen.get("cutoff", PAPER_HEAD.cutoff)),
-        Ranking(chosen.get("ranking", PAPER_HEAD.ranking)),
-    )
+    head = Head.from_dict((summary or {}).get("head"))
     spec = preprocessing_of(model, summary)
     return keras_embed(embedding_submodel(model)), spec, head
 

@@ -191,7 +191,7 @@ async def get_shadow_report(
 
 
 def _switch_out(switch: Switch) -> SwitchOut:
-    return SwitchOut(**switch.__dict__)
+    return SwitchOut(**{**switch.__dict__, "head": switch.head.as_dict()})
 
 
 async def _follow(runtime: RuntimeDep) -> None:

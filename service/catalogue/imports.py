@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
+from service.contract import ModelStatus
 from service.db.checks import BadText, check_catalogue_id, check_text, column_length
 from service.db.tables import Embedding, Image, Individual, Model, transaction
 from service.gallery.embed import embed_photos
@@ -273,4 +274,4 @@ class CatalogueImport:
 
 
 def model_for_import(session: Session) -> Model | None:
-    return session.scalar(select(Model).where(Model.status == "active"))
+    return session.scalar(select(Model).where(Model.status == ModelStatus.ACTIVE))

@@ -35,6 +35,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from service.contract import ModelStatus
 from service.db.checks import refuse_bad_text
 
 NAMING = {
@@ -115,7 +116,7 @@ class Model(Base):
     k: Mapped[int] = mapped_column(Integer)
     cutoff: Mapped[float] = mapped_column(Float)
     ranking: Mapped[str] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(20), default="registered", index=True)
+    status: Mapped[str] = mapped_column(String(20), default=ModelStatus.REGISTERED, index=True)
     metadata_props: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

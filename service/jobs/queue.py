@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.access.auth import Principal
 from service.catalogue.curation import Conflict, NotFound
+from service.contract import ModelStatus
 from service.db.tables import Job, JobChunk, Model, transaction, utcnow
 from service.redact import public_text
 
@@ -317,8 +318,8 @@ def _stop(session: Session, job: Job, state: JobState) -> None:
         # the next re-index resumes where this one stopped).
         session.execute(
             update(Model)
-            .where(Model.id == job.model_id, Model.status == "indexing")
-            .values(status="registered")
+            .where(Model.id == job.model_id, Model.status == ModelStatus.INDEXING)
+            .values(status=ModelStatus.REGISTERED)
         )
 
 

@@ -24,7 +24,7 @@ from typing import IO
 
 from service.gallery.sync import Filters
 from service.imaging import PhotoError
-from service.knn import NEW_INDIVIDUAL, TOP
+from service.knn import NEW_INDIVIDUAL, TOP, place_new_individual
 from service.matching.identify import AnsweredCandidate, IdentificationResult, Identifier
 
 
@@ -80,9 +80,10 @@ def fuse(
             if c.distance < t.distance:
                 t.distance, t.best_image_id = c.distance, c.best_image_id
     ordered = sorted(tallies.values(), key=_order_key(fusion))
-    within = [t for t in ordered if t.distance <= cutoff]
-    beyond = [t for t in ordered if t.distance > cutoff]
-    return [_answer(rank, t) for rank, t in enumerate([*within, None, *beyond][:top], start=1)]
+    placed: list[_Tally | None] = place_new_individual(
+        ordered, lambda t: None if t is None else t.distance, cutoff, None, top
+    )
+    return [_answer(rank, t) for rank, t in enumerate(placed, start=1)]
 
 
 def _order_key(fusion: Fusion) -> Callable[[_Tally], tuple[float, float, str]]:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import Head, Ranking
+from service.contract import Head, ModelStatus
 from service.db.tables import Candidate, Identification, Image, Individual, Model, transaction
 from service.gallery.sync import Filters, Gallery, latest_change, log_gallery_changes
 from service.imaging import Keepsake, Photo, decode_photo, keepsake, to_model_input
@@ -50,7 +50,7 @@ class ModelInfo:
 
     @classmethod
     def of(cls, model: Model) -> ModelInfo:
-        return cls(model.id, model.name, model.version, model_head(model))
+        return cls(model.id, model.name, model.version, Head.of(model))
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ class Runtime:
     def current(self) -> Identifier:
         """The active model's identifier, loading or syncing it first if the database moved."""
         with self.factory() as session:
-            active_id = session.scalar(select(Model.id).where(Model.status == "active"))
+            active_id = session.scalar(select(Model.id).where(Model.status == ModelStatus.ACTIVE))
             if active_id is None:
                 raise NoActiveModel()
             version = latest_change(session, active_id)
@@ -357,7 +357,7 @@ class Runtime:
         id is read again here: a request that read it before a switch must not load the old
         model back."""
         with self.factory() as session:
-            model = session.scalar(select(Model).where(Model.status == "active"))
+            model = session.scalar(select(Model).where(Model.status == ModelStatus.ACTIVE))
         if model is None:
             raise NoActiveModel()
         identifier = self._identifier
@@ -397,8 +397,3 @@ class Runtime:
         if identifier is not None:
             with self._lock:
                 identifier.gallery.sync(self.factory)
-
-
-def model_head(model: Model) -> Head:
-    """The head a registered model answers with (its row, which an activation may change)."""
-    return Head(model.k, model.cutoff, Ranking(model.ranking))

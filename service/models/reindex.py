@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.catalogue.curation import Conflict, NotFound
-from service.contract import PAPER_HEAD, ModelStatus
+from service.contract import PAPER_HEAD, Head, ModelStatus
 from service.db.tables import Embedding, GalleryChange, Image, Job, Model, ModelSwitch, transaction
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path, log_gallery_changes
@@ -375,11 +375,11 @@ def shadow_report(
     return evaluate_shadow(settings, factory, model_id)
 
 
-def head_of(report: ShadowReport, model: Model, choice: HeadChoice) -> dict[str, Any]:
+def head_of(report: ShadowReport, model: Model, choice: HeadChoice) -> Head:
     if choice == HeadChoice.MODEL:
-        return {"k": model.k, "cutoff": model.cutoff, "ranking": model.ranking}
+        return Head.of(model)
     if choice == HeadChoice.PAPER:
-        return {"k": PAPER_HEAD.k, "cutoff": PAPER_HEAD.cutoff, "ranking": str(PAPER_HEAD.ranking)}
+        return PAPER_HEAD
     best = report.best_head()
     if best is None:
         raise Conflict(
@@ -415,7 +415,7 @@ class Switch:
     from_model_id: int | None
     to_model_id: int
     action: str
-    head: dict[str, Any]
+    head: Head
     caught_up: int
     report: dict[str, Any] | None = None
 
@@ -428,10 +428,6 @@ def _hold_gallery_writes(session: Session) -> None:
         session.connection().exec_driver_sql("LOCK TABLE images IN SHARE ROW EXCLUSIVE MODE")
 
 
-def _head(model: Model) -> dict[str, Any]:
-    return {"k": model.k, "cutoff": model.cutoff, "ranking": model.ranking}
-
-
 def switch_to(
     settings: Settings,
     factory: sessionmaker[Session],
@@ -439,7 +435,7 @@ def switch_to(
     model_id: int,
     *,
     action: str,
-    head: dict[str, Any] | None,
+    head: Head | None,
     actor: str,
     forced: bool = False,
 ) -> Switch:
@@ -464,7 +460,7 @@ def _switch_now(
     factory: sessionmaker[Session],
     model_id: int,
     action: str,
-    head: dict[str, Any] | None,
+    head: Head | None,
     actor: str,
     forced: bool,
     added: int,
@@ -485,19 +481,19 @@ def _switch_now(
         )
         target = session.get_one(Model, model_id)
         if target.status == ModelStatus.ACTIVE and previous is None:
-            return Switch(None, model_id, "unchanged", _head(target), added)
+            return Switch(None, model_id, "unchanged", Head.of(target), added)
         if previous is not None:
             previous.status = ModelStatus.READY
         if head is not None:
-            target.k, target.cutoff, target.ranking = head["k"], head["cutoff"], head["ranking"]
+            target.k, target.cutoff, target.ranking = head.k, head.cutoff, str(head.ranking)
         target.status = ModelStatus.ACTIVE
-        chosen = _head(target)
+        chosen = Head.of(target)
         session.add(
             ModelSwitch(
                 from_model_id=previous.id if previous else None,
                 to_model_id=model_id,
                 action=action,
-                head=chosen,
+                head=chosen.as_dict(),
                 actor=actor,
                 forced=forced,
             )
@@ -507,7 +503,7 @@ def _switch_now(
         action,
         model_id,
         previous.id if previous else None,
-        chosen,
+        chosen.as_dict(),
         added,
     )
     return Switch(previous.id if previous else None, model_id, action, chosen, added)
@@ -585,7 +581,7 @@ def rollback(
                 f"the previous model {previous.id} is {previous.status}: it can no longer be "
                 "rolled back to; re-index it first"
             )
-        head = _head(previous)
+        head = Head.of(previous)
     if before_switch is not None:
         before_switch(previous.id)
     return switch_to(

@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import PAPER_HEAD, RANKINGS
+from service.contract import PAPER_HEAD, RANKINGS, Head, ModelStatus
 from service.db.tables import Decision, Identification, Model
 from service.gallery.sync import gallery_rows, load_vectors
 from service.knn import (
@@ -32,8 +32,10 @@ from service.knn import (
     NEW_INDIVIDUAL,
     TOP,
     Neighbour,
+    best_cell,
     fill,
     rank_candidates,
+    ranks_at_cutoffs,
 )
 from service.settings import Settings
 
@@ -118,16 +120,13 @@ def grid(
             # As /identify does: too few individuals among the k are topped up from beyond.
             ordered += fill(found[k:], {c.label for c in ordered}, TOP - 1 - len(ordered))
             dists = np.array([c.distance for c in ordered], dtype=np.float64)
-            within = dists[None, :] <= cuts[:, None]
-            n_within = within.sum(axis=1)
             if truth == NEW_INDIVIDUAL:
-                rank = n_within + 1
+                rank = ranks_at_cutoffs(dists, None, cuts)
             else:
                 p = next((i for i, c in enumerate(ordered) if c.label == truth), None)
                 if p is None:
                     continue
-                before = within[:, :p].sum(axis=1)
-                rank = np.where(within[:, p], before + 1, n_within + 1 + (p - before) + 1)
+                rank = ranks_at_cutoffs(dists, p, cuts)
             ap[q] = np.where(rank <= 5, 1.0 / rank, 0.0)
         for j, cutoff in enumerate(cuts):
             column = ap[:, j]
@@ -152,18 +151,6 @@ def _cell(cells: list[dict[str, Any]], k: int, cutoff: float, ranking: str) -> d
     )
 
 
-def _best(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    # Ties go to the paper's head: the cell closest to it wins (as training's grid search does).
-    return max(
-        cells,
-        key=lambda c: (
-            round(c["map5"], 6),
-            -abs(c["k"] - PAPER_HEAD.k),
-            -abs(c["cutoff"] - PAPER_HEAD.cutoff),
-        ),
-    )
-
-
 def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> dict[str, Any]:
     """MAP@5 of ``model`` on ``queries`` with its own head, the paper's and the best."""
     k_grid = sorted({*K_GRID, model.k, PAPER_HEAD.k})
@@ -180,8 +167,8 @@ def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> di
         "version": model.version,
         "heads": {
             "model": _cell(cells, model.k, round(model.cutoff, 4), model.ranking),
-            "paper": _cell(cells, PAPER_HEAD.k, PAPER_HEAD.cutoff, "vote"),
-            "best": _best(cells) if queries else None,
+            "paper": _cell(cells, PAPER_HEAD.k, PAPER_HEAD.cutoff, PAPER_HEAD.ranking),
+            "best": best_cell(cells) if queries else None,
         },
     }
 
@@ -215,11 +202,9 @@ class ShadowReport:
     def candidate_map5(self, head: str) -> float:
         return float(self.data["candidate"]["heads"][str(head)]["map5"])
 
-    def best_head(self) -> dict[str, Any] | None:
+    def best_head(self) -> Head | None:
         best = self.data["candidate"]["heads"]["best"]
-        if best is None:
-            return None
-        return {"k": best["k"], "cutoff": best["cutoff"], "ranking": best["ranking"]}
+        return None if best is None else Head.from_dict(best)
 
 
 def evaluate_shadow(
@@ -228,7 +213,7 @@ def evaluate_shadow(
     """Score the model active now and ``candidate_id`` on the same confirmed queries."""
     with factory() as session:
         candidate = session.get_one(Model, candidate_id)
-        baseline = session.scalar(select(Model).where(Model.status == "active"))
+        baseline = session.scalar(select(Model).where(Model.status == ModelStatus.ACTIVE))
         queries = confirmed_queries(session)
         depth = max(*K_GRID, candidate.k, baseline.k if baseline else 0, PAPER_HEAD.k) + 2 * TOP
         searches = {candidate.id: search_model(session, candidate, queries, depth)}

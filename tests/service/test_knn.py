@@ -7,12 +7,16 @@ import random
 import numpy as np
 import pytest
 
+from service.contract import PAPER_HEAD, Head, Ranking
 from service.knn import (
     NEW_INDIVIDUAL,
     Neighbour,
     average_precision_at_5,
+    best_cell,
     map_at_5,
+    place_new_individual,
     rank_candidates,
+    ranks_at_cutoffs,
 )
 
 
@@ -145,3 +149,43 @@ def test_map5_averages_over_images() -> None:
 
 def test_map5_of_no_queries_is_zero() -> None:
     assert map_at_5([], []) == 0.0
+
+
+def test_ranks_at_cutoffs_agrees_with_the_placement_of_new_individual() -> None:
+    """The shadow evaluation's vectorised ranks are ``place_new_individual``'s, at every cutoff:
+    for each candidate and for ``new_individual`` itself, on 300 random orderings."""
+    rng = random.Random(3)
+    cutoffs = np.round(np.arange(0.0, 1.01, 0.05), 2)
+    for _ in range(300):
+        distances = [round(rng.uniform(0.0, 1.0), 2) for _ in range(rng.randint(0, 8))]
+        labels = [f"c{i}" for i in range(len(distances))]
+        by_label = dict(zip(labels, distances, strict=True))
+        array = np.array(distances, dtype=np.float64)
+        for j, cutoff in enumerate(cutoffs):
+            placed = place_new_individual(labels, by_label.get, float(cutoff), NEW_INDIVIDUAL, 99)
+            for position, label in [*enumerate(labels), (None, NEW_INDIVIDUAL)]:
+                expected = placed.index(label) + 1
+                assert ranks_at_cutoffs(array, position, cutoffs)[j] == expected
+
+
+def test_a_grids_best_cell_breaks_ties_toward_the_papers_head() -> None:
+    cells = [
+        {"k": 10, "cutoff": 0.62, "map5": 0.5},
+        {"k": 50, "cutoff": 0.70, "map5": 0.5},
+        {"k": 50, "cutoff": 0.60, "map5": 0.5},
+        {"k": 75, "cutoff": 0.62, "map5": 0.4},
+    ]
+    assert best_cell(cells) == {"k": 50, "cutoff": 0.60, "map5": 0.5}
+    assert best_cell([*cells, {"k": 1, "cutoff": 0.3, "map5": 0.5000001}])["k"] == 50  # 6 places
+    assert best_cell([*cells, {"k": 1, "cutoff": 0.3, "map5": 0.51}])["k"] == 1
+
+
+def test_a_head_reads_back_what_it_writes_and_defaults_to_the_papers() -> None:
+    head = Head(7, 0.5, Ranking.NEAREST)
+    assert head.as_dict() == {"k": 7, "cutoff": 0.5, "ranking": "nearest"}
+    assert Head.from_dict(head.as_dict()) == head
+    assert Head.from_dict(None) == PAPER_HEAD
+    assert Head.from_dict({"cutoff": 0.4, "map5": 0.9}) == Head(50, 0.4, Ranking.VOTE)
+    assert Head.from_dict({"k": "3"}, default=head) == Head(3, 0.5, Ranking.NEAREST)
+    with pytest.raises(ValueError):
+        Head.from_dict({"ranking": "loudest"})

@@ -269,6 +269,7 @@ def test_a_killed_worker_process_loses_one_chunk_and_embeds_nothing_twice(
 def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_head(
     catalogue: Catalogue, tmp_path: Path
 ) -> None:
+    from service.contract import Head, Ranking
     from service.matching.identify import Runtime
     from service.models.reindex import switch_to
 
@@ -279,7 +280,7 @@ def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_hea
     runtime.prepare(new_id)
     assert runtime.current() is old  # prepared, not active yet
     prepared = runtime._standby
-    head = {"k": 7, "cutoff": 0.5, "ranking": "nearest"}
+    head = Head(7, 0.5, Ranking.NEAREST)
     embedders = Embedders(s, catalogue.sessions)
     switch_to(s, catalogue.sessions, embedders(new_id), new_id, action="t", head=head, actor="t")
     now = runtime.current()
