@@ -61,8 +61,8 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import Conflict
     from service.contract import ModelContractError
+    from service.errors import Conflict
     from service.models.registry import activate_model, register_model
 
     factory = _sessions(settings)
@@ -79,8 +79,8 @@ def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import Conflict, NotFound
     from service.db.tables import Model
+    from service.errors import Conflict, NotFound
     from service.models.registry import activate_model
     from service.models.reindex import ActivationRefused, Embedders, HeadChoice, activate
 
@@ -121,7 +121,7 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import Conflict
+    from service.errors import Conflict
     from service.models.reindex import Embedders, rollback
 
     factory = _sessions(settings)
@@ -137,7 +137,7 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import Conflict, NotFound
+    from service.errors import Conflict, NotFound
     from service.models.reindex import retire
 
     try:
@@ -150,8 +150,8 @@ def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import Conflict, NotFound
     from service.contract import ModelContractError
+    from service.errors import Conflict, NotFound
     from service.models.registry import register_model
     from service.models.reindex import start_reindex
 
@@ -220,7 +220,7 @@ def cmd_jobs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import NotFound
+    from service.errors import NotFound
     from service.jobs.queue import get_job, progress
 
     factory = _sessions(settings)
@@ -238,7 +238,7 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.curation import Conflict, NotFound
+    from service.errors import Conflict, NotFound
     from service.jobs.queue import cancel
 
     try:
@@ -288,7 +288,8 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
-    from service.catalogue.imports import CatalogueError, CatalogueImport, model_for_import
+    from service.catalogue.imports import CatalogueImport, model_for_import
+    from service.catalogue_csv import CatalogueError
     from service.db.tables import Model
     from service.onnx.embedder import Embedder
 

@@ -69,3 +69,20 @@ def test_every_package_imports_only_the_ones_below_it() -> None:
 def test_the_layers_cover_every_package() -> None:
     packages = {p.parent.name for p in SERVICE.glob("*/__init__.py")}
     assert packages == set(LAYERS)
+
+
+def test_the_service_imports_no_migrations_training_or_export() -> None:
+    """``migrations/env.py`` imports ``service``; the service finds the migration scripts as
+    data (``service.db.migrate.script_location``) and never imports them, nor TensorFlow's side."""
+    wrong = []
+    for path in sorted(SERVICE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name.split(".")[0] in {"migrations", "training", "model_export", "tensorflow"}:
+                    wrong.append(f"{path.relative_to(SERVICE.parent)} imports {name}")
+    assert not wrong, "\n".join(wrong)

@@ -34,10 +34,9 @@ from service.api.collectors import ServiceMetrics
 from service.api.docs import install_docs
 from service.api.guard import RequestGuard
 from service.api.observability import KeyRate, RateLimit, RequestContext
-from service.catalogue.curation import Conflict, Invalid, NotFound
-from service.db.checks import BadText
 from service.db.migrate import is_current
 from service.db.tables import make_engine, make_sessionmaker
+from service.errors import Conflict, Invalid, NotFound
 from service.imaging import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
 from service.jobs.batch import JobCloser, OverQuota, batch_handlers
 from service.jobs.queue import Worker
@@ -46,6 +45,7 @@ from service.matching.identify import NoActiveModel, Runtime
 from service.matching.slots import Busy
 from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 from service.settings import Settings
+from service.text import BadText
 
 log = logging.getLogger(__name__)
 

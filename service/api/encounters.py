@@ -16,10 +16,10 @@ from service.api.identify import (
 )
 from service.api.params import CandidateSet
 from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut
-from service.catalogue.curation import Invalid
-from service.db.checks import check_text
+from service.errors import Invalid
 from service.imaging import PhotoTooLarge
 from service.matching.encounters import EncounterPhoto, EncounterResult, Fusion, identify_encounter
+from service.text import check_text
 
 router = APIRouter(tags=["identify"], responses=INVALID)
 

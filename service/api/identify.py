@@ -22,10 +22,11 @@ from service.api.schemas import (
     Problem,
 )
 from service.catalogue.curation import decision_history
-from service.db.checks import check_text, column_length
+from service.db.checks import column_length
 from service.db.tables import Identification, Image
 from service.imaging import PhotoTooLarge, parse_bbox
 from service.matching.identify import IdentificationResult
+from service.text import check_text
 
 router = APIRouter(tags=["identify"], responses=INVALID)
 

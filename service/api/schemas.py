@@ -7,9 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from service.db.checks import MAX_ROW_ID, check_catalogue_id, column_length, text_problem
+from service.db.checks import MAX_ROW_ID, column_length
 from service.db.tables import ApiKey, Image, Individual
 from service.matching.identify import ModelInfo
+from service.text import check_catalogue_id, text_problem
 
 
 def storable(value: str | None) -> str | None:

@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.checks import check_catalogue_id, is_reserved
 from service.db.tables import (
     Decision,
     Identification,
@@ -22,8 +21,10 @@ from service.db.tables import (
     IndividualEvent,
     transaction,
 )
+from service.errors import Conflict, Invalid, NotFound
 from service.gallery.sync import log_gallery_changes
 from service.knn import NEW_INDIVIDUAL
+from service.text import check_catalogue_id, is_reserved
 
 
 class DecisionKind(StrEnum):
@@ -46,22 +47,6 @@ STATUS_AFTER = {
     DecisionKind.NEW_INDIVIDUAL: IdentificationStatus.NEW_INDIVIDUAL,
     DecisionKind.REJECT: IdentificationStatus.REJECTED,
 }
-
-
-class CurationError(Exception):
-    """A curation request that cannot be carried out; the message says why and what to do."""
-
-
-class NotFound(CurationError):
-    pass
-
-
-class Conflict(CurationError):
-    pass
-
-
-class Invalid(CurationError):
-    pass
 
 
 @dataclass(frozen=True)

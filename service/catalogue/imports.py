@@ -6,8 +6,6 @@ photo already stored (same content) is never added twice.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +15,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
+from service.catalogue_csv import CatalogueRow, read_catalogue
 from service.contract import ModelStatus
-from service.db.checks import BadText, check_catalogue_id, check_text, column_length
 from service.db.tables import Embedding, Image, Individual, Model, transaction
 from service.gallery.embed import embed_photos
 from service.gallery.sync import Gallery, log_gallery_changes
@@ -30,13 +28,6 @@ from service.store.records import add_embedding, get_or_add_image, get_or_add_in
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("image", "species", "individual_id")
-OPTIONAL_COLUMNS = ("encounter", "location", "date")
-
-
-class CatalogueError(ValueError):
-    """The catalogue file as a whole cannot be read."""
-
 
 @dataclass
 class ImportReport:
@@ -47,85 +38,17 @@ class ImportReport:
 
 
 @dataclass
-class _Row:
-    line: int
-    image: str
-    species: str
-    individual_id: str
-    encounter: str | None
-    location: str | None
-    taken_on: dt.date | None
-
-
-@dataclass
 class _Ready:
-    row: _Row
+    row: CatalogueRow
     data: bytes
     digest: str
     photo: Photo
 
 
-def read_catalogue(path: Path) -> Iterator[_Row | tuple[int, str]]:
-    """Rows of the CSV, or (line, problem) for a row that cannot be used."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise CatalogueError(
-                f"{path} lacks the column(s) {', '.join(missing)}: the header must name "
-                f"{','.join(REQUIRED_COLUMNS)} (optional: {','.join(OPTIONAL_COLUMNS)})"
-            )
-        for raw in reader:
-            line = reader.line_num
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
-            if not row["image"] or not row["individual_id"]:
-                yield line, "image and individual_id must not be empty"
-                continue
-            try:
-                taken_on = dt.date.fromisoformat(row["date"]) if row.get("date") else None
-            except ValueError:
-                yield line, f"date {row['date']!r} is not YYYY-MM-DD"
-                continue
-            problem = _row_problem(row)
-            if problem:
-                yield line, problem
-                continue
-            yield _Row(
-                line,
-                row["image"],
-                row["species"],
-                row["individual_id"],
-                row.get("encounter") or None,
-                row.get("location") or None,
-                taken_on,
-            )
-
-
-_ROW_LIMITS = {
-    "image": column_length(Image.original_name),
-    "species": column_length(Image.species),
-    "individual_id": column_length(Individual.catalogue_id),
-    "encounter": column_length(Image.encounter),
-    "location": column_length(Image.location),
-}
-
-
-def _row_problem(row: dict[str, str]) -> str | None:
-    """Why a row cannot be stored (the same on every database), or None."""
-    try:
-        for column, limit in _ROW_LIMITS.items():
-            check_text(column, row.get(column), limit)
-        check_catalogue_id(row["individual_id"])
-    except BadText as e:
-        return str(e)
-    return None
-
-
 def _batches(
-    items: Iterator[_Row | tuple[int, str]], size: int
-) -> Iterator[list[_Row | tuple[int, str]]]:
-    batch: list[_Row | tuple[int, str]] = []
+    items: Iterator[CatalogueRow | tuple[int, str]], size: int
+) -> Iterator[list[CatalogueRow | tuple[int, str]]]:
+    batch: list[CatalogueRow | tuple[int, str]] = []
     for item in items:
         batch.append(item)
         if len(batch) >= size:
@@ -169,7 +92,7 @@ class CatalogueImport:
             Gallery.for_model(self.settings, self.model_id, self.embedder.dim).open(self.factory)
         return report
 
-    def _read(self, row: _Row, images_dir: Path) -> tuple[bytes, str] | str:
+    def _read(self, row: CatalogueRow, images_dir: Path) -> tuple[bytes, str] | str:
         path = images_dir / row.image
         if not path.is_file():
             return f"image {row.image!r} not found in {images_dir}"
@@ -179,7 +102,7 @@ class CatalogueImport:
             return f"image {row.image!r} cannot be read: {e}"
         return data, content_hash(data)
 
-    def _known(self, session: Session, digest: str, row: _Row) -> str | None | bool:
+    def _known(self, session: Session, digest: str, row: CatalogueRow) -> str | None | bool:
         """True if this row is already fully imported; a message if it conflicts; else None."""
         image = session.scalar(select(Image).where(Image.content_hash == digest))
         if image is None or image.individual_id is None:
@@ -200,7 +123,7 @@ class CatalogueImport:
         return True if embedded is not None else None
 
     def _import_batch(
-        self, batch: list[_Row | tuple[int, str]], images_dir: Path, report: ImportReport
+        self, batch: list[CatalogueRow | tuple[int, str]], images_dir: Path, report: ImportReport
     ) -> None:
         ready: list[_Ready] = []
         seen: set[str] = set()

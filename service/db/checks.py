@@ -13,15 +13,10 @@ from typing import Any
 from sqlalchemy import JSON, String, inspect
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from service.knn import NEW_INDIVIDUAL
+from service.text import check_catalogue_id, check_text
 
-NUL = "\x00"
 # Database ids are signed 64-bit integers: a larger number can name no row.
 MAX_ROW_ID = 2**63 - 1
-
-
-class BadText(ValueError):
-    """Text the database would refuse or keep wrongly; the message names the field and limit."""
 
 
 def column_length(attribute: InstrumentedAttribute[Any]) -> int:
@@ -29,36 +24,6 @@ def column_length(attribute: InstrumentedAttribute[Any]) -> int:
     length = attribute.property.columns[0].type.length
     assert isinstance(length, int), f"{attribute} is not a String(n) column"
     return length
-
-
-def text_problem(value: str, max_length: int | None = None) -> str | None:
-    """What is wrong with ``value`` (None if nothing)."""
-    if NUL in value:
-        return "must not contain a NUL (\\x00) character"
-    if max_length is not None and len(value) > max_length:
-        return f"is {len(value)} characters long, over its limit of {max_length}"
-    return None
-
-
-def check_text(field: str, value: str | None, max_length: int | None = None) -> None:
-    """Raise ``BadText`` naming ``field`` if ``value`` cannot be stored."""
-    if value is None:
-        return
-    problem = text_problem(value, max_length)
-    if problem:
-        raise BadText(f"{field} {problem}")
-
-
-def is_reserved(catalogue_id: str) -> bool:
-    return catalogue_id.strip().casefold() == NEW_INDIVIDUAL
-
-
-def check_catalogue_id(catalogue_id: str) -> None:
-    if is_reserved(catalogue_id):
-        raise BadText(
-            f"{catalogue_id!r} is reserved: {NEW_INDIVIDUAL} marks an animal not in the "
-            "catalogue in every answer; choose another catalogue id"
-        )
 
 
 def _check_json(field: str, value: Any) -> None:

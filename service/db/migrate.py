@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.util
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
-import migrations
+
+def script_location() -> str:
+    """The folder of the Alembic scripts, installed beside ``service`` as the ``migrations``
+    package's data. Found, not imported: ``migrations/env.py`` imports ``service``, and the
+    service never imports ``migrations``."""
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the migrations folder is not installed: reinstall whaleid")
+    return str(next(iter(spec.submodule_search_locations)))
 
 
 def alembic_config(url: str) -> Config:
     """An Alembic config pointing at ``migrations/`` for the database at ``url``."""
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("script_location", script_location())
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
-from service.catalogue.curation import Invalid
+from service.errors import Invalid
 from service.store.objects import ObjectStore, open_store
 
 if TYPE_CHECKING:

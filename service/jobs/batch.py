@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.access.auth import Principal
 from service.access.tenancy import readable_images
-from service.catalogue.curation import Invalid
 from service.db.tables import ApiKey, Image, Job, transaction, utcnow
+from service.errors import Invalid
 from service.gallery.sync import Filters
 from service.imaging import PhotoError, open_photo
 from service.jobs.archives import ArchiveFiles, check_directory, is_encrypted

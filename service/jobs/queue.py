@@ -29,9 +29,9 @@ from sqlalchemy import and_, exists, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.access.auth import Principal
-from service.catalogue.curation import Conflict, NotFound
 from service.contract import ModelStatus
 from service.db.tables import Job, JobChunk, Model, transaction, utcnow
+from service.errors import Conflict, NotFound
 from service.redact import public_text
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.catalogue.curation import Conflict
 from service.contract import ModelContractError, ModelStatus
 from service.db.tables import Model, transaction
+from service.errors import Conflict
 from service.gallery.embed import embed_gallery
 from service.gallery.sync import Gallery
 from service.models.reindex import Embedders, switch_to

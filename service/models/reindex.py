@@ -25,9 +25,9 @@ from sqlalchemy import exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.catalogue.curation import Conflict, NotFound
 from service.contract import PAPER_HEAD, Head, ModelStatus
 from service.db.tables import Embedding, GalleryChange, Image, Job, Model, ModelSwitch, transaction
+from service.errors import Conflict, NotFound
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path, log_gallery_changes
 from service.imaging import PhotoError, decode_photo, to_model_input

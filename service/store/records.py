@@ -8,10 +8,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.checks import check_catalogue_id
 from service.db.tables import Embedding, Image, Individual
 from service.imaging import Photo
 from service.store.photos import StoredPhoto
+from service.text import check_catalogue_id
 
 
 def get_or_add_image(

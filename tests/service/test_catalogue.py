@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,30 @@ def test_evaluate_scores_known_and_unseen_individuals(
     assert rows[0]["predictions"].split()[0] == "ind-0"
     assert rows[4]["predictions"].split()[0] == "new_individual"
     assert len(rows[0]["predictions"].split()) == 5
+
+
+def test_the_catalogue_files_text_limits_are_the_databases() -> None:
+    """The CSV reader knows no database, yet refuses exactly what the columns would."""
+    from service.catalogue_csv import TEXT_LIMITS
+    from service.db.checks import column_length
+    from service.db.tables import Image, Individual
+
+    assert TEXT_LIMITS == {
+        "image": column_length(Image.original_name),
+        "species": column_length(Image.species),
+        "individual_id": column_length(Individual.catalogue_id),
+        "encounter": column_length(Image.encounter),
+        "location": column_length(Image.location),
+    }
+
+
+def test_the_catalogue_file_reader_imports_no_database_index_or_store() -> None:
+    """Training reads catalogues with it: in a fresh interpreter it loads no SQLAlchemy, faiss,
+    boto3 or onnxruntime."""
+    code = (
+        "import sys; from service.catalogue_csv import read_catalogue; "
+        "print(sorted(m for m in ('sqlalchemy', 'faiss', 'boto3', 'onnxruntime') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
