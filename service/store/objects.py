@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +188,38 @@ def _error_code(error: Any) -> str:
 
 def open_store(settings: Settings) -> ObjectStore:
     """The store ``settings.storage_url`` names: empty for the data directory, or
-    ``s3://bucket/prefix`` (needs the ``s3`` extra: ``pip install 'whaleid[s3]'``)."""
-    url = settings.storage_url
+    ``s3://bucket/prefix`` (needs the ``s3`` extra: ``pip install 'whaleid[s3]'``). One per
+    process and configuration, shared by every caller: an S3 store's boto3 client (its
+    connection pool) is made once."""
+    config = (
+        settings.data_dir,
+        settings.storage_url,
+        settings.s3_endpoint_url or None,
+        settings.s3_region,
+        settings.s3_access_key_id or None,
+        settings.s3_secret_access_key.get_secret_value() or None,
+    )
+    with _STORES_LOCK:
+        store = _STORES.get(config)
+        if store is None:
+            store = _STORES[config] = _make_store(*config)
+        return store
+
+
+_STORES: dict[tuple[Any, ...], ObjectStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _make_store(
+    data_dir: Path,
+    url: str,
+    endpoint_url: str | None,
+    region: str,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+) -> ObjectStore:
     if not url:
-        return LocalStore(settings.data_dir)
+        return LocalStore(data_dir)
     if not url.startswith("s3://"):
         raise ValueError(f"WHALEID_STORAGE_URL must be empty or s3://bucket/prefix, not {url!r}")
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
@@ -202,9 +231,9 @@ def open_store(settings: Settings) -> ObjectStore:
         ) from e
     client = boto3.client(
         "s3",
-        endpoint_url=settings.s3_endpoint_url or None,
-        region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id or None,
-        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value() or None,
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
     )
     return S3Store(client, bucket, prefix)

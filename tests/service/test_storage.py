@@ -49,6 +49,33 @@ def test_a_key_is_written_once_read_and_deleted(objects: ObjectStore, tmp_path: 
         objects.download("photos/ab/cd/x.jpg", tmp_path / "copy2")
 
 
+def test_a_process_shares_one_store_and_one_s3_client(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Every part of a process (photos, archives, model files, the runtime's two readers) gets
+    the same store for the same configuration: one boto3 client and its connection pool."""
+    from service.jobs.archives import ArchiveFiles
+    from service.store.photos import PhotoStore
+
+    settings = s3_settings(s3_env, tmp_path / "data", "")
+    store = open_store(settings)
+    assert isinstance(store, S3Store)
+    assert open_store(settings.model_copy()) is store
+    assert (
+        PhotoStore.open(settings).objects is store and ArchiveFiles.open(settings).objects is store
+    )
+    elsewhere = s3_settings(
+        {**s3_env, "WHALEID_STORAGE_URL": s3_env["WHALEID_STORAGE_URL"] + "2"},
+        tmp_path / "data",
+        "",
+    )
+    other = open_store(elsewhere)
+    assert isinstance(other, S3Store) and other is not store and other.prefix != store.prefix
+    assert open_store(Settings(data_dir=tmp_path / "d", _env_file=None)) is not open_store(  # type: ignore[call-arg]
+        Settings(data_dir=tmp_path / "e", _env_file=None)  # type: ignore[call-arg]
+    )
+
+
 def _sqlite(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     migrate.upgrade(url)
