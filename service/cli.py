@@ -8,7 +8,9 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -418,7 +420,261 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call: its flags and keywords."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``whaleid`` command: where it sits (``("models", "add")``), what runs it, its help,
+    examples and arguments."""
+
+    path: tuple[str, ...]
+    func: Callable[[argparse.Namespace, Settings], int]
+    help: str
+    examples: tuple[str, ...]
+    args: tuple[Arg, ...] = ()
+    description: str | None = None
+
+
+# The command groups (``whaleid models ...``), in the order --help lists them among commands.
+GROUPS = {
+    "db": "database schema (Alembic)",
+    "models": "embedding models",
+    "jobs": "background jobs",
+    "keys": "API keys",
+}
+
+COMMANDS = (
+    Command(
+        ("serve",),
+        cmd_serve,
+        "run the HTTP service",
+        ("whaleid serve --host 127.0.0.1 --port 8000",),
+        (
+            arg("--host", default="127.0.0.1"),
+            arg("--port", type=int, default=8000),
+            arg(
+                "--no-migrate", action="store_true", help="do not run `db upgrade` before starting"
+            ),
+        ),
+    ),
+    Command(
+        ("db", "upgrade"),
+        cmd_db_upgrade,
+        "apply migrations",
+        ("whaleid db upgrade",),
+        (arg("--revision", default="head"),),
+    ),
+    Command(
+        ("db", "downgrade"),
+        cmd_db_downgrade,
+        "revert migrations",
+        ("whaleid db downgrade base",),
+        (arg("revision"),),
+    ),
+    Command(
+        ("models", "add"),
+        cmd_models_add,
+        "register an ONNX model",
+        ("whaleid models add effb5-arcface.onnx --activate",),
+        (
+            arg("model", help="ONNX file following the model contract"),
+            arg(
+                "--activate",
+                action="store_true",
+                help="embed the gallery with it and make it the active model",
+            ),
+        ),
+    ),
+    Command(
+        ("models", "activate"),
+        cmd_models_activate,
+        "switch to a model (a ready one through the shadow evaluation's gate)",
+        ("whaleid models activate 2",),
+        (
+            arg("model_id", type=int),
+            arg(
+                "--head",
+                choices=["model", "paper", "best"],
+                default="model",
+                help="for a ready model: its own head, the paper's, or the best on the "
+                "confirmations",
+            ),
+            arg(
+                "--force",
+                action="store_true",
+                help="activate even if the shadow evaluation says no",
+            ),
+        ),
+    ),
+    Command(
+        ("models", "rollback"),
+        cmd_models_rollback,
+        "go back to the model that was active before",
+        ("whaleid models rollback",),
+    ),
+    Command(
+        ("models", "retire"),
+        cmd_models_retire,
+        "retire a model that is not active (its index is deleted)",
+        ("whaleid models retire 1",),
+        (arg("model_id", type=int),),
+    ),
+    Command(
+        ("reindex",),
+        cmd_reindex,
+        "re-embed the gallery with a model, as a background job",
+        ("whaleid reindex 2 --wait", "whaleid reindex effb5-v2.onnx"),
+        (
+            arg("model", help="model id, or an ONNX file"),
+            arg("--include-queries", action="store_true", help="also embed kept query photos"),
+            arg("--wait", action="store_true", help="show a progress bar until it ends"),
+            arg("--poll", type=float, default=1.0, help="seconds between progress reads"),
+        ),
+        description="Queues a job that embeds every gallery photo with MODEL (a model id, or an "
+        "ONNX file to register first); workers (the API process, or `whaleid worker`) "
+        "run it. When it ends the model is ready; its shadow evaluation is in `whaleid "
+        "jobs show JOB`; then `whaleid models activate MODEL`.",
+    ),
+    Command(
+        ("jobs", "list"),
+        cmd_jobs_list,
+        "newest jobs first",
+        ("whaleid jobs list",),
+        (arg("--limit", type=int, default=20),),
+    ),
+    Command(
+        ("jobs", "show"),
+        cmd_jobs_show,
+        "a job's progress, errors and result",
+        ("whaleid jobs show 4 --follow",),
+        (
+            arg("job_id", type=int),
+            arg("--follow", action="store_true", help="a progress bar until the job ends"),
+            arg("--poll", type=float, default=1.0),
+        ),
+    ),
+    Command(
+        ("jobs", "cancel"),
+        cmd_jobs_cancel,
+        "stop a job",
+        ("whaleid jobs cancel 4",),
+        (arg("job_id", type=int),),
+    ),
+    Command(
+        ("worker",),
+        cmd_worker,
+        "run background jobs (any number, on machines sharing the database and photos)",
+        ("WHALEID_WORKER=false whaleid serve & whaleid worker",),
+        (
+            arg("--name", help="worker name in leases (default host:pid:random)"),
+            arg(
+                "--exit-when-idle", action="store_true", help="stop when no chunk is left to claim"
+            ),
+        ),
+        description="Claims chunks of queued jobs and runs them. The API process runs one too "
+        "unless WHALEID_WORKER=false. On SQLite, run one worker in all.",
+    ),
+    Command(
+        ("models", "list"),
+        cmd_models_list,
+        "list registered models",
+        ("whaleid models list",),
+    ),
+    Command(
+        ("keys", "create"),
+        cmd_keys_create,
+        "create an API key (printed once)",
+        ("whaleid keys create --role curator --name 'Ana Silva'",),
+        (
+            arg("--role", required=True, choices=["integration", "curator", "admin"]),
+            arg("--name", required=True, help="who the key belongs to"),
+        ),
+        description="Roles: integration (identify, read), curator (+ decisions and "
+        "individuals), admin (+ models, import, keys).",
+    ),
+    Command(("keys", "list"), cmd_keys_list, "list keys", ("whaleid keys list",)),
+    Command(
+        ("keys", "revoke"),
+        cmd_keys_revoke,
+        "revoke a key",
+        ("whaleid keys revoke 3",),
+        (arg("key_id", type=int),),
+    ),
+    Command(
+        ("keys", "callbacks"),
+        cmd_keys_callbacks,
+        "a key's callback hosts and secret",
+        ("whaleid keys callbacks 3 --host hooks.example.org --rotate-secret",),
+        (
+            arg("key_id", type=int),
+            arg("--host", action="append", default=None, help="a host callbacks may go to"),
+            arg("--rotate-secret", action="store_true", help="make a new callback secret"),
+        ),
+        description="Each integration key sends its jobs' callbacks only to its own hosts, "
+        "signed with its own secret. --host replaces the key's hosts (repeat it; --host '' "
+        "clears them); --rotate-secret prints a new secret, once, on standard output.",
+    ),
+    Command(
+        ("import",),
+        cmd_import,
+        "import a catalogue CSV and its photos",
+        ("whaleid import train.csv --images train_images/",),
+        (
+            arg("catalogue", help="the CSV file"),
+            arg("--images", required=True, help="folder the image column is relative to"),
+            arg("--batch-size", type=int, default=32),
+            arg("--strict", action="store_true", help="exit 1 if any row failed"),
+        ),
+        description="CSV columns image,species,individual_id (Happywhale train.csv), optional "
+        "encounter,location,date (YYYY-MM-DD). Re-running adds nothing twice and "
+        "resumes an interrupted run.",
+    ),
+    Command(
+        ("prune",),
+        cmd_prune,
+        "remove query photos never confirmed within the retention period",
+        ("whaleid prune", "whaleid prune --days 30"),
+        (arg("--days", type=int, default=None, help="retention in days"),),
+        description="Deletes the stored file and embeddings of every photo sent to /identify "
+        "that is in no gallery and was not asked about for DAYS days (default: "
+        "WHALEID_QUERY_PHOTO_RETENTION_DAYS, 90). Identifications keep their answers; a "
+        "confirmed photo is never pruned. Run it from cron.",
+    ),
+    Command(
+        ("evaluate",),
+        cmd_evaluate,
+        "MAP@5 of a labelled query set",
+        ("whaleid evaluate val.csv --images val_images/ --predictions sub.csv",),
+        (
+            arg("queries"),
+            arg("--images", required=True),
+            arg("--predictions", help="write a Kaggle-style image,predictions CSV"),
+            arg(
+                "--species-filter",
+                action="store_true",
+                help="restrict each query to gallery photos of its species",
+            ),
+        ),
+        description="Identifies every photo of QUERIES.csv (same columns as import) with the "
+        "active model, records nothing, and prints MAP@5 overall, for individuals "
+        "in the gallery and for unseen ones (whose right answer is new_individual).",
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``whaleid`` parser, built from ``COMMANDS``: a group's subparsers appear when its
+    first command does."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="whaleid",
@@ -428,234 +684,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser(
-        "serve",
-        help="run the HTTP service",
-        formatter_class=fmt,
-        epilog=_examples("whaleid serve --host 127.0.0.1 --port 8000"),
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--no-migrate", action="store_true", help="do not run `db upgrade` before starting"
-    )
-    serve.set_defaults(func=cmd_serve)
-
-    db = sub.add_parser("db", help="database schema (Alembic)")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
-    up = db_sub.add_parser(
-        "upgrade",
-        help="apply migrations",
-        formatter_class=fmt,
-        epilog=_examples("whaleid db upgrade"),
-    )
-    up.add_argument("--revision", default="head")
-    up.set_defaults(func=cmd_db_upgrade)
-    down = db_sub.add_parser(
-        "downgrade",
-        help="revert migrations",
-        formatter_class=fmt,
-        epilog=_examples("whaleid db downgrade base"),
-    )
-    down.add_argument("revision")
-    down.set_defaults(func=cmd_db_downgrade)
-
-    models = sub.add_parser("models", help="embedding models")
-    m_sub = models.add_subparsers(dest="models_command", required=True)
-    add = m_sub.add_parser(
-        "add",
-        help="register an ONNX model",
-        formatter_class=fmt,
-        epilog=_examples("whaleid models add effb5-arcface.onnx --activate"),
-    )
-    add.add_argument("model", help="ONNX file following the model contract")
-    add.add_argument(
-        "--activate",
-        action="store_true",
-        help="embed the gallery with it and make it the active model",
-    )
-    add.set_defaults(func=cmd_models_add)
-    act = m_sub.add_parser(
-        "activate",
-        help="switch to a model (a ready one through the shadow evaluation's gate)",
-        formatter_class=fmt,
-        epilog=_examples("whaleid models activate 2"),
-    )
-    act.add_argument("model_id", type=int)
-    act.add_argument(
-        "--head",
-        choices=["model", "paper", "best"],
-        default="model",
-        help="for a ready model: its own head, the paper's, or the best on the confirmations",
-    )
-    act.add_argument(
-        "--force", action="store_true", help="activate even if the shadow evaluation says no"
-    )
-    act.set_defaults(func=cmd_models_activate)
-    rb = m_sub.add_parser(
-        "rollback",
-        help="go back to the model that was active before",
-        formatter_class=fmt,
-        epilog=_examples("whaleid models rollback"),
-    )
-    rb.set_defaults(func=cmd_models_rollback)
-    rt = m_sub.add_parser(
-        "retire",
-        help="retire a model that is not active (its index is deleted)",
-        formatter_class=fmt,
-        epilog=_examples("whaleid models retire 1"),
-    )
-    rt.add_argument("model_id", type=int)
-    rt.set_defaults(func=cmd_models_retire)
-
-    ri = sub.add_parser(
-        "reindex",
-        help="re-embed the gallery with a model, as a background job",
-        formatter_class=fmt,
-        description="Queues a job that embeds every gallery photo with MODEL (a model id, or an "
-        "ONNX file to register first); workers (the API process, or `whaleid worker`) "
-        "run it. When it ends the model is ready; its shadow evaluation is in `whaleid "
-        "jobs show JOB`; then `whaleid models activate MODEL`.",
-        epilog=_examples("whaleid reindex 2 --wait", "whaleid reindex effb5-v2.onnx"),
-    )
-    ri.add_argument("model", help="model id, or an ONNX file")
-    ri.add_argument("--include-queries", action="store_true", help="also embed kept query photos")
-    ri.add_argument("--wait", action="store_true", help="show a progress bar until it ends")
-    ri.add_argument("--poll", type=float, default=1.0, help="seconds between progress reads")
-    ri.set_defaults(func=cmd_reindex)
-
-    jobs = sub.add_parser("jobs", help="background jobs")
-    j_sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    jl = j_sub.add_parser(
-        "list", help="newest jobs first", formatter_class=fmt, epilog=_examples("whaleid jobs list")
-    )
-    jl.add_argument("--limit", type=int, default=20)
-    jl.set_defaults(func=cmd_jobs_list)
-    js = j_sub.add_parser(
-        "show",
-        help="a job's progress, errors and result",
-        formatter_class=fmt,
-        epilog=_examples("whaleid jobs show 4 --follow"),
-    )
-    js.add_argument("job_id", type=int)
-    js.add_argument("--follow", action="store_true", help="a progress bar until the job ends")
-    js.add_argument("--poll", type=float, default=1.0)
-    js.set_defaults(func=cmd_jobs_show)
-    jc = j_sub.add_parser(
-        "cancel", help="stop a job", formatter_class=fmt, epilog=_examples("whaleid jobs cancel 4")
-    )
-    jc.add_argument("job_id", type=int)
-    jc.set_defaults(func=cmd_jobs_cancel)
-
-    wk = sub.add_parser(
-        "worker",
-        help="run background jobs (any number, on machines sharing the database and photos)",
-        formatter_class=fmt,
-        description="Claims chunks of queued jobs and runs them. The API process runs one too "
-        "unless WHALEID_WORKER=false. On SQLite, run one worker in all.",
-        epilog=_examples("WHALEID_WORKER=false whaleid serve & whaleid worker"),
-    )
-    wk.add_argument("--name", help="worker name in leases (default host:pid:random)")
-    wk.add_argument(
-        "--exit-when-idle", action="store_true", help="stop when no chunk is left to claim"
-    )
-    wk.set_defaults(func=cmd_worker)
-    ls = m_sub.add_parser(
-        "list",
-        help="list registered models",
-        formatter_class=fmt,
-        epilog=_examples("whaleid models list"),
-    )
-    ls.set_defaults(func=cmd_models_list)
-
-    keys = sub.add_parser("keys", help="API keys")
-    k_sub = keys.add_subparsers(dest="keys_command", required=True)
-    kc = k_sub.add_parser(
-        "create",
-        help="create an API key (printed once)",
-        formatter_class=fmt,
-        description="Roles: integration (identify, read), curator (+ decisions and "
-        "individuals), admin (+ models, import, keys).",
-        epilog=_examples("whaleid keys create --role curator --name 'Ana Silva'"),
-    )
-    kc.add_argument("--role", required=True, choices=["integration", "curator", "admin"])
-    kc.add_argument("--name", required=True, help="who the key belongs to")
-    kc.set_defaults(func=cmd_keys_create)
-    kl = k_sub.add_parser(
-        "list", help="list keys", formatter_class=fmt, epilog=_examples("whaleid keys list")
-    )
-    kl.set_defaults(func=cmd_keys_list)
-    kr = k_sub.add_parser(
-        "revoke",
-        help="revoke a key",
-        formatter_class=fmt,
-        epilog=_examples("whaleid keys revoke 3"),
-    )
-    kr.add_argument("key_id", type=int)
-    kr.set_defaults(func=cmd_keys_revoke)
-    kb = k_sub.add_parser(
-        "callbacks",
-        help="a key's callback hosts and secret",
-        formatter_class=fmt,
-        description="Each integration key sends its jobs' callbacks only to its own hosts, "
-        "signed with its own secret. --host replaces the key's hosts (repeat it; --host '' "
-        "clears them); --rotate-secret prints a new secret, once, on standard output.",
-        epilog=_examples(
-            "whaleid keys callbacks 3 --host hooks.example.org --rotate-secret",
-        ),
-    )
-    kb.add_argument("key_id", type=int)
-    kb.add_argument("--host", action="append", default=None, help="a host callbacks may go to")
-    kb.add_argument("--rotate-secret", action="store_true", help="make a new callback secret")
-    kb.set_defaults(func=cmd_keys_callbacks)
-
-    imp = sub.add_parser(
-        "import",
-        help="import a catalogue CSV and its photos",
-        formatter_class=fmt,
-        description="CSV columns image,species,individual_id (Happywhale train.csv), optional "
-        "encounter,location,date (YYYY-MM-DD). Re-running adds nothing twice and "
-        "resumes an interrupted run.",
-        epilog=_examples("whaleid import train.csv --images train_images/"),
-    )
-    imp.add_argument("catalogue", help="the CSV file")
-    imp.add_argument("--images", required=True, help="folder the image column is relative to")
-    imp.add_argument("--batch-size", type=int, default=32)
-    imp.add_argument("--strict", action="store_true", help="exit 1 if any row failed")
-    imp.set_defaults(func=cmd_import)
-
-    pr = sub.add_parser(
-        "prune",
-        help="remove query photos never confirmed within the retention period",
-        formatter_class=fmt,
-        description="Deletes the stored file and embeddings of every photo sent to /identify "
-        "that is in no gallery and was not asked about for DAYS days (default: "
-        "WHALEID_QUERY_PHOTO_RETENTION_DAYS, 90). Identifications keep their answers; a "
-        "confirmed photo is never pruned. Run it from cron.",
-        epilog=_examples("whaleid prune", "whaleid prune --days 30"),
-    )
-    pr.add_argument("--days", type=int, default=None, help="retention in days")
-    pr.set_defaults(func=cmd_prune)
-
-    ev = sub.add_parser(
-        "evaluate",
-        help="MAP@5 of a labelled query set",
-        formatter_class=fmt,
-        description="Identifies every photo of QUERIES.csv (same columns as import) with the "
-        "active model, records nothing, and prints MAP@5 overall, for individuals "
-        "in the gallery and for unseen ones (whose right answer is new_individual).",
-        epilog=_examples("whaleid evaluate val.csv --images val_images/ --predictions sub.csv"),
-    )
-    ev.add_argument("queries")
-    ev.add_argument("--images", required=True)
-    ev.add_argument("--predictions", help="write a Kaggle-style image,predictions CSV")
-    ev.add_argument(
-        "--species-filter",
-        action="store_true",
-        help="restrict each query to gallery photos of its species",
-    )
-    ev.set_defaults(func=cmd_evaluate)
+    groups: dict[str, Any] = {}
+    for command in COMMANDS:
+        where = sub
+        if len(command.path) == 2:
+            group = command.path[0]
+            if group not in groups:
+                parent = sub.add_parser(group, help=GROUPS[group])
+                groups[group] = parent.add_subparsers(dest=f"{group}_command", required=True)
+            where = groups[group]
+        leaf = where.add_parser(
+            command.path[-1],
+            help=command.help,
+            formatter_class=fmt,
+            description=command.description,
+            epilog=_examples(*command.examples),
+        )
+        for a in command.args:
+            leaf.add_argument(*a.flags, **a.options)
+        leaf.set_defaults(func=command.func)
     return parser
 
 

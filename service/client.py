@@ -15,7 +15,7 @@ import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 
@@ -105,11 +105,7 @@ def _answer(response: httpx.Response, text: bool) -> Any:
 
 
 class _Calls:
-    """What each method sends; the two clients only differ in how."""
-
-    @staticmethod
-    def job_results(job_id: int, offset: int, limit: int) -> _Call:
-        return _Call("GET", f"/jobs/{job_id}/results", params={"offset": offset, "limit": limit})
+    """What each method sends, built once; the two clients only differ in how they send it."""
 
     @staticmethod
     def identify(photo: Photo, filters: Mapping[str, Any]) -> _Call:
@@ -123,9 +119,44 @@ class _Calls:
         return _Call("POST", "/encounters/identify", data=_form(**filters), files=files)
 
     @staticmethod
-    def decide(identification_id: int, decision: JSON) -> _Call:
+    def identification(identification_id: int) -> _Call:
+        return _Call("GET", f"/identifications/{identification_id}")
+
+    @staticmethod
+    def decide(identification_id: int, decision: str, fields: Mapping[str, Any]) -> _Call:
         path = f"/identifications/{identification_id}/decision"
-        return _Call("POST", path, json=decision)
+        return _Call("POST", path, json={"decision": decision, **fields})
+
+    @staticmethod
+    def individuals(species: str | None, offset: int, limit: int) -> _Call:
+        params = _form(species=species, offset=offset, limit=limit)
+        return _Call("GET", "/individuals", params=params)
+
+    @staticmethod
+    def individual(individual_id: str) -> _Call:
+        return _Call("GET", f"/individuals/{individual_id}")
+
+    @staticmethod
+    def upload_model(onnx: bytes) -> _Call:
+        headers = {"Content-Type": "application/octet-stream"}
+        return _Call("POST", "/models", content=onnx, headers=headers)
+
+    @staticmethod
+    def models() -> _Call:
+        return _Call("GET", "/models")
+
+    @staticmethod
+    def reindex(model_id: int, include_queries: bool) -> _Call:
+        body = {"include_queries": include_queries}
+        return _Call("POST", f"/models/{model_id}/reindex", json=body)
+
+    @staticmethod
+    def activate(model_id: int, head: str, force: bool) -> _Call:
+        return _Call("POST", f"/models/{model_id}/activate", json={"head": head, "force": force})
+
+    @staticmethod
+    def rollback() -> _Call:
+        return _Call("POST", "/models/rollback")
 
     @staticmethod
     def identify_batch(
@@ -154,6 +185,41 @@ class _Calls:
             files=[("archive", ("photos.zip", archive))],
         )
 
+    @staticmethod
+    def job(job_id: int) -> _Call:
+        return _Call("GET", f"/jobs/{job_id}")
+
+    @staticmethod
+    def cancel_job(job_id: int) -> _Call:
+        return _Call("POST", f"/jobs/{job_id}/cancel")
+
+    @staticmethod
+    def job_results(job_id: int, offset: int, limit: int) -> _Call:
+        return _Call("GET", f"/jobs/{job_id}/results", params={"offset": offset, "limit": limit})
+
+    @staticmethod
+    def job_results_csv(job_id: int) -> _Call:
+        return _Call("GET", f"/jobs/{job_id}/results.csv", text=True)
+
+    @staticmethod
+    def request(http: httpx.Client | httpx.AsyncClient, call: _Call) -> Any:
+        """The request ``call`` describes, sent with ``http`` (for an ``AsyncClient``, an
+        awaitable)."""
+        return http.request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            data=call.data,
+            files=call.files,
+            content=call.content,
+            headers=call.headers,
+        )
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
 
 class WhaleidClient:
     """Synchronous client; ``api_key`` is sent as a bearer token."""
@@ -166,9 +232,8 @@ class WhaleidClient:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
-            base_url=base_url, headers=headers, timeout=timeout, transport=transport
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
 
     def __enter__(self) -> WhaleidClient:
@@ -181,34 +246,21 @@ class WhaleidClient:
         self._http.close()
 
     def _send(self, call: _Call) -> Any:
-        response = self._http.request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            data=call.data,
-            files=call.files,
-            content=call.content,
-            headers=call.headers,
-        )
-        return _answer(response, call.text)
+        return _answer(_Calls.request(self._http, call), call.text)
 
     # identification
     def identify(self, photo: Photo, **filters: Any) -> JSON:
         """One photo: the top five candidates. ``filters``: species, location, date_from,
         date_to, exclude_encounter, bbox."""
-        result: JSON = self._send(_Calls.identify(photo, filters))
-        return result
+        return cast(JSON, self._send(_Calls.identify(photo, filters)))
 
     def identify_encounter(self, photos: Sequence[Photo], **filters: Any) -> JSON:
         """Several photos of one encounter (``POST /encounters/identify``, the multipart field
         ``photos`` repeated): one fused ranking plus each photo's own."""
-        result: JSON = self._send(_Calls.identify_encounter(photos, filters))
-        return result
+        return cast(JSON, self._send(_Calls.identify_encounter(photos, filters)))
 
     def identification(self, identification_id: int) -> JSON:
-        result: JSON = self._send(_Call("GET", f"/identifications/{identification_id}"))
-        return result
+        return cast(JSON, self._send(_Calls.identification(identification_id)))
 
     # curation
     def decide(
@@ -219,45 +271,29 @@ class WhaleidClient:
     ) -> JSON:
         """A curator's decision: ``individual_id`` to confirm; ``code``, ``name``, ``species``
         for a new individual; ``comment``; ``supersede``."""
-        result: JSON = self._send(
-            _Calls.decide(identification_id, {"decision": decision, **fields})
-        )
-        return result
+        return cast(JSON, self._send(_Calls.decide(identification_id, decision, fields)))
 
     def individuals(self, *, species: str | None = None, offset: int = 0, limit: int = 50) -> JSON:
-        params = _form(species=species, offset=offset, limit=limit)
-        result: JSON = self._send(_Call("GET", "/individuals", params=params))
-        return result
+        return cast(JSON, self._send(_Calls.individuals(species, offset, limit)))
 
     def individual(self, individual_id: str) -> JSON:
-        result: JSON = self._send(_Call("GET", f"/individuals/{individual_id}"))
-        return result
+        return cast(JSON, self._send(_Calls.individual(individual_id)))
 
     # models
     def upload_model(self, onnx: bytes) -> JSON:
-        call = _Call(
-            "POST", "/models", content=onnx, headers={"Content-Type": "application/octet-stream"}
-        )
-        result: JSON = self._send(call)
-        return result
+        return cast(JSON, self._send(_Calls.upload_model(onnx)))
 
     def models(self) -> list[JSON]:
-        result: list[JSON] = self._send(_Call("GET", "/models"))
-        return result
+        return cast(list[JSON], self._send(_Calls.models()))
 
     def reindex(self, model_id: int, *, include_queries: bool = False) -> JSON:
-        body = {"include_queries": include_queries}
-        result: JSON = self._send(_Call("POST", f"/models/{model_id}/reindex", json=body))
-        return result
+        return cast(JSON, self._send(_Calls.reindex(model_id, include_queries)))
 
     def activate(self, model_id: int, *, head: str = "model", force: bool = False) -> JSON:
-        body = {"head": head, "force": force}
-        result: JSON = self._send(_Call("POST", f"/models/{model_id}/activate", json=body))
-        return result
+        return cast(JSON, self._send(_Calls.activate(model_id, head, force)))
 
     def rollback(self) -> JSON:
-        result: JSON = self._send(_Call("POST", "/models/rollback"))
-        return result
+        return cast(JSON, self._send(_Calls.rollback()))
 
     # jobs
     def identify_batch(
@@ -269,23 +305,20 @@ class WhaleidClient:
         **filters: Any,
     ) -> JSON:
         """A batch job over stored images or photo URLs (one of the two)."""
-        result: JSON = self._send(_Calls.identify_batch(image_ids, urls, callback_url, filters))
-        return result
+        call = _Calls.identify_batch(image_ids, urls, callback_url, filters)
+        return cast(JSON, self._send(call))
 
     def identify_archive(
         self, archive: bytes, *, callback_url: str | None = None, **filters: Any
     ) -> JSON:
         """A batch job over the photos of a ZIP archive."""
-        result: JSON = self._send(_Calls.identify_archive(archive, callback_url, filters))
-        return result
+        return cast(JSON, self._send(_Calls.identify_archive(archive, callback_url, filters)))
 
     def job(self, job_id: int) -> JSON:
-        result: JSON = self._send(_Call("GET", f"/jobs/{job_id}"))
-        return result
+        return cast(JSON, self._send(_Calls.job(job_id)))
 
     def cancel_job(self, job_id: int) -> JSON:
-        result: JSON = self._send(_Call("POST", f"/jobs/{job_id}/cancel"))
-        return result
+        return cast(JSON, self._send(_Calls.cancel_job(job_id)))
 
     def job_results(self, job_id: int, *, page: int = RESULTS_PAGE) -> list[JSON]:
         """Every photo's answer, read a page at a time."""
@@ -297,8 +330,7 @@ class WhaleidClient:
                 return rows
 
     def job_results_csv(self, job_id: int) -> str:
-        result: str = self._send(_Call("GET", f"/jobs/{job_id}/results.csv", text=True))
-        return result
+        return cast(str, self._send(_Calls.job_results_csv(job_id)))
 
     def wait_job(self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0) -> JSON:
         """Poll until the job is succeeded, failed or cancelled; ``JobTimeout`` after
@@ -324,9 +356,8 @@ class AsyncWhaleidClient:
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=headers, timeout=timeout, transport=transport
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
 
     async def __aenter__(self) -> AsyncWhaleidClient:
@@ -339,30 +370,17 @@ class AsyncWhaleidClient:
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> Any:
-        response = await self._http.request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            data=call.data,
-            files=call.files,
-            content=call.content,
-            headers=call.headers,
-        )
-        return _answer(response, call.text)
+        return _answer(await _Calls.request(self._http, call), call.text)
 
     async def identify(self, photo: Photo, **filters: Any) -> JSON:
-        result: JSON = await self._send(_Calls.identify(photo, filters))
-        return result
+        return cast(JSON, await self._send(_Calls.identify(photo, filters)))
 
     async def identify_encounter(self, photos: Sequence[Photo], **filters: Any) -> JSON:
         """Several photos of one encounter: one fused ranking plus each photo's own."""
-        result: JSON = await self._send(_Calls.identify_encounter(photos, filters))
-        return result
+        return cast(JSON, await self._send(_Calls.identify_encounter(photos, filters)))
 
     async def identification(self, identification_id: int) -> JSON:
-        result: JSON = await self._send(_Call("GET", f"/identifications/{identification_id}"))
-        return result
+        return cast(JSON, await self._send(_Calls.identification(identification_id)))
 
     async def decide(
         self,
@@ -370,45 +388,30 @@ class AsyncWhaleidClient:
         decision: Literal["confirm", "new_individual", "reject"],
         **fields: Any,
     ) -> JSON:
-        call = _Calls.decide(identification_id, {"decision": decision, **fields})
-        result: JSON = await self._send(call)
-        return result
+        return cast(JSON, await self._send(_Calls.decide(identification_id, decision, fields)))
 
     async def individuals(
         self, *, species: str | None = None, offset: int = 0, limit: int = 50
     ) -> JSON:
-        params = _form(species=species, offset=offset, limit=limit)
-        result: JSON = await self._send(_Call("GET", "/individuals", params=params))
-        return result
+        return cast(JSON, await self._send(_Calls.individuals(species, offset, limit)))
 
     async def individual(self, individual_id: str) -> JSON:
-        result: JSON = await self._send(_Call("GET", f"/individuals/{individual_id}"))
-        return result
+        return cast(JSON, await self._send(_Calls.individual(individual_id)))
 
     async def upload_model(self, onnx: bytes) -> JSON:
-        call = _Call(
-            "POST", "/models", content=onnx, headers={"Content-Type": "application/octet-stream"}
-        )
-        result: JSON = await self._send(call)
-        return result
+        return cast(JSON, await self._send(_Calls.upload_model(onnx)))
 
     async def models(self) -> list[JSON]:
-        result: list[JSON] = await self._send(_Call("GET", "/models"))
-        return result
+        return cast(list[JSON], await self._send(_Calls.models()))
 
     async def reindex(self, model_id: int, *, include_queries: bool = False) -> JSON:
-        body = {"include_queries": include_queries}
-        result: JSON = await self._send(_Call("POST", f"/models/{model_id}/reindex", json=body))
-        return result
+        return cast(JSON, await self._send(_Calls.reindex(model_id, include_queries)))
 
     async def activate(self, model_id: int, *, head: str = "model", force: bool = False) -> JSON:
-        body = {"head": head, "force": force}
-        result: JSON = await self._send(_Call("POST", f"/models/{model_id}/activate", json=body))
-        return result
+        return cast(JSON, await self._send(_Calls.activate(model_id, head, force)))
 
     async def rollback(self) -> JSON:
-        result: JSON = await self._send(_Call("POST", "/models/rollback"))
-        return result
+        return cast(JSON, await self._send(_Calls.rollback()))
 
     async def identify_batch(
         self,
@@ -419,22 +422,19 @@ class AsyncWhaleidClient:
         **filters: Any,
     ) -> JSON:
         call = _Calls.identify_batch(image_ids, urls, callback_url, filters)
-        result: JSON = await self._send(call)
-        return result
+        return cast(JSON, await self._send(call))
 
     async def identify_archive(
         self, archive: bytes, *, callback_url: str | None = None, **filters: Any
     ) -> JSON:
-        result: JSON = await self._send(_Calls.identify_archive(archive, callback_url, filters))
-        return result
+        call = _Calls.identify_archive(archive, callback_url, filters)
+        return cast(JSON, await self._send(call))
 
     async def job(self, job_id: int) -> JSON:
-        result: JSON = await self._send(_Call("GET", f"/jobs/{job_id}"))
-        return result
+        return cast(JSON, await self._send(_Calls.job(job_id)))
 
     async def cancel_job(self, job_id: int) -> JSON:
-        result: JSON = await self._send(_Call("POST", f"/jobs/{job_id}/cancel"))
-        return result
+        return cast(JSON, await self._send(_Calls.cancel_job(job_id)))
 
     async def job_results(self, job_id: int, *, page: int = RESULTS_PAGE) -> list[JSON]:
         rows: list[JSON] = []
@@ -445,8 +445,7 @@ class AsyncWhaleidClient:
                 return rows
 
     async def job_results_csv(self, job_id: int) -> str:
-        result: str = await self._send(_Call("GET", f"/jobs/{job_id}/results.csv", text=True))
-        return result
+        return cast(str, await self._send(_Calls.job_results_csv(job_id)))
 
     async def wait_job(self, job_id: int, *, timeout: float = 600.0, poll: float = 1.0) -> JSON:
         deadline = time.monotonic() + timeout
