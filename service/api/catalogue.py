@@ -6,9 +6,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import RedirectResponse
-from sqlalchemy import ColumnElement, func, select
 
-from service.access.tenancy import readable_images
 from service.api.deps import Integration, RuntimeDep, SessionDep
 from service.api.params import ImageId, IndividualId, Limit, Offset, SpeciesFilter
 from service.api.schemas import (
@@ -20,7 +18,13 @@ from service.api.schemas import (
     Problem,
 )
 from service.catalogue.curation import resolve
-from service.db.tables import Image, Individual
+from service.catalogue.reads import (
+    individual_by_catalogue_id,
+    individuals_page,
+    photos_of,
+    readable_image,
+)
+from service.db.tables import Image
 from service.store.objects import MissingObject
 
 router = APIRouter(tags=["catalogue"], responses=INVALID)
@@ -50,23 +54,7 @@ def list_individuals(
     limit: Limit = 50,
 ) -> IndividualPage:
     """Individuals of the catalogue, ordered by catalogue id, optionally of one species."""
-    where: list[ColumnElement[bool]] = [Individual.merged_into_id.is_(None)]
-    if species:
-        where.append(Individual.species == species)
-    total = session.scalar(select(func.count()).select_from(Individual).where(*where)) or 0
-    counts = (
-        select(Image.individual_id, func.count().label("n"))
-        .group_by(Image.individual_id)
-        .subquery()
-    )
-    rows = session.execute(
-        select(Individual, func.coalesce(counts.c.n, 0))
-        .outerjoin(counts, counts.c.individual_id == Individual.id)
-        .where(*where)
-        .order_by(Individual.catalogue_id)
-        .offset(offset)
-        .limit(limit)
-    ).all()
+    total, rows = individuals_page(session, species, offset, limit)
     items = [
         IndividualOut(
             individual_id=ind.catalogue_id,
@@ -88,16 +76,14 @@ def get_individual(
     individual_id: IndividualId, session: SessionDep, caller: Integration
 ) -> IndividualDetail | RedirectResponse:
     """One individual by its catalogue id, with its photos (a merged one redirects)."""
-    ind = session.scalar(select(Individual).where(Individual.catalogue_id == individual_id))
+    ind = individual_by_catalogue_id(session, individual_id)
     if ind is None:
         raise HTTPException(404, f"individual {individual_id!r} is not in the catalogue")
     if ind.merged_into_id is not None:
         # A merged individual redirects to the one it was merged into.
         target = resolve(session, ind.catalogue_id).catalogue_id
         return RedirectResponse(f"/individuals/{quote(target, safe='')}", status_code=308)
-    images = session.scalars(
-        select(Image).where(Image.individual_id == ind.id).order_by(Image.id)
-    ).all()
+    images = photos_of(session, ind.id)
     return IndividualDetail(
         individual_id=ind.catalogue_id,
         species=ind.species,
@@ -117,7 +103,7 @@ def get_image_file(
 ) -> Response:
     """The stored photo file (for a query photo: what identification needs of it). A catalogue
     photo is everyone's; a query photo is readable by the keys that sent it, and curators."""
-    image = session.scalar(select(Image).where(Image.id == image_id, readable_images(caller)))
+    image = readable_image(session, caller, image_id)
     if image is None:  # another partner's query photo answers as one that does not exist
         raise HTTPException(404, f"image {image_id} does not exist")
     if image.pruned_at is not None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter
-from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
-from service.access.tenancy import own_identifications
 from service.api.deps import (
     Curator,
     Integration,
@@ -51,7 +48,8 @@ from service.catalogue.curation import (
     split_individual,
     update_individual,
 )
-from service.db.tables import Identification, Image, Individual
+from service.catalogue.reads import identifications_page, photo_count
+from service.db.tables import Individual
 
 router = APIRouter(tags=["curation"], responses=INVALID)
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -61,7 +59,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def decision_out(record: DecisionRecord) -> DecisionOut:
-    return DecisionOut(**record.__dict__)
+    return DecisionOut.model_validate(record)
 
 
 @router.get("/identifications", response_model=IdentificationPage)
@@ -76,22 +74,15 @@ def list_identifications(
 ) -> IdentificationPage:
     """The review queue: identifications, oldest first, by status, species filter or model (an
     integration key lists its own)."""
-    where: list[ColumnElement[bool]] = [own_identifications(caller)]
-    if status:
-        where.append(Identification.status == status)
-    if model_id is not None:
-        where.append(Identification.model_id == model_id)
-    if species:
-        where.append(Identification.filters["species"].as_string() == species)
-    total = session.scalar(select(func.count()).select_from(Identification).where(*where)) or 0
-    rows = session.scalars(
-        select(Identification)
-        .where(*where)
-        .options(selectinload(Identification.candidates))
-        .order_by(Identification.id)
-        .offset(offset)
-        .limit(limit)
-    ).all()
+    total, rows = identifications_page(
+        session,
+        caller,
+        status=status,
+        species=species,
+        model_id=model_id,
+        offset=offset,
+        limit=limit,
+    )
     items = []
     for ident in rows:
         top = next((c for c in ident.candidates if c.label != "new_individual"), None)
@@ -155,12 +146,7 @@ async def post_individual(
 async def _summary(sessions: SessionsDep, runtime: RuntimeDep, ind: Individual) -> IndividualOut:
     def count() -> int:
         with sessions() as session:
-            return (
-                session.scalar(
-                    select(func.count()).select_from(Image).where(Image.individual_id == ind.id)
-                )
-                or 0
-            )
+            return photo_count(session, ind.id)
 
     await run_in_threadpool(runtime.sync)
     return IndividualOut(

@@ -100,7 +100,7 @@ def _check_photos(photos: list[UploadFile], most: int, max_bytes: int) -> None:
 def _to_encounter(result: EncounterResult) -> EncounterOut:
     first = result.photos[0]
     return EncounterOut(
-        candidates=[CandidateOut(**c.__dict__) for c in result.candidates],
+        candidates=[CandidateOut.model_validate(c) for c in result.candidates],
         fusion=result.fusion,
         identification_ids=[r.identification_id for r in result.photos if r.identification_id],
         photos=[to_response(r) for r in result.photos],

@@ -6,8 +6,6 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from service.access.tenancy import can_read_identification
@@ -22,8 +20,9 @@ from service.api.schemas import (
     Problem,
 )
 from service.catalogue.curation import decision_history
+from service.catalogue.reads import recorded_identification
 from service.db.checks import column_length
-from service.db.tables import Identification, Image
+from service.db.tables import Image
 from service.imaging import PhotoTooLarge, parse_bbox
 from service.matching.identify import IdentificationResult
 from service.text import check_text
@@ -45,7 +44,7 @@ def to_response(result: IdentificationResult) -> IdentificationOut:
     assert result.identification_id is not None
     return IdentificationOut(
         identification_id=result.identification_id,
-        candidates=[CandidateOut(**c.__dict__) for c in result.candidates],
+        candidates=[CandidateOut.model_validate(c) for c in result.candidates],
         model=ModelOut.of(result.model),
         gallery_size=result.gallery_size,
         filters=result.filters,
@@ -114,11 +113,7 @@ def get_identification(
     identification_id: IdentificationId, session: SessionDep, caller: Integration
 ) -> IdentificationOut:
     """A recorded identification, as it was answered (an integration key reads its own)."""
-    ident = session.scalar(
-        select(Identification)
-        .where(Identification.id == identification_id)
-        .options(selectinload(Identification.candidates), selectinload(Identification.model))
-    )
+    ident = recorded_identification(session, identification_id)
     if ident is None or not can_read_identification(caller, ident):
         # Another partner's identification answers as one that does not exist.
         raise HTTPException(404, f"identification {identification_id} does not exist")
@@ -147,7 +142,7 @@ def get_identification(
         gallery_size=ident.gallery_size,
         filters=ident.filters,
         status=ident.status,
-        decisions=[DecisionOut(**d.__dict__) for d in decision_history(session, ident.id)],
+        decisions=[DecisionOut.model_validate(d) for d in decision_history(session, ident.id)],
         created_at=ident.created_at,
         query_image_id=ident.query_image_id,
     )

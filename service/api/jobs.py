@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, SessionDep, SessionsDep
@@ -19,6 +19,8 @@ JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The job's id.")]
 
 
 class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from a job's Progress
+
     id: int
     kind: str = Field(examples=["reindex"])
     state: str = Field(
@@ -44,7 +46,7 @@ class JobOut(BaseModel):
 
 
 def job_out(p: Progress) -> JobOut:
-    return JobOut(**p.__dict__)
+    return JobOut.model_validate(p)
 
 
 @router.get("/jobs", response_model=list[JobOut])

@@ -18,8 +18,6 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 
 from service.access.auth import SignInRefused, UnknownKey, close_review_session, open_review_session
 from service.api.deps import (
@@ -33,8 +31,8 @@ from service.api.deps import (
 )
 from service.api.params import StatusFilter
 from service.catalogue.curation import decision_history
+from service.catalogue.reads import recorded_identification, review_queue
 from service.db.checks import MAX_ROW_ID
-from service.db.tables import Identification
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -207,23 +205,10 @@ def review(
                 _end_session_cookie(request, response, settings)
             return response
         raise
-    where = [Identification.status == status] if status else []
-    queue = list(
-        session.scalars(
-            select(Identification)
-            .where(*where)
-            .options(selectinload(Identification.candidates))
-            .order_by(Identification.id)
-            .limit(200)
-        )
-    )
+    queue = review_queue(session, status)
     ident = None
     if identification_id is not None:
-        ident = session.scalar(
-            select(Identification)
-            .where(Identification.id == identification_id)
-            .options(selectinload(Identification.candidates), selectinload(Identification.model))
-        )
+        ident = recorded_identification(session, identification_id)
         if ident is None:
             raise HTTPException(404, f"identification {identification_id} does not exist")
     elif queue:

@@ -55,6 +55,8 @@ KeyName = Annotated[
 
 
 class CandidateOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from the domain's records
+
     rank: int = Field(examples=[1])
     individual_id: str = Field(
         description="The catalogue's own id of the individual, or `new_individual`.",
@@ -97,6 +99,8 @@ class ModelOut(BaseModel):
 
 
 class DecisionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from the domain's records
+
     decision_id: int
     identification_id: int
     decision: str
