@@ -38,7 +38,8 @@ from service.db.tables import (  # noqa: E402
     make_sessionmaker,
     transaction,
 )
-from service.models.registry import activate_model, register_model  # noqa: E402
+from service.models.registry import register_model  # noqa: E402
+from service.models.switch import activate_model  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, serve_process  # noqa: E402
 from tests.toy import build_toy_model, encode, photo  # noqa: E402

@@ -45,7 +45,8 @@ from service.db.tables import (
 from service.gallery.index import GalleryIndex, IndexPlan
 from service.imaging import decode_photo, to_model_input
 from service.knn import Neighbour, rank_candidates
-from service.models.registry import activate_model, register_model
+from service.models.registry import register_model
+from service.models.switch import activate_model
 from service.onnx.embedder import Embedder
 from service.settings import Settings
 

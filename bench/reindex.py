@@ -45,8 +45,9 @@ from service.db import migrate  # noqa: E402
 from service.db.tables import JobChunk, make_engine, make_sessionmaker  # noqa: E402
 from service.imaging import decode_photo, to_model_input  # noqa: E402
 from service.jobs.queue import Worker, get_job, progress  # noqa: E402
-from service.models.registry import activate_model, register_model  # noqa: E402
+from service.models.registry import register_model  # noqa: E402
 from service.models.reindex import Embedders, start_reindex, worker_handlers  # noqa: E402
+from service.models.switch import activate_model  # noqa: E402
 from service.onnx.embedder import Embedder  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, make_keys, serve_process  # noqa: E402

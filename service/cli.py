@@ -65,7 +65,8 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
     from service.contract import ModelContractError
     from service.errors import Conflict
-    from service.models.registry import activate_model, register_model
+    from service.models.registry import register_model
+    from service.models.switch import activate_model
 
     factory = _sessions(settings)
     try:
@@ -83,8 +84,8 @@ def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
     from service.db.tables import Model
     from service.errors import Conflict, NotFound
-    from service.models.registry import activate_model
-    from service.models.reindex import ActivationRefused, Embedders, HeadChoice, activate
+    from service.models.reindex import Embedders
+    from service.models.switch import ActivationRefused, HeadChoice, activate, activate_model
 
     factory = _sessions(settings)
     with factory() as session:
@@ -124,7 +125,8 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from service.errors import Conflict
-    from service.models.reindex import Embedders, rollback
+    from service.models.reindex import Embedders
+    from service.models.switch import rollback
 
     factory = _sessions(settings)
     try:
@@ -140,7 +142,7 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models_retire(args: argparse.Namespace, settings: Settings) -> int:
     from service.errors import Conflict, NotFound
-    from service.models.reindex import retire
+    from service.models.switch import retire
 
     try:
         retire(settings, _sessions(settings), args.model_id)

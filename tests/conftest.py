@@ -246,7 +246,8 @@ def load_catalogue(
     """Register and activate ``model_path``, then import a synthetic catalogue through the CLI
     code path."""
     from service.catalogue.imports import CatalogueImport
-    from service.models.registry import activate_model, register_model
+    from service.models.registry import register_model
+    from service.models.switch import activate_model
     from service.onnx.embedder import Embedder
     from tests.toy import write_catalogue
 

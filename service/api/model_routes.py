@@ -21,7 +21,8 @@ from service.db.tables import Model
 from service.jobs.queue import get_job, progress
 from service.matching.identify import NoActiveModel
 from service.models.registry import register_model_file
-from service.models.reindex import (
+from service.models.reindex import start_reindex
+from service.models.switch import (
     ActivationRefused,
     HeadChoice,
     Switch,
@@ -29,7 +30,6 @@ from service.models.reindex import (
     retire,
     rollback,
     shadow_report,
-    start_reindex,
 )
 
 router = APIRouter(tags=["models"])

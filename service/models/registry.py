@@ -1,4 +1,5 @@
-"""Registering ONNX models and switching the active one."""
+"""Registering ONNX models: checked against the model contract, published to the store under
+their sha256, recorded as registered (activation is ``service.models.switch``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.contract import ModelContractError, ModelStatus
 from service.db.tables import Model, transaction
 from service.errors import Conflict
-from service.gallery.embed import embed_gallery
-from service.gallery.sync import Gallery
-from service.models.reindex import Embedders, switch_to
 from service.onnx.embedder import Embedder
 from service.onnx.files import file_sha256, model_key, publish_model
 from service.settings import Settings
@@ -110,20 +108,3 @@ def _check_names(name: str, version: str) -> None:
             raise ModelContractError(
                 f"{key} must be 1 to {limit} characters without NUL bytes, not {value[:40]!r}"
             )
-
-
-def activate_model(settings: Settings, factory: sessionmaker[Session], model_id: int) -> int:
-    """Embed the gallery with ``model_id`` in this process, write its index, then make it the
-    active model (no shadow evaluation: the CLI's direct path; the API re-indexes in the
-    background and gates the switch). ``/identify`` answers with the previous model until the
-    switch, and can roll back to it. Returns how many photos were embedded."""
-    embedders = Embedders(settings, factory)
-    photos = embedders(model_id)
-    embedded = embed_gallery(settings, factory, photos.embedder, model_id)
-    gallery = Gallery.for_model(settings, model_id, photos.embedder.dim)
-    gallery.open(factory)
-    switch = switch_to(
-        settings, factory, photos, model_id, action="activate", head=None, actor="cli", forced=True
-    )
-    log.info("model id %s is active; gallery of %d photos", model_id, gallery.size)
-    return embedded + switch.caught_up

@@ -20,7 +20,8 @@ from service.catalogue.imports import CatalogueImport  # noqa: E402
 from service.db.tables import make_engine, make_sessionmaker  # noqa: E402
 from service.matching.identify import Identifier  # noqa: E402
 from service.models.evaluation import evaluate  # noqa: E402
-from service.models.registry import activate_model, register_model  # noqa: E402
+from service.models.registry import register_model  # noqa: E402
+from service.models.switch import activate_model  # noqa: E402
 from service.onnx.embedder import Embedder  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.training.helpers import tiny_config  # noqa: E402

@@ -16,7 +16,8 @@ from service.db import migrate
 from service.db.tables import Image, make_engine, make_sessionmaker
 from service.gallery.sync import Filters
 from service.matching.identify import Runtime
-from service.models.registry import activate_model, register_model
+from service.models.registry import register_model
+from service.models.switch import activate_model
 from service.onnx.files import ModelFileCorrupt, local_model_file, model_key
 from service.settings import Settings
 from service.store.objects import LocalStore, MissingObject, ObjectStore, S3Store, open_store

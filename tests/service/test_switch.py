@@ -271,7 +271,7 @@ def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_hea
 ) -> None:
     from service.contract import Head, Ranking
     from service.matching.identify import Runtime
-    from service.models.reindex import switch_to
+    from service.models.switch import switch_to
 
     s = catalogue.settings
     new_id = ready_model(catalogue, build_toy_model(tmp_path / "v2.onnx", seed=7))
