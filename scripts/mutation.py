@@ -268,8 +268,9 @@ class _Apply(ast.NodeTransformer):
         return visited
 
 
-def mutated_source(mutant: Mutant) -> str:
-    tree = ast.parse((ROOT / mutant.module).read_text())
+def mutated_source(mutant: Mutant, root: Path = ROOT) -> str:
+    """The module as mutated, from the tree at ``root``."""
+    tree = ast.parse((root / mutant.module).read_text())
     new = _Apply(mutant, tree).visit(tree)
     return ast.unparse(ast.fix_missing_locations(new))
 
@@ -316,7 +317,7 @@ def _pytest(copy: Path, tests: list[str], timeout: float) -> int | None:
 
 def run_mutant(mutant: Mutant, copy: Path, timeout: float) -> str:
     """'killed', 'survived', 'timeout' or 'invalid' (the mutant does not compile)."""
-    source = mutated_source(mutant)
+    source = mutated_source(mutant, copy)  # the copy's: the working tree may change meanwhile
     try:
         compile(source, mutant.module, "exec")
     except SyntaxError:
@@ -384,7 +385,12 @@ def _copy_tree() -> Path:
     return copy
 
 
-def report(results: list[tuple[Mutant, str, float]], total_sites: int, seconds: float) -> str:
+def report(
+    results: list[tuple[Mutant, str, float]],
+    total_sites: int,
+    seconds: float,
+    described: dict[Mutant, str],
+) -> str:
     scored = [r for r in results if r[1] in ("killed", "survived", "timeout")]
     survived = [m for m, outcome, _ in results if outcome == "survived"]
     rate = len(survived) / len(scored) if scored else 0.0
@@ -405,7 +411,7 @@ def report(results: list[tuple[Mutant, str, float]], total_sites: int, seconds: 
             )
     if survived:
         lines += ["", "Survivors (behaviour no test fails for):", ""]
-        lines += [f"- `{m.label}`: `{describe(m)}`" for m in survived]
+        lines += [f"- `{m.label}`: `{described[m]}`" for m in survived]
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     mutants = [m for module in modules for m in enumerate_mutants(module)]
     chosen = choose(mutants, args.sample, args.per_module, args.seed)
     log.info("%d mutants of %d sites in %d modules", len(chosen), len(mutants), len(modules))
+    described = {m: describe(m) for m in chosen}
     copy = _copy_tree()
     results: list[tuple[Mutant, str, float]] = []
     started = time.monotonic()
@@ -445,11 +452,11 @@ def main(argv: list[str] | None = None) -> int:
                 mutant.label,
                 outcome.upper() if outcome == "survived" else outcome,
                 time.monotonic() - t0,
-                describe(mutant),
+                described[mutant],
             )
     finally:
         shutil.rmtree(copy, ignore_errors=True)
-    text = report(results, len(mutants), time.monotonic() - started)
+    text = report(results, len(mutants), time.monotonic() - started, described)
     log.info("%s", text)
     if args.report:
         args.report.write_text(text)
