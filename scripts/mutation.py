@@ -295,24 +295,26 @@ def _environment(copy: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin", "HOME": str(copy)}
 
 
-def _pytest(copy: Path, tests: list[str], timeout: float) -> int | None:
+def _pytest(copy: Path, tests: list[str], timeout: float, output: Path | None = None) -> int | None:
     """Run ``tests`` in the copy, stopping at the first failure; the exit status, or None when
-    it ran past ``timeout`` (then it is killed with every process it started)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-        + ["-m", "not postgres", *tests],
-        cwd=copy,
-        env=_environment(copy),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: a timeout ends its servers too
-    )
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return None
+    it ran past ``timeout`` (then it is killed with every process it started). ``output``:
+    where its output goes (by default, nowhere)."""
+    with open(output or os.devnull, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+            + ["-m", "not postgres", *tests],
+            cwd=copy,
+            env=_environment(copy),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a timeout ends its servers too
+        )
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return None
 
 
 def run_mutant(mutant: Mutant, copy: Path, timeout: float) -> str:
@@ -351,8 +353,10 @@ def baseline(copy: Path, modules: list[str]) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for module in modules:
         started = time.monotonic()
-        if _pytest(copy, COVERED_BY[module], timeout=1800) != 0:
-            raise RuntimeError(f"the tests of {module} fail without a mutant: {COVERED_BY[module]}")
+        output = copy / "baseline.log"
+        if _pytest(copy, COVERED_BY[module], timeout=1800, output=output) != 0:
+            tail = "\n".join(output.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"the tests of {module} fail without a mutant:\n{tail}")
         seconds[module] = time.monotonic() - started
         log.info("baseline %s: %.0f s", module, seconds[module])
     return seconds
@@ -376,7 +380,8 @@ def choose(mutants: list[Mutant], sample: int, per_module: int, seed: int) -> li
 
 def _copy_tree() -> Path:
     copy = Path(tempfile.mkdtemp(prefix="whaleid-mutants-"))
-    for name in ("service", "migrations", "tests", "pyproject.toml"):
+    # docs/: tests run the documentation's samples (docs/integration.md's verifier).
+    for name in ("service", "migrations", "tests", "docs", "pyproject.toml"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
