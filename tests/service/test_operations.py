@@ -165,6 +165,22 @@ def test_the_last_admin_key_cannot_be_revoked_over_the_api(live: LiveServer) -> 
         assert deputy.get("/keys").status_code == 200
 
 
+def test_the_command_line_may_revoke_the_last_admin_key(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The way out the API's refusal names: on the server, ``whaleid keys revoke`` does it (and
+    says so when there is no such key)."""
+    with live.client("admin") as admin:
+        last = next(k for k in admin.get("/keys").json() if k["role"] == "admin")
+        assert admin.delete("/keys/999").status_code == 404  # no such key
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(live.settings.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", live.settings.sqlalchemy_url)
+    assert main(["keys", "revoke", "999"]) == 2
+    assert main(["keys", "revoke", str(last["id"])]) == 0
+    with live.client("admin") as admin:
+        assert admin.get("/keys").status_code == 401
+
+
 def test_editing_a_merged_individual_is_409_pointing_at_the_target(live: LiveServer) -> None:
     with live.client("curator") as curator:
         assert curator.post("/individuals/ind-1/merge", json={"into": "ind-2"}).status_code == 200
