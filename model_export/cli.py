@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model_export.map5_drop import CONFIDENCE, MAX_MAP5_DROP, MIN_QUERIES
+
 log = logging.getLogger("whaleid-export")
 
 
@@ -53,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=("int8",),
         help="write a static int8 (QDQ, per-channel) model instead of fp32, if it stays within "
-        "--int8-min-cosine of fp32 on the run's validation photos and loses at most 0.01 of "
-        "validation MAP@5; its version gets the suffix -int8",
+        "--int8-min-cosine of fp32 on the run's validation photos and its validation MAP@5 is "
+        f"not shown to drop by more than {MAX_MAP5_DROP} (query by query against fp32: refused "
+        f"when the {CONFIDENCE * 100:.0f}%% bootstrap interval of the drop lies wholly above it; "
+        f"judged on {MIN_QUERIES} queries or more); its version gets the suffix -int8",
     )
     parser.add_argument(
         "--calibration-photos",
@@ -67,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="least cosine between int8 and fp32 embeddings of any held-out photo (default 0.98)",
+    )
+    parser.add_argument(
+        "--int8-accept-unjudged",
+        action="store_true",
+        help="write the int8 model on the cosine check alone when the run has too few validation "
+        f"queries (under {MIN_QUERIES}) to judge its MAP@5 (refused otherwise); the metadata "
+        "says so",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -103,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             service_tolerance=args.service_tolerance or SERVICE_TOLERANCE,
             quantize=args.quantize,
             calibration_photos=Path(args.calibration_photos) if args.calibration_photos else None,
-            int8_min_cosine=args.int8_min_cosine or MIN_COSINE,
+            int8_min_cosine=MIN_COSINE if args.int8_min_cosine is None else args.int8_min_cosine,
+            int8_accept_unjudged=args.int8_accept_unjudged,
         )
     except (ExportRefused, FileNotFoundError, ValueError) as e:
         log.error("not exported: %s", e)

@@ -212,6 +212,7 @@ def export_model(
     quantize: str | None = None,
     calibration_photos: Path | None = None,
     int8_min_cosine: float = MIN_COSINE,
+    int8_accept_unjudged: bool = False,
 ) -> ExportResult:
     """Export ``model_path`` to ``out`` (written only if both parity checks pass).
 
@@ -219,7 +220,8 @@ def export_model(
     resize/pixel_range); overriding the preprocessing to something training did not do makes the
     second check fail, as it should. ``quantize="int8"`` writes the int8 model instead of the
     fp32 one, calibrated on the run's training photos (or ``calibration_photos``, a folder), and
-    only if it passes the gate of ``model_export.quantize`` on the run's validation photos.
+    only if it passes the gate of ``model_export.quantize`` on the run's validation photos; with
+    too few validation queries to judge its MAP@5 it is refused unless ``int8_accept_unjudged``.
     """
     if quantize not in (None, INT8):
         raise ValueError(f"quantize={quantize!r}: only {INT8!r} is supported")
@@ -263,6 +265,7 @@ def export_model(
                 metadata,
                 calibration_photos=calibration_photos,
                 min_cosine=int8_min_cosine,
+                accept_unjudged=int8_accept_unjudged,
             )
         else:
             os.replace(tmp, out)
@@ -320,6 +323,7 @@ def _write_int8(
     *,
     calibration_photos: Path | None,
     min_cosine: float,
+    accept_unjudged: bool,
 ) -> dict[str, str]:
     """Quantize the verified fp32 file, check it, and write it at ``out``; its metadata."""
     config, source, split = run_data(run_folder(model_path))
@@ -352,12 +356,11 @@ def _write_int8(
                 cutoff=contract.head.cutoff,
                 ranking=contract.head.ranking,
                 min_cosine=min_cosine,
+                accept_unjudged=accept_unjudged,
             )
         except QuantizationRefused as e:
             raise ExportRefused(str(e)) from e
-        int8_metadata["whaleid.training.int8_check"] = check.describe()
-        int8_metadata["whaleid.training.int8_val_map5"] = f"{check.int8.map5:.4f}"
-        int8_metadata["whaleid.training.fp32_val_map5"] = f"{check.fp32.map5:.4f}"
+        int8_metadata.update(check.metadata())
         _save(proto, int8_metadata, quantized)
         os.replace(quantized, out)
     finally:

@@ -9,7 +9,10 @@ The int8 model is accepted only if, on held-out photos (the run's validation pho
 for calibration),
 - every photo's int8 embedding is within ``min_cosine`` of its fp32 embedding, and
 - validation MAP@5 through the serving path (``service.photos`` → the service's ``Embedder`` →
-  exact search → ``service.knn``) with the model's own head drops by at most ``max_map5_drop``.
+  exact search → ``service.knn``) with the model's own head is not shown to drop by more than
+  ``max_map5_drop``: compared query by query, with a bootstrap interval, and only on enough
+  queries to tell a drop from noise (``model_export.map5_drop``). On fewer, the model is
+  refused as unjudged unless the caller accepts it on the cosine check alone.
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from model_export.map5_drop import MAX_MAP5_DROP, MIN_QUERIES, Map5Drop, Verdict, judge_map5_drop
 from service.contract import Ranking
-from training.evaluate import Scores, Validation, onnx_embed
+from training.evaluate import Scores, Validation, average_precisions, onnx_embed, score
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INT8 = "int8"
 MIN_COSINE = 0.98
-MAX_MAP5_DROP = 0.01
 CALIBRATION_PHOTOS = 64
 CALIBRATION_BATCH = 4
 QUANTIZATION = (
@@ -109,23 +112,50 @@ class Int8Check:
     mean_cosine: float
     fp32: Scores
     int8: Scores
-
-    @property
-    def map5_drop(self) -> float:
-        return self.fp32.map5 - self.int8.map5
+    drop: Map5Drop
 
     def describe(self) -> str:
         return (
             f"int8 vs fp32 cosine min {self.min_cosine:.5f} / mean {self.mean_cosine:.5f} on "
             f"{self.photos} held-out photos; validation MAP@5 {self.int8.map5:.4f} int8 against "
-            f"{self.fp32.map5:.4f} fp32 ({self.int8.queries} queries)"
+            f"{self.fp32.map5:.4f} fp32 ({self.int8.queries} queries); {self.drop.describe()}"
         )
+
+    def metadata(self) -> dict[str, str]:
+        """What the int8 model's ``whaleid.training.*`` metadata says of this check."""
+        verdict = f"{self.drop.verdict}: {self.drop.reason()}"
+        if self.drop.verdict is Verdict.UNJUDGED:
+            verdict += ", written on the cosine check alone"
+        return {
+            "whaleid.training.int8_check": self.describe(),
+            "whaleid.training.int8_val_map5": f"{self.int8.map5:.4f}",
+            "whaleid.training.fp32_val_map5": f"{self.fp32.map5:.4f}",
+            "whaleid.training.int8_val_queries": str(self.drop.queries),
+            "whaleid.training.int8_map5_drop": f"{self.drop.mean:+.4f}",
+            "whaleid.training.int8_map5_drop_interval": self.drop.interval(),
+            "whaleid.training.int8_map5_verdict": verdict,
+        }
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # both come L2-normalised from the service's Embedder
     result: np.ndarray = np.sum(a * b, axis=1)
     return result
+
+
+def _scored(
+    validation: Validation,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    *,
+    k: int,
+    cutoff: float,
+    ranking: Ranking,
+) -> tuple[Scores, np.ndarray]:
+    """MAP@5 and each query's AP@5, from one set of predictions."""
+    predictions = validation.predictions(gallery, queries, k=k, cutoff=cutoff, ranking=ranking)
+    truths = validation.truths
+    return score(predictions, truths), average_precisions(predictions, truths)
 
 
 def check_int8(
@@ -138,9 +168,12 @@ def check_int8(
     ranking: Ranking,
     min_cosine: float = MIN_COSINE,
     max_map5_drop: float = MAX_MAP5_DROP,
+    min_queries: int = MIN_QUERIES,
+    accept_unjudged: bool = False,
 ) -> Int8Check:
     """Compare the two files through the service's embedder; raise QuantizationRefused when the
-    int8 one strays too far."""
+    int8 one strays too far, or when there are too few queries to judge its MAP@5 and
+    ``accept_unjudged`` is not set."""
     fp32_embed, _ = onnx_embed(fp32)
     int8_embed, _ = onnx_embed(int8)
     fp32_gallery, fp32_queries = validation.embeddings(fp32_embed)
@@ -148,26 +181,56 @@ def check_int8(
     cos = _cosines(
         np.concatenate([fp32_gallery, fp32_queries]), np.concatenate([int8_gallery, int8_queries])
     )
+    fp32_scores, fp32_ap = _scored(
+        validation, fp32_gallery, fp32_queries, k=k, cutoff=cutoff, ranking=ranking
+    )
+    int8_scores, int8_ap = _scored(
+        validation, int8_gallery, int8_queries, k=k, cutoff=cutoff, ranking=ranking
+    )
     check = Int8Check(
         photos=len(cos),
         min_cosine=float(cos.min()),
         mean_cosine=float(cos.mean()),
-        fp32=validation.score(fp32_gallery, fp32_queries, k=k, cutoff=cutoff, ranking=ranking),
-        int8=validation.score(int8_gallery, int8_queries, k=k, cutoff=cutoff, ranking=ranking),
+        fp32=fp32_scores,
+        int8=int8_scores,
+        drop=judge_map5_drop(fp32_ap, int8_ap, allowed=max_map5_drop, min_queries=min_queries),
     )
     log.info("int8 check: %s", check.describe())
+    enforce(check, min_cosine=min_cosine, accept_unjudged=accept_unjudged)
+    return check
+
+
+def enforce(check: Int8Check, *, min_cosine: float, accept_unjudged: bool = False) -> None:
+    """Raise QuantizationRefused, saying why and what to do, unless ``check`` passes: the cosine
+    first, then the MAP@5 verdict (an unjudged one passes only with ``accept_unjudged``)."""
     if check.min_cosine < min_cosine:
         raise QuantizationRefused(
             f"int8 embeddings stray from fp32: cosine {check.min_cosine:.5f} < {min_cosine} on "
             f"a held-out photo ({check.describe()}); calibrate on more, or more typical, photos "
             "(--calibration-photos), or keep the fp32 model"
         )
-    if check.map5_drop > max_map5_drop:
+    drop = check.drop
+    if drop.verdict is Verdict.REFUSED:
         raise QuantizationRefused(
             f"int8 loses validation MAP@5: {check.int8.map5:.4f} against {check.fp32.map5:.4f} "
-            f"fp32, more than {max_map5_drop} lower ({check.describe()}); keep the fp32 model"
+            f"fp32, a drop of {drop.mean:+.4f} whose {drop.interval()} over {drop.queries} "
+            f"queries lies wholly above the allowed {drop.allowed} ({check.describe()}); keep "
+            "the fp32 model"
         )
-    return check
+    if drop.verdict is Verdict.UNJUDGED:
+        if not accept_unjudged:
+            raise QuantizationRefused(
+                f"too few validation queries to judge int8's MAP@5: {drop.queries} < "
+                f"{drop.min_queries}, where one query moves MAP@5 by up to {1 / drop.queries:.3f} "
+                f"({check.describe()}); validate on more photos (a run whose validation fold "
+                "holds more queries), or write it on the cosine check alone with "
+                "--int8-accept-unjudged, or keep the fp32 model"
+            )
+        log.warning(
+            "int8 MAP@5 not judged (%d queries < %d): written on the cosine check alone",
+            drop.queries,
+            drop.min_queries,
+        )
 
 
 def calibration_sample(photos: Sequence[T], count: int, seed: int) -> list[T]:

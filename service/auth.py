@@ -1,5 +1,9 @@
 """API keys with roles: ``integration`` (identify, read), ``curator`` (+ decisions and
-individuals), ``admin`` (+ models, import, keys). Keys are stored hashed."""
+individuals), ``admin`` (+ models, import, keys). Keys are stored hashed.
+
+The review page signs in with a key once and then holds a review session: a random id in its
+cookie, stored here only as a hash, that ends when it expires, at logout, or when its key is
+revoked. The key itself never leaves the sign-in form."""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import ApiKey, transaction
+from service.db import ApiKey, ReviewSession, transaction, utcnow
 
 ROLES = ("integration", "curator", "admin")
 KEY_PREFIX = "wid_"
@@ -36,7 +40,7 @@ COMMAND_LINE = Principal("command line", "admin")  # whoever runs `whaleid` on t
 
 
 def hash_key(key: str) -> str:
-    # Keys carry 256 random bits, so a fast hash is as safe as a slow one here.
+    # Keys and review session ids carry 256 random bits, so a fast hash is as safe as a slow one.
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -59,6 +63,101 @@ def authenticate(session: Session, key: str) -> Principal | None:
     if row is None or row.revoked_at is not None:
         return None
     return Principal(row.name, row.role, row.id)
+
+
+class SignInRefused(Exception):
+    """A key that may not open a review session: ``UnknownKey`` or ``RoleTooLow``."""
+
+
+class UnknownKey(SignInRefused):
+    """No such key, or it is revoked."""
+
+
+class RoleTooLow(SignInRefused):
+    """The key's role is below the one the review page needs."""
+
+
+def open_review_session(
+    factory: sessionmaker[Session],
+    key: str,
+    hours: float,
+    *,
+    role: str = "curator",
+    replacing: str | None = None,
+) -> tuple[Principal, str]:
+    """Sign ``key`` in to the review page for ``hours``, committed: its principal and the new
+    session's id, returned once for the cookie (only its hash is stored). The session in
+    ``replacing`` (the cookie the browser already held) ends, and the key's dead sessions are
+    deleted, so the table keeps only live ones. Refused with ``UnknownKey`` or ``RoleTooLow``."""
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    with transaction(factory) as session:
+        principal = authenticate(session, key) if key else None
+        if principal is None or principal.key_id is None:
+            raise UnknownKey("That key is unknown or revoked.")
+        if not principal.can(role):
+            raise RoleTooLow(
+                f"The key of {principal.name!r} has the {principal.role} role; reviewing needs "
+                f"the {role} role."
+            )
+        if replacing:
+            _end_session(session, replacing, now)
+        session.execute(
+            delete(ReviewSession).where(
+                ReviewSession.key_id == principal.key_id,
+                or_(ReviewSession.expires_at <= now, ReviewSession.revoked_at.is_not(None)),
+            )
+        )
+        session.add(
+            ReviewSession(
+                token_hash=hash_key(token),
+                key_id=principal.key_id,
+                created_at=now,
+                expires_at=now + dt.timedelta(hours=hours),
+            )
+        )
+    return principal, token
+
+
+def session_principal(session: Session, token: str) -> Principal | None:
+    """The principal of a live review session: unexpired, not ended, its key not revoked (the
+    key is checked too, so a session outlives neither its key nor a revocation made behind
+    ``revoke_key``'s back); else None."""
+    row = session.execute(
+        select(ApiKey)
+        .join(ReviewSession, ReviewSession.key_id == ApiKey.id)
+        .where(
+            ReviewSession.token_hash == hash_key(token),
+            ReviewSession.revoked_at.is_(None),
+            ReviewSession.expires_at > utcnow(),
+            ApiKey.revoked_at.is_(None),
+        )
+    ).scalar_one_or_none()
+    return None if row is None else Principal(row.name, row.role, row.id)
+
+
+def key_hash_of_session(session: Session, token: str) -> str | None:
+    """The stored hash of the key that opened the review session ``token`` (live or not), so a
+    session counts against its key's rate limit; None for no such session."""
+    return session.scalar(
+        select(ApiKey.key_hash)
+        .join(ReviewSession, ReviewSession.key_id == ApiKey.id)
+        .where(ReviewSession.token_hash == hash_key(token))
+    )
+
+
+def close_review_session(factory: sessionmaker[Session], token: str) -> bool:
+    """End the review session ``token`` names (logout), committed; False if none was live."""
+    with transaction(factory) as session:
+        return _end_session(session, token, utcnow())
+
+
+def _end_session(session: Session, token: str, now: dt.datetime) -> bool:
+    row = session.scalar(select(ReviewSession).where(ReviewSession.token_hash == hash_key(token)))
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = now
+    return True
 
 
 class LastAdminKey(Exception):
@@ -88,8 +187,16 @@ def _revoke(session: Session, key_id: int, keep_an_admin: bool) -> bool:
                 f"key {key_id} ({row.name!r}) is the last admin key: create another admin key "
                 "first (POST /keys), or revoke it on the server with `whaleid keys revoke`"
             )
+    now = utcnow()
     if row.revoked_at is None:
-        row.revoked_at = dt.datetime.now(dt.UTC)
+        row.revoked_at = now
+    # The key's review pages are signed out with it, at once.
+    for live in session.scalars(
+        select(ReviewSession).where(
+            ReviewSession.key_id == key_id, ReviewSession.revoked_at.is_(None)
+        )
+    ):
+        live.revoked_at = now
     return True
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -454,6 +455,7 @@ class Worker:
         lease_seconds: float = 30.0,
         poll_seconds: float = 1.0,
         idle: Sequence[Callable[[], None]] = (),
+        housekeeping_seconds: float = 30.0,
         name: str | None = None,
     ) -> None:
         self.factory = factory
@@ -461,6 +463,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.idle = idle
+        self.housekeeping_seconds = housekeeping_seconds
         self.name = name or worker_name()
         self._stopping = threading.Event()
 
@@ -493,6 +496,13 @@ class Worker:
             beat.join()
         return True
 
+    def _keep_house(self) -> None:
+        for step in self.idle:
+            try:
+                step()
+            except Exception:  # the next round tries again
+                log.exception("worker %s: housekeeping failed", self.name)
+
     def _heartbeat(self, lease: Lease, lost: threading.Event, stop: threading.Event) -> None:
         while not stop.wait(self.lease_seconds / 3):
             try:
@@ -507,14 +517,20 @@ class Worker:
         log.info("worker %s started (jobs: %s)", self.name, ", ".join(self.handlers))
         # A chunk in progress stops at its next batch and is given back to the other workers.
         self._stopping = stop
+        kept_house = time.monotonic()
         while not stop.is_set():
             try:
-                if self.run_once():
-                    continue
-                for step in self.idle:  # housekeeping while there is no chunk to claim
-                    step()
+                worked = self.run_once()
             except Exception:  # the database is away: wait and try again
                 log.exception("worker %s: claiming work failed", self.name)
+                worked = False
+            # Housekeeping (closing ended jobs, keeping the gallery) runs when there is no chunk
+            # to claim, and at least every housekeeping_seconds while there always is one.
+            if not worked or time.monotonic() - kept_house >= self.housekeeping_seconds:
+                self._keep_house()
+                kept_house = time.monotonic()
+            if worked:
+                continue
             if exit_when_idle:
                 return
             stop.wait(self.poll_seconds)

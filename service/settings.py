@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,9 +38,12 @@ class Settings(BaseSettings):
     stored_photo_max_side: int = 1024
     # `whaleid prune` removes query photos never confirmed after this many days.
     query_photo_retention_days: int = 90
-    # The review page's cookie is Secure: "auto" when the request came over HTTPS (directly or
+    # The review page's cookies are Secure: "auto" when the request came over HTTPS (directly or
     # through a proxy that says X-Forwarded-Proto: https), "always" or "never".
     secure_cookie: Literal["auto", "always", "never"] = "auto"
+    # A review page sign-in lasts this long (then the curator signs in again); logging out or
+    # revoking the key ends it sooner. The cookie holds only a random session id.
+    review_session_hours: float = Field(default=12.0, gt=0)
     onnx_threads: int = 0
     embed_batch_size: int = 16
     ivf_threshold: int = 200_000

@@ -107,11 +107,12 @@ def model_input(image: tf.Tensor, spec: Preprocessing) -> tf.Tensor:
     return scale_pixels(resize(tf.cast(image, tf.float32), spec), spec)
 
 
-def _random_crop(image: tf.Tensor, aug: Augmentation) -> tf.Tensor:
+def _random_crop(image: tf.Tensor, aug: Augmentation, seed: tf.Tensor) -> tf.Tensor:
     shape = tf.shape(image)
-    begin, extent, _ = tf.image.sample_distorted_bounding_box(
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=aug.crop_aspect,
         area_range=(aug.crop_min_area, 1.0),
@@ -121,31 +122,40 @@ def _random_crop(image: tf.Tensor, aug: Augmentation) -> tf.Tensor:
     return tf.slice(image, begin, extent)
 
 
-def _colour(x: tf.Tensor, aug: Augmentation) -> tf.Tensor:
-    """Hue, saturation, contrast and brightness jitter, then sometimes grayscale; x in 0-1."""
+def _colour(x: tf.Tensor, aug: Augmentation, seeds: tf.Tensor) -> tf.Tensor:
+    """Hue, saturation, contrast and brightness jitter, then sometimes grayscale; x in 0-1.
+    ``seeds``: five stateless seeds, one per draw."""
     if aug.hue > 0:
-        x = tf.image.random_hue(x, aug.hue)
+        x = tf.image.stateless_random_hue(x, aug.hue, seeds[0])
     if aug.saturation[0] < aug.saturation[1]:
-        x = tf.image.random_saturation(x, *aug.saturation)
+        x = tf.image.stateless_random_saturation(x, *aug.saturation, seed=seeds[1])
     if aug.contrast[0] < aug.contrast[1]:
-        x = tf.image.random_contrast(x, *aug.contrast)
+        x = tf.image.stateless_random_contrast(x, *aug.contrast, seed=seeds[2])
     if aug.brightness > 0:
-        x = tf.image.random_brightness(x, aug.brightness)
+        x = tf.image.stateless_random_brightness(x, aug.brightness, seeds[3])
     x = tf.clip_by_value(x, 0.0, 1.0)
     if aug.grayscale > 0:
         grey = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
-        x = tf.where(tf.random.uniform([]) < aug.grayscale, grey, x)
+        x = tf.where(tf.random.stateless_uniform([], seeds[4]) < aug.grayscale, grey, x)
     return x
 
 
-def augmented_input(image: tf.Tensor, spec: Preprocessing, aug: Augmentation) -> tf.Tensor:
-    """uint8 HxWx3 -> float32 model input with §3.2 augmentation (training only)."""
+def augmented_input(
+    image: tf.Tensor, spec: Preprocessing, aug: Augmentation, seed: tf.Tensor
+) -> tf.Tensor:
+    """uint8 HxWx3 -> float32 model input with §3.2 augmentation (training only).
+
+    ``seed`` (shape [2], integers) determines every random draw: stateless ops, so the same
+    photo and seed give the same tensor whatever the order in which tf.data's parallel map
+    calls run (stateful random ops there draw in thread-timing order, and training would
+    not repeat)."""
     if not aug.enabled:
         return model_input(image, spec)
+    crop, flip, *colour = tf.unstack(tf.random.experimental.stateless_split(seed, 7))
     x = tf.cast(image, tf.float32)
     if aug.crop_min_area < 1.0:
-        x = _random_crop(x, aug)
-    x = _colour(resize(x, spec) / 255.0, aug)
+        x = _random_crop(x, aug, crop)
+    x = _colour(resize(x, spec) / 255.0, aug, tf.stack(colour))
     if aug.hflip:
-        x = tf.image.random_flip_left_right(x)
+        x = tf.image.stateless_random_flip_left_right(x, flip)
     return scale_pixels(x * 255.0, spec)

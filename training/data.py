@@ -351,10 +351,23 @@ def training_dataset(
             lambda data, label: (decode(data, spec.input_size), label), num_parallel_calls=AUTOTUNE
         ).cache()
     ds = ds.shuffle(min(shuffle_buffer, max(len(split.train), 1)), seed=seed).repeat()
+    # the n-th example of the endless stream is augmented with the stateless seed (seed, n), so
+    # a run repeats exactly however the parallel map's threads are scheduled
+    ds = ds.enumerate()
 
-    def example(item: tf.Tensor, label: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    def example(
+        n: tf.Tensor, pair: tuple[tf.Tensor, tf.Tensor]
+    ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        item, label = pair
         image = item if cache_decoded else decode(item, spec.input_size)
-        return {"image": augmented_input(image, spec, augmentation), "label": label}, label
+        draws = tf.stack([tf.constant(seed, tf.int64), n])
+        return {"image": augmented_input(image, spec, augmentation, draws), "label": label}, label
 
     ds = ds.map(example, num_parallel_calls=AUTOTUNE)
-    return ds.batch(global_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    ds = ds.batch(global_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    # tf.data's documented default, said explicitly: left unset, the same run trained twice
+    # under model.fit (TF 2.21, CPU) sometimes ended with other weights; set, it repeats.
+    # Sharded sources still interleave their files in any order (deterministic=False there).
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)

@@ -20,7 +20,13 @@ from PIL import Image
 
 from service.contract import PixelRange, Preprocessing, Ranking
 from service.embedder import Embedder, l2_normalise
-from service.knn import NEW_INDIVIDUAL, Neighbour, map_at_5, rank_candidates
+from service.knn import (
+    NEW_INDIVIDUAL,
+    Neighbour,
+    average_precision_at_5,
+    map_at_5,
+    rank_candidates,
+)
 from service.photos import decode_photo, to_model_input
 from training.data import MAX_PIXELS
 
@@ -156,6 +162,17 @@ class Scores:
         }
 
 
+def average_precisions(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> np.ndarray:
+    """Each query's AP@5 (``service.knn.average_precision_at_5``), in query order: their mean is
+    ``map_at_5``; paired with another model's on the same queries they show where it differs."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions but {len(truths)} truths")
+    return np.array(
+        [average_precision_at_5(p, t) for p, t in zip(predictions, truths, strict=True)],
+        dtype=np.float64,
+    )
+
+
 def score(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> Scores:
     known = [i for i, t in enumerate(truths) if t != NEW_INDIVIDUAL]
     unseen = [i for i, t in enumerate(truths) if t == NEW_INDIVIDUAL]
@@ -224,6 +241,20 @@ class Validation:
         gallery, queries = self.embeddings(embed)
         return nearest(queries, gallery, self.gallery_labels, k)
 
+    def predictions(
+        self,
+        gallery: np.ndarray,
+        queries: np.ndarray,
+        *,
+        k: int,
+        cutoff: float,
+        ranking: Ranking,
+    ) -> list[list[str]]:
+        """Each query's top-5 labels through the service's head, from embeddings already
+        computed (by ``embeddings``)."""
+        neighbours = nearest(queries, gallery, self.gallery_labels, k)
+        return predict(neighbours, k=k, cutoff=cutoff, ranking=ranking)
+
     def score(
         self,
         gallery: np.ndarray,
@@ -234,8 +265,8 @@ class Validation:
         ranking: Ranking,
     ) -> Scores:
         """MAP@5 of embeddings already computed (by ``embeddings``)."""
-        neighbours = nearest(queries, gallery, self.gallery_labels, k)
-        return score(predict(neighbours, k=k, cutoff=cutoff, ranking=ranking), self.truths)
+        predictions = self.predictions(gallery, queries, k=k, cutoff=cutoff, ranking=ranking)
+        return score(predictions, self.truths)
 
     def evaluate(self, embed: Embed, *, k: int, cutoff: float, ranking: Ranking) -> Scores:
         return self.score(*self.embeddings(embed), k=k, cutoff=cutoff, ranking=ranking)

@@ -4,6 +4,7 @@ database, checks the schema and loads the active model and its gallery once."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.metrics.watch(app.state.runtime, engine)
             if not settings.auth:
                 log.warning("authentication is OFF (WHALEID_AUTH=false): anyone can curate")
+            _warn_of_retired_settings()
             app.state.embedders = Embedders(settings, app.state.sessions)
             try:
                 loaded = await run_in_threadpool(app.state.runtime.current)
@@ -170,6 +172,24 @@ def add_observability(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Requested-With"],
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
+
+
+RETIRED_SETTINGS = {
+    "WHALEID_CALLBACK_SECRET": "each key has its own callback secret now",
+    "WHALEID_CALLBACK_HOSTS": "each key has its own callback hosts now",
+}
+
+
+def _warn_of_retired_settings() -> None:
+    """Say so when a setting this version no longer reads is still set (it would be ignored)."""
+    for name, why in RETIRED_SETTINGS.items():
+        if os.environ.get(name):
+            log.warning(
+                "%s is set but no longer used: %s; set them per key with `whaleid keys "
+                "callbacks KEY_ID --host HOST --rotate-secret` (docs/integration.md)",
+                name,
+                why,
+            )
 
 
 def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> threading.Thread:

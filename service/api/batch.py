@@ -98,7 +98,7 @@ ACCEPTED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def charge_photos(request: Request, photos: int) -> None:
+async def charge_photos(request: Request, photos: int) -> None:
     """Count a job's photos against the key's rate (when one is set), as if each were a
     request of its own: 429 with Retry-After when the key has not that many left."""
     rate: KeyRate | None = request.app.state.rate
@@ -110,7 +110,7 @@ def charge_photos(request: Request, photos: int) -> None:
             f"{photos} photos is over the rate limit of {rate.item} per key: send at most "
             f"{rate.item.amount} photos per job",
         )
-    caller = caller_of(request.scope)
+    caller = await caller_of(request.scope)
     if not rate.hit(caller, cost=photos):
         after = rate.retry_after(caller)
         raise HTTPException(
@@ -147,7 +147,7 @@ async def identify_batch(
         items = await run_in_threadpool(lookup)
     else:
         items = url_items(settings, body.urls or [])
-    charge_photos(request, len(items))
+    await charge_photos(request, len(items))
     job_id = await run_in_threadpool(
         partial(
             submit,
@@ -179,7 +179,7 @@ async def identify_archive(
     file: IO[bytes] = archive.file
     kept = await run_in_threadpool(read_archive, settings, file)
     try:
-        charge_photos(request, len(kept.items))
+        await charge_photos(request, len(kept.items))
     except HTTPException:
         await run_in_threadpool(ArchiveFiles.open(settings).remove, kept.kept)
         raise

@@ -7,19 +7,23 @@ function that takes the sessionmaker and owns its transaction (``service.db.tran
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import ANONYMOUS_ADMIN, Principal, authenticate
+from service.auth import ANONYMOUS_ADMIN, Principal, authenticate, session_principal
 from service.identify import Runtime
 from service.metrics import ServiceMetrics
 from service.reindex import Embedders
 from service.settings import Settings
 
-COOKIE = "whaleid_key"
+# The review page's cookie: a random session id (service.auth.open_review_session), never a key.
+SESSION_COOKIE = "whaleid_session"
+# Where the page kept the raw key before review sessions; sign-in and logout clear it.
+LEGACY_KEY_COOKIE = "whaleid_key"
 
 
 def get_sessions(request: Request) -> sessionmaker[Session]:
@@ -55,15 +59,24 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def presented_key(request: Request) -> str | None:
-    """The bearer key, or the review page's cookie. A cookie only counts for reads and for
-    requests a page's script sends (X-Requested-With), so other sites cannot forge writes."""
+@dataclass(frozen=True)
+class Credential:
+    """What a request presents: an API key (bearer) or a review session id (cookie)."""
+
+    kind: Literal["key", "session"]
+    secret: str
+
+
+def presented_credential(request: Request) -> Credential | None:
+    """The bearer key, or the review page's session cookie. A cookie only counts for reads and
+    for requests a page's script sends (X-Requested-With), so other sites cannot forge writes."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    cookie = request.cookies.get(COOKIE)
+        key = header[7:].strip()
+        return Credential("key", key) if key else None
+    cookie = request.cookies.get(SESSION_COOKIE)
     if cookie and (request.method == "GET" or request.headers.get("x-requested-with")):
-        return cookie
+        return Credential("session", cookie)
     return None
 
 
@@ -76,7 +89,7 @@ def principal_for(request: Request, role: str) -> Principal:
     if known is not None:  # authenticated before the body was read (service.api.guard)
         principal = known
     else:
-        principal = request.scope.setdefault("state", {})["principal"] = _principal_of_key(
+        principal = request.scope.setdefault("state", {})["principal"] = _principal_presented(
             request, role
         )
     if not principal.can(role):
@@ -88,29 +101,36 @@ def principal_for(request: Request, role: str) -> Principal:
     return principal
 
 
-def _principal_of_key(request: Request, role: str) -> Principal:
-    key = presented_key(request)
+def _principal_presented(request: Request, role: str) -> Principal:
+    credential = presented_credential(request)
     how = (
         "send Authorization: Bearer <key>; an admin creates keys with "
         "`whaleid keys create --role ROLE --name NAME`"
     )
-    if key is None:
+    if credential is None:
         raise HTTPException(
             401,
             f"this needs an API key with the {role} role: {how}",
             headers={"WWW-Authenticate": "Bearer"},
         )
     with get_sessions(request)() as session:
-        principal = authenticate(session, key)
+        if credential.kind == "key":
+            principal = authenticate(session, credential.secret)
+        else:
+            principal = session_principal(session, credential.secret)
     if principal is None:
-        raise HTTPException(
-            401, f"the API key is unknown or revoked: {how}", headers={"WWW-Authenticate": "Bearer"}
+        problem = (
+            f"the API key is unknown or revoked: {how}"
+            if credential.kind == "key"
+            else "the review session has ended (signed out, expired, or its key revoked): "
+            f"sign in again at /review/login, or {how}"
         )
+        raise HTTPException(401, problem, headers={"WWW-Authenticate": "Bearer"})
     return principal
 
 
 # Declares the bearer scheme in the OpenAPI description (Swagger UI's Authorize button); the
-# key itself is checked by principal_for, which also accepts the review page's cookie.
+# key itself is checked by principal_for, which also accepts the review page's session.
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="apiKey",

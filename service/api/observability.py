@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import re
@@ -21,11 +20,14 @@ from fastapi.responses import JSONResponse
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
-from service.api.deps import COOKIE
+from service.api.deps import SESSION_COOKIE
+from service.auth import hash_key, key_hash_of_session
 from service.metrics import UNMATCHED, ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ class RateLimit:
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
-        caller = caller_of(scope)
+        caller = await caller_of(scope)
         if self.rate.hit(caller):
             await self.app(scope, receive, send)
             return
@@ -141,16 +143,25 @@ class RateLimit:
         await response(scope, receive, send)
 
 
-def caller_of(scope: Scope) -> str:
-    """Who a request counts against: its bearer key (hashed; never kept in clear), else the
-    review page's cookie, else the client address."""
+async def caller_of(scope: Scope) -> str:
+    """Who a request counts against: its bearer key (hashed; never kept in clear), else the key
+    of the review page's session (so signing in again does not earn a fresh allowance), else the
+    client address."""
     headers = Headers(scope=scope)
     authorization = headers.get("authorization", "")
     secret = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-    if not secret:
-        cookie = re.search(rf"{COOKIE}=([^;\s]+)", headers.get("cookie", ""))
-        secret = cookie.group(1) if cookie else ""
     if secret:
-        return "key:" + hashlib.sha256(secret.encode()).hexdigest()[:32]
+        return "key:" + hash_key(secret)[:32]
+    cookie = re.search(rf"(?:^|[;\s]){SESSION_COOKIE}=([^;\s]+)", headers.get("cookie", ""))
+    if cookie:
+        key_hash = await run_in_threadpool(_key_hash_of_session, scope, cookie.group(1))
+        # An unknown session is refused later; until then it counts on its own.
+        return "key:" + key_hash[:32] if key_hash else "session:" + hash_key(cookie.group(1))[:32]
     client = scope.get("client")
     return f"address:{client[0] if client else 'unknown'}"
+
+
+def _key_hash_of_session(scope: Scope, token: str) -> str | None:
+    sessions: sessionmaker[Session] = scope["app"].state.sessions
+    with sessions() as session:
+        return key_hash_of_session(session, token)

@@ -1,8 +1,16 @@
 """The review page: server-rendered, no front-end build. A curator signs in with an API key
-(kept in an HttpOnly cookie) and decides with buttons or keyboard shortcuts."""
+and decides with buttons or keyboard shortcuts.
+
+Signing in opens a review session (service.auth): its random id goes in an HttpOnly,
+SameSite=Strict cookie and the key stays out of the browser. Logout ends the session on the
+server, so a copied cookie dies with it. The sign-in and logout forms carry a double-submit
+token (a cookie and a hidden field that must be equal), so another site cannot sign a browser
+in with the attacker's key, nor out."""
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -13,15 +21,34 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from service.api.deps import COOKIE, SessionDep, SettingsDep, principal_for
+from service.api.deps import (
+    LEGACY_KEY_COOKIE,
+    SESSION_COOKIE,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+    get_settings,
+    principal_for,
+)
 from service.api.params import StatusFilter
-from service.auth import authenticate
+from service.auth import SignInRefused, UnknownKey, close_review_session, open_review_session
 from service.curation import decision_history
 from service.db import Identification
 from service.limits import MAX_ROW_ID
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(tags=["review"], include_in_schema=False)
+
+# The double-submit token of the sign-in and logout forms: a cookie only this site's pages can
+# set and read, and the same value in a hidden field.
+CSRF_COOKIE = "whaleid_csrf"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
+CSRF_REFUSED = (
+    "This form is out of date or was not sent from this site's own page (its form token is "
+    "missing or does not match): reload the page and try again, with cookies allowed."
+)
 templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
 
 
@@ -29,8 +56,9 @@ def _page(request: Request, name: str, context: dict[str, object], status: int =
     """A page with the headers that keep it from being framed, sniffed or leaking its URL; its
     inline script and style run only with this response's nonce."""
     nonce = secrets.token_urlsafe(16)
+    csrf = _csrf_token(request)
     response = templates.TemplateResponse(
-        request, name, {**context, "nonce": nonce}, status_code=status
+        request, name, {**context, "nonce": nonce, "csrf": csrf}, status_code=status
     )
     response.headers.update(
         {
@@ -45,15 +73,54 @@ def _page(request: Request, name: str, context: dict[str, object], status: int =
             "Cache-Control": "no-store",
         }
     )
+    response.set_cookie(
+        CSRF_COOKIE,
+        csrf,
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookie(request, get_settings(request)),
+        path="/review",
+    )
+    _forget_legacy_key(request, response)
     return response
 
 
 def secure_cookie(request: Request, settings: Settings) -> bool:
-    """Whether the key cookie is Secure: over HTTPS (uvicorn takes the scheme from a trusted
-    proxy's X-Forwarded-Proto), or always/never as the setting says."""
+    """Whether the page's cookies are Secure: over HTTPS (uvicorn takes the scheme from a
+    trusted proxy's X-Forwarded-Proto), or always/never as the setting says."""
     if settings.secure_cookie == "auto":
         return request.url.scheme == "https"
     return settings.secure_cookie == "always"
+
+
+def _csrf_token(request: Request) -> str:
+    """The browser's form token: the one its cookie holds (so pages open in several tabs all
+    work), else a new one."""
+    held = request.cookies.get(CSRF_COOKIE, "")
+    return held if _TOKEN.fullmatch(held) else secrets.token_urlsafe(32)
+
+
+def _forged(request: Request, form_token: str) -> bool:
+    """Whether a form POST may have come from another site: the browser says it did
+    (Sec-Fetch-Site; a sibling subdomain counts, as it could plant the cookie), or the form's
+    token is not the cookie's (another site can neither read this site's cookie nor set it)."""
+    if request.headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
+        return True
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    # Compared as bytes: compare_digest refuses non-ASCII text, which a form may hold.
+    return not (cookie and secrets.compare_digest(cookie.encode(), form_token.encode()))
+
+
+def _forget_legacy_key(request: Request, response: Response) -> None:
+    """Clear the cookie in which the page used to keep the raw key, where a browser still has it."""
+    if LEGACY_KEY_COOKIE in request.cookies:
+        response.delete_cookie(LEGACY_KEY_COOKIE)
+
+
+def _end_session_cookie(request: Request, response: Response, settings: Settings) -> None:
+    response.delete_cookie(
+        SESSION_COOKIE, httponly=True, samesite="strict", secure=secure_cookie(request, settings)
+    )
 
 
 @router.get("/review/login", response_class=HTMLResponse)
@@ -64,36 +131,62 @@ def login_page(request: Request) -> Response:
 @router.post("/review/login", response_class=HTMLResponse)
 def login(
     request: Request,
-    session: SessionDep,
+    sessions: SessionsDep,
     settings: SettingsDep,
     key: Annotated[str, Form(max_length=200)] = "",
+    csrf: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
-    principal = authenticate(session, key.strip()) if key.strip() else None
-    if principal is None or not principal.can("curator"):
-        error = (
-            "That key is unknown or revoked."
-            if principal is None
-            else f"The key of {principal.name!r} has the {principal.role} role; reviewing needs "
-            "the curator role."
+    """Check the form's token, then the key; a curator's key opens a review session."""
+    if _forged(request, csrf):
+        log.warning("review sign-in refused: the form token is missing or wrong (CSRF)")
+        return _page(request, "login.html", {"error": CSRF_REFUSED}, status=403)
+    hours = settings.review_session_hours
+    try:
+        principal, token = open_review_session(
+            sessions, key.strip(), hours, replacing=request.cookies.get(SESSION_COOKIE)
         )
-        return _page(
-            request, "login.html", {"error": error}, status=401 if principal is None else 403
-        )
+    except SignInRefused as e:
+        status = 401 if isinstance(e, UnknownKey) else 403
+        return _page(request, "login.html", {"error": str(e)}, status=status)
+    log.info(
+        "review session opened for %r (key %s), for %g h", principal.name, principal.key_id, hours
+    )
     response = RedirectResponse("/review", status_code=303)
     response.set_cookie(
-        COOKIE,
-        key.strip(),
+        SESSION_COOKIE,
+        token,
+        max_age=max(1, round(hours * 3600)),
         httponly=True,
         samesite="strict",
         secure=secure_cookie(request, settings),
     )
+    _forget_legacy_key(request, response)
     return response
 
 
-@router.get("/review/logout")
-def logout() -> Response:
+@router.get("/review/logout", response_class=HTMLResponse)
+def logout_page(request: Request) -> Response:
+    """A sign-out button: a GET changes nothing (a link or prefetch cannot sign anyone out)."""
+    return _page(request, "logout.html", {"error": None})
+
+
+@router.post("/review/logout", response_class=HTMLResponse)
+def logout(
+    request: Request,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    csrf: Annotated[str, Form(max_length=100)] = "",
+) -> Response:
+    """End the browser's review session on the server, then clear its cookie."""
+    if _forged(request, csrf):
+        log.warning("review logout refused: the form token is missing or wrong (CSRF)")
+        return _page(request, "logout.html", {"error": CSRF_REFUSED}, status=403)
+    token = request.cookies.get(SESSION_COOKIE)
+    if token and close_review_session(sessions, token):
+        log.info("review session closed at logout")
     response = RedirectResponse("/review/login", status_code=303)
-    response.delete_cookie(COOKIE)
+    _end_session_cookie(request, response, settings)
+    _forget_legacy_key(request, response)
     return response
 
 
@@ -101,6 +194,7 @@ def logout() -> Response:
 def review(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     identification_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
     status: StatusFilter = "pending",
 ) -> Response:
@@ -108,7 +202,10 @@ def review(
         curator = principal_for(request, "curator")
     except HTTPException as e:
         if e.status_code == 401:
-            return RedirectResponse("/review/login", status_code=303)
+            response = RedirectResponse("/review/login", status_code=303)
+            if SESSION_COOKIE in request.cookies:  # a session that has ended
+                _end_session_cookie(request, response, settings)
+            return response
         raise
     where = [Identification.status == status] if status else []
     queue = list(

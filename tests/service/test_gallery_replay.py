@@ -266,11 +266,22 @@ def test_two_replicas_under_concurrent_decisions_hold_exactly_the_database(
 
 
 def test_identify_embedding_a_gallery_photo_for_the_first_time_reaches_the_gallery(
-    live: LiveServer,
+    catalogue: Catalogue,
 ) -> None:
     """A catalogue photo this model has not embedded yet (imported before it, or confirmed
     while it was being re-embedded) joins the gallery when ``/identify`` embeds it: every
     replica hears of it through the change log, not only a restart."""
+    # No worker: its idle task embeds such photos too, and would race /identify to it.
+    catalogue.settings.worker = False
+    servers = run_server(catalogue.settings)
+    live = next(servers)
+    try:
+        _identify_embeds_the_missing_photo(live)
+    finally:
+        servers.close()
+
+
+def _identify_embeds_the_missing_photo(live: LiveServer) -> None:
     url = live.settings.sqlalchemy_url
     engine = make_engine(url)
     with transaction(make_sessionmaker(engine)) as session:

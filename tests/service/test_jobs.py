@@ -178,3 +178,33 @@ def test_a_stopping_worker_gives_its_chunk_back_at_once(sessions: sessionmaker[S
     # Not after the 300 s lease: the chunk is pending again now.
     again = lease_next(sessions, "other", 30, ["test"])
     assert again is not None and again.job_id == job_id and again.attempt == 2
+
+
+def test_a_busy_worker_still_keeps_house(sessions: sessionmaker[Session]) -> None:
+    """Housekeeping (closing ended jobs) runs between chunks too, not only when the queue is
+    empty: a worker that always has work would otherwise never remove a cancelled job's files."""
+    _job(sessions, [[i] for i in range(4)])
+    pending_at_housekeeping: list[int] = []
+
+    def count_pending() -> None:
+        with sessions() as session:
+            pending_at_housekeeping.append(
+                session.scalar(
+                    select(func.count()).where(JobChunk.state == "pending", JobChunk.phase == 0)
+                )
+                or 0
+            )
+
+    def work(lease: Lease, alive: Callable[[], bool]) -> None:
+        _complete(sessions, lease)
+
+    worker = Worker(
+        sessions, {"test": work}, poll_seconds=0.01, idle=[count_pending], housekeeping_seconds=0
+    )
+    worker.run(threading.Event(), exit_when_idle=True)
+    assert pending_at_housekeeping[:4] == [3, 2, 1, 0]  # after each chunk, work still queued
+    quiet = Worker(sessions, {"test": work}, poll_seconds=0.01, idle=[count_pending])
+    _job(sessions, [[i] for i in range(3)])
+    pending_at_housekeeping.clear()
+    quiet.run(threading.Event(), exit_when_idle=True)
+    assert pending_at_housekeeping == [0]  # within 30 s: only once the queue is empty

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from service.logs import EscapingFormatter
 from service.settings import Settings
 from tests.conftest import run_server
@@ -124,3 +126,17 @@ def test_uvicorns_access_lines_are_escaped_too() -> None:
         None,
     )
     assert formatter.format(record) == '10.0.0.1:5\\n - "GET /a\\x85b HTTP/1.1" 404 Not Found'
+
+
+def test_a_retired_callback_setting_is_named_at_start(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator upgrading with WHALEID_CALLBACK_SECRET still set learns that it is ignored
+    and where callback trust lives now."""
+    monkeypatch.setenv("WHALEID_CALLBACK_SECRET", "the old shared secret")
+    with caplog.at_level(logging.WARNING, logger="service.api.app"):
+        for _ in run_server(sqlite_settings):
+            pass
+    warned = [r.getMessage() for r in caplog.records if "WHALEID_CALLBACK_SECRET" in r.getMessage()]
+    assert len(warned) == 1 and "whaleid keys callbacks" in warned[0]
+    assert "the old shared secret" not in caplog.text

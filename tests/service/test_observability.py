@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
@@ -168,6 +169,20 @@ def test_the_rate_limit_is_per_key_with_retry_after(catalogue: Catalogue) -> Non
             assert "rate limit" in limited.json()["detail"]
             assert curator.get("/identifications/1").status_code != 429
             assert integration.get("/health").status_code == 200  # probes are never limited
+
+
+def test_a_review_session_counts_against_its_key(catalogue: Catalogue) -> None:
+    from tests.service.test_review_sessions import sign_in
+
+    for server in serve(catalogue, rate_limit="4/minute"):
+        with httpx.Client(base_url=server.url) as first, httpx.Client(base_url=server.url) as again:
+            assert sign_in(first, server.keys["curator"]).status_code == 303
+            assert sign_in(again, server.keys["curator"]).status_code == 303
+            with server.client("curator") as curator:
+                assert curator.get("/identifications").status_code == 200
+            # The key's allowance is shared by its bearer calls and all its sessions.
+            answers = [c.get("/identifications").status_code for c in (first, again, first, again)]
+            assert answers == [200, 200, 200, 429]
 
 
 def test_cors_is_off_by_default_and_allows_only_the_configured_origins(

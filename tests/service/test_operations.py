@@ -21,6 +21,7 @@ from service.db import Image as ImageRow
 from service.settings import Settings
 from tests.conftest import LiveServer, load_catalogue, run_server
 from tests.service.test_curation import decide, identify
+from tests.service.test_review_sessions import sign_in
 from tests.toy import encode, photo
 
 
@@ -217,13 +218,19 @@ def test_the_review_page_sends_security_headers_and_a_secure_cookie_over_https(
         assert page.headers["x-frame-options"] == "DENY"
         assert page.headers["x-content-type-options"] == "nosniff"
         assert page.headers["referrer-policy"] == "no-referrer"
-        key = {"key": busy_server.keys["curator"]}
-        plain = browser.post("/review/login", data=key)
+        key = busy_server.keys["curator"]
+        plain = sign_in(browser, key)
         assert plain.status_code == 303 and "secure" not in plain.headers["set-cookie"].lower()
         # Behind a proxy (trusted by uvicorn: loopback) that says the request came over HTTPS.
-        proxied = browser.post("/review/login", data=key, headers={"X-Forwarded-Proto": "https"})
+        proxied = sign_in(browser, key, **{"X-Forwarded-Proto": "https"})
         cookie = proxied.headers["set-cookie"].lower()
         assert "; secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        # So is the form token's cookie of a page served over HTTPS.
+        page = browser.get("/review/login", headers={"X-Forwarded-Proto": "https"})
+        token = page.headers["set-cookie"].lower()
+        assert (
+            token.startswith("whaleid_csrf=") and "; secure" in token and "samesite=strict" in token
+        )
 
 
 @pytest.mark.parametrize(("setting", "secure"), [("always", True), ("never", False)])

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -31,6 +32,11 @@ def test_curator_reviews_the_queue_with_keyboard_and_buttons(
     wait_for(browser, ".error", "curator role")
     sign_in(browser, live.url, live.keys["curator"])
     wait_for(browser, "h1", f"Identification #{known}")
+    # The browser holds a random session id, never the key.
+    cookies = {c["name"]: c for c in browser.get_cookies()}
+    assert not any(live.keys["curator"] in c["value"] for c in cookies.values())
+    session = cookies["whaleid_session"]
+    assert session["httpOnly"] and session["sameSite"] == "Strict"
 
     query = browser.find_element(By.CSS_SELECTOR, "figure.query img")
     assert browser.execute_script("return arguments[0].naturalWidth", query) == 64
@@ -63,6 +69,16 @@ def test_curator_reviews_the_queue_with_keyboard_and_buttons(
     wait_for(browser, "h1", f"Identification #{known}")
     browser.find_element(By.ID, "reject").click()
     wait_for(browser, "#message", "supersede")
+
+    # Logging out ends the session on the server: the page asks for a key again, and a copy of
+    # the cookie taken before is refused.
+    browser.find_element(By.ID, "logout").click()
+    wait_for(browser, "#key")
+    browser.get(f"{live.url}/review")
+    wait_for(browser, "#key")
+    with httpx.Client(base_url=live.url, cookies={session["name"]: session["value"]}) as copy:
+        assert copy.get("/review").headers["location"] == "/review/login"
+        assert copy.get(f"/identifications/{known}").status_code == 401
 
 
 ROOT = Path(__file__).parents[2]

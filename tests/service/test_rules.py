@@ -16,6 +16,7 @@ from service.identify import Runtime
 from service.model_gallery import Filters, GalleryEntries
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, load_catalogue
+from tests.service.test_review_sessions import sign_in
 from tests.toy import build_toy_model, encode, photo, write_catalogue
 
 JUNE_1, JUNE_2 = dt.date(2024, 6, 1), dt.date(2024, 6, 2)
@@ -53,9 +54,10 @@ def test_review_cookie_is_httponly_strict_and_cannot_forge_writes(live: LiveServ
     import httpx
 
     with httpx.Client(base_url=live.url) as browser:
-        login = browser.post("/review/login", data={"key": live.keys["curator"]})
+        login = sign_in(browser, live.keys["curator"])
         assert login.status_code == 303
-        cookie = login.headers["set-cookie"].lower()
+        [cookie] = [c.lower() for c in login.headers.get_list("set-cookie")]
+        assert cookie.startswith("whaleid_session=")
         assert "httponly" in cookie and "samesite=strict" in cookie
         with live.client() as integration:
             ident = integration.post(
