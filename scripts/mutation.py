@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mutant",
         action="append",
         help='only the mutants of this label, e.g. "service/jobs.py:254 compare" (to check that '
-        "a new test kills a survivor)",
+        "a new test kills a survivor); where a line has several of a kind, add the mutation as "
+        'logged: "service/jobs.py:254 compare | a == b  →  a != b"',
     )
     parser.add_argument(
         "--tests", nargs="+", help="run these tests (pytest node ids) instead of COVERED_BY's"
@@ -459,10 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     modules = args.module or list(COVERED_BY)
     mutants = [m for module in modules for m in enumerate_mutants(module)]
     if args.mutant:
-        chosen = [m for m in mutants if m.label in args.mutant]
-        unknown = set(args.mutant) - {m.label for m in chosen}
-        if unknown:
-            parser.error(f"no such mutant: {', '.join(sorted(unknown))}")
+        chosen = []
+        for wanted in args.mutant:
+            label, _, what = wanted.partition(" | ")
+            found = [
+                m for m in mutants if m.label == label and (not what or describe(m) == what.strip())
+            ]
+            if not found:
+                parser.error(f"no such mutant: {wanted}")
+            chosen += [m for m in found if m not in chosen]
     else:
         chosen = choose(mutants, args.sample, args.per_module, args.seed)
     log.info("%d mutants of %d sites in %d modules", len(chosen), len(mutants), len(modules))
