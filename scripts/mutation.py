@@ -342,10 +342,10 @@ def run_mutant(mutant: Mutant, copy: Path, timeout: float, tests: list[str]) -> 
     return "survived" if status == 0 else "killed"
 
 
-def baseline(copy: Path, tests: dict[str, list[str]]) -> dict[str, float]:
+def baseline(copy: Path, tests: dict[str, list[str]], timed: bool = True) -> dict[str, float]:
     """Seconds each module's tests take unmutated in the copy. Raises if the copy's ``service``
     is not the one imported there, or if a module's tests fail without any mutant: a mutant
-    they "kill" would prove nothing."""
+    they "kill" would prove nothing. ``timed=False``: the import check only."""
     imported = subprocess.run(
         [sys.executable, "-c", "import service; print(service.__file__)"],
         cwd=copy,
@@ -357,7 +357,7 @@ def baseline(copy: Path, tests: dict[str, list[str]]) -> dict[str, float]:
     if not Path(imported).resolve().is_relative_to(copy.resolve()):
         raise RuntimeError(f"the tests would import {imported}, not the copy in {copy}")
     seconds: dict[str, float] = {}
-    for module, module_tests in tests.items():
+    for module, module_tests in tests.items() if timed else ():
         started = time.monotonic()
         output = copy / "baseline.log"
         if _pytest(copy, module_tests, timeout=1800, output=output) != 0:
@@ -449,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tests", nargs="+", help="run these tests (pytest node ids) instead of COVERED_BY's"
     )
     parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="no unmutated run first (with --timeout; only when these tests were just seen to "
+        "pass, e.g. to recheck survivors against new tests)",
+    )
+    parser.add_argument(
         "--start",
         type=int,
         default=1,
@@ -456,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         "stopped: the same sources, --per-module/--sample and --seed give the same plan)",
     )
     args = parser.parse_args(argv)
+    if args.skip_baseline and not args.timeout:
+        parser.error("--skip-baseline needs --timeout")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     modules = args.module or list(COVERED_BY)
     mutants = [m for module in modules for m in enumerate_mutants(module)]
@@ -482,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         tests = {m.module: args.tests or COVERED_BY[m.module] for m in chosen}
-        usual = baseline(copy, tests)
+        usual = baseline(copy, tests, timed=not args.skip_baseline)
         for n, mutant in enumerate(chosen, args.start):
             t0 = time.monotonic()
             limit = args.timeout or 3 * usual[mutant.module] + 60
