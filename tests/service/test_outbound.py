@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.callbacks import CallbackTrust, deliver
-from service.deadline import Deadline, DeadlineStream
+from service.deadline import Deadline, DeadlineBackend, DeadlineStream
 from service.fetch import (
     FetchRefused,
     allowed_address,
@@ -255,6 +255,18 @@ def test_a_tls_handshake_that_cannot_start_closes_its_socket() -> None:
         with pytest.raises(httpcore.ConnectTimeout, match="deadline"):
             stream.start_tls(ssl.create_default_context(), server_hostname="example.org")
         assert ours.fileno() == -1
+
+
+@pytest.mark.parametrize(("asked", "deadline", "slept"), [(0.2, 5.0, 0.2), (30.0, 0.3, 0.3)])
+def test_a_pause_between_attempts_waits_as_asked_but_never_past_the_deadline(
+    asked: float, deadline: float, slept: float
+) -> None:
+    """httpcore pauses through its network backend between connection attempts: the pause is
+    what it asks for, cut short where the deadline comes first."""
+    backend = DeadlineBackend(Deadline(deadline))
+    started = time.monotonic()
+    backend.sleep(asked)
+    assert slept - 0.05 <= time.monotonic() - started <= slept + 1.0
 
 
 def test_a_post_within_the_deadline_gets_its_answer() -> None:
