@@ -27,6 +27,7 @@ from service.fetch import (
     fetch_photo,
     request,
 )
+from service.redact import public_text
 from service.settings import Settings
 
 # The deadline under test and the most a call may take: the margin is generous so a loaded
@@ -366,3 +367,14 @@ def test_urls_with_control_characters_are_refused(character: str) -> None:
     url = f"http://127.0.0.1/a{character}b.jpg"
     with pytest.raises(FetchRefused, match="control character"):
         check_url(url, ["127.0.0.1"], allow_loopback=True)
+
+
+def test_an_error_a_partner_reads_keeps_its_words_and_loses_tokens_and_server_paths() -> None:
+    error = (
+        "GET https://photos.example/a.jpg?X-Amz-Signature=abc gave 403 and "
+        "http://h.example:8080/x#frag 404; kept in /srv/whaleid/batches/t/1.bin now"
+    )
+    assert public_text(error) == (
+        "GET https://photos.example/a.jpg gave 403 and "
+        "http://h.example:8080/x 404; kept in <server path> now"
+    )
