@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _age(live: LiveServer, image_ids: list[int], days: int) -> None:
 
 
 def test_prune_removes_unconfirmed_query_photos_after_the_retention_period(
-    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = live.settings
     with live.client() as client, live.client("curator") as curator:
@@ -124,7 +125,9 @@ def test_prune_removes_unconfirmed_query_photos_after_the_retention_period(
 
         monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
         monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
-        assert main(["prune", "--days", "90"]) == 0
+        with caplog.at_level(logging.INFO, logger="whaleid"):
+            assert main(["prune", "--days", "90"]) == 0
+        assert "pruned 2 query photos never confirmed within 90 days" in caplog.text
 
         factory = make_sessionmaker(make_engine(s.sqlalchemy_url))
         with factory() as session:
