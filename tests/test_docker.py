@@ -148,7 +148,7 @@ def test_the_replayed_image_installs_without_tensorflow_and_serves(tmp_path: Pat
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(f"{url}/health", server, 200)  # migrations ran at start on an empty database
-        assert httpx.get(f"{url}/ready").status_code == 503  # no model yet
+        assert httpx.get(f"{url}/ready", timeout=60).status_code == 503  # no model yet
         model = build_toy_model(tmp_path / "toy.onnx")
         subprocess.run(
             [str(venv / "bin/whaleid"), "models", "add", str(model), "--activate"],
@@ -167,7 +167,9 @@ def test_the_replayed_image_installs_without_tensorflow_and_serves(tmp_path: Pat
             capture_output=True,
             text=True,
         ).stdout.strip()
-        ready = httpx.get(f"{url}/ready", headers={"Authorization": f"Bearer {key}"}).json()
+        ready = httpx.get(
+            f"{url}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ).json()
         assert ready["status"] == "ready" and ready["model"]["name"] == "toy"
     finally:
         server.terminate()

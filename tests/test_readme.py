@@ -160,6 +160,7 @@ def test_the_readme_walkthrough_works_when_pasted(tmp_path: Path) -> None:
         real = httpx.get(
             f"http://127.0.0.1:{port}/identifications/1",
             headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
         ).json()
     finally:
         os.killpg(process.pid, signal.SIGTERM)

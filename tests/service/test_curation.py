@@ -210,7 +210,9 @@ def test_roles_are_enforced_with_messages_saying_what_is_missing(live: LiveServe
         created = admin.post("/keys", json={"name": "Field app", "role": "integration"})
         assert created.status_code == 201
         key = created.json()["key"]
-        with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {key}"}) as app:
+        with httpx.Client(
+            base_url=live.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as app:
             assert app.get("/individuals").status_code == 200
             assert admin.delete(f"/keys/{created.json()['id']}").status_code == 204
             revoked = app.get("/individuals")
@@ -322,7 +324,9 @@ def test_crash_between_commit_and_index_update_is_repaired_at_next_start(
     headers = {"Authorization": f"Bearer {keys['curator']}"}
     process = serve_process(settings, port, WHALEID_FAILPOINT="after-decision-commit")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60
+        ) as client:
             first = identify(client, 41, 1)
             assert top(first) == "new_individual"
             with pytest.raises(httpx.TransportError):
@@ -334,7 +338,9 @@ def test_crash_between_commit_and_index_update_is_repaired_at_next_start(
     stale, _ = GalleryIndex.load(index_path(settings, 1))
     process = serve_process(settings, port)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60
+        ) as client:
             assert top(identify(client, 41, 2)) == "X41"
             status = client.get(f"/identifications/{first['identification_id']}").json()["status"]
             assert status == "new_individual"

@@ -22,7 +22,7 @@ def bare(sqlite_settings: Settings) -> Iterator[LiveServer]:
 
 
 def test_the_schema_declares_the_bearer_key_and_every_identify_error(bare: LiveServer) -> None:
-    schema = httpx.get(f"{bare.url}/openapi.json").json()
+    schema = httpx.get(f"{bare.url}/openapi.json", timeout=60).json()
     assert schema["components"]["securitySchemes"]["apiKey"] == {
         "type": "http",
         "scheme": "bearer",
@@ -35,10 +35,10 @@ def test_the_schema_declares_the_bearer_key_and_every_identify_error(bare: LiveS
     # Open endpoints declare no key.
     assert "security" not in schema["paths"]["/ready"]["get"]
     for page in ("/docs", "/redoc"):
-        html = httpx.get(f"{bare.url}{page}").text
+        html = httpx.get(f"{bare.url}{page}", timeout=60).text
         assert "http" not in html.replace("http-equiv", "")  # no absolute URL: nothing remote
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
-        assert httpx.get(f"{bare.url}/docs-assets/{asset}").status_code == 200
+        assert httpx.get(f"{bare.url}/docs-assets/{asset}", timeout=60).status_code == 200
 
 
 def test_swagger_ui_renders_offline_and_try_it_out_works_with_a_key(

@@ -175,7 +175,10 @@ def test_a_review_session_counts_against_its_key(catalogue: Catalogue) -> None:
     from tests.service.test_review_sessions import sign_in
 
     for server in serve(catalogue, rate_limit="4/minute"):
-        with httpx.Client(base_url=server.url) as first, httpx.Client(base_url=server.url) as again:
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as first,
+            httpx.Client(base_url=server.url, timeout=60) as again,
+        ):
             assert sign_in(first, server.keys["curator"]).status_code == 303
             assert sign_in(again, server.keys["curator"]).status_code == 303
             with server.client("curator") as curator:

@@ -163,7 +163,7 @@ def test_the_last_admin_key_cannot_be_revoked_over_the_api(live: LiveServer) -> 
         second = admin.post("/keys", json={"name": "deputy", "role": "admin"}).json()
         assert admin.delete(f"/keys/{first['id']}").status_code == 204
     with httpx.Client(
-        base_url=live.url, headers={"Authorization": f"Bearer {second['key']}"}
+        base_url=live.url, headers={"Authorization": f"Bearer {second['key']}"}, timeout=60
     ) as deputy:
         assert deputy.delete(f"/keys/{second['id']}").status_code == 409
         assert deputy.get("/keys").status_code == 200
@@ -211,7 +211,7 @@ def test_a_405_carries_allow_with_every_method_of_the_path(live: LiveServer) -> 
 def test_the_review_page_sends_security_headers_and_a_secure_cookie_over_https(
     busy_server: LiveServer,
 ) -> None:
-    with httpx.Client(base_url=busy_server.url) as browser:
+    with httpx.Client(base_url=busy_server.url, timeout=60) as browser:
         page = browser.get("/review/login")
         csp = page.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in csp and "script-src 'nonce-" in csp
@@ -272,7 +272,7 @@ def test_two_admins_revoking_each_other_at_once_leave_one(live: LiveServer) -> N
     with (
         live.client("admin") as admin,
         httpx.Client(
-            base_url=live.url, headers={"Authorization": f"Bearer {second['key']}"}
+            base_url=live.url, headers={"Authorization": f"Bearer {second['key']}"}, timeout=60
         ) as deputy,
     ):
         alive = [c.get("/keys").status_code for c in (admin, deputy)]

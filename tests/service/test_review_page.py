@@ -76,7 +76,9 @@ def test_curator_reviews_the_queue_with_keyboard_and_buttons(
     wait_for(browser, "#key")
     browser.get(f"{live.url}/review")
     wait_for(browser, "#key")
-    with httpx.Client(base_url=live.url, cookies={session["name"]: session["value"]}) as copy:
+    with httpx.Client(
+        base_url=live.url, cookies={session["name"]: session["value"]}, timeout=60
+    ) as copy:
         assert copy.get("/review").headers["location"] == "/review/login"
         assert copy.get(f"/identifications/{known}").status_code == 401
 

@@ -90,7 +90,7 @@ def execute(settings: Settings, statement: Update) -> None:
 
 def test_the_cookie_holds_a_random_session_id_never_the_key(live: LiveServer) -> None:
     key = live.keys["curator"]
-    with httpx.Client(base_url=live.url) as browser:
+    with httpx.Client(base_url=live.url, timeout=60) as browser:
         signed_in = sign_in(browser, key)
         assert signed_in.status_code == 303, signed_in.text
         assert not any(
@@ -101,7 +101,7 @@ def test_the_cookie_holds_a_random_session_id_never_the_key(live: LiveServer) ->
         flags = cookie.lower()
         assert "httponly" in flags and "samesite=strict" in flags and "max-age=43200" in flags
         token = browser.cookies[SESSION]
-        with httpx.Client(base_url=live.url) as other:
+        with httpx.Client(base_url=live.url, timeout=60) as other:
             assert sign_in(other, key).status_code == 303
             second = other.cookies[SESSION]
         assert second != token  # random per sign-in, not derived from the key
@@ -131,7 +131,7 @@ def test_the_cookie_holds_a_random_session_id_never_the_key(live: LiveServer) ->
 def test_a_logged_out_session_is_refused_even_when_replayed(live: LiveServer) -> None:
     with live.client() as integration:
         ident = identify(integration, 3, 40)["identification_id"]
-    with httpx.Client(base_url=live.url) as browser:
+    with httpx.Client(base_url=live.url, timeout=60) as browser:
         assert sign_in(browser, live.keys["curator"]).status_code == 303
         copied = dict(browser.cookies)  # every cookie the browser holds, as a thief takes them
         # A GET of the logout page (a link, a prefetch) only shows the sign-out button.
@@ -157,7 +157,7 @@ def half_hour(settings: Settings) -> Iterator[LiveServer]:
 
 def test_an_expired_session_is_refused(half_hour: LiveServer) -> None:
     live = half_hour
-    with httpx.Client(base_url=live.url) as browser:
+    with httpx.Client(base_url=live.url, timeout=60) as browser:
         signed_in = sign_in(browser, live.keys["curator"])
         assert signed_in.status_code == 303
         # The browser drops the cookie when the session ends; the server enforces it anyway.
@@ -185,7 +185,10 @@ def test_revoking_a_key_ends_its_sessions(live: LiveServer) -> None:
     with live.client("admin") as admin:
         made = admin.post("/keys", json={"name": "second curator", "role": "curator"}).json()
         curator_id = next(k["id"] for k in admin.get("/keys").json() if k["role"] == "curator")
-    with httpx.Client(base_url=live.url) as first, httpx.Client(base_url=live.url) as second:
+    with (
+        httpx.Client(base_url=live.url, timeout=60) as first,
+        httpx.Client(base_url=live.url, timeout=60) as second,
+    ):
         assert sign_in(first, live.keys["curator"]).status_code == 303
         assert sign_in(second, made["key"]).status_code == 303
         revoked, other = first.cookies[SESSION], second.cookies[SESSION]
@@ -230,10 +233,10 @@ def bare(sqlite_settings: Settings) -> Iterator[LiveServer]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_sign_in_without_its_form_token_is_refused(bare: LiveServer, case: str) -> None:
-    with httpx.Client(base_url=bare.url) as page:
+    with httpx.Client(base_url=bare.url, timeout=60) as page:
         token = form_token(page.get("/review/login"))
     cookies, fields, headers = _token_pair(case, token)
-    with httpx.Client(base_url=bare.url, cookies=cookies) as forger:
+    with httpx.Client(base_url=bare.url, cookies=cookies, timeout=60) as forger:
         refused = forger.post(
             "/review/login", data={"key": bare.keys["curator"], **fields}, headers=headers
         )
@@ -242,7 +245,7 @@ def test_a_sign_in_without_its_form_token_is_refused(bare: LiveServer, case: str
         assert not set_cookies(refused, SESSION) and SESSION not in forger.cookies
     assert sessions_of(bare.settings) == []
     # The page that said so carries a working form: sent from this site, it signs in.
-    with httpx.Client(base_url=bare.url) as browser:
+    with httpx.Client(base_url=bare.url, timeout=60) as browser:
         retry = browser.post("/review/login", data={"key": "wrong"})
         assert retry.status_code == 403
         signed_in = browser.post(
@@ -253,7 +256,7 @@ def test_a_sign_in_without_its_form_token_is_refused(bare: LiveServer, case: str
 
 @pytest.mark.parametrize("case", ["no field", "different", "cross-site"])
 def test_a_logout_without_its_form_token_is_refused(bare: LiveServer, case: str) -> None:
-    with httpx.Client(base_url=bare.url) as browser:
+    with httpx.Client(base_url=bare.url, timeout=60) as browser:
         assert sign_in(browser, bare.keys["curator"]).status_code == 303
         token = browser.cookies[SESSION]
         _, fields, headers = _token_pair(case, browser.cookies[CSRF])

@@ -53,7 +53,7 @@ def test_date_filters_are_inclusive_and_leave_out_undated_photos(
 def test_review_cookie_is_httponly_strict_and_cannot_forge_writes(live: LiveServer) -> None:
     import httpx
 
-    with httpx.Client(base_url=live.url) as browser:
+    with httpx.Client(base_url=live.url, timeout=60) as browser:
         login = sign_in(browser, live.keys["curator"])
         assert login.status_code == 303
         [cookie] = [c.lower() for c in login.headers.get_list("set-cookie")]
