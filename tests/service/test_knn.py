@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.knn import (
+    CUTOFF_GRID,
+    K_GRID,
     NEW_INDIVIDUAL,
     Neighbour,
     average_precision_at_5,
@@ -145,3 +149,15 @@ def test_map5_averages_over_images() -> None:
 
 def test_map5_of_no_queries_is_zero() -> None:
     assert map_at_5([], []) == 0.0
+
+
+@pytest.mark.parametrize("doc", ["docs/operations.md", "docs/training.md"])
+def test_the_head_grid_is_the_one_documented(doc: str) -> None:
+    """Operators read which heads the shadow evaluation (and training's search) tries in the
+    docs: k ∈ {…} × cutoff 0.30…0.90 step 0.02."""
+    text = " ".join((Path(__file__).parents[2] / doc).read_text().split())
+    ks = re.search(r"k ∈ \{([0-9, ]+)\}", text)
+    assert ks is not None and tuple(int(k) for k in ks.group(1).split(",")) == K_GRID
+    assert re.search(r"cutoff 0\.30…0\.90 \(?step 0\.02", text)
+    assert (CUTOFF_GRID[0], CUTOFF_GRID[-1]) == (0.30, 0.90)
+    assert np.allclose(np.diff(CUTOFF_GRID), 0.02)
