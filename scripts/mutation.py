@@ -5,9 +5,18 @@ an arithmetic operator, or a statement dropped) in a copy of the repository, and
 that cover that module there (SQLite only, stopping at the first failure). A mutant the tests
 kill is caught; one that survives is behaviour no test can fail for.
 
-    .venv/bin/python scripts/mutation.py                # 60 mutants, seed 0, about 20 minutes
-    .venv/bin/python scripts/mutation.py --sample 0     # every mutant (hours)
+    .venv/bin/python scripts/mutation.py                 # 60 mutants, seed 0
+    .venv/bin/python scripts/mutation.py --per-module 9  # 9 mutants of every module
+    .venv/bin/python scripts/mutation.py --sample 0      # every mutant (days)
     .venv/bin/python scripts/mutation.py --module service/knn.py --sample 20 --report out.md
+    .venv/bin/python scripts/mutation.py --per-module 8 --seed 1 --start 82  # resume at 82
+    .venv/bin/python scripts/mutation.py --mutant "service/jobs/queue.py:254 compare" \
+        --tests tests/service/test_jobs.py::test_the_new_one   # does a new test kill it?
+
+Before any mutant, each module's tests are run once unmutated in the copy: they must pass there,
+and the copy's ``service`` must be the one they import (PYTHONPATH puts it before an editable
+install of the working tree). A mutant then gets a few times that run's length before it counts
+as a timeout (an endless loop). Each outcome is logged as it comes, with the line as mutated.
 
 The working tree is never modified. Too slow for CI; docs/reliability.md records a run.
 """
@@ -17,22 +26,25 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 log = logging.getLogger("mutation")
 ROOT = Path(__file__).resolve().parent.parent
 
 # Which tests cover which module (SQLite runs only; PostgreSQL adds nothing to a logic mutant).
+# Each list is as short as still covers its module, the most telling file first: every mutant
+# runs its module's list, stopping at the first failure.
 COVERED_BY: dict[str, list[str]] = {
     "service/knn.py": [
         "tests/service/test_knn.py",
@@ -64,6 +76,77 @@ COVERED_BY: dict[str, list[str]] = {
         "tests/service/test_curation.py",
         "tests/service/test_rules.py",
         "tests/service/test_api.py",
+        "tests/service/test_operations.py",  # the last admin key
+        "tests/service/test_tenants.py",  # callback hosts and secrets per key
+    ],
+    # Several partners on one service (issue 14): jobs, batches, archives, what a key reads,
+    # and outgoing requests.
+    "service/jobs/queue.py": [
+        "tests/service/test_jobs.py",
+        "tests/service/test_tenants.py",
+        "tests/service/test_reindex.py",
+    ],
+    "service/jobs/batch.py": [
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/api/batch.py": [
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/jobs/archives.py": [
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/access/tenancy.py": [
+        "tests/service/test_tenants.py",
+    ],
+    "service/redact.py": [
+        "tests/service/test_outbound.py",
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/outbound/callbacks.py": [
+        "tests/service/test_outbound.py",
+        "tests/service/test_batch.py",
+        "tests/service/test_tenants.py",
+    ],
+    "service/outbound/fetch.py": [
+        "tests/service/test_outbound.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/outbound/deadline.py": [
+        "tests/service/test_outbound.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/store/retention.py": [
+        "tests/service/test_storage.py",
+        "tests/service/test_operations.py",
+    ],
+    # Identification, models and their switch.
+    "service/matching/identify.py": [
+        "tests/service/test_api.py",
+        "tests/service/test_rules.py",
+        "tests/service/test_gallery.py",
+        "tests/service/test_gallery_replay.py",  # a gallery photo embedded by identify
+        "tests/service/test_encounters.py",
+        "tests/service/test_switch.py",
+    ],
+    "service/matching/encounters.py": [
+        "tests/service/test_encounters.py",
+    ],
+    "service/models/registry.py": [
+        "tests/service/test_storage.py",
+        "tests/service/test_reindex.py",
+        "tests/service/test_switch.py",
+    ],
+    "service/models/reindex.py": [
+        "tests/service/test_reindex.py",
+        "tests/service/test_switch.py",
+    ],
+    "service/models/shadow.py": [
+        "tests/service/test_shadow.py",
+        "tests/service/test_reindex.py",
     ],
 }
 
@@ -191,15 +274,58 @@ class _Apply(ast.NodeTransformer):
         return visited
 
 
-def mutated_source(mutant: Mutant) -> str:
-    tree = ast.parse((ROOT / mutant.module).read_text())
+def mutated_source(mutant: Mutant, root: Path = ROOT) -> str:
+    """The module as mutated, from the tree at ``root``."""
+    tree = ast.parse((root / mutant.module).read_text())
     new = _Apply(mutant, tree).visit(tree)
     return ast.unparse(ast.fix_missing_locations(new))
 
 
-def run_mutant(mutant: Mutant, copy: Path, timeout: float) -> str:
+def _short(node: ast.AST) -> str:
+    text = " ".join(ast.unparse(node).split())
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def describe(mutant: Mutant) -> str:
+    """The mutated code, before and after: ``a < b  →  a <= b``."""
+    tree = ast.parse((ROOT / mutant.module).read_text())
+    target = _Apply(mutant, tree).target
+    before = _short(target)
+    after = _mutate(deepcopy(target), mutant.kind)
+    return f"{before}  →  {_short(after)}"
+
+
+def _environment(copy: Path) -> dict[str, str]:
+    # The copy first on the path: the venv's editable install points at the working tree, and
+    # its finder comes after PYTHONPATH's entries. Servers the tests start inherit this.
+    return {"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin", "HOME": str(copy)}
+
+
+def _pytest(copy: Path, tests: list[str], timeout: float, output: Path | None = None) -> int | None:
+    """Run ``tests`` in the copy, stopping at the first failure; the exit status, or None when
+    it ran past ``timeout`` (then it is killed with every process it started). ``output``:
+    where its output goes (by default, nowhere)."""
+    with open(output or os.devnull, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+            + ["-m", "not postgres", *tests],
+            cwd=copy,
+            env=_environment(copy),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a timeout ends its servers too
+        )
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return None
+
+
+def run_mutant(mutant: Mutant, copy: Path, timeout: float, tests: list[str]) -> str:
     """'killed', 'survived', 'timeout' or 'invalid' (the mutant does not compile)."""
-    source = mutated_source(mutant)
+    source = mutated_source(mutant, copy)  # the copy's: the working tree may change meanwhile
     try:
         compile(source, mutant.module, "exec")
     except SyntaxError:
@@ -208,24 +334,60 @@ def run_mutant(mutant: Mutant, copy: Path, timeout: float) -> str:
     original = target.read_text()
     target.write_text(source)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-            + ["-m", "not postgres", *COVERED_BY[mutant.module]],
-            cwd=copy,
-            env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin", "HOME": str(copy)},
-            capture_output=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return "timeout"
+        status = _pytest(copy, tests, timeout)
     finally:
         target.write_text(original)
-    return "survived" if result.returncode == 0 else "killed"
+    if status is None:
+        return "timeout"
+    return "survived" if status == 0 else "killed"
+
+
+def baseline(copy: Path, tests: dict[str, list[str]], timed: bool = True) -> dict[str, float]:
+    """Seconds each module's tests take unmutated in the copy. Raises if the copy's ``service``
+    is not the one imported there, or if a module's tests fail without any mutant: a mutant
+    they "kill" would prove nothing. ``timed=False``: the import check only."""
+    imported = subprocess.run(
+        [sys.executable, "-c", "import service; print(service.__file__)"],
+        cwd=copy,
+        env=_environment(copy),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(imported).resolve().is_relative_to(copy.resolve()):
+        raise RuntimeError(f"the tests would import {imported}, not the copy in {copy}")
+    seconds: dict[str, float] = {}
+    for module, module_tests in tests.items() if timed else ():
+        started = time.monotonic()
+        output = copy / "baseline.log"
+        if _pytest(copy, module_tests, timeout=1800, output=output) != 0:
+            tail = "\n".join(output.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"the tests of {module} fail without a mutant:\n{tail}")
+        seconds[module] = time.monotonic() - started
+        log.info("baseline %s: %.0f s", module, seconds[module])
+    return seconds
+
+
+def choose(mutants: list[Mutant], sample: int, per_module: int, seed: int) -> list[Mutant]:
+    """A seeded sample: ``per_module`` of each module (all of a smaller one), or else
+    ``sample`` of all of them (0: every mutant)."""
+    rng = random.Random(seed)
+    if per_module:
+        chosen = []
+        for module in dict.fromkeys(m.module for m in mutants):
+            own = [m for m in mutants if m.module == module]
+            chosen += own if len(own) <= per_module else rng.sample(own, per_module)
+    elif sample and sample < len(mutants):
+        chosen = rng.sample(mutants, sample)
+    else:
+        chosen = mutants
+    return sorted(chosen, key=lambda m: (m.module, m.line, m.kind, m.ordinal))
 
 
 def _copy_tree() -> Path:
     copy = Path(tempfile.mkdtemp(prefix="whaleid-mutants-"))
-    for name in ("service", "migrations", "tests", "pyproject.toml"):
+    # docs/: tests run the documentation's samples (docs/integration.md's verifier).
+    for name in ("service", "migrations", "tests", "docs", "pyproject.toml"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -234,7 +396,12 @@ def _copy_tree() -> Path:
     return copy
 
 
-def report(results: list[tuple[Mutant, str, float]], total_sites: int, seconds: float) -> str:
+def report(
+    results: list[tuple[Mutant, str, float]],
+    total_sites: int,
+    seconds: float,
+    described: dict[Mutant, str],
+) -> str:
     scored = [r for r in results if r[1] in ("killed", "survived", "timeout")]
     survived = [m for m, outcome, _ in results if outcome == "survived"]
     rate = len(survived) / len(scored) if scored else 0.0
@@ -243,19 +410,19 @@ def report(results: list[tuple[Mutant, str, float]], total_sites: int, seconds: 
         f"(invalid ones left out); survived {len(survived)} = {rate:.0%}; "
         f"took {seconds / 60:.1f} min.",
         "",
-        "| module | killed | survived | timeout |",
-        "|---|---|---|---|",
+        "| module | mutants | killed | survived | timeout |",
+        "|---|---|---|---|---|",
     ]
     for module in COVERED_BY:
         outcomes = [o for m, o, _ in results if m.module == module]
         if outcomes:
             lines.append(
-                f"| `{module}` | {outcomes.count('killed')} | {outcomes.count('survived')} "
-                f"| {outcomes.count('timeout')} |"
+                f"| `{module}` | {len(outcomes)} | {outcomes.count('killed')} "
+                f"| {outcomes.count('survived')} | {outcomes.count('timeout')} |"
             )
     if survived:
         lines += ["", "Survivors (behaviour no test fails for):", ""]
-        lines += [f"- `{m.label}`" for m in survived]
+        lines += [f"- `{m.label}`: `{described[m]}`" for m in survived]
     return "\n".join(lines) + "\n"
 
 
@@ -263,31 +430,84 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(COVERED_BY))
     parser.add_argument("--sample", type=int, default=60, help="mutants to run (0: all)")
+    parser.add_argument(
+        "--per-module", type=int, default=0, help="mutants of each module instead of --sample"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds per mutant (default: 3 × the unmutated run + 60)"
+    )
     parser.add_argument("--report", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--mutant",
+        action="append",
+        help='only the mutants of this label, e.g. "service/jobs/queue.py:254 compare" (to check '
+        "that a new test kills a survivor); where a line has several of a kind, add the "
+        'mutation as logged: "service/jobs/queue.py:254 compare | a == b  →  a != b"',
+    )
+    parser.add_argument(
+        "--tests", nargs="+", help="run these tests (pytest node ids) instead of COVERED_BY's"
+    )
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="no unmutated run first (with --timeout; only when these tests were just seen to "
+        "pass, e.g. to recheck survivors against new tests)",
+    )
+    parser.add_argument(
+        "--start",
+        type=int,
+        default=1,
+        help="begin at this mutant of the plan, numbered as logged (to resume a run that was "
+        "stopped: the same sources, --per-module/--sample and --seed give the same plan)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    modules = args.module or sorted(COVERED_BY)
+    if args.skip_baseline and not args.timeout:
+        parser.error("--skip-baseline needs --timeout")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    modules = args.module or list(COVERED_BY)
     mutants = [m for module in modules for m in enumerate_mutants(module)]
-    chosen = mutants
-    if args.sample and args.sample < len(mutants):
-        chosen = sorted(
-            random.Random(args.seed).sample(mutants, args.sample),
-            key=lambda m: (m.module, m.line),
-        )
+    if args.mutant:
+        chosen = []
+        for wanted in args.mutant:
+            label, _, what = wanted.partition(" | ")
+            found = [
+                m for m in mutants if m.label == label and (not what or describe(m) == what.strip())
+            ]
+            if not found:
+                parser.error(f"no such mutant: {wanted}")
+            chosen += [m for m in found if m not in chosen]
+    else:
+        chosen = choose(mutants, args.sample, args.per_module, args.seed)
+    log.info("%d mutants of %d sites in %d modules", len(chosen), len(mutants), len(modules))
+    planned = len(chosen)
+    chosen = chosen[args.start - 1 :]
+    if args.start > 1:
+        log.info("starting at mutant %d: %d to run", args.start, len(chosen))
+    described = {m: describe(m) for m in chosen}
     copy = _copy_tree()
     results: list[tuple[Mutant, str, float]] = []
     started = time.monotonic()
     try:
-        for mutant in tqdm(chosen, desc="mutants", unit="mutant"):
+        tests = {m.module: args.tests or COVERED_BY[m.module] for m in chosen}
+        usual = baseline(copy, tests, timed=not args.skip_baseline)
+        for n, mutant in enumerate(chosen, args.start):
             t0 = time.monotonic()
-            outcome = run_mutant(mutant, copy, args.timeout)
+            limit = args.timeout or 3 * usual[mutant.module] + 60
+            outcome = run_mutant(mutant, copy, limit, tests[mutant.module])
             results.append((mutant, outcome, time.monotonic() - t0))
-            log.debug("%s: %s", mutant.label, outcome)
+            log.info(
+                "[%d/%d] %s: %s (%.0f s)  %s",
+                n,
+                planned,
+                mutant.label,
+                outcome.upper() if outcome == "survived" else outcome,
+                time.monotonic() - t0,
+                described[mutant],
+            )
     finally:
         shutil.rmtree(copy, ignore_errors=True)
-    text = report(results, len(mutants), time.monotonic() - started)
+    text = report(results, len(mutants), time.monotonic() - started, described)
     log.info("%s", text)
     if args.report:
         args.report.write_text(text)

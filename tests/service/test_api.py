@@ -52,7 +52,12 @@ def test_identify_answers_the_contract_and_records_it(live: LiveServer) -> None:
             "ranking": "vote",
         }
         assert body["gallery_size"] == 36 and body["filters"] == {}
-        assert "embed;dur=" in response.headers["server-timing"]
+        # Each stage's time, in milliseconds, within the request's own.
+        timing = response.headers["server-timing"].split(", ")
+        stages = {name: float(ms) for name, ms in (t.split(";dur=") for t in timing)}
+        assert list(stages) == ["decode", "preprocess", "embed", "search", "head", "database"]
+        elapsed_ms = response.elapsed.total_seconds() * 1000
+        assert all(0 <= ms <= elapsed_ms for ms in stages.values()), (stages, elapsed_ms)
 
         best = client.get(f"/images/{first['best_image_id']}/file")
         assert best.status_code == 200

@@ -20,8 +20,11 @@ import httpx
 import pytest
 
 from service.client import WhaleidClient, WhaleidError, verify_callback
-from service.outbound.callbacks import SIGNATURE_HEADER, BadSignature, sign
+from service.errors import Invalid
+from service.jobs.batch import url_items
+from service.outbound.callbacks import SIGNATURE_HEADER, BadSignature, CallbackTrust, deliver, sign
 from service.outbound.fetch import FetchRefused, check_url, fetch_photo
+from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo
 
@@ -257,6 +260,28 @@ def test_url_and_image_id_jobs(server: LiveServer, receiver: Receiver) -> None:
             assert r.status_code == 422, (bad, r.text)
 
 
+def test_the_verifier_returns_the_signed_timestamp() -> None:
+    """What a receiver keeps to refuse replays within the tolerance."""
+    body = b'{"job_id":3}'
+    t = int(time.time())
+    assert verify_callback(SECRET, {SIGNATURE_HEADER: sign(SECRET, body, t)}, body) == t
+
+
+def test_callback_attempts_back_off_exponentially(receiver: Receiver) -> None:
+    receiver.fail_hooks = True
+    settings = Settings(
+        callback_attempts=4,
+        callback_backoff_seconds=0.5,
+        unsafe_allow_loopback_for_tests=True,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    waits: list[float] = []
+    trust = CallbackTrust(SECRET, ["127.0.0.1"])
+    done = deliver(settings, trust, f"{receiver.url}/hook", {"job_id": 1}, "1", sleep=waits.append)
+    assert [a["status"] for a in done["attempts"]] == [500] * 4 and done["delivered"] is False
+    assert waits == [0.5, 1.0, 2.0]
+
+
 def test_failed_delivery_stays_on_the_job(server: LiveServer, receiver: Receiver) -> None:
     receiver.fail_hooks = True
     with client(server) as api:
@@ -339,6 +364,25 @@ def test_fetch_limits(receiver: Receiver) -> None:
         )
         == b"x" * 10_000
     )
+
+
+def test_a_list_of_photos_is_bounded_whatever_the_batch_limit(server: LiveServer) -> None:
+    """10 000 image ids or URLs at most per request, even where an operator allows larger
+    batches: the list is refused before any of it is looked up or counted."""
+    server.settings.batch_max_items = 20_000
+    with server.client() as http:
+        r = http.post("/jobs/identify", json={"image_ids": [1] * 10_001})
+    assert r.status_code == 422 and "at most 10000 items" in r.text, r.text
+
+
+@pytest.mark.parametrize("host", ["elsewhere.example", "elsewhere.example:port"])
+def test_a_refused_url_is_quoted_short_and_without_its_query(host: str) -> None:
+    """Off the allowlist, or not a URL at all: the error quotes its first 200 characters."""
+    url = f"http://{host}/" + "a" * 1000 + "?token=secret"
+    with pytest.raises(Invalid) as refused:
+        url_items(Settings(_env_file=None), [url])  # type: ignore[call-arg]
+    message = str(refused.value)
+    assert f"'{url[:200]}'" in message and "secret" not in message
 
 
 def test_bad_form_fields_are_422_not_500(server: LiveServer) -> None:

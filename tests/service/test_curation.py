@@ -171,14 +171,18 @@ def test_split_rename_and_species_change_reach_the_gallery(live: LiveServer) -> 
         assert bad.status_code == 422 and str(moved) in bad.json()["detail"]
 
         renamed = curator.patch(
-            "/individuals/ind-6", json={"individual_id": "ind-6x", "species": "orca"}
+            "/individuals/ind-6",
+            json={"individual_id": "ind-6x", "name": "Notchy", "species": "orca"},
         )
         assert renamed.status_code == 200, renamed.text
+        assert renamed.json()["display_name"] == "Notchy"
+        same = curator.patch("/individuals/ind-6x", json={"name": "Notchy"})  # no change, no event
+        assert same.status_code == 200 and same.json()["display_name"] == "Notchy"
         assert top(identify(integration, 6, 90)) == "ind-6x"
         assert top(identify(integration, 6, 90, species="orca")) == "ind-6x"
         assert top(identify(integration, 6, 90, species="bottlenose_dolphin")) != "ind-6x"
         events = [e["event"] for e in integration.get("/individuals/ind-6x/history").json()]
-        assert events == ["renamed", "species_changed"]
+        assert events == ["renamed", "name_changed", "species_changed"]
         assert integration.get("/individuals/ind-6").status_code == 404
         created = curator.post("/individuals", json={"individual_id": "ind-99", "species": "orca"})
         assert created.status_code == 201

@@ -157,6 +157,25 @@ def test_the_worker_renews_its_lease_while_a_chunk_runs(sessions: sessionmaker[S
         assert session.scalar(select(func.count()).select_from(Job)) == 1
 
 
+def test_a_chunk_running_for_several_lease_lengths_is_never_offered_to_another_worker(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The heartbeat renews the lease well before it lapses (every third of it), so another
+    worker polling meanwhile never gets the chunk."""
+    _job(sessions, [[1]])
+    offered: list[Lease | None] = []
+
+    def slow(lease: Lease, alive: Callable[[], bool]) -> None:
+        for _ in range(3):
+            time.sleep(0.8)
+            offered.append(lease_next(sessions, "other", 30, ["test"]))
+        _complete(sessions, lease)
+
+    worker = Worker(sessions, {"test": slow}, lease_seconds=1.0, poll_seconds=0.01)
+    assert worker.run_once()
+    assert offered == [None, None, None]
+
+
 def test_a_stopping_worker_gives_its_chunk_back_at_once(sessions: sessionmaker[Session]) -> None:
     job_id = _job(sessions, [[1, 2, 3]])
     stop = threading.Event()

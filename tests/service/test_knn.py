@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.contract import PAPER_HEAD, Head, Ranking
 from service.knn import (
+    CUTOFF_GRID,
+    K_GRID,
     NEW_INDIVIDUAL,
     Neighbour,
     average_precision_at_5,
@@ -189,3 +193,15 @@ def test_a_head_reads_back_what_it_writes_and_defaults_to_the_papers() -> None:
     assert Head.from_dict({"k": "3"}, default=head) == Head(3, 0.5, Ranking.NEAREST)
     with pytest.raises(ValueError):
         Head.from_dict({"ranking": "loudest"})
+
+
+@pytest.mark.parametrize("doc", ["docs/operations.md", "docs/training.md"])
+def test_the_head_grid_is_the_one_documented(doc: str) -> None:
+    """Operators read which heads the shadow evaluation (and training's search) tries in the
+    docs: k ∈ {…} × cutoff 0.30…0.90 step 0.02."""
+    text = " ".join((Path(__file__).parents[2] / doc).read_text().split())
+    ks = re.search(r"k ∈ \{([0-9, ]+)\}", text)
+    assert ks is not None and tuple(int(k) for k in ks.group(1).split(",")) == K_GRID
+    assert re.search(r"cutoff 0\.30…0\.90 \(?step 0\.02", text)
+    assert (CUTOFF_GRID[0], CUTOFF_GRID[-1]) == (0.30, 0.90)
+    assert np.allclose(np.diff(CUTOFF_GRID), 0.02)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _age(live: LiveServer, image_ids: list[int], days: int) -> None:
 
 
 def test_prune_removes_unconfirmed_query_photos_after_the_retention_period(
-    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = live.settings
     with live.client() as client, live.client("curator") as curator:
@@ -124,7 +125,9 @@ def test_prune_removes_unconfirmed_query_photos_after_the_retention_period(
 
         monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
         monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
-        assert main(["prune", "--days", "90"]) == 0
+        with caplog.at_level(logging.INFO, logger="whaleid"):
+            assert main(["prune", "--days", "90"]) == 0
+        assert "pruned 2 query photos never confirmed within 90 days" in caplog.text
 
         factory = make_sessionmaker(make_engine(s.sqlalchemy_url))
         with factory() as session:
@@ -164,6 +167,22 @@ def test_the_last_admin_key_cannot_be_revoked_over_the_api(live: LiveServer) -> 
     ) as deputy:
         assert deputy.delete(f"/keys/{second['id']}").status_code == 409
         assert deputy.get("/keys").status_code == 200
+
+
+def test_the_command_line_may_revoke_the_last_admin_key(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The way out the API's refusal names: on the server, ``whaleid keys revoke`` does it (and
+    says so when there is no such key)."""
+    with live.client("admin") as admin:
+        last = next(k for k in admin.get("/keys").json() if k["role"] == "admin")
+        assert admin.delete("/keys/999").status_code == 404  # no such key
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(live.settings.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", live.settings.sqlalchemy_url)
+    assert main(["keys", "revoke", "999"]) == 2
+    assert main(["keys", "revoke", str(last["id"])]) == 0
+    with live.client("admin") as admin:
+        assert admin.get("/keys").status_code == 401
 
 
 def test_editing_a_merged_individual_is_409_pointing_at_the_target(live: LiveServer) -> None:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import httpcore
 import httpx
 import pytest
 
 from service.outbound.callbacks import CallbackTrust, deliver
+from service.outbound.deadline import Deadline, DeadlineBackend, DeadlineStream
 from service.outbound.fetch import (
     FetchRefused,
     allowed_address,
@@ -24,6 +27,7 @@ from service.outbound.fetch import (
     fetch_photo,
     request,
 )
+from service.redact import public_text
 from service.settings import Settings
 
 # The deadline under test and the most a call may take: the margin is generous so a loaded
@@ -184,6 +188,36 @@ def test_redirect_hops_share_one_deadline() -> None:
     assert isinstance(error, httpx.TimeoutException), error
 
 
+def test_each_redirect_hop_hangs_up_before_the_next_starts() -> None:
+    """A redirect's connection (its body unread) is closed before the next hop connects, not
+    held open until the whole fetch ends."""
+    first_hop: list[str] = []
+    heard = threading.Event()
+
+    def redirect_then_watch(peer: Peer) -> None:
+        if peer.path == "/first":
+            peer.send(b"HTTP/1.1 302 Found\r\nLocation: /second\r\nContent-Length: 5\r\n\r\nhello")
+            peer.conn.settimeout(3)
+            try:
+                first_hop.append("closed" if peer.conn.recv(1) == b"" else "sent more")
+            except TimeoutError:
+                first_hop.append("still open")
+            heard.set()
+        else:
+            heard.wait(5)
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    with raw_server(redirect_then_watch) as port:
+        got = fetch_photo(
+            f"http://127.0.0.1:{port}/first",
+            ["127.0.0.1"],
+            allow_loopback=True,
+            timeout=10,
+            max_bytes=100,
+        )
+    assert got == b"ok" and first_hop == ["closed"]
+
+
 def test_a_trickled_tls_handshake_ends_by_the_deadline_and_names_the_host() -> None:
     """Over https to a name that resolves to loopback: the connection goes to the checked
     address with the name as SNI, and a server that answers the ClientHello a byte at a time
@@ -210,6 +244,30 @@ def test_a_trickled_tls_handshake_ends_by_the_deadline_and_names_the_host() -> N
         seconds = time.monotonic() - start
     assert seconds < AT_MOST, seconds
     assert len(hellos) == 1 and b"localhost" in hellos[0]  # the SNI name
+
+
+def test_a_tls_handshake_that_cannot_start_closes_its_socket() -> None:
+    """The deadline passed between connecting and the TLS handshake: the error is httpcore's
+    ConnectTimeout, and the socket is closed at once, not left to the garbage collector (once
+    the handshake has started, Python's SSL socket closes itself on failure)."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        stream = DeadlineStream(ours, Deadline(0))
+        with pytest.raises(httpcore.ConnectTimeout, match="deadline"):
+            stream.start_tls(ssl.create_default_context(), server_hostname="example.org")
+        assert ours.fileno() == -1
+
+
+@pytest.mark.parametrize(("asked", "deadline", "slept"), [(0.2, 5.0, 0.2), (30.0, 0.3, 0.3)])
+def test_a_pause_between_attempts_waits_as_asked_but_never_past_the_deadline(
+    asked: float, deadline: float, slept: float
+) -> None:
+    """httpcore pauses through its network backend between connection attempts: the pause is
+    what it asks for, cut short where the deadline comes first."""
+    backend = DeadlineBackend(Deadline(deadline))
+    started = time.monotonic()
+    backend.sleep(asked)
+    assert slept - 0.05 <= time.monotonic() - started <= slept + 1.0
 
 
 def test_a_post_within_the_deadline_gets_its_answer() -> None:
@@ -282,6 +340,7 @@ def test_embedded_ipv4_addresses_are_checked(address: str, allowed: bool) -> Non
         ("2001:0:4136:e378:8000:63bf:3fff:fdd2", ["65.54.227.120", "192.0.2.45"]),
         ("64:ff9b::a00:1", ["10.0.0.1"]),
         ("::10.0.0.1", ["10.0.0.1"]),
+        ("::1:7f00:1", []),  # past the IPv4-compatible range (::/96)
         ("::1", []),
         ("::", []),
         ("2606:4700:4700::1111", []),
@@ -290,6 +349,12 @@ def test_embedded_ipv4_addresses_are_checked(address: str, allowed: bool) -> Non
 def test_the_ipv4_addresses_an_ipv6_address_leads_to(address: str, embedded: list[str]) -> None:
     found = embedded_ipv4(ipaddress.IPv6Address(address))
     assert [str(ip) for ip in found] == embedded
+
+
+@pytest.mark.parametrize(("scheme", "port"), [("http", 80), ("https", 443)])
+def test_a_url_without_a_port_goes_to_its_schemes(scheme: str, port: int) -> None:
+    target = check_url(f"{scheme}://127.0.0.1/p.jpg", ["127.0.0.1"], allow_loopback=True)
+    assert (target.address, target.port) == ("127.0.0.1", port)
 
 
 def test_a_6to4_url_of_a_private_address_is_refused() -> None:
@@ -302,3 +367,14 @@ def test_urls_with_control_characters_are_refused(character: str) -> None:
     url = f"http://127.0.0.1/a{character}b.jpg"
     with pytest.raises(FetchRefused, match="control character"):
         check_url(url, ["127.0.0.1"], allow_loopback=True)
+
+
+def test_an_error_a_partner_reads_keeps_its_words_and_loses_tokens_and_server_paths() -> None:
+    error = (
+        "GET https://photos.example/a.jpg?X-Amz-Signature=abc gave 403 and "
+        "http://h.example:8080/x#frag 404; kept in /srv/whaleid/batches/t/1.bin now"
+    )
+    assert public_text(error) == (
+        "GET https://photos.example/a.jpg gave 403 and "
+        "http://h.example:8080/x 404; kept in <server path> now"
+    )

@@ -13,6 +13,7 @@ from service.imaging import (
     UnreadablePhoto,
     UnsupportedPhoto,
     decode_photo,
+    keepsake,
     parse_bbox,
     to_model_input,
 )
@@ -119,3 +120,17 @@ def test_pixel_ranges_and_letterbox() -> None:
     assert boxed[0, 8].sum() == 0 and boxed[8, 8].min() == 255  # black bars above and below
     net = to_model_input(image, Preprocessing(16, "stretch", "imagenet"))
     assert net[0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_an_original_is_kept_only_up_to_three_bytes_a_pixel_and_64_kib() -> None:
+    """A small query photo is stored as sent, unless it carries more than its pixels need
+    (3 bytes each, plus 64 KiB for headers and metadata): then it is re-encoded, so nothing
+    appended to an image is kept."""
+    png = encode(photo(1, 1), "PNG")
+    w, h = decode_photo(png, max_pixels=LIMIT).image.size
+    bound = w * h * 3 + 64 * 1024
+    for size, kept_as_sent in ((bound, True), (bound + 1, False)):
+        padded = png + b"\0" * (size - len(png))  # after the PNG's end: readers ignore it
+        kept = keepsake(padded, decode_photo(padded, max_pixels=LIMIT), max_side=w, cropped=False)
+        assert (kept.data == padded) is kept_as_sent, size
+        assert kept.photo.image.size == (w, h) and len(kept.data) <= bound

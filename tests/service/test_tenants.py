@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import struct
 import threading
 import time
 import zipfile
@@ -127,6 +128,10 @@ def test_a_job_is_its_keys_and_only_admins_see_all(partners: Partners) -> None:
         assert a_http.get(f"/jobs/{reindex}").status_code == 404
     with partners.server.client("admin") as admin:
         assert admin.get(f"/jobs/{reindex}").status_code == 200
+        # It has no photos to answer for.
+        for path in (f"/jobs/{reindex}/results", f"/jobs/{reindex}/results.csv"):
+            r = admin.get(path)
+            assert r.status_code == 404 and "is not a batch identification" in r.text, r.text
 
 
 def test_results_are_paged_and_the_poll_stays_small(partners: Partners) -> None:
@@ -299,6 +304,48 @@ def test_a_directory_bomb_is_refused_by_what_it_declares(idle_partners: Partners
     assert kept_files(settings) == []
 
 
+def _as_zip64(data: bytes, entries: int | None = None) -> bytes:
+    """``data`` (a ZIP) as a ZIP64 writer ends it: a ZIP64 end of central directory record and
+    its locator, then the classic record saying "see ZIP64" (0xFFFF entries). ``entries``: what
+    the ZIP64 record declares (by default, the truth)."""
+    end = data.rfind(b"PK\x05\x06")
+    count, size, offset = struct.unpack("<HLL", data[end + 10 : end + 20])
+    declared = count if entries is None else entries
+    zip64 = struct.pack(
+        "<4sQHHLLQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared, size, offset
+    )
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1)
+    classic = struct.pack("<4sHHHHLLH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, size, offset, 0)
+    return data[:end] + zip64 + locator + classic
+
+
+def test_a_zip64_archive_is_judged_by_its_zip64_record(idle_partners: Partners) -> None:
+    """Some tools always write ZIP64: the classic record's 0xFFFF entries means "read the ZIP64
+    record", which is what counts, both ways."""
+    plain = _archive_with({f"{i}.png": encode(photo(i, QUERY_SHOT)) for i in range(2)})
+    with idle_partners.http(idle_partners.a) as http:
+        good = http.post("/jobs/identify/archive", files={"archive": ("a.zip", _as_zip64(plain))})
+        bomb = _as_zip64(plain, entries=60_000)
+        bad = http.post("/jobs/identify/archive", files={"archive": ("b.zip", bomb)})
+    assert good.status_code == 202 and good.json()["total"] == 2, good.text
+    assert bad.status_code == 422 and "declares 60000 entries" in bad.text, bad.text
+
+
+def test_a_photo_or_a_quota_exactly_at_its_limit_is_accepted(idle_partners: Partners) -> None:
+    settings = idle_partners.server.settings
+    photos = {f"{i}.png": encode(photo(i, QUERY_SHOT)) for i in range(2)}
+    settings.max_upload_bytes = max(len(d) for d in photos.values())
+    settings.batch_max_items = 2
+    settings.key_max_live_jobs = 1
+    settings.key_max_waiting_photos = 2
+    settings.key_max_held_bytes = sum(len(d) for d in photos.values())
+    with idle_partners.http(idle_partners.a) as http:
+        r = http.post("/jobs/identify/archive", files={"archive": ("a.zip", _archive_with(photos))})
+        assert r.status_code == 202, r.text
+        r = http.post("/jobs/identify/archive", files={"archive": ("a.zip", _archive_with(photos))})
+        assert r.status_code == 429, r.text  # now the key is at its limits
+
+
 def test_quotas_hold_per_key(idle_partners: Partners) -> None:
     settings = idle_partners.server.settings
     settings.key_max_live_jobs = 2
@@ -398,6 +445,12 @@ def test_a_jobs_photos_count_against_the_keys_rate(catalogue: Catalogue) -> None
             assert spent.status_code == 429 and int(spent.headers["Retry-After"]) >= 1
             # B's rate is B's own.
             assert b.post("/jobs/identify", json={"image_ids": [1] * 15}).status_code == 202
+            # An archive's photos count too, and a refused archive keeps nothing.
+            zipped = b.post(
+                "/jobs/identify/archive", files={"archive": ("a.zip", archive(range(6)))}
+            )
+            assert zipped.status_code == 429 and "rate limit" in zipped.text
+            assert kept_files(s) == []
 
 
 def test_callbacks_are_signed_and_sent_per_key(partners: Partners, receiver: Receiver) -> None:
