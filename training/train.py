@@ -205,6 +205,12 @@ def run_data(run: Path) -> tuple[TrainConfig, PhotoSource, Split]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run} is not a whaleid-train run folder")
     config = config_from_dict(json.loads(path.read_text()))
+    return (config, *_source_and_split(config, run))
+
+
+def _source_and_split(config: TrainConfig, run: Path) -> tuple[PhotoSource, Split]:
+    """The photos of ``config``'s catalogue (upright copies cached in the run folder) and its
+    split: the same for the training and for everything that reads the run later."""
     source = open_source(
         catalogue=config.catalogue,
         images=config.images,
@@ -219,7 +225,7 @@ def run_data(run: Path) -> tuple[TrainConfig, PhotoSource, Split]:
         gallery_fraction=config.gallery_fraction,
         seed=config.seed,
     )
-    return config, source, split
+    return source, split
 
 
 def _write_parity_photos(source: PhotoSource, split: Split, out: Path) -> None:
@@ -357,20 +363,7 @@ def train(
         summary: dict[str, Any] = json.loads((out / SUMMARY).read_text())
         return summary
     keras.utils.set_random_seed(config.seed)
-    source = open_source(
-        catalogue=config.catalogue,
-        images=config.images,
-        shards=config.shards,
-        cache_dir=out / "upright",
-    )
-    split = split_catalogue(
-        source.entries,
-        folds=config.folds,
-        validation_fold=config.validation_fold,
-        unseen_fraction=config.unseen_fraction,
-        gallery_fraction=config.gallery_fraction,
-        seed=config.seed,
-    )
+    source, split = _source_and_split(config, out)
     if len(split.classes) < 2:
         raise ConfigError("the training fold needs at least two individuals")
     log.info("split: %s", split.summary())
