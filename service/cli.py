@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from service.access.auth import COMMAND_LINE
 from service.contract import ModelStatus
 from service.db import migrate
@@ -280,10 +278,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from service.db.tables import Model
+    from service.models.registry import all_models
 
     with _sessions(settings)() as session:
-        for m in session.scalars(select(Model).order_by(Model.id)):
+        for m in all_models(session):
             sys.stdout.write(
                 f"{m.id}\t{m.status}\t{m.name}\t{m.version}\tdim={m.embedding_dim}\t"
                 f"k={m.k}\tcutoff={m.cutoff}\t{m.ranking}\n"
@@ -363,10 +361,10 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    from service.db.tables import ApiKey
+    from service.access.auth import all_keys
 
     with _sessions(settings)() as session:
-        for k in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+        for k in all_keys(session):
             state = "revoked" if k.revoked_at else "active"
             sys.stdout.write(f"{k.id}\t{k.role}\t{k.name}\t{k.prefix}…\t{state}\n")
     return 0

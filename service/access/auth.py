@@ -246,3 +246,8 @@ def rotate_callback_secret(factory: sessionmaker[Session], key_id: int) -> tuple
             raise LookupError(f"key {key_id} does not exist or is revoked")
         row.callback_secret = secret
         return row, secret
+
+
+def all_keys(session: Session) -> list[ApiKey]:
+    """Every key, revoked ones too, oldest first (what `GET /keys` and `whaleid keys list` show)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import (
     LastAdminKey,
+    all_keys,
     create_key,
     revoke_key,
     rotate_callback_secret,
@@ -25,7 +25,8 @@ from service.api.schemas import (
     Problem,
     as_utc,
 )
-from service.db.tables import ApiKey, Model
+from service.db.tables import ApiKey
+from service.models.registry import all_models
 
 router = APIRouter(tags=["admin"], responses=INVALID)
 
@@ -53,7 +54,7 @@ def post_key(body: KeyIn, sessions: SessionsDep, caller: Admin) -> KeyOut:
 
 @router.get("/keys", response_model=list[KeyOut])
 def list_keys(session: SessionDep, caller: Admin) -> list[KeyOut]:
-    return [_key_out(r) for r in session.scalars(select(ApiKey).order_by(ApiKey.id))]
+    return [_key_out(r) for r in all_keys(session)]
 
 
 @router.delete(
@@ -134,7 +135,7 @@ def list_models(session: SessionDep, caller: Admin) -> list[dict[str, object]]:
             "preprocessing": m.preprocessing,
             "created_at": as_utc(m.created_at).isoformat(),
         }
-        for m in session.scalars(select(Model).order_by(Model.id))
+        for m in all_models(session)
     ]
 
 

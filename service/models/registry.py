@@ -108,3 +108,8 @@ def _check_names(name: str, version: str) -> None:
             raise ModelContractError(
                 f"{key} must be 1 to {limit} characters without NUL bytes, not {value[:40]!r}"
             )
+
+
+def all_models(session: Session) -> list[Model]:
+    """Every registered model, oldest first (what `GET /models` and `whaleid models list` show)."""
+    return list(session.scalars(select(Model).order_by(Model.id)))
