@@ -38,8 +38,13 @@ log = logging.getLogger(__name__)
 REINDEX = "reindex"
 
 
-def model_row(session: Session, model_id: int) -> Model:
-    model = session.get(Model, model_id)
+def model_row(session: Session, model_id: int, *, lock: bool = False) -> Model:
+    """The model's row (``lock``: held FOR UPDATE until the transaction ends); NotFound if none."""
+    model = (
+        session.scalar(select(Model).where(Model.id == model_id).with_for_update())
+        if lock
+        else session.get(Model, model_id)
+    )
     if model is None:
         raise NotFound(f"model {model_id} does not exist: see GET /models")
     return model
@@ -221,9 +226,7 @@ def start_reindex(
     """Queue the re-index of ``model_id``: one chunk per ``reindex_chunk_size`` photos it has not
     embedded, then the finishing chunk. The model becomes ``indexing``."""
     with transaction(factory) as session:
-        model = session.scalar(select(Model).where(Model.id == model_id).with_for_update())
-        if model is None:
-            raise NotFound(f"model {model_id} does not exist: see GET /models")
+        model = model_row(session, model_id, lock=True)
         if model.status == ModelStatus.ACTIVE:
             raise Conflict(f"model {model_id} is the active model: its gallery is kept up to date")
         if model.status == ModelStatus.INDEXING:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import PAPER_HEAD, Head, ModelStatus
 from service.db.tables import Model, ModelSwitch, transaction
-from service.errors import Conflict, NotFound
+from service.errors import Conflict
 from service.gallery.embed import embed_gallery
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path
@@ -302,9 +302,7 @@ def retire(settings: Settings, factory: sessionmaker[Session], model_id: int) ->
     """Retire a model that is not active: its index files are deleted (embeddings stay, so a
     re-index of it only embeds what is new)."""
     with transaction(factory) as session:
-        model = session.scalar(select(Model).where(Model.id == model_id).with_for_update())
-        if model is None:
-            raise NotFound(f"model {model_id} does not exist: see GET /models")
+        model = model_row(session, model_id, lock=True)
         if model.status == ModelStatus.ACTIVE:
             raise Conflict(f"model {model_id} is active: activate another one first")
         if model.status == ModelStatus.INDEXING:
