@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.text import BadText, check_catalogue_id, check_text
+from service.knn import NEW_INDIVIDUAL
+from service.text import BadText, check_catalogue_id, check_text, is_reserved
 
 REQUIRED_COLUMNS = ("image", "species", "individual_id")
 OPTIONAL_COLUMNS = ("encounter", "location", "date")
@@ -40,8 +41,13 @@ class CatalogueRow:
     taken_on: dt.date | None
 
 
-def read_catalogue(path: Path) -> Iterator[CatalogueRow | tuple[int, str]]:
-    """Rows of the CSV, or (line, problem) for a row that cannot be used."""
+def read_catalogue(
+    path: Path, *, new_individual_allowed: bool = False
+) -> Iterator[CatalogueRow | tuple[int, str]]:
+    """Rows of the CSV, or (line, problem) for a row that cannot be used. ``new_individual`` is
+    refused as an individual_id (it is no catalogue id) unless ``new_individual_allowed``: a
+    query set's truth for an animal outside the catalogue (the Kaggle convention), read as
+    exactly ``new_individual``."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -62,7 +68,10 @@ def read_catalogue(path: Path) -> Iterator[CatalogueRow | tuple[int, str]]:
             except ValueError:
                 yield line, f"date {row['date']!r} is not YYYY-MM-DD"
                 continue
-            problem = _row_problem(row)
+            unseen = new_individual_allowed and is_reserved(row["individual_id"])
+            if unseen:
+                row["individual_id"] = NEW_INDIVIDUAL
+            problem = _row_problem(row, catalogue_id=not unseen)
             if problem:
                 yield line, problem
                 continue
@@ -77,12 +86,14 @@ def read_catalogue(path: Path) -> Iterator[CatalogueRow | tuple[int, str]]:
             )
 
 
-def _row_problem(row: dict[str, str]) -> str | None:
-    """Why a row cannot be stored (the same on every database), or None."""
+def _row_problem(row: dict[str, str], *, catalogue_id: bool = True) -> str | None:
+    """Why a row cannot be stored (the same on every database), or None. ``catalogue_id``: the
+    individual_id must be one a catalogue can hold."""
     try:
         for column, limit in TEXT_LIMITS.items():
             check_text(column, row.get(column), limit)
-        check_catalogue_id(row["individual_id"])
+        if catalogue_id:
+            check_catalogue_id(row["individual_id"])
     except BadText as e:
         return str(e)
     return None

@@ -341,6 +341,14 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         predictions_csv=Path(args.predictions) if args.predictions else None,
         species_filter=args.species_filter,
     )
+    if result.errors:
+        log.warning(
+            "MAP@5 covers only the scored queries (%d of %d rows): %d rows were skipped as "
+            "errors (their lines are logged above)",
+            result.scored,
+            result.rows,
+            len(result.errors),
+        )
     sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")
     return 0
 
@@ -667,7 +675,8 @@ COMMANDS = (
         ),
         description="Identifies every photo of QUERIES.csv (same columns as import) with the "
         "active model, records nothing, and prints MAP@5 overall, for individuals "
-        "in the gallery and for unseen ones (whose right answer is new_individual).",
+        "in the gallery and for unseen ones (whose right answer is new_individual; an "
+        "individual_id of new_individual marks an animal outside the catalogue).",
     ),
 )
 

@@ -28,6 +28,16 @@ class Evaluation:
     new_first_on_known: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
 
+    @property
+    def scored(self) -> int:
+        """Queries identified and scored: the ones every MAP@5 covers."""
+        return len(self.known) + len(self.unseen)
+
+    @property
+    def rows(self) -> int:
+        """Every row of the query file: the scored ones and those skipped as errors."""
+        return self.scored + len(self.errors)
+
     @staticmethod
     def _mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
@@ -46,7 +56,8 @@ class Evaluation:
 
     def summary(self) -> dict[str, float | int | None]:
         return {
-            "queries": len(self.known) + len(self.unseen),
+            "queries": self.scored,
+            "rows": self.rows,
             "map5": self.map5,
             "map5_known": self.map5_known,
             "map5_unseen": self.map5_unseen,
@@ -55,6 +66,7 @@ class Evaluation:
             # Open-set figures: how often new_individual came first.
             "unseen_flagged_new": self.new_first_on_unseen,
             "known_flagged_new": self.new_first_on_known,
+            # Rows skipped as errors (unreadable row or photo): in no MAP@5.
             "errors": len(self.errors),
         }
 
@@ -68,10 +80,12 @@ def evaluate(
     species_filter: bool = False,
 ) -> Evaluation:
     """Identify every query photo (nothing is recorded) and score the answers. A query whose
-    individual has no photo in the gallery should be answered ``new_individual`` first."""
+    individual has no photo in the gallery, or whose individual_id is ``new_individual`` (the
+    Kaggle convention for an animal outside the catalogue), should be answered
+    ``new_individual`` first."""
     known_labels = identifier.gallery.entries.labels
     result = Evaluation()
-    rows = list(read_catalogue(queries_csv))
+    rows = list(read_catalogue(queries_csv, new_individual_allowed=True))
     writer = None
     out = predictions_csv.open("w", newline="") if predictions_csv else None
     try:
@@ -81,6 +95,7 @@ def evaluate(
         for row in tqdm(rows, desc="evaluate", unit="photo"):
             if isinstance(row, tuple):
                 result.errors.append(row)
+                log.warning("line %d: %s", *row)
                 continue
             path = images_dir / row.image
             try:
@@ -94,7 +109,7 @@ def evaluate(
                 log.warning("line %d: %s", row.line, e)
                 continue
             labels = [c.individual_id for c in answer.candidates]
-            unseen = row.individual_id not in known_labels
+            unseen = row.individual_id == NEW_INDIVIDUAL or row.individual_id not in known_labels
             truth = NEW_INDIVIDUAL if unseen else row.individual_id
             (result.unseen if unseen else result.known).append(
                 average_precision_at_5(labels, truth)

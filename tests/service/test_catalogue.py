@@ -228,3 +228,96 @@ def test_the_catalogue_file_reader_imports_no_database_index_or_store() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _relabel(csv_path: Path, labels: dict[str, str]) -> None:
+    """Give the rows of some individuals another individual_id, e.g. ``new_individual``."""
+    text = csv_path.read_text()
+    for old, new in labels.items():
+        text = text.replace(f",{old}\n", f",{new}\n").replace(f",{old}\r\n", f",{new}\r\n")
+    csv_path.write_text(text)
+
+
+def test_evaluate_scores_new_individual_rows_as_unseen_and_warns_of_skipped_rows(
+    catalogue: Catalogue,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The Kaggle convention: a query labelled new_individual is an animal outside the catalogue,
+    scored like one the gallery has no photo of, not skipped as an error."""
+    s = catalogue.settings
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
+    queries = write_catalogue(tmp_path / "q", [0, 1, 500, 501], [7], name="queries.csv")
+    _relabel(queries, {"ind-500": "new_individual", "ind-501": "NEW_INDIVIDUAL"})
+    with queries.open("a", newline="") as f:
+        csv.writer(f).writerow(["missing.png", "bottlenose_dolphin", "ind-0"])  # line 6
+    predictions = tmp_path / "predictions.csv"
+    images = str(tmp_path / "q" / "images")
+    argv = ["evaluate", str(queries), "--images", images, "--predictions", str(predictions)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["known_queries"], summary["unseen_queries"]) == (2, 2)
+    assert (summary["queries"], summary["rows"], summary["errors"]) == (4, 5, 1)
+    # Both new_individual rows are answered new_individual first: AP 1 each.
+    assert summary["unseen_flagged_new"] == 2 and summary["map5_unseen"] == 1.0
+    assert summary["map5_known"] == 1.0 and summary["map5"] == 1.0
+    with predictions.open() as f:
+        firsts = [r["predictions"].split()[0] for r in csv.DictReader(f)]
+    assert firsts == ["ind-0", "ind-1", "new_individual", "new_individual"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("line 6:") for m in warnings), warnings
+    assert any("MAP@5 covers only the scored queries (4 of 5 rows)" in m for m in warnings)
+
+
+def test_evaluate_logs_no_coverage_warning_without_errors(
+    catalogue: Catalogue,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = catalogue.settings
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(s.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", s.sqlalchemy_url)
+    queries = write_catalogue(tmp_path / "q", [2, 502], [7], name="queries.csv")
+    _relabel(queries, {"ind-502": "new_individual"})
+    assert main(["evaluate", str(queries), "--images", str(tmp_path / "q" / "images")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["queries"], summary["rows"], summary["errors"]) == (2, 2, 0)
+    assert summary["unseen_queries"] == 1 and summary["map5"] == 1.0
+    assert "MAP@5 covers only" not in caplog.text
+
+
+def test_import_still_refuses_new_individual_as_a_catalogue_id(
+    env: Settings, tmp_path: Path, toy_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only evaluate's query file opts in to new_individual; a catalogue never holds it."""
+    activate(toy_model)
+    csv_path = write_catalogue(tmp_path, [1, 2], [0])
+    _relabel(csv_path, {"ind-2": "new_individual"})  # line 3
+    args = ["import", str(csv_path), "--images", str(tmp_path / "images")]
+    assert main(args) == 0
+    assert counts(env) == (1, 1, 1)  # ind-1 only
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(m.startswith("line 3:") and "reserved" in m for m in errors), errors
+    assert main([*args, "--strict"]) == 1
+
+
+def test_the_catalogue_reader_accepts_new_individual_only_when_asked(tmp_path: Path) -> None:
+    from service.catalogue_csv import CatalogueRow, read_catalogue
+
+    csv_path = tmp_path / "q.csv"
+    csv_path.write_text(
+        "image,species,individual_id\na.png,fin_whale, New_Individual \nb.png,fin_whale,w1\n"
+    )
+    refused = list(read_catalogue(csv_path))
+    assert isinstance(refused[0], tuple) and refused[0][0] == 2 and "reserved" in refused[0][1]
+    assert isinstance(refused[1], CatalogueRow) and refused[1].individual_id == "w1"
+    accepted = list(read_catalogue(csv_path, new_individual_allowed=True))
+    assert [r.individual_id for r in accepted if isinstance(r, CatalogueRow)] == [
+        "new_individual",
+        "w1",
+    ]
