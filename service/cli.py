@@ -61,14 +61,17 @@ def cmd_db_downgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace, settings: Settings) -> int:
-    from service.contract import ModelContractError
+    from service.contract import BUILTIN_PREFIX, ModelContractError
     from service.errors import Conflict
-    from service.models.registry import register_model
+    from service.models.registry import register_builtin, register_model
     from service.models.switch import activate_model
 
     factory = _sessions(settings)
     try:
-        model = register_model(settings, factory, Path(args.model))
+        if args.model.startswith(BUILTIN_PREFIX):
+            model = register_builtin(factory, args.model)
+        else:
+            model = register_model(settings, factory, Path(args.model))
     except (ModelContractError, OSError, Conflict) as e:
         log.error("%s", e)
         return 2
@@ -258,6 +261,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.jobs.batch import JobCloser, batch_handlers
     from service.jobs.queue import Worker
+    from service.matching.features import FeatureStore
     from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 
     factory = _sessions(settings)
@@ -267,7 +271,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         worker_handlers(settings, factory, embedders) | batch_handlers(settings, factory),
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
-        idle=(ActiveGalleryKeeper(factory, embedders), JobCloser(settings, factory)),
+        idle=(
+            ActiveGalleryKeeper(factory, embedders, FeatureStore(settings, factory)),
+            JobCloser(settings, factory),
+        ),
         name=args.name,
     )
     stop = threading.Event()
@@ -293,6 +300,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from service.catalogue.imports import CatalogueImport, model_for_import
     from service.catalogue_csv import CatalogueError
     from service.db.tables import Model
+    from service.matching.features import extractor_for, uses_features
     from service.onnx.embedder import Embedder
 
     factory = _sessions(settings)
@@ -306,7 +314,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         embedder = Embedder.for_model(settings, model.file_path)
-    run = CatalogueImport(settings, factory, embedder, model.id if model else None)
+    extractor = extractor_for(settings) if model is not None and uses_features(model) else None
+    run = CatalogueImport(settings, factory, embedder, model.id if model else None, extractor)
     try:
         report = run.run(Path(args.catalogue), Path(args.images), batch_size=args.batch_size)
     except (CatalogueError, OSError) as e:

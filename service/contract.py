@@ -110,6 +110,101 @@ class HasHead(Protocol):
 
 PAPER_HEAD = Head()  # the seed paper's head: k 50, cutoff 0.62, vote
 
+
+class Verification(_Choice):
+    """A model's second look at its candidates: ``none`` (the kNN head's answer as it is) or
+    ``rerank`` (the top candidates verified with local features, re-ranked on the fused
+    score, ``service.matching.verify``)."""
+
+    NONE = "none"
+    RERANK = "rerank"
+
+
+class ModelKind(_Choice):
+    """An ONNX embedding model, or the built-in ``local-features`` matcher (no trained model:
+    RootSIFT descriptors voted per individual, then verified)."""
+
+    ONNX = "onnx"
+    LOCAL_FEATURES = "local-features"
+
+
+BUILTIN_PREFIX = "builtin:"  # ``Model.file_path`` of a built-in matcher: ``builtin:local-features``
+
+
+def _logistic(pair: Any, default: tuple[float, ...]) -> tuple[float, ...]:
+    values = tuple(float(v) for v in pair) if pair is not None else default
+    if len(values) != len(default) or not all(abs(v) < 1e6 for v in values):
+        raise ValueError(f"expected {len(default)} finite coefficients, not {pair!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the evidence on one candidate becomes one match probability.
+
+    ``d`` is the embedding distance of the candidate's nearest photo, ``n`` the most RANSAC
+    inliers any of its photos had with the query. Each matcher is calibrated by a logistic
+    (Platt) curve, ``p = 1 / (1 + exp(-(a + b * x)))`` with ``x = d`` for the global model and
+    ``x = log(1 + n)`` for local features; the fused probability is one logistic over both,
+    ``w0 + w1 * d + w2 * log(1 + n)``. A candidate whose probability is below ``threshold`` is
+    ranked after ``new_individual``. The defaults put the global curve's midpoint at the model's
+    cutoff and need about 7 inliers for an even chance; ``whaleid models calibrate`` fits all
+    three on labelled queries or on the curators' confirmations."""
+
+    global_: tuple[float, float]
+    local: tuple[float, float] = (-3.0, 1.5)
+    fused: tuple[float, float, float] | None = None
+    threshold: float = 0.5
+    fitted: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def default(cls, cutoff: float) -> Calibration:
+        return cls(global_=(10.0 * cutoff, -10.0))
+
+    @property
+    def fused_weights(self) -> tuple[float, float, float]:
+        if self.fused is not None:
+            return self.fused
+        a_g, b_g = self.global_
+        a_l, b_l = self.local
+        return (a_g + a_l, b_g, b_l)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, cutoff: float) -> Calibration:
+        """The calibration stored with a model (``Model.calibration``), or the defaults."""
+        base = cls.default(cutoff)
+        if not data:
+            return base
+        g = _logistic(data.get("global"), base.global_)
+        loc = _logistic(data.get("local"), base.local)
+        fused = data.get("fused")
+        threshold = float(data.get("threshold", base.threshold))
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(
+                f"the calibration threshold is a probability in (0, 1), not {threshold}"
+            )
+        return cls(
+            global_=(g[0], g[1]),
+            local=(loc[0], loc[1]),
+            fused=None if fused is None else _three(_logistic(fused, (0.0, 0.0, 0.0))),
+            threshold=threshold,
+            fitted=dict(data.get("fitted") or {}),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "global": list(self.global_),
+            "local": list(self.local),
+            "fused": list(self.fused_weights),
+            "threshold": self.threshold,
+            "fitted": dict(self.fitted),
+        }
+
+
+def _three(values: tuple[float, ...]) -> tuple[float, float, float]:
+    return (values[0], values[1], values[2])
+
+
 _PREFIX = "whaleid."
 _TRAINING = "whaleid.training."
 

@@ -71,7 +71,7 @@ def aggregate(neighbours: Iterable[Neighbour]) -> list[RankedCandidate]:
     ]
 
 
-def _order(candidates: list[RankedCandidate], ranking: Ranking) -> list[RankedCandidate]:
+def order(candidates: list[RankedCandidate], ranking: Ranking) -> list[RankedCandidate]:
     def vote_key(c: RankedCandidate) -> tuple[float, float, float, str]:
         assert c.votes is not None and c.inverse_distance_sum is not None
         assert c.distance is not None
@@ -108,7 +108,7 @@ def rank_candidates(
     starts with ``new_individual`` exactly when the nearest neighbour is farther than ``cutoff``
     (or there is no neighbour at all).
     """
-    ranked = _order(aggregate(neighbours), ranking)
+    ranked = order(aggregate(neighbours), ranking)
     ranked += fill(beyond, {c.label for c in ranked}, top - 1 - len(ranked))
     return place_new_individual(ranked, lambda c: c.distance, cutoff, NEW, top)
 

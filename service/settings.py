@@ -36,6 +36,18 @@ class Settings(BaseSettings):
     slot_wait_seconds: float = 10.0
     # A query photo is stored as the region the model saw, its longer side at most this.
     stored_photo_max_side: int = 1024
+    # Local features (service/matching/features.py): RootSIFT at most this many keypoints per
+    # photo, extracted with the photo's longer side scaled to at most features_max_side pixels.
+    # Changing either names a new extractor: its features are extracted afresh.
+    features_max_side: int = Field(default=640, ge=64, le=4096)
+    features_count: int = Field(default=400, ge=16, le=2000)
+    # Verification (a model set to `rerank`, and the local-features matcher): the first
+    # rerank_individuals candidates are verified, each on its rerank_photos nearest photos.
+    rerank_individuals: int = Field(default=10, ge=1, le=50)
+    rerank_photos: int = Field(default=3, ge=1, le=20)
+    # The local-features matcher's descriptor index is exact up to this many descriptors, then
+    # IVF with 8-bit scalar quantisation (about 136 bytes a descriptor).
+    local_ivf_threshold: int = Field(default=1_000_000, ge=1000)
     # `whaleid prune` removes query photos never confirmed after this many days.
     query_photo_retention_days: int = 90
     # The review page's cookies are Secure: "auto" when the request came over HTTPS (directly or

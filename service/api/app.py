@@ -201,7 +201,9 @@ def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> th
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
         idle=(
-            ActiveGalleryKeeper(app.state.sessions, app.state.embedders),
+            ActiveGalleryKeeper(
+                app.state.sessions, app.state.embedders, app.state.runtime.features
+            ),
             JobCloser(settings, app.state.sessions),
         ),
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.access.tenancy import can_read_identification
@@ -20,10 +21,11 @@ from service.api.schemas import (
     Problem,
 )
 from service.catalogue.curation import decision_history
-from service.catalogue.reads import recorded_identification
+from service.catalogue.reads import candidate_matches, recorded_identification
 from service.db.checks import column_length
 from service.db.tables import Image
 from service.imaging import PhotoTooLarge, parse_bbox
+from service.knn import TOP
 from service.matching.identify import IdentificationResult
 from service.text import check_text
 
@@ -126,8 +128,16 @@ def get_identification(
                 species=c.species,
                 votes=c.votes,
                 distance=c.distance,
-                confidence=None if c.distance is None else round(1.0 - c.distance, 6),
+                confidence=(
+                    round(1.0 - c.distance, 6)
+                    if c.distance is not None
+                    else None
+                    if c.score is None
+                    else round(c.score, 6)
+                ),
                 best_image_id=c.best_image_id,
+                inliers=c.inliers,
+                score=c.score,
             )
             for c in ident.candidates
         ],
@@ -138,6 +148,9 @@ def get_identification(
             k=ident.k,
             cutoff=ident.cutoff,
             ranking=ident.ranking,
+            verification=(
+                "rerank" if any(c.inliers is not None for c in ident.candidates) else "none"
+            ),
         ),
         gallery_size=ident.gallery_size,
         filters=ident.filters,
@@ -145,4 +158,68 @@ def get_identification(
         decisions=[DecisionOut.model_validate(d) for d in decision_history(session, ident.id)],
         created_at=ident.created_at,
         query_image_id=ident.query_image_id,
+    )
+
+
+class MatchOut(BaseModel):
+    query: tuple[float, float] = Field(description="x, y in the query photo's pixels.")
+    candidate: tuple[float, float] = Field(description="x, y in the candidate photo's pixels.")
+    inlier: bool = Field(description="Whether the homography explains this match.")
+
+
+class MatchesOut(BaseModel):
+    identification_id: int
+    rank: int
+    individual_id: str
+    query_image_id: int = Field(description="GET /images/{id}/file serves it.")
+    candidate_image_id: int = Field(description="The candidate's best photo.")
+    query_size: tuple[int, int] = Field(description="Width and height of the stored photo.")
+    candidate_size: tuple[int, int]
+    inliers: int = Field(examples=[23])
+    matches: list[MatchOut] = Field(
+        description="Every inlier, then at most 200 of the other ratio-test matches."
+    )
+
+
+_OUTLIERS_SHOWN = 200
+
+
+@router.get(
+    "/identifications/{identification_id}/matches",
+    response_model=MatchesOut,
+    responses={404: {"model": Problem}},
+)
+def get_matches(
+    identification_id: IdentificationId,
+    session: SessionDep,
+    caller: Integration,
+    runtime: RuntimeDep,
+    candidate: Annotated[int, Query(ge=1, le=TOP, description="The candidate's rank.")] = 1,
+) -> MatchesOut:
+    """The matched keypoints between the query photo and the candidate's best photo, in the
+    photos' pixels: what the review page draws so a curator sees why an animal was proposed."""
+    ident = recorded_identification(session, identification_id)
+    if ident is None or not can_read_identification(caller, ident):
+        raise HTTPException(404, f"identification {identification_id} does not exist")
+    found = candidate_matches(session, runtime.features, ident, candidate)
+    pairs, inlier = found.match.pairs.tolist(), found.match.inlier.tolist()
+    shown = [i for i, ok in enumerate(inlier) if ok]
+    shown += [i for i, ok in enumerate(inlier) if not ok][:_OUTLIERS_SHOWN]
+    return MatchesOut(
+        identification_id=found.identification_id,
+        rank=found.rank,
+        individual_id=found.individual_id,
+        query_image_id=found.query_image_id,
+        candidate_image_id=found.candidate_image_id,
+        query_size=found.query_size,
+        candidate_size=found.candidate_size,
+        inliers=found.match.inliers,
+        matches=[
+            MatchOut(
+                query=(round(pairs[i][0], 1), round(pairs[i][1], 1)),
+                candidate=(round(pairs[i][2], 1), round(pairs[i][3], 1)),
+                inlier=inlier[i],
+            )
+            for i in shown
+        ],
     )

@@ -71,9 +71,27 @@ class CandidateOut(BaseModel):
     distance: float | None = Field(
         description="Cosine distance of its nearest photo.", examples=[0.21]
     )
-    confidence: float | None = Field(description="1 - distance.", examples=[0.79])
+    confidence: float | None = Field(
+        description="1 - distance; for the local-features matcher (no distance), its score.",
+        examples=[0.79],
+    )
     best_image_id: int | None = Field(
-        description="Its best-matching gallery photo.", examples=[4411]
+        description="Its best-matching gallery photo (with verification: the one with the most "
+        "inliers).",
+        examples=[4411],
+    )
+    inliers: int | None = Field(
+        default=None,
+        description="With verification: the most keypoint matches one homography explains "
+        "between the query and one of its photos (GET /identifications/{id}/matches).",
+        examples=[23],
+    )
+    score: float | None = Field(
+        default=None,
+        description="With verification: the calibrated probability that it is the animal, from "
+        "the distance and the inliers; below the model's threshold it ranks after "
+        "new_individual.",
+        examples=[0.93],
     )
 
 
@@ -84,6 +102,9 @@ class ModelOut(BaseModel):
     k: int = Field(examples=[50])
     cutoff: float = Field(examples=[0.62])
     ranking: str = Field(examples=["vote"])
+    verification: str = Field(
+        default="none", description="`none` or `rerank` (local features).", examples=["none"]
+    )
 
     @classmethod
     def of(cls, model: ModelInfo) -> ModelOut:
@@ -95,6 +116,7 @@ class ModelOut(BaseModel):
             k=head.k,
             cutoff=head.cutoff,
             ranking=str(head.ranking),
+            verification=str(model.verification),
         )
 
 

@@ -21,6 +21,7 @@ from service.db.tables import Embedding, Image, Individual, Model, transaction
 from service.gallery.embed import embed_photos
 from service.gallery.sync import Gallery, log_gallery_changes
 from service.imaging import Photo, PhotoError, decode_photo
+from service.matching.features import Extractor, add_features
 from service.onnx.embedder import Embedder
 from service.settings import Settings
 from service.store.photos import PhotoStore, StoredPhoto, content_hash
@@ -67,14 +68,20 @@ class CatalogueImport:
         factory: sessionmaker[Session],
         embedder: Embedder | None,
         model_id: int | None,
+        features: Extractor | None = None,
     ) -> None:
+        """``features``: the extractor whose local features each photo gets at once (when the
+        active model verifies or is the local-features matcher)."""
         self.settings = settings
+        self.features = features
         self.factory = factory
         self.embedder = embedder
         self.model_id = model_id
         self.store = PhotoStore.open(settings)
         self.max_pixels = settings.max_image_pixels
         self.target = embedder.contract.preprocessing.input_size if embedder else None
+        if features is not None:  # decoded big enough for the features too
+            self.target = max(self.target or 0, settings.features_max_side)
 
     def run(self, csv_path: Path, images_dir: Path, *, batch_size: int = 32) -> ImportReport:
         report = ImportReport()
@@ -160,6 +167,11 @@ class CatalogueImport:
 
     def _write(self, ready: list[_Ready], report: ImportReport) -> None:
         vectors = embed_photos(self.embedder, [r.photo for r in ready]) if self.embedder else None
+        extracted = (
+            [self.features.extract(r.photo.image, (r.photo.width, r.photo.height)) for r in ready]
+            if self.features is not None
+            else None
+        )
         stored: list[StoredPhoto] = []
         try:
             for r in ready:
@@ -186,6 +198,8 @@ class CatalogueImport:
                     if vectors is not None and self.model_id is not None:
                         add_embedding(session, image.id, self.model_id, vectors[i])
                         report.embedded += 1
+                    if extracted is not None and self.features is not None:
+                        add_features(session, self.features.name, {image.id: extracted[i]})
                     report.imported += 1 if new_image else 0
                     report.already_present += 0 if new_image else 1
                 if self.model_id is not None:

@@ -5,6 +5,7 @@ queries live here, once each."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, selectinload
@@ -12,6 +13,9 @@ from sqlalchemy.orm import Session, selectinload
 from service.access.auth import Principal
 from service.access.tenancy import own_identifications, readable_images
 from service.db.tables import Identification, Image, Individual
+from service.errors import Invalid, NotFound
+from service.matching.features import FeatureStore
+from service.matching.verify import PairMatch, match_pair
 
 
 def individuals_page(
@@ -71,6 +75,64 @@ def recorded_identification(session: Session, identification_id: int) -> Identif
         select(Identification)
         .where(Identification.id == identification_id)
         .options(selectinload(Identification.candidates), selectinload(Identification.model))
+    )
+
+
+@dataclass(frozen=True)
+class CandidateMatches:
+    """The keypoint matches between a query photo and one candidate's best photo."""
+
+    identification_id: int
+    rank: int
+    individual_id: str
+    query_image_id: int
+    candidate_image_id: int
+    query_size: tuple[int, int]
+    candidate_size: tuple[int, int]
+    match: PairMatch
+
+
+def candidate_matches(
+    session: Session, features: FeatureStore, ident: Identification, rank: int
+) -> CandidateMatches:
+    """Match the query photo of ``ident`` with the best photo of its candidate at ``rank``
+    (the same matching as verification; the features are extracted if a photo has none)."""
+    candidate = next((c for c in ident.candidates if c.rank == rank), None)
+    if candidate is None:
+        raise NotFound(
+            f"identification {ident.id} has no candidate at rank {rank}: ranks run from 1 to "
+            f"{len(ident.candidates)}"
+        )
+    if candidate.best_image_id is None:
+        raise Invalid(
+            f"candidate {rank} is {candidate.label}: it has no photo to match; ask for another rank"
+        )
+    photos = {
+        i.id: i
+        for i in session.scalars(
+            select(Image).where(Image.id.in_([ident.query_image_id, candidate.best_image_id]))
+        )
+    }
+    for image_id, whose in (
+        (ident.query_image_id, "query"),
+        (candidate.best_image_id, "candidate"),
+    ):
+        image = photos.get(image_id)
+        if image is None or image.pruned_at is not None:
+            raise NotFound(f"the {whose} photo {image_id} is no longer kept: nothing to match")
+    found = features.get([ident.query_image_id, candidate.best_image_id])
+    query, other = found.get(ident.query_image_id), found.get(candidate.best_image_id)
+    if query is None or other is None:
+        raise NotFound("a photo of this pair cannot be read: nothing to match")
+    return CandidateMatches(
+        ident.id,
+        rank,
+        candidate.label,
+        ident.query_image_id,
+        candidate.best_image_id,
+        (query.width, query.height),
+        (other.width, other.height),
+        match_pair(query, other),
     )
 
 

@@ -119,6 +119,32 @@ class Model(Base):
     status: Mapped[str] = mapped_column(String(20), default=ModelStatus.REGISTERED, index=True)
     metadata_props: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # contract.ModelKind: an ONNX file, or the built-in local-features matcher.
+    kind: Mapped[str] = mapped_column(String(20), default="onnx", server_default="onnx")
+    # contract.Verification: whether the top candidates are verified with local features.
+    verification: Mapped[str] = mapped_column(String(20), default="none", server_default="none")
+    # contract.Calibration.as_dict(): the fitted calibration of the evidence (None: the defaults).
+    calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Feature(Base):
+    """The local features of one photo by one extractor (``matching.features``): keypoints in
+    the stored photo's pixels (float32 x, y) and descriptors (uint8 rows), shared by every
+    model. Keyed by the extractor's name, which names its settings, so new settings mean new
+    rows, never a silent mix."""
+
+    __tablename__ = "features"
+    __table_args__ = (
+        UniqueConstraint("image_id", "extractor", name="uq_features_image_extractor"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    extractor: Mapped[str] = mapped_column(String(100))
+    count: Mapped[int] = mapped_column(Integer)
+    keypoints: Mapped[bytes] = mapped_column(LargeBinary)
+    descriptors: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Embedding(Base):
@@ -186,6 +212,10 @@ class Candidate(Base):
     votes: Mapped[int | None] = mapped_column(Integer)
     distance: Mapped[float | None] = mapped_column(Float)
     best_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    # Verification's evidence (None when the model does not verify): the most RANSAC inliers
+    # of the candidate's photos with the query, and the fused match probability.
+    inliers: Mapped[int | None] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
 
     identification: Mapped[Identification] = relationship(back_populates="candidates")
 

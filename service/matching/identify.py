@@ -16,12 +16,23 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import Head, ModelStatus
+from service.contract import Calibration, Head, ModelKind, ModelStatus, Verification
 from service.db.tables import Candidate, Identification, Image, Individual, Model, transaction
 from service.gallery.sync import Filters, Gallery, latest_change, log_gallery_changes
 from service.imaging import Keepsake, Photo, decode_photo, keepsake, to_model_input
-from service.knn import RankedCandidate, rank_candidates
+from service.knn import (
+    NEW_INDIVIDUAL,
+    Neighbour,
+    RankedCandidate,
+    aggregate,
+    fill,
+    order,
+    rank_candidates,
+)
+from service.matching.features import Features, FeatureStore, add_features
+from service.matching.local import LocalMatcher
 from service.matching.slots import WorkSlots
+from service.matching.verify import Evidence, rerank, verify
 from service.onnx.embedder import Embedder
 from service.settings import Settings
 from service.store.photos import PhotoStore, StoredPhoto, content_hash
@@ -41,16 +52,37 @@ class NoActiveModel(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model an answer came from, and the head it answered with."""
+    """The model an answer came from, the head it answered with, and its verification."""
 
     id: int
     name: str
     version: str
     head: Head
+    kind: ModelKind = ModelKind.ONNX
+    verification: Verification = Verification.NONE
+    calibration: Calibration | None = None
 
     @classmethod
     def of(cls, model: Model) -> ModelInfo:
-        return cls(model.id, model.name, model.version, Head.of(model))
+        head = Head.of(model)
+        return cls(
+            model.id,
+            model.name,
+            model.version,
+            head,
+            ModelKind(model.kind or ModelKind.ONNX),
+            Verification(model.verification or Verification.NONE),
+            Calibration.from_dict(model.calibration, head.cutoff),
+        )
+
+    @property
+    def scoring(self) -> Calibration:
+        """The calibration verification scores with (fitted, or the defaults for its cutoff)."""
+        return self.calibration or Calibration.default(self.head.cutoff)
+
+    @property
+    def uses_features(self) -> bool:
+        return self.kind == ModelKind.LOCAL_FEATURES or self.verification == Verification.RERANK
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,30 @@ class AnsweredCandidate:
     distance: float | None
     confidence: float | None
     best_image_id: int | None
+    inliers: int | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One line of an answer before its individual's row is looked up."""
+
+    label: str
+    votes: int | None
+    distance: float | None
+    best_image_id: int | None
+    inliers: int | None = None
+    score: float | None = None
+
+    @property
+    def is_new(self) -> bool:
+        return self.label == NEW_INDIVIDUAL
+
+    @classmethod
+    def of(cls, c: RankedCandidate | Evidence) -> _Line:
+        if isinstance(c, RankedCandidate):
+            return cls(c.label, c.votes, c.distance, c.best_image_id)
+        return cls(c.label, c.votes, c.distance, c.best_image_id, c.inliers, c.score)
 
 
 @dataclass
@@ -118,6 +174,17 @@ class Identifier:
         self.embedder = embedder
         self.gallery = gallery
         self.store = PhotoStore.open(settings)
+        self.features = FeatureStore(settings, factory)
+        self.local: LocalMatcher | None = None
+        if self.model.kind == ModelKind.LOCAL_FEATURES:
+            self.local = LocalMatcher(self.features, settings.local_ivf_threshold)
+            self.local.sync(gallery.entries)
+
+    def sync(self, factory: sessionmaker[Session]) -> None:
+        """Replay the gallery's change log (and the local matcher's index after it)."""
+        self.gallery.sync(factory)
+        if self.local is not None:
+            self.local.sync(self.gallery.entries)
 
     @classmethod
     def load(
@@ -157,6 +224,8 @@ class Identifier:
         The upload is read, decoded and reduced to what is kept inside a decode slot, and
         embedded inside an embed slot: no more than the slots hold is ever decoded at once."""
         watch = _Stopwatch()
+        model = self.model  # one model's settings for the whole answer
+        query_features: Features | None = None
         with self.slots.decode.hold():
             raw = data if isinstance(data, bytes) else data.read()
             digest = content_hash(raw) if record else ""
@@ -174,23 +243,43 @@ class Identifier:
                 if record
                 else None
             )
+            if model.uses_features:
+                with watch.lap("features"):
+                    # From the photo as kept, so the points are in the stored photo's pixels.
+                    query_features = self.features.extractor.extract(
+                        kept.photo.image if kept is not None else photo.image
+                    )
             del raw, photo  # the full-size pixels go with the slot
         with self.slots.embed.hold(), watch.lap("embed"):
             vector = self.embedder.embed(pixels[np.newaxis])[0]
         with watch.lap("search"):
-            neighbours, searched = self.gallery.search(vector, self.model.head.k, filters)
+            neighbours, searched = self.gallery.search(vector, model.head.k, filters)
             beyond = self.gallery.search_beyond(vector, filters, neighbours)
-        with watch.lap("head"):
-            ranked = rank_candidates(
-                neighbours,
-                cutoff=self.model.head.cutoff,
-                ranking=self.model.head.ranking,
-                beyond=beyond,
-            )
+        if query_features is None:
+            with watch.lap("head"):
+                ranked = [
+                    _Line.of(c)
+                    for c in rank_candidates(
+                        neighbours,
+                        cutoff=model.head.cutoff,
+                        ranking=model.head.ranking,
+                        beyond=beyond,
+                    )
+                ]
+        else:
+            with self.slots.embed.hold(), watch.lap("verify"):
+                ranked = self._verified(model, query_features, neighbours, beyond, filters)
         with watch.lap("database"):
             if kept is not None:
                 ident, candidates = self._record(
-                    kept, digest, vector, ranked, filters, bbox, Asker(original_name, key_id)
+                    kept,
+                    digest,
+                    vector,
+                    ranked,
+                    filters,
+                    bbox,
+                    Asker(original_name, key_id),
+                    query_features,
                 )
             else:
                 ident, candidates = None, self._answer(ranked, None)
@@ -206,8 +295,52 @@ class Identifier:
             ident.created_at if ident else None,
         )
 
+    def _verified(
+        self,
+        model: ModelInfo,
+        query: Features,
+        neighbours: list[Neighbour],
+        beyond: list[Neighbour],
+        filters: Filters,
+    ) -> list[_Line]:
+        """The answer of a model that verifies: the kNN head's first candidates (or, for the
+        local-features matcher, the LNBNN vote's) matched with the query's local features,
+        re-ranked on the calibrated probability, ``new_individual`` below its threshold."""
+        top = self.settings.rerank_individuals
+        per = self.settings.rerank_photos
+        calibration = model.scoring
+        if self.local is not None:
+            evidence = self.local.candidates(
+                query, self.gallery.entries, filters, top=top, photos=per
+            )
+            verified = verify(query, evidence, self.features.get, calibration, use_distance=False)
+        else:
+            ordered = order(aggregate(neighbours), model.head.ranking)[:top]
+            ordered += fill(beyond, {c.label for c in ordered}, top - len(ordered))
+            photos: dict[str, list[int]] = {}
+            for n in sorted(neighbours, key=lambda n: n.distance):
+                if len(photos.setdefault(n.label, [])) < per:
+                    photos[n.label].append(n.image_id)
+            evidence = [
+                Evidence(
+                    c.label,
+                    c.distance,
+                    tuple(photos.get(c.label) or [c.best_image_id or 0]),
+                    c.votes,
+                )
+                for c in ordered
+            ]
+            verified = verify(query, evidence, self.features.get, calibration)
+        named = {c.label for c in verified}
+        if len(named) < 4 and self.local is not None:
+            # Too few individuals share features with the query: name more, unverified.
+            extra = fill([*neighbours, *beyond], named, 4 - len(named))
+            verified += [Evidence(c.label, None, (), 0, 0, 0.0, c.best_image_id) for c in extra]
+        new = Evidence(NEW_INDIVIDUAL, None, ())
+        return [_Line.of(c) for c in rerank(verified, calibration, new)]
+
     def _answer(
-        self, ranked: list[RankedCandidate], individuals: dict[str, Individual] | None
+        self, ranked: list[_Line], individuals: dict[str, Individual] | None
     ) -> list[AnsweredCandidate]:
         species = self.gallery.entries.label_species
         out = []
@@ -220,8 +353,10 @@ class Identifier:
                     species=None if c.is_new else (row.species if row else species.get(c.label)),
                     votes=c.votes,
                     distance=None if c.distance is None else round(c.distance, 6),
-                    confidence=None if c.confidence is None else round(c.confidence, 6),
+                    confidence=_confidence(c),
                     best_image_id=c.best_image_id,
+                    inliers=c.inliers,
+                    score=None if c.score is None else round(c.score, 6),
                 )
             )
         return out
@@ -231,14 +366,17 @@ class Identifier:
         kept: Keepsake,
         digest: str,
         vector: np.ndarray,
-        ranked: list[RankedCandidate],
+        ranked: list[_Line],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
         asker: Asker,
+        features: Features | None,
     ) -> tuple[Identification, list[AnsweredCandidate]]:
         stored = self.store.put(kept.data, kept.photo.media_type, digest)
         try:
-            return self._write(stored, kept.data, kept.photo, vector, ranked, filters, bbox, asker)
+            return self._write(
+                stored, kept.data, kept.photo, vector, ranked, filters, bbox, asker, features
+            )
         except BaseException:
             self._discard_if_unreferenced(stored)
             raise
@@ -249,10 +387,11 @@ class Identifier:
         data: bytes,
         photo: Photo,
         vector: np.ndarray,
-        ranked: list[RankedCandidate],
+        ranked: list[_Line],
         filters: Filters,
         bbox: tuple[int, int, int, int] | None,
         asker: Asker,
+        features: Features | None,
     ) -> tuple[Identification, list[AnsweredCandidate]]:
         for attempt in range(2):
             try:
@@ -261,6 +400,9 @@ class Identifier:
                     # Kept so that a confirmation puts the photo in the gallery at once. A crop
                     # (bbox) embeds a part of the photo: that embedding is the one to keep.
                     added = add_embedding(session, image.id, self.model.id, vector)
+                    if features is not None:
+                        # Kept with the photo: a confirmation puts them in the gallery with it.
+                        add_features(session, self.features.extractor.name, {image.id: features})
                     labels = [c.label for c in ranked if not c.is_new]
                     individuals = {
                         i.catalogue_id: i
@@ -293,6 +435,8 @@ class Identifier:
                             votes=a.votes,
                             distance=a.distance,
                             best_image_id=a.best_image_id,
+                            inliers=a.inliers,
+                            score=a.score,
                         )
                         for a in answer
                     ]
@@ -319,6 +463,14 @@ class Identifier:
             self.store.discard(stored)
 
 
+def _confidence(c: _Line) -> float | None:
+    """``1 - distance`` (the contract); the local-features matcher, which has no distance,
+    gives its match probability."""
+    if c.distance is not None:
+        return round(1.0 - c.distance, 6)
+    return None if c.score is None else round(c.score, 6)
+
+
 class Runtime:
     """The identifier of the active model, kept in step with the database on each request: a
     model activated or a gallery changed by another process is picked up at the next call."""
@@ -332,6 +484,7 @@ class Runtime:
         self._lock = threading.Lock()
         self.slots = WorkSlots(settings)  # shared by every model this process loads
         self.photos = PhotoStore.open(settings)  # what GET /images/{id}/file reads
+        self.features = FeatureStore(settings, factory)  # what GET .../matches reads
 
     @property
     def loaded(self) -> Identifier | None:
@@ -340,16 +493,20 @@ class Runtime:
     def current(self) -> Identifier:
         """The active model's identifier, loading or syncing it first if the database moved."""
         with self.factory() as session:
-            active_id = session.scalar(select(Model.id).where(Model.status == ModelStatus.ACTIVE))
-            if active_id is None:
+            active = session.scalar(select(Model).where(Model.status == ModelStatus.ACTIVE))
+            if active is None:
                 raise NoActiveModel()
-            version = latest_change(session, active_id)
+            info = ModelInfo.of(active)
+            version = latest_change(session, active.id)
         identifier = self._identifier
-        if identifier is None or identifier.model.id != active_id:
+        if identifier is None or identifier.model.id != info.id:
             with self._lock:
                 identifier = self._switch()
-        elif identifier.gallery.version != version:
-            self.sync(identifier)
+        else:
+            if identifier.model != info:  # its head, verification or calibration was changed
+                identifier.model = info
+            if identifier.gallery.version != version:
+                self.sync(identifier)
         return identifier
 
     def _switch(self) -> Identifier:
@@ -369,7 +526,7 @@ class Runtime:
                 "switching to prepared model %s %s (id %s)", model.name, model.version, model.id
             )
             standby.model = ModelInfo.of(model)
-            standby.gallery.sync(self.factory)
+            standby.sync(self.factory)
             self._identifier = standby
             return standby
         log.info("loading model %s %s (id %s)", model.name, model.version, model.id)
@@ -396,4 +553,4 @@ class Runtime:
         identifier = identifier or self._identifier
         if identifier is not None:
             with self._lock:
-                identifier.gallery.sync(self.factory)
+                identifier.sync(self.factory)

@@ -11,10 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import ModelContractError, ModelStatus
+from service.contract import ModelContractError, ModelKind, ModelStatus, Verification
 from service.db.tables import Model, transaction
 from service.errors import Conflict
-from service.onnx.embedder import Embedder
+from service.onnx.embedder import Embedder, ThumbnailEmbedder
 from service.onnx.files import file_sha256, model_key, publish_model
 from service.settings import Settings
 from service.store.objects import open_store
@@ -113,3 +113,41 @@ def _check_names(name: str, version: str) -> None:
 def all_models(session: Session) -> list[Model]:
     """Every registered model, oldest first (what `GET /models` and `whaleid models list` show)."""
     return list(session.scalars(select(Model).order_by(Model.id)))
+
+
+def register_builtin(factory: sessionmaker[Session], name: str) -> Model:
+    """Register a built-in matcher (``builtin:local-features``): no file, no training. Its
+    gallery is indexed and switched to like any model's. Registering it twice returns the row."""
+    embedder = ThumbnailEmbedder.builtin(name)  # refuses an unknown built-in
+    with factory() as session:
+        existing = session.scalar(select(Model).where(Model.file_hash == name))
+        if existing is not None:
+            return existing
+    contract = embedder.contract
+    try:
+        with transaction(factory) as session:
+            model = Model(
+                name=contract.name,
+                version=contract.version,
+                file_hash=name,
+                file_path=name,
+                embedding_dim=embedder.dim,
+                preprocessing={
+                    "input_size": contract.preprocessing.input_size,
+                    "resize": contract.preprocessing.resize,
+                    "pixel_range": contract.preprocessing.pixel_range,
+                },
+                k=contract.head.k,
+                cutoff=contract.head.cutoff,
+                ranking=contract.head.ranking,
+                status=ModelStatus.REGISTERED,
+                metadata_props={},
+                kind=ModelKind.LOCAL_FEATURES,
+                verification=Verification.RERANK,
+            )
+            session.add(model)
+        return model
+    except IntegrityError as e:
+        raise Conflict(
+            f"{name} was registered concurrently: list the models (GET /models) and use that one"
+        ) from e

@@ -28,6 +28,7 @@ from service.errors import Conflict, NotFound
 from service.gallery.sync import Gallery, log_gallery_changes
 from service.imaging import PhotoError, decode_photo, to_model_input
 from service.jobs.queue import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
+from service.matching.features import FeatureStore, images_without_features, uses_features
 from service.models.shadow import evaluate_shadow
 from service.onnx.embedder import Embedder
 from service.settings import Settings
@@ -271,6 +272,15 @@ class ReindexChunks:
         self.settings = settings
         self.factory = factory
         self.embedders = embedders
+        self.features = FeatureStore(settings, factory)
+
+    def _extract(self, model_id: int, image_ids: Sequence[int]) -> None:
+        """The local features of these photos, for a model whose answers need them."""
+        with self.factory() as session:
+            if not uses_features(model_row(session, model_id)):
+                return
+            todo = images_without_features(session, self.features.extractor.name, image_ids)
+        self.features.ensure(todo)
 
     def __call__(self, lease: Lease, alive: Callable[[], bool]) -> None:
         assert lease.model_id is not None
@@ -288,6 +298,7 @@ class ReindexChunks:
                 )
             ]
         result = photos.embed(rows, alive)
+        self._extract(lease.model_id, result.image_ids)
         gone = len(lease.items) - len(rows)  # deleted since the job was queued: nothing to do
         with transaction(self.factory) as session:
             store_embeddings(
@@ -308,6 +319,10 @@ class ReindexChunks:
         added, errors = catch_up(self.factory, photos, lease.model_id, alive=alive)
         if added:
             log.info("model %s: caught up with %d new gallery photos", lease.model_id, added)
+        with self.factory() as session:
+            if uses_features(model_row(session, lease.model_id)):
+                extracted = self.features.catch_up(alive)
+                log.info("model %s: local features of %d photos", lease.model_id, extracted)
         gallery = Gallery.for_model(self.settings, lease.model_id, photos.embedder.dim)
         gallery.open(self.factory)  # writes the index file the replicas load at the switch
         if not alive():
@@ -341,9 +356,15 @@ class ActiveGalleryKeeper:
     after a switch from an identification the previous model answered has only the previous
     model's embedding; this puts it into the active model's gallery."""
 
-    def __init__(self, factory: sessionmaker[Session], embedders: Embedders) -> None:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        embedders: Embedders,
+        features: FeatureStore | None = None,
+    ) -> None:
         self.factory = factory
         self.embedders = embedders
+        self.features = features
         self._seen: tuple[int | None, int] = (None, -1)
 
     def __call__(self) -> None:
@@ -355,11 +376,15 @@ class ActiveGalleryKeeper:
                 return
             missing = missing_images(session, active, limit=1)
         self._seen = seen
-        if not missing:
-            return
-        added, _ = catch_up(self.factory, self.embedders(active), active)
-        if added:
-            log.info("active model %s: %d gallery photos embedded", active, added)
+        if missing:
+            added, _ = catch_up(self.factory, self.embedders(active), active)
+            if added:
+                log.info("active model %s: %d gallery photos embedded", active, added)
+        if self.features is not None:
+            with self.factory() as session:
+                wanted = uses_features(model_row(session, active))
+            if wanted and (extracted := self.features.catch_up()):
+                log.info("active model %s: local features of %d photos", active, extracted)
 
 
 def worker_handlers(

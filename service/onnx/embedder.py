@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import ModelContract, ModelContractError
+from service.contract import (
+    BUILTIN_PREFIX,
+    Head,
+    ModelContract,
+    ModelContractError,
+    ModelKind,
+    Preprocessing,
+)
 from service.onnx.files import local_model_file
 from service.settings import Settings
 
@@ -54,7 +61,9 @@ class Embedder:
     def for_model(cls, settings: Settings, file_path: str, *, spinning: bool = True) -> Embedder:
         """The embedder of a registered model (``Model.file_path``), with the thread count and
         batch size from ``settings``; the file is fetched from the model store first if this
-        replica lacks it (``service.onnx.files``)."""
+        replica lacks it (``service.onnx.files``). A built-in matcher gets its stand-in."""
+        if file_path.startswith(BUILTIN_PREFIX):
+            return ThumbnailEmbedder.builtin(file_path, max_batch_size=settings.embed_batch_size)
         return cls(
             local_model_file(settings, file_path),
             threads=settings.onnx_threads,
@@ -94,3 +103,38 @@ class Embedder:
         if not pieces:
             return np.zeros((0, self.dim), dtype=np.float32)
         return l2_normalise(np.concatenate(pieces))
+
+
+class ThumbnailEmbedder(Embedder):
+    """The built-in ``local-features`` matcher's stand-in for an embedding: the photo's grey
+    levels at 16 x 16, centred and normalised (256 numbers, no model file). It gives the matcher
+    a gallery like any model's (its rows, filters, change log, re-index and switch); the matcher
+    answers from local features (``service.matching.local``) and uses this only to name further
+    individuals when the features name fewer than five."""
+
+    SIZE = 16
+
+    def __init__(self, *, name: str, max_batch_size: int = 16) -> None:  # no ONNX session
+        self.contract = ModelContract(
+            name=name,
+            version="v1",
+            preprocessing=Preprocessing(self.SIZE),
+            # The head only orders the stand-in's fill; new_individual is the features' call.
+            head=Head(k=50, cutoff=2.0),
+        )
+        self.max_batch_size = max_batch_size
+        self.dim = self.SIZE * self.SIZE
+
+    @classmethod
+    def builtin(cls, file_path: str, *, max_batch_size: int = 16) -> ThumbnailEmbedder:
+        kind = file_path.removeprefix(BUILTIN_PREFIX)
+        if kind != ModelKind.LOCAL_FEATURES:
+            raise ModelContractError(
+                f"unknown built-in matcher {kind!r}: the one built in is "
+                f"{BUILTIN_PREFIX}{ModelKind.LOCAL_FEATURES}"
+            )
+        return cls(name=kind, max_batch_size=max_batch_size)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        grey = np.asarray(batch, np.float32).mean(axis=3).reshape(len(batch), -1)
+        return l2_normalise(grey - grey.mean(axis=1, keepdims=True))

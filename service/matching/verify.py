@@ -1,0 +1,253 @@
+"""Verification: the query's local features matched against each top candidate's photos, the
+inlier evidence fused with the embedding distance into one calibrated match probability, and the
+candidates re-ranked on it (``new_individual`` placed by ``knn.place_new_individual``).
+
+A pair of photos is matched by nearest descriptors with Lowe's ratio test (0.8), then kept only
+where one homography explains the matches (OpenCV's USAC MAGSAC, threshold 1.5 % of the larger
+photo side); its evidence is the number of inliers. The calibration (``contract.Calibration``) turns
+distance and inliers into a probability; ``fit_calibration`` fits it by logistic regression.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+
+from service.contract import Calibration
+from service.knn import TOP, place_new_individual
+from service.matching.features import Features
+
+RATIO = 0.8
+MIN_MATCHES = 8  # a homography needs 4; fewer than 8 tentative matches is no evidence
+THRESHOLD = 0.015  # RANSAC reprojection threshold, as a share of the larger photo side
+
+
+@dataclass(frozen=True)
+class PairMatch:
+    """Matched keypoints of two photos: ``pairs`` (m, 4) rows of query x, y and candidate x, y in
+    each photo's pixels; ``inlier`` (m,) which of them the homography kept."""
+
+    pairs: np.ndarray
+    inlier: np.ndarray
+
+    @property
+    def inliers(self) -> int:
+        return int(self.inlier.sum())
+
+
+_NO_MATCH = PairMatch(np.zeros((0, 4), np.float32), np.zeros(0, bool))
+
+
+def tentative(query: Features, other: Features, ratio: float = RATIO) -> np.ndarray:
+    """(m, 2) indices (query, other) of descriptor pairs passing the ratio test."""
+    if len(query) < 2 or len(other) < 2:
+        return np.zeros((0, 2), np.int64)
+    a, b = query.unit, other.unit
+    # Squared L2 between unit vectors is 2 - 2 cos: one matrix product does all pairs.
+    sim = a @ b.T
+    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
+    rows = np.arange(len(a))
+    s0, s1 = sim[rows, top2[:, 0]], sim[rows, top2[:, 1]]
+    first = np.where(s0 >= s1, top2[:, 0], top2[:, 1])
+    best, second = np.maximum(s0, s1), np.minimum(s0, s1)
+    d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
+    d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
+    keep = d1 < ratio * d2
+    # One query keypoint per candidate keypoint: the closest wins.
+    order = np.argsort(-best[keep], kind="stable")
+    q_idx, o_idx = rows[keep][order], first[keep][order]
+    _, unique = np.unique(o_idx, return_index=True)
+    return np.stack([q_idx[unique], o_idx[unique]], axis=1).astype(np.int64)
+
+
+def match_pair(query: Features, other: Features) -> PairMatch:
+    """The ratio-test matches of two photos and which of them one homography explains."""
+    idx = tentative(query, other)
+    if len(idx) < MIN_MATCHES:
+        return PairMatch(
+            np.concatenate([query.points[idx[:, 0]], other.points[idx[:, 1]]], axis=1),
+            np.zeros(len(idx), bool),
+        )
+    src = query.points[idx[:, 0]].astype(np.float32)
+    dst = other.points[idx[:, 1]].astype(np.float32)
+    threshold = THRESHOLD * max(other.width, other.height, 1)
+    cv2.setRNGSeed(0)  # the same photos give the same inliers, every time
+    _, mask = cv2.findHomography(
+        src, dst, cv2.USAC_MAGSAC, threshold, maxIters=2000, confidence=0.999
+    )
+    inlier = np.zeros(len(idx), bool) if mask is None else mask.ravel().astype(bool)
+    return PairMatch(np.concatenate([src, dst], axis=1), inlier)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def local_x(inliers: int) -> float:
+    return math.log1p(max(inliers, 0))
+
+
+def probability(calibration: Calibration, distance: float | None, inliers: int | None) -> float:
+    """The match probability of one candidate from the evidence it has: both (the fused
+    logistic), the distance alone (the global curve) or the inliers alone (the local one)."""
+    if distance is not None and inliers is not None:
+        w0, w1, w2 = calibration.fused_weights
+        return _sigmoid(w0 + w1 * distance + w2 * local_x(inliers))
+    if distance is not None:
+        a, b = calibration.global_
+        return _sigmoid(a + b * distance)
+    if inliers is not None:
+        a, b = calibration.local
+        return _sigmoid(a + b * local_x(inliers))
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One candidate individual as verification saw it."""
+
+    label: str
+    distance: float | None  # its nearest photo's embedding distance (None: local matcher)
+    photos: tuple[int, ...]  # its photos to match, best first
+    votes: int | None = None
+    inliers: int | None = None
+    score: float | None = None
+    best_image_id: int | None = None
+
+
+def verify(
+    query: Features,
+    candidates: Sequence[Evidence],
+    features: Callable[[Sequence[int]], dict[int, Features]],
+    calibration: Calibration,
+    *,
+    use_distance: bool = True,
+) -> list[Evidence]:
+    """Each candidate with its inliers (the best of its photos), its best photo and its fused
+    probability. ``features`` gives the stored features of gallery photos."""
+    wanted = [i for c in candidates for i in c.photos]
+    stored = features(wanted)
+    out = []
+    for c in candidates:
+        best, best_image = 0, c.photos[0] if c.photos else None
+        for image_id in c.photos:
+            other = stored.get(image_id)
+            if other is None:
+                continue
+            n = match_pair(query, other).inliers
+            if n > best:
+                best, best_image = n, image_id
+        distance = c.distance if use_distance else None
+        out.append(
+            replace(
+                c,
+                inliers=best,
+                best_image_id=best_image,
+                score=probability(calibration, distance, best),
+            )
+        )
+    return out
+
+
+def rerank(
+    verified: Sequence[Evidence], calibration: Calibration, new: Evidence, top: int = TOP
+) -> list[Evidence]:
+    """Highest probability first (ties: more inliers, then the earlier rank); those below the
+    threshold go after ``new_individual``; the first ``top`` are kept."""
+    order = sorted(
+        enumerate(verified), key=lambda p: (-(p[1].score or 0.0), -(p[1].inliers or 0), p[0])
+    )
+    ranked = [c for _, c in order]
+    return place_new_individual(
+        ranked, lambda c: None if c.score is None else -c.score, -calibration.threshold, new, top
+    )
+
+
+# Fitting the calibration ----------------------------------------------------------------------
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50) -> np.ndarray:
+    """Weights (intercept first) of a logistic regression of ``y`` on the columns of ``x``, by
+    Newton's method with a small ridge (the intercept unpenalised)."""
+    design = np.concatenate([np.ones((len(x), 1)), x], axis=1)
+    w = np.zeros(design.shape[1])
+    ridge = np.full(design.shape[1], l2)
+    ridge[0] = 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ w, -30, 30)))
+        grad = design.T @ (p - y) + ridge * w
+        hess = design.T @ (design * (p * (1 - p))[:, None]) + np.diag(ridge + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One candidate of one labelled query: its evidence and whether it was the right animal."""
+
+    distance: float | None
+    inliers: int | None
+    match: bool
+
+
+class TooFewPairs(ValueError):
+    """Not enough labelled evidence to fit a calibration."""
+
+
+def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) -> Calibration:
+    """The calibration fitted on ``pairs``: each curve on the pairs with its evidence, the fused
+    logistic on those with both. Each needs at least 10 matches and 10 non-matches."""
+
+    def usable(rows: list[Pair]) -> bool:
+        positives = sum(p.match for p in rows)
+        return positives >= 10 and len(rows) - positives >= 10
+
+    with_d = [p for p in pairs if p.distance is not None]
+    with_n = [p for p in pairs if p.inliers is not None]
+    both = [p for p in with_d if p.inliers is not None]
+    if not usable(with_d) and not usable(with_n):
+        raise TooFewPairs(
+            f"{len(pairs)} labelled candidates with {sum(p.match for p in pairs)} right ones: "
+            "the fit needs at least 10 right and 10 wrong candidates; label more queries"
+        )
+    g, loc, fused = base.global_, base.local, base.fused
+    if usable(with_d):
+        w = _logistic_fit(
+            np.array([[p.distance] for p in with_d], float), np.array([p.match for p in with_d])
+        )
+        g = (float(w[0]), float(w[1]))
+    if usable(with_n):
+        w = _logistic_fit(
+            np.array([[local_x(p.inliers or 0)] for p in with_n], float),
+            np.array([p.match for p in with_n]),
+        )
+        loc = (float(w[0]), float(w[1]))
+    if usable(both):
+        w = _logistic_fit(
+            np.array([[p.distance, local_x(p.inliers or 0)] for p in both], float),
+            np.array([p.match for p in both]),
+        )
+        fused = (float(w[0]), float(w[1]), float(w[2]))
+    return Calibration(
+        global_=g,
+        local=loc,
+        fused=fused,
+        threshold=base.threshold,
+        fitted={
+            "source": source,
+            "pairs": len(pairs),
+            "matches": sum(p.match for p in pairs),
+            "with_distance": len(with_d),
+            "with_inliers": len(with_n),
+        },
+    )
