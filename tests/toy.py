@@ -94,6 +94,46 @@ def photo(individual: int, shot: int, size: int = 64, noise: float = 12.0) -> Im
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+def texture(individual: int, size: int = 320) -> Image.Image:
+    """The natural marks of one individual as local features see them: a fixed random drawing of
+    nicks, spots and scars (grey shapes on a mid-grey body), different for each individual."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(20_000 + individual)
+    canvas = Image.new("L", (size, size), 128)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(60):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(3, 14)
+        shade = int(rng.choice([20, 60, 200, 240]))
+        if rng.random() < 0.6:
+            draw.ellipse((x - r, y - r * rng.uniform(0.4, 1.0), x + r, y + r), fill=shade)
+        else:
+            dx, dy = rng.uniform(-25, 25, 2)
+            draw.line((x, y, x + dx, y + dy), fill=shade, width=int(rng.integers(2, 5)))
+    return canvas
+
+
+def textured_photo(individual: int, shot: int, size: int = 192) -> Image.Image:
+    """One photo of ``individual``'s marks from shot ``shot``: turned (up to 20 degrees), scaled
+    (0.8-1.2), moved, lit and noised differently, as photos of one fin in the field are. A
+    model that pools colours cannot tell these apart; keypoint matching can."""
+    rng = np.random.default_rng(individual * 104_729 + shot)
+    base = texture(individual)
+    angle = rng.uniform(-20, 20)
+    scale = rng.uniform(0.8, 1.2)
+    turned = base.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=128)
+    side = round(base.size[0] * scale)
+    turned = turned.resize((side, side), Image.Resampling.BICUBIC)
+    cx, cy = side / 2 + rng.uniform(-15, 15, 2)
+    left, top = round(cx - size / 2), round(cy - size / 2)
+    crop = turned.crop((left, top, left + size, top + size))
+    pixels = np.asarray(crop, np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20)
+    pixels += rng.normal(0, 4, pixels.shape)
+    grey = np.clip(pixels, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, axis=2), "RGB")
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kwargs)
@@ -108,8 +148,10 @@ def write_catalogue(
     species: str = "bottlenose_dolphin",
     name: str = "catalogue.csv",
     extra: dict[str, str] | None = None,
+    textured: bool = False,
 ) -> Path:
-    """Photos of each individual and a Happywhale-style CSV naming them."""
+    """Photos of each individual and a Happywhale-style CSV naming them (``textured``: photos
+    of ``textured_photo``, for local features)."""
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -120,7 +162,8 @@ def write_catalogue(
         for ind in individuals:
             for shot in shots:
                 file = f"ind{ind}_shot{shot}.png"
-                (images / file).write_bytes(encode(photo(ind, shot)))
+                image = textured_photo(ind, shot) if textured else photo(ind, shot)
+                (images / file).write_bytes(encode(image))
                 writer.writerow([file, species, f"ind-{ind}", *(extra or {}).values()])
     return path
 
