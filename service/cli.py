@@ -10,13 +10,17 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.access.auth import COMMAND_LINE
 from service.contract import ModelStatus
 from service.db import migrate
+from service.errors import Invalid, NotFound
 from service.logs import escape_handlers
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.matching.identify import Identifier
 
 log = logging.getLogger("whaleid")
 
@@ -291,7 +295,8 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
         for m in all_models(session):
             sys.stdout.write(
                 f"{m.id}\t{m.status}\t{m.name}\t{m.version}\tdim={m.embedding_dim}\t"
-                f"k={m.k}\tcutoff={m.cutoff}\t{m.ranking}\n"
+                f"k={m.k}\tcutoff={m.cutoff}\t{m.ranking}\t{m.kind}\t"
+                f"verification={m.verification}\n"
             )
     return 0
 
@@ -333,14 +338,38 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if report.errors and args.strict else 0
 
 
+def _identifier(settings: Settings, model_id: int | None, verification: str | None) -> Identifier:
+    """The identifier of ``model_id`` (the active model by default), its verification set to
+    ``verification`` if given, for a run that records nothing."""
+    from dataclasses import replace
+
+    from service.contract import ModelKind, Verification
+    from service.db.tables import Model
+    from service.matching.identify import Identifier, Runtime
+
+    factory = _sessions(settings)
+    if model_id is None:
+        identifier = Runtime(settings, factory).current()
+    else:
+        with factory() as session:
+            model = session.get(Model, model_id)
+        if model is None:
+            raise NotFound(f"model {model_id} does not exist: see `whaleid models list`")
+        identifier = Identifier.load(settings, factory, model)
+    if verification is not None:
+        if identifier.model.kind == ModelKind.LOCAL_FEATURES and verification == "none":
+            raise Invalid("the local-features matcher always verifies")
+        identifier.model = replace(identifier.model, verification=Verification(verification))
+    return identifier
+
+
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from service.matching.identify import NoActiveModel, Runtime
+    from service.matching.identify import NoActiveModel
     from service.models.evaluation import evaluate
 
-    runtime = Runtime(settings, _sessions(settings))
     try:
-        identifier = runtime.current()
-    except NoActiveModel as e:
+        identifier = _identifier(settings, args.model, args.verification)
+    except (NoActiveModel, NotFound, Invalid) as e:
         log.error("%s", e)
         return 2
     result = evaluate(
@@ -359,6 +388,46 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
             len(result.errors),
         )
     sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from service.models.calibration import set_verification
+
+    try:
+        model = set_verification(_sessions(settings), args.model_id, args.mode)
+    except (NotFound, Invalid) as e:
+        log.error("%s", e)
+        return 2
+    log.info("model %s now answers with verification %s", model.id, model.verification)
+    return 0
+
+
+def cmd_models_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.matching.identify import NoActiveModel
+    from service.models.calibration import (
+        pairs_from_confirmations,
+        pairs_from_queries,
+        store_calibration,
+    )
+
+    factory = _sessions(settings)
+    try:
+        if args.queries:
+            if not args.images:
+                raise Invalid("give the query photos' folder with --images")
+            identifier = _identifier(settings, args.model_id, None)
+            pairs = pairs_from_queries(identifier, Path(args.queries), Path(args.images))
+            source = f"labelled queries {Path(args.queries).name}"
+        else:
+            with factory() as session:
+                pairs = pairs_from_confirmations(session, args.model_id)
+            source = "curators' confirmations"
+        fitted = store_calibration(factory, args.model_id, pairs, source=source)
+    except (NoActiveModel, NotFound, Invalid, OSError) as e:
+        log.error("%s", e)
+        return 2
+    sys.stdout.write(json.dumps(fitted.as_dict(), indent=2) + "\n")
     return 0
 
 
@@ -608,6 +677,32 @@ COMMANDS = (
         ("whaleid models list",),
     ),
     Command(
+        ("models", "verify"),
+        cmd_models_verify,
+        "turn local-feature verification of a model's answers on (rerank) or off (none)",
+        ("whaleid models verify 2 --mode rerank",),
+        (arg("model_id", type=int), arg("--mode", choices=["none", "rerank"], required=True)),
+    ),
+    Command(
+        ("models", "calibrate"),
+        cmd_models_calibrate,
+        "fit how distance and inliers become a match probability, and keep it with the model",
+        (
+            "whaleid models calibrate 2 labelled.csv --images photos/",
+            "whaleid models calibrate 2",
+        ),
+        (
+            arg("model_id", type=int),
+            arg(
+                "queries",
+                nargs="?",
+                help="a labelled CSV (import's columns); none: fit on "
+                "the curators' confirmations of this model's verified answers",
+            ),
+            arg("--images", help="the folder of the CSV's photos"),
+        ),
+    ),
+    Command(
         ("keys", "create"),
         cmd_keys_create,
         "create an API key (printed once)",
@@ -680,6 +775,13 @@ COMMANDS = (
                 "--species-filter",
                 action="store_true",
                 help="restrict each query to gallery photos of its species",
+            ),
+            arg("--model", type=int, help="a registered model's id (default: the active one)"),
+            arg(
+                "--verification",
+                choices=["none", "rerank"],
+                help="answer with or without local-feature verification (default: the model's "
+                "own setting)",
             ),
         ),
         description="Identifies every photo of QUERIES.csv (same columns as import) with the "

@@ -16,10 +16,15 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
 from service.api.jobs import JobOut, job_out
 from service.api.schemas import Problem
-from service.contract import ModelContractError
+from service.contract import ModelContractError, Verification
 from service.db.tables import Model
 from service.jobs.queue import get_job, progress
 from service.matching.identify import NoActiveModel
+from service.models.calibration import (
+    pairs_from_confirmations,
+    set_verification,
+    store_calibration,
+)
 from service.models.registry import register_model_file
 from service.models.reindex import start_reindex
 from service.models.switch import (
@@ -48,6 +53,18 @@ class RegisteredModel(BaseModel):
     ranking: str
     preprocessing: dict[str, Any]
     created_at: dt.datetime
+    kind: str = Field(default="onnx", description="onnx, or the built-in local-features matcher")
+    verification: str = Field(default="none", description="none or rerank (local features)")
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="How distance and inliers become a match probability."
+    )
+
+
+class VerificationIn(BaseModel):
+    verification: Verification = Field(
+        description="rerank: verify the top candidates with local features and re-rank them "
+        "on the calibrated probability; none: the kNN head's answer as it is."
+    )
 
 
 class ReindexIn(BaseModel):
@@ -88,6 +105,9 @@ def _registered(m: Model) -> RegisteredModel:
         ranking=m.ranking,
         preprocessing=m.preprocessing,
         created_at=m.created_at,
+        kind=m.kind,
+        verification=m.verification,
+        calibration=m.calibration,
     )
 
 
@@ -279,3 +299,38 @@ async def retire_model(
     back to without a re-index."""
     model = await run_in_threadpool(retire, settings, sessions, model_id)
     return _registered(model)
+
+
+@router.put(
+    "/models/{model_id}/verification",
+    response_model=RegisteredModel,
+    responses={404: {"model": Problem}, 422: {"model": Problem}},
+)
+async def put_verification(
+    model_id: ModelId, body: VerificationIn, sessions: SessionsDep, caller: Admin
+) -> RegisteredModel:
+    """Turn local-feature verification of a model's answers on or off; every replica answers
+    with the setting from its next request (the shadow evaluation compares both)."""
+    model = await run_in_threadpool(set_verification, sessions, model_id, body.verification)
+    return _registered(model)
+
+
+@router.post(
+    "/models/{model_id}/calibration",
+    response_model=RegisteredModel,
+    responses={404: {"model": Problem}, 422: {"model": Problem}},
+)
+async def calibrate_model(
+    model_id: ModelId, sessions: SessionsDep, caller: Admin
+) -> RegisteredModel:
+    """Fit the model's calibration on the curators' confirmations of its verified answers
+    (at least 10 right and 10 wrong candidates), and keep it with the model."""
+
+    def fit() -> Model:
+        with sessions() as session:
+            pairs = pairs_from_confirmations(session, model_id)
+        store_calibration(sessions, model_id, pairs, source="curators' confirmations")
+        with sessions() as session:
+            return session.get_one(Model, model_id)
+
+    return _registered(await run_in_threadpool(fit))

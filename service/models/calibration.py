@@ -1,0 +1,121 @@
+"""A model's calibration of verification evidence (``contract.Calibration``): fitted on labelled
+queries or on the curators' confirmations, stored with the model, and its verification setting.
+
+Each labelled candidate is one ``verify.Pair``: its embedding distance and inliers, and whether
+it was the right animal. On a labelled CSV, every query is identified with verification (nothing
+recorded) and each of its named candidates is a pair. On confirmations, the recorded candidates
+of identifications answered with verification are the pairs, the decision their truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+from tqdm import tqdm
+
+from service.catalogue_csv import read_catalogue
+from service.contract import Calibration, ModelKind, Verification
+from service.db.tables import Decision, Identification, Individual, Model, transaction
+from service.errors import Invalid, NotFound
+from service.gallery.sync import Filters
+from service.imaging import PhotoError
+from service.knn import NEW_INDIVIDUAL
+from service.matching.identify import Identifier
+from service.matching.verify import Pair, TooFewPairs, fit_calibration
+
+log = logging.getLogger(__name__)
+
+
+def set_verification(factory: sessionmaker[Session], model_id: int, mode: str) -> Model:
+    """Set a model's verification (``none`` or ``rerank``); every replica answers with it at
+    its next request. The local-features matcher always verifies."""
+    try:
+        wanted = Verification(mode)
+    except ValueError as e:
+        raise Invalid(f"verification {mode!r}: use none or rerank") from e
+    with transaction(factory) as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise NotFound(f"model {model_id} does not exist: see GET /models")
+        if model.kind == ModelKind.LOCAL_FEATURES and wanted != Verification.RERANK:
+            raise Invalid("the local-features matcher always verifies: it has no embedding")
+        model.verification = wanted
+        return model
+
+
+def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Path) -> list[Pair]:
+    """Identify each labelled query with verification (nothing recorded) and label every named
+    candidate: right if it is the query's individual."""
+    identifier.model = replace(identifier.model, verification=Verification.RERANK)
+    pairs: list[Pair] = []
+    rows = list(read_catalogue(queries_csv, new_individual_allowed=True))
+    for row in tqdm(rows, desc="calibrate", unit="photo"):
+        if isinstance(row, tuple):
+            log.warning("line %d: %s", *row)
+            continue
+        try:
+            answer = identifier.identify(
+                (images_dir / row.image).read_bytes(), filters=Filters(), record=False
+            )
+        except (OSError, PhotoError) as e:
+            log.warning("line %d: image %r: %s", row.line, row.image, e)
+            continue
+        for c in answer.candidates:
+            if c.individual_id == NEW_INDIVIDUAL:
+                continue
+            pairs.append(Pair(c.distance, c.inliers, c.individual_id == row.individual_id))
+    return pairs
+
+
+def pairs_from_confirmations(session: Session, model_id: int) -> list[Pair]:
+    """The recorded candidates (with inliers) of ``model_id``'s identifications that a curator
+    confirmed or called new, each labelled by the decision."""
+    rows = session.execute(
+        select(Identification, Decision.decision, Individual.catalogue_id)
+        .join(Decision, Decision.identification_id == Identification.id)
+        .outerjoin(Individual, Individual.id == Decision.individual_id)
+        .where(
+            Identification.model_id == model_id,
+            Decision.superseded_by_id.is_(None),
+            Decision.decision.in_(["confirm", "new_individual"]),
+        )
+        .options(selectinload(Identification.candidates))
+    )
+    pairs = []
+    for ident, decision, truth in rows:
+        for c in ident.candidates:
+            if c.label == NEW_INDIVIDUAL or c.inliers is None:
+                continue
+            right = decision == "confirm" and c.label == truth
+            pairs.append(Pair(c.distance, c.inliers, right))
+    return pairs
+
+
+def store_calibration(
+    factory: sessionmaker[Session], model_id: int, pairs: list[Pair], *, source: str
+) -> Calibration:
+    """Fit the calibration on ``pairs`` and keep it with the model (every replica scores with
+    it at its next request)."""
+    with factory() as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise NotFound(f"model {model_id} does not exist: see GET /models")
+        base = Calibration.default(float(model.cutoff))
+    try:
+        fitted = fit_calibration(pairs, base, source=source)
+    except TooFewPairs as e:
+        raise Invalid(str(e)) from e
+    with transaction(factory) as session:
+        session.get_one(Model, model_id).calibration = fitted.as_dict()
+    log.info(
+        "model %s calibrated on %d candidates (%d right) from %s",
+        model_id,
+        fitted.fitted.get("pairs"),
+        fitted.fitted.get("matches"),
+        source,
+    )
+    return fitted
