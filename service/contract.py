@@ -7,6 +7,7 @@ model's name and version, as ``whaleid.*`` strings in the ONNX file's ``metadata
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -148,11 +149,11 @@ class Calibration:
     ``x = log(1 + n)`` for local features; the fused probability is one logistic over both,
     ``w0 + w1 * d + w2 * log(1 + n)``. A candidate whose probability is below ``threshold`` is
     ranked after ``new_individual``. The defaults put the global curve's midpoint at the model's
-    cutoff and need about 7 inliers for an even chance; ``whaleid models calibrate`` fits all
+    cutoff and need 9 inliers for an even chance; ``whaleid models calibrate`` fits all
     three on labelled queries or on the curators' confirmations."""
 
     global_: tuple[float, float]
-    local: tuple[float, float] = (-3.0, 1.5)
+    local: tuple[float, float] = (-1.5 * math.log1p(9), 1.5)  # an even chance at 9 inliers
     fused: tuple[float, float, float] | None = None
     threshold: float = 0.5
     fitted: Mapping[str, Any] = field(default_factory=dict)

@@ -10,7 +10,14 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.access.tenancy import can_read_identification
-from service.api.deps import Integration, MetricsDep, RuntimeDep, SessionDep, SettingsDep
+from service.api.deps import (
+    Integration,
+    MetricsDep,
+    RuntimeDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+)
 from service.api.params import CandidateSet, IdentificationId
 from service.api.schemas import (
     INVALID,
@@ -191,17 +198,14 @@ _OUTLIERS_SHOWN = 200
 )
 def get_matches(
     identification_id: IdentificationId,
-    session: SessionDep,
+    sessions: SessionsDep,
     caller: Integration,
     runtime: RuntimeDep,
     candidate: Annotated[int, Query(ge=1, le=TOP, description="The candidate's rank.")] = 1,
 ) -> MatchesOut:
     """The matched keypoints between the query photo and the candidate's best photo, in the
     photos' pixels: what the review page draws so a curator sees why an animal was proposed."""
-    ident = recorded_identification(session, identification_id)
-    if ident is None or not can_read_identification(caller, ident):
-        raise HTTPException(404, f"identification {identification_id} does not exist")
-    found = candidate_matches(session, runtime.features, ident, candidate)
+    found = candidate_matches(sessions, runtime.features, caller, identification_id, candidate)
     pairs, inlier = found.match.pairs.tolist(), found.match.inlier.tolist()
     shown = [i for i, ok in enumerate(inlier) if ok]
     shown += [i for i, ok in enumerate(inlier) if not ok][:_OUTLIERS_SHOWN]

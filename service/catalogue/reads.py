@@ -8,10 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from service.access.auth import Principal
-from service.access.tenancy import own_identifications, readable_images
+from service.access.tenancy import (
+    can_read_identification,
+    own_identifications,
+    readable_images,
+)
 from service.db.tables import Identification, Image, Individual
 from service.errors import Invalid, NotFound
 from service.matching.features import FeatureStore
@@ -93,10 +97,40 @@ class CandidateMatches:
 
 
 def candidate_matches(
-    session: Session, features: FeatureStore, ident: Identification, rank: int
+    factory: sessionmaker[Session],
+    features: FeatureStore,
+    caller: Principal,
+    identification_id: int,
+    rank: int,
 ) -> CandidateMatches:
-    """Match the query photo of ``ident`` with the best photo of its candidate at ``rank``
-    (the same matching as verification; the features are extracted if a photo has none)."""
+    """Match the query photo of an identification ``caller`` may read with the best photo of
+    its candidate at ``rank`` (the same matching as verification; a photo without features has
+    them extracted, in a transaction of their own, once this read is over)."""
+    with factory() as session:
+        ident = recorded_identification(session, identification_id)
+        if ident is None or not can_read_identification(caller, ident):
+            # Another partner's identification answers as one that does not exist.
+            raise NotFound(f"identification {identification_id} does not exist")
+        query_id, (label, best_id) = ident.query_image_id, _matched_photo(session, ident, rank)
+    # The read is over (SQLite holds no lock) before any features are extracted.
+    found = features.get([query_id, best_id])
+    query, other = found.get(query_id), found.get(best_id)
+    if query is None or other is None:
+        raise NotFound("a photo of this pair cannot be read: nothing to match")
+    return CandidateMatches(
+        identification_id,
+        rank,
+        label,
+        query_id,
+        best_id,
+        (query.width, query.height),
+        (other.width, other.height),
+        match_pair(query, other),
+    )
+
+
+def _matched_photo(session: Session, ident: Identification, rank: int) -> tuple[str, int]:
+    """The label and best photo of the candidate at ``rank``, both photos still kept."""
     candidate = next((c for c in ident.candidates if c.rank == rank), None)
     if candidate is None:
         raise NotFound(
@@ -107,33 +141,15 @@ def candidate_matches(
         raise Invalid(
             f"candidate {rank} is {candidate.label}: it has no photo to match; ask for another rank"
         )
+    pair = ((ident.query_image_id, "query"), (candidate.best_image_id, "candidate"))
     photos = {
-        i.id: i
-        for i in session.scalars(
-            select(Image).where(Image.id.in_([ident.query_image_id, candidate.best_image_id]))
-        )
+        i.id: i for i in session.scalars(select(Image).where(Image.id.in_([p for p, _ in pair])))
     }
-    for image_id, whose in (
-        (ident.query_image_id, "query"),
-        (candidate.best_image_id, "candidate"),
-    ):
+    for image_id, whose in pair:
         image = photos.get(image_id)
         if image is None or image.pruned_at is not None:
             raise NotFound(f"the {whose} photo {image_id} is no longer kept: nothing to match")
-    found = features.get([ident.query_image_id, candidate.best_image_id])
-    query, other = found.get(ident.query_image_id), found.get(candidate.best_image_id)
-    if query is None or other is None:
-        raise NotFound("a photo of this pair cannot be read: nothing to match")
-    return CandidateMatches(
-        ident.id,
-        rank,
-        candidate.label,
-        ident.query_image_id,
-        candidate.best_image_id,
-        (query.width, query.height),
-        (other.width, other.height),
-        match_pair(query, other),
-    )
+    return candidate.label, candidate.best_image_id
 
 
 def identifications_page(

@@ -50,6 +50,7 @@ def test_identify_answers_the_contract_and_records_it(live: LiveServer) -> None:
             "k": 50,
             "cutoff": 0.62,
             "ranking": "vote",
+            "verification": "none",
         }
         assert body["gallery_size"] == 36 and body["filters"] == {}
         # Each stage's time, in milliseconds, within the request's own.

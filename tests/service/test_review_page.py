@@ -12,13 +12,22 @@ from typing import Any
 import httpx
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.catalogue.imports import CatalogueImport
+from service.matching.features import extractor_for
+from service.models.calibration import set_verification
+from service.models.registry import register_model
+from service.models.switch import activate_model
+from service.onnx.embedder import Embedder
 from service.settings import Settings
 from tests.conftest import LiveServer, run_server
 from tests.service.browser import sign_in, wait_for
 from tests.service.test_curation import identify
+from tests.toy import encode, textured_photo, write_catalogue
 
 
 def test_curator_reviews_the_queue_with_keyboard_and_buttons(
@@ -169,3 +178,135 @@ def test_demo_review_page_compares_side_by_side_with_actions_in_view(
 
 def candidate_buttons(answer: dict[str, Any]) -> list[str]:
     return [f'figure.candidate[data-rank="{c["rank"]}"] button' for c in answer["candidates"]]
+
+
+MATCHES_SCREENSHOT = ROOT / "docs" / "review-page-matches.png"
+
+
+@pytest.fixture
+def verifying(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path, toy_model: Path
+) -> Iterator[LiveServer]:
+    """A catalogue of textured photos (12 individuals, 3 shots each) under the toy model with
+    verification: its candidates carry inliers and a score, and their keypoints match."""
+    model = register_model(settings, sessions, toy_model)
+    set_verification(sessions, model.id, "rerank")
+    activate_model(settings, sessions, model.id)
+    folder = tmp_path / "textured"
+    csv_path = write_catalogue(folder, range(12), (0, 1, 2), textured=True)
+    embedder = Embedder.for_model(settings, model.file_path)
+    features = extractor_for(settings)
+    report = CatalogueImport(settings, sessions, embedder, model.id, features).run(
+        csv_path, folder / "images"
+    )
+    assert not report.errors and report.imported == 36
+    yield from run_server(settings)
+
+
+def photo_box(driver: WebDriver, css: str) -> dict[str, float]:
+    """Where the photo of an <img> (object-fit: contain) shows, and its scale."""
+    found: dict[str, float] = driver.execute_script(
+        """const img = document.querySelector(arguments[0]);
+        const r = img.getBoundingClientRect();
+        const scale = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+        const left = r.left + (r.width - img.naturalWidth * scale) / 2;
+        const top = r.top + (r.height - img.naturalHeight * scale) / 2;
+        return {left, top, scale, right: left + img.naturalWidth * scale,
+                bottom: top + img.naturalHeight * scale};""",
+        css,
+    )
+    return found
+
+
+def drawn_lines(driver: WebDriver) -> list[tuple[float, float, float, float]]:
+    """The overlay's lines, their ends in the viewport's pixels."""
+    lines: list[list[float]] = driver.execute_script(
+        """const svg = document.getElementById("matches");
+        const o = svg.getBoundingClientRect();
+        return [...svg.querySelectorAll("line")].map((l) => [
+          +l.getAttribute("x1") + o.left, +l.getAttribute("y1") + o.top,
+          +l.getAttribute("x2") + o.left, +l.getAttribute("y2") + o.top]);"""
+    )
+    return [(a, b, c, d) for a, b, c, d in lines]
+
+
+def inside(box: dict[str, float], x: float, y: float) -> bool:
+    return box["left"] - 0.5 <= x <= box["right"] + 0.5 and box["top"] - 0.5 <= y <= box["bottom"] + 0.5
+
+
+def test_review_page_draws_the_matched_keypoints_of_the_compared_candidate(
+    verifying: LiveServer, browser: WebDriver
+) -> None:
+    """``M`` (or the Matches button) draws a line per inlier from the query photo to the
+    compared photo. Also regenerates docs/review-page-matches.png:
+    WHALEID_UPDATE_SCREENSHOT=1 pytest -k matched_keypoints."""
+    with verifying.client() as integration:
+        photo = ("q.png", encode(textured_photo(3, 7)))  # a shot the gallery does not hold
+        answer = integration.post("/identify", files={"photo": photo}).json()
+        first = answer["candidates"][0]
+        assert first["individual_id"] == "ind-3" and first["inliers"] > 10
+        ident = answer["identification_id"]
+        found = integration.get(f"/identifications/{ident}/matches?candidate=1").json()
+    assert found["inliers"] == first["inliers"] > 10
+    assert found["candidate_image_id"] == first["best_image_id"]
+
+    sign_in(browser, verifying.url, verifying.keys["curator"])
+    wait_for(browser, "h1", f"Identification #{ident}")
+    caption = browser.find_element(By.CSS_SELECTOR, 'figure.candidate[data-rank="1"] figcaption')
+    assert f"inliers {first['inliers']} · score {first['score']:.3f}" in caption.text
+    body = browser.find_element(By.TAG_NAME, "body")
+    assert not drawn_lines(browser)
+
+    body.send_keys("m")
+    wait_for(browser, "#matches-info", f"1. ind-3: {found['inliers']} matched keypoints")
+    WebDriverWait(browser, 15).until(
+        lambda d: d.execute_script(
+            "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+    lines = drawn_lines(browser)
+    assert len(lines) == found["inliers"]
+    assert browser.find_element(By.ID, "matches").is_displayed()
+    query, compared = photo_box(browser, "figure.query img"), photo_box(browser, "#compared-img")
+    assert query["right"] < compared["left"]  # side by side
+    for x1, y1, x2, y2 in lines:
+        assert inside(query, x1, y1) and inside(compared, x2, y2), (x1, y1, x2, y2)
+    # Each line joins a matched pair, scaled from the photos' pixels to their displayed size.
+    expected = sorted(
+        (
+            query["left"] + m["query"][0] * query["scale"],
+            query["top"] + m["query"][1] * query["scale"],
+            compared["left"] + m["candidate"][0] * compared["scale"],
+            compared["top"] + m["candidate"][1] * compared["scale"],
+        )
+        for m in found["matches"]
+        if m["inlier"]
+    )
+    assert [v for line in sorted(lines) for v in line] == pytest.approx(
+        [v for line in expected for v in line], abs=0.5
+    )
+    assert all(
+        box(browser, css)["bottom"] <= 900 for css in ("#new", "#reject", "#matches-toggle")
+    )
+    if os.environ.get("WHALEID_UPDATE_SCREENSHOT"):
+        browser.save_screenshot(str(MATCHES_SCREENSHOT))
+
+    # Another candidate beside the query: its own matches.
+    body.send_keys(Keys.ARROW_RIGHT)
+    other = browser.find_element(By.CSS_SELECTOR, "figure.candidate.selected").get_attribute(
+        "data-rank"
+    )
+    assert other != "1"
+    with verifying.client() as integration:
+        theirs = integration.get(f"/identifications/{ident}/matches?candidate={other}").json()
+    wait_for(browser, "#matches-info", f"{other}. {theirs['individual_id']}: ")
+    assert len(drawn_lines(browser)) == theirs["inliers"] < found["inliers"]
+
+    # M again hides them; the button shows them again.
+    body.send_keys("m")
+    WebDriverWait(browser, 5).until(lambda d: not d.find_element(By.ID, "matches").is_displayed())
+    assert not drawn_lines(browser)
+    assert browser.find_element(By.ID, "matches-toggle").get_attribute("aria-pressed") == "false"
+    browser.find_element(By.ID, "matches-toggle").click()
+    wait_for(browser, "#matches-info", f"{other}. {theirs['individual_id']}: ")
+    assert len(drawn_lines(browser)) == theirs["inliers"]
