@@ -9,7 +9,7 @@ through the real command line, in a subprocess with a throw-away data directory:
 
 1. ``global``: the demo model and its kNN head;
 2. ``local``: the built-in ``local-features`` matcher;
-3. ``fused``: the demo model with verification ``rerank`` (after ``models fit-fusion`` on the
+3. ``fused``: the demo model with verification ``rerank`` (after ``models calibrate`` on the
    calibration split when the set has one).
 
 ``whaleid evaluate`` gives MAP@5 (overall, known, unseen); ``POST /identify`` on ``whaleid serve``,
@@ -714,28 +714,43 @@ def prepare_local(case: Case) -> Prepared:
         case.cli.whaleid("models", "activate", str(model_id), timeout=1800)
     except CommandFailed as e:
         raise ModeUnavailable(str(e)) from e
-    return Prepared(_model_arg(case, model_id), (f"local-features model id {model_id}",))
+    notes = [f"local-features model id {model_id}"]
+    if case.calibration_csv is not None:
+        try:
+            case.cli.whaleid(
+                "models",
+                "calibrate",
+                str(model_id),
+                str(case.calibration_csv),
+                "--images",
+                str(case.data.images),
+                timeout=1800,
+            )
+            notes.append("calibrated on the calibration split (`models calibrate`)")
+        except CommandFailed as e:
+            notes.append(f"`models calibrate` failed ({e.why}): default calibration")
+    return Prepared(_model_arg(case, model_id), tuple(notes))
 
 
 def prepare_fused(case: Case) -> Prepared:
     model = str(case.demo_id)
     notes = []
     if case.calibration_csv is None:
-        notes.append("no calibration split: default fusion")
+        notes.append("no calibration split: default calibration")
     else:
         try:
             case.cli.whaleid(
                 "models",
-                "fit-fusion",
+                "calibrate",
                 model,
                 str(case.calibration_csv),
                 "--images",
                 str(case.data.images),
                 timeout=1800,
             )
-            notes.append("fusion fitted on the calibration split (`models fit-fusion`)")
+            notes.append("calibrated on the calibration split (`models calibrate`)")
         except CommandFailed as e:
-            notes.append(f"`models fit-fusion` failed ({e.why}): default fusion")
+            notes.append(f"`models calibrate` failed ({e.why}): default calibration")
     try:
         case.cli.whaleid("models", "verify", model, "--mode", "rerank")
     except CommandFailed as e:

@@ -22,6 +22,7 @@ from service.errors import Conflict
 from service.gallery.embed import embed_gallery
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path
+from service.matching.features import FeatureStore, uses_features
 from service.models.reindex import (
     Embedders,
     PhotoEmbedder,
@@ -322,6 +323,10 @@ def activate_model(settings: Settings, factory: sessionmaker[Session], model_id:
     embedders = Embedders(settings, factory)
     photos = embedders(model_id)
     embedded = embed_gallery(settings, factory, photos.embedder, model_id)
+    with factory() as session:
+        if uses_features(model_row(session, model_id)):
+            extracted = FeatureStore(settings, factory).catch_up()
+            log.info("model id %s: local features of %d gallery photos", model_id, extracted)
     gallery = Gallery.for_model(settings, model_id, photos.embedder.dim)
     gallery.open(factory)
     switch = switch_to(

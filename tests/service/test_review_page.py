@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.catalogue.imports import CatalogueImport
 from service.matching.features import extractor_for
 from service.models.calibration import set_verification
-from service.models.registry import register_model
+from service.models.registry import register_builtin, register_model
 from service.models.switch import activate_model
 from service.onnx.embedder import Embedder
 from service.settings import Settings
@@ -231,7 +231,10 @@ def drawn_lines(driver: WebDriver) -> list[tuple[float, float, float, float]]:
 
 
 def inside(box: dict[str, float], x: float, y: float) -> bool:
-    return box["left"] - 0.5 <= x <= box["right"] + 0.5 and box["top"] - 0.5 <= y <= box["bottom"] + 0.5
+    return (
+        box["left"] - 0.5 <= x <= box["right"] + 0.5
+        and box["top"] - 0.5 <= y <= box["bottom"] + 0.5
+    )
 
 
 def test_review_page_draws_the_matched_keypoints_of_the_compared_candidate(
@@ -285,9 +288,7 @@ def test_review_page_draws_the_matched_keypoints_of_the_compared_candidate(
     assert [v for line in sorted(lines) for v in line] == pytest.approx(
         [v for line in expected for v in line], abs=0.5
     )
-    assert all(
-        box(browser, css)["bottom"] <= 900 for css in ("#new", "#reject", "#matches-toggle")
-    )
+    assert all(box(browser, css)["bottom"] <= 900 for css in ("#new", "#reject", "#matches-toggle"))
     if os.environ.get("WHALEID_UPDATE_SCREENSHOT"):
         browser.save_screenshot(str(MATCHES_SCREENSHOT))
 
@@ -310,3 +311,28 @@ def test_review_page_draws_the_matched_keypoints_of_the_compared_candidate(
     browser.find_element(By.ID, "matches-toggle").click()
     wait_for(browser, "#matches-info", f"{other}. {theirs['individual_id']}: ")
     assert len(drawn_lines(browser)) == theirs["inliers"]
+
+
+def test_review_page_shows_the_local_matchers_evidence_without_a_distance(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The built-in local-features matcher has votes, inliers and a score but no distance."""
+    model = register_builtin(sessions, "builtin:local-features")
+    activate_model(settings, sessions, model.id)
+    csv_path = write_catalogue(tmp_path / "textured", range(6), (0, 1), textured=True)
+    CatalogueImport(settings, sessions, None, model.id, extractor_for(settings)).run(
+        csv_path, tmp_path / "textured" / "images"
+    )
+    for live in run_server(settings):
+        with live.client() as integration:
+            photo = ("q.png", encode(textured_photo(2, 5)))
+            first = integration.post("/identify", files={"photo": photo}).json()["candidates"][0]
+        assert first["individual_id"] == "ind-2" and first["distance"] is None
+        with httpx.Client(base_url=live.url, timeout=60) as page:
+            page.get("/review/login")
+            form = {"key": live.keys["curator"], "csrf": page.cookies["whaleid_csrf"]}
+            page.post("/review/login", data=form)
+            shown = page.get("/review")
+        assert shown.status_code == 200, shown.text
+        facts = f"votes {first['votes']} · inliers {first['inliers']} · score {first['score']:.3f}"
+        assert facts in shown.text and "distance" not in shown.text
