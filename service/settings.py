@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_model_bytes: int = 1024 * 1024 * 1024
     # Fewer curator-confirmed identifications than this cannot judge a new model.
     shadow_min_confirmations: int = 20
+    # A model that verifies (or the local-features matcher) is scored through /identify's own
+    # path on at most this many confirmations (about 0.1 s each), with and without verification.
+    shadow_verify_queries: int = Field(default=200, ge=0, le=100_000)
     # Batch identification (POST /jobs/identify, docs/integration.md).
     batch_max_items: int = 1000
     batch_chunk_size: int = 16

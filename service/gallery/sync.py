@@ -45,6 +45,8 @@ class Filters:
     date_from: dt.date | None = None
     date_to: dt.date | None = None
     exclude_encounter: str | None = None
+    # Not a caller's filter: the shadow evaluation asks a confirmed photo without itself.
+    exclude_image: int | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items() if v is not None}
@@ -171,6 +173,8 @@ class GalleryEntries:
             mask &= (self.days != _NO_DATE) & (self.days <= filters.date_to.toordinal())
         if filters.exclude_encounter is not None:
             mask &= ~self._matches("encounters", filters.exclude_encounter)
+        if filters.exclude_image is not None:
+            mask &= self.image_ids != filters.exclude_image
         return mask
 
     def neighbours(self, distances: np.ndarray, ids: np.ndarray) -> list[Neighbour]:

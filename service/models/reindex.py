@@ -320,9 +320,10 @@ class ReindexChunks:
         if added:
             log.info("model %s: caught up with %d new gallery photos", lease.model_id, added)
         with self.factory() as session:
-            if uses_features(model_row(session, lease.model_id)):
-                extracted = self.features.catch_up(alive)
-                log.info("model %s: local features of %d photos", lease.model_id, extracted)
+            wanted = uses_features(model_row(session, lease.model_id))
+        if wanted:
+            extracted = self.features.catch_up(alive)
+            log.info("model %s: local features of %d photos", lease.model_id, extracted)
         gallery = Gallery.for_model(self.settings, lease.model_id, photos.embedder.dim)
         gallery.open(self.factory)  # writes the index file the replicas load at the switch
         if not alive():

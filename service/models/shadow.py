@@ -15,7 +15,7 @@ import datetime as dt
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import faiss
@@ -23,21 +23,26 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import PAPER_HEAD, RANKINGS, Head, ModelStatus
-from service.db.tables import Decision, Identification, Model
-from service.gallery.sync import gallery_rows, load_vectors
+from service.contract import PAPER_HEAD, RANKINGS, Head, ModelKind, ModelStatus, Verification
+from service.db.tables import Decision, Identification, Image, Model
+from service.gallery.sync import Filters, gallery_rows, load_vectors
+from service.imaging import PhotoError
 from service.knn import (
     CUTOFF_GRID,
     K_GRID,
     NEW_INDIVIDUAL,
     TOP,
     Neighbour,
+    average_precision_at_5,
     best_cell,
     fill,
     rank_candidates,
     ranks_at_cutoffs,
 )
+from service.matching.features import uses_features
+from service.matching.identify import Identifier
 from service.settings import Settings
+from service.store.photos import PhotoStore
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +156,64 @@ def _cell(cells: list[dict[str, Any]], k: int, cutoff: float, ranking: str) -> d
     )
 
 
-def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> dict[str, Any]:
-    """MAP@5 of ``model`` on ``queries`` with its own head, the paper's and the best."""
+def verified_scores(
+    settings: Settings, factory: sessionmaker[Session], model: Model, truths: dict[int, str]
+) -> dict[str, Any]:
+    """MAP@5 of ``model`` through ``/identify``'s own path (each photo asked without itself,
+    nothing recorded), with verification off and on (the local-features matcher: on only), on
+    at most ``shadow_verify_queries`` of the confirmed photos."""
+    asked = sorted(truths)[: settings.shadow_verify_queries]
+    identifier = Identifier.load(settings, factory, model)
+    photos = PhotoStore.open(settings)
+    with factory() as session:
+        found = session.execute(
+            select(Image.id, Image.file_path).where(Image.id.in_(asked), Image.pruned_at.is_(None))
+        )
+        paths = {int(i): str(p) for i, p in found}
+    modes = [Verification.RERANK]
+    if model.kind != ModelKind.LOCAL_FEATURES:
+        modes.insert(0, Verification.NONE)
+    out: dict[str, Any] = {}
+    for mode in modes:
+        identifier.model = replace(identifier.model, verification=mode)
+        known: list[float] = []
+        unseen: list[float] = []
+        for image_id in asked:
+            if image_id not in paths:
+                continue
+            try:
+                answer = identifier.identify(
+                    photos.read(paths[image_id]),
+                    filters=Filters(exclude_image=image_id),
+                    record=False,
+                )
+            except (OSError, PhotoError) as e:
+                log.warning("shadow: photo %s cannot be asked: %s", image_id, e)
+                continue
+            labels = [c.individual_id for c in answer.candidates]
+            truth = truths[image_id]
+            ap = average_precision_at_5(labels, truth)
+            (unseen if truth == NEW_INDIVIDUAL else known).append(ap)
+        both = known + unseen
+        out[str(mode)] = {
+            "queries": len(both),
+            "map5": float(np.mean(both)) if both else 0.0,
+            "map5_known": float(np.mean(known)) if known else None,
+            "map5_unseen": float(np.mean(unseen)) if unseen else None,
+        }
+    return out
+
+
+def score_model(
+    model: Model,
+    search: ModelSearch,
+    queries: Sequence[int],
+    verified: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """MAP@5 of ``model`` on ``queries`` with its own head, the paper's and the best. With
+    ``verified`` (``verified_scores``), a model that verifies is judged by its verified answers:
+    its own head's figures are those (the head grid scores the embedding alone), and the local
+    matcher, which has no embedding to grid, has no other head."""
     k_grid = sorted({*K_GRID, model.k, PAPER_HEAD.k})
     cutoff_grid = sorted({*CUTOFF_GRID, round(model.cutoff, 4), PAPER_HEAD.cutoff})
     cells = grid(
@@ -161,16 +222,21 @@ def score_model(model: Model, search: ModelSearch, queries: Sequence[int]) -> di
         k_grid,
         cutoff_grid,
     )
-    return {
-        "model_id": model.id,
-        "name": model.name,
-        "version": model.version,
-        "heads": {
-            "model": _cell(cells, model.k, round(model.cutoff, 4), model.ranking),
-            "paper": _cell(cells, PAPER_HEAD.k, PAPER_HEAD.cutoff, PAPER_HEAD.ranking),
-            "best": best_cell(cells) if queries else None,
-        },
+    heads: dict[str, Any] = {
+        "model": _cell(cells, model.k, round(model.cutoff, 4), model.ranking),
+        "paper": _cell(cells, PAPER_HEAD.k, PAPER_HEAD.cutoff, PAPER_HEAD.ranking),
+        "best": best_cell(cells) if queries else None,
     }
+    scored: dict[str, Any] = {"model_id": model.id, "name": model.name, "version": model.version}
+    if verified is not None:
+        scored["verification"] = verified
+        if uses_features(model):
+            own = {**heads["model"], **verified[Verification.RERANK], "verification": "rerank"}
+            heads["model"] = own
+            if model.kind == ModelKind.LOCAL_FEATURES:
+                heads["paper"] = heads["best"] = own
+    scored["heads"] = heads
+    return scored
 
 
 @dataclass(frozen=True)
@@ -207,6 +273,23 @@ class ShadowReport:
         return None if best is None else Head.from_dict(best)
 
 
+def _verified(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    model: Model,
+    search: ModelSearch,
+    common: Sequence[int],
+) -> dict[str, Any] | None:
+    """``verified_scores`` for a model that verifies (an ONNX model set to ``rerank`` is scored
+    both ways, so the report says whether verification helps on this catalogue); none for a
+    model that does not, without confirmations, or when switched off (``shadow_verify_queries``
+    0). A model set to ``none`` is not scored with verification: that would extract the
+    features of the whole gallery."""
+    if not common or settings.shadow_verify_queries == 0 or not uses_features(model):
+        return None
+    return verified_scores(settings, factory, model, {q: search.truths[q] for q in common})
+
+
 def evaluate_shadow(
     settings: Settings, factory: sessionmaker[Session], candidate_id: int
 ) -> ShadowReport:
@@ -229,9 +312,21 @@ def evaluate_shadow(
         "unseen": sum(1 for q in common if queries[q] == "new_individual"),
         "min_confirmations": settings.shadow_min_confirmations,
         "sufficient": len(common) >= settings.shadow_min_confirmations,
-        "candidate": score_model(candidate, searches[candidate.id], common),
+        "candidate": score_model(
+            candidate,
+            searches[candidate.id],
+            common,
+            _verified(settings, factory, candidate, searches[candidate.id], common),
+        ),
         "baseline": (
-            score_model(baseline, searches[baseline.id], common) if baseline is not None else None
+            score_model(
+                baseline,
+                searches[baseline.id],
+                common,
+                _verified(settings, factory, baseline, searches[baseline.id], common),
+            )
+            if baseline is not None
+            else None
         ),
         "computed_at": dt.datetime.now(dt.UTC).isoformat(),
     }

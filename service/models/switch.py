@@ -324,9 +324,10 @@ def activate_model(settings: Settings, factory: sessionmaker[Session], model_id:
     photos = embedders(model_id)
     embedded = embed_gallery(settings, factory, photos.embedder, model_id)
     with factory() as session:
-        if uses_features(model_row(session, model_id)):
-            extracted = FeatureStore(settings, factory).catch_up()
-            log.info("model id %s: local features of %d gallery photos", model_id, extracted)
+        wanted = uses_features(model_row(session, model_id))
+    if wanted:
+        extracted = FeatureStore(settings, factory).catch_up()
+        log.info("model id %s: local features of %d gallery photos", model_id, extracted)
     gallery = Gallery.for_model(settings, model_id, photos.embedder.dim)
     gallery.open(factory)
     switch = switch_to(

@@ -492,3 +492,54 @@ def test_the_builtin_matcher_registers_from_the_command_line(
     ]
     assert main(["models", "verify", str(rows[0].id), "--mode", "none"]) == 2
     assert "always verifies" in caplog.text
+
+
+# Switching from the local matcher to a trained model --------------------------------------------
+
+
+def test_switching_from_the_local_matcher_is_a_reindex_whose_shadow_compares_verification(
+    settings: Settings, local_matcher: Model, toy_model: Path
+) -> None:
+    from service.catalogue.curation import DecisionKind, DecisionRequest, decide
+    from service.jobs.queue import Worker
+    from service.models.calibration import set_verification
+    from service.models.reindex import Embedders, start_reindex, worker_handlers
+
+    factory = _sessions(settings)
+    identifier = Runtime(settings, factory).current()
+    for ind in [*KNOWN, *UNSEEN]:
+        for shot in (10, 11) if ind in KNOWN else (10,):
+            answer = identifier.identify(encode(textured_photo(ind, shot)), filters=Filters())
+            assert answer.identification_id is not None
+            request = (
+                DecisionRequest(DecisionKind.CONFIRM, individual_id=f"ind-{ind}")
+                if ind in KNOWN
+                else DecisionRequest(DecisionKind.NEW_INDIVIDUAL, code=f"ind-{ind}")
+            )
+            decide(factory, answer.identification_id, request, "curator tester")
+
+    trained = register_model(settings, factory, toy_model)
+    set_verification(factory, trained.id, "rerank")
+    job = start_reindex(settings, factory, trained.id)
+    worker = Worker(factory, worker_handlers(settings, factory, Embedders(settings, factory)))
+    while worker.run_once():
+        pass
+    with factory() as session:
+        from service.db.tables import Job
+
+        result = session.get_one(Job, job.id).result
+        assert session.get_one(Model, trained.id).status == "ready"
+    shadow = result["shadow"]
+    assert shadow["evaluated"] == len(KNOWN) * 2 + len(UNSEEN)
+    baseline, candidate = shadow["baseline"], shadow["candidate"]
+    # The local matcher is judged by its verified answers, on the same photos, each without
+    # itself; it has no embedding whose head a grid could tune.
+    local = baseline["verification"]["rerank"]
+    assert baseline["heads"]["model"]["map5"] == local["map5"] >= 0.8
+    assert baseline["heads"]["best"] == baseline["heads"]["model"]
+    assert "none" not in baseline["verification"]
+    # The trained model is scored with verification off and on: on, it is much better here.
+    both = candidate["verification"]
+    assert both["rerank"]["queries"] == both["none"]["queries"] == shadow["evaluated"]
+    assert both["rerank"]["map5"] >= both["none"]["map5"] + 0.2
+    assert candidate["heads"]["model"]["map5"] == both["rerank"]["map5"]
