@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import cv2
@@ -48,7 +49,7 @@ class Features:
     def __len__(self) -> int:
         return len(self.points)
 
-    @property
+    @cached_property
     def unit(self) -> np.ndarray:
         """The descriptors as float32 unit vectors (RootSIFT is L2-normalised)."""
         d = self.descriptors.astype(np.float32) / _SCALE

@@ -201,11 +201,11 @@ class Identifier:
         return cls(settings, factory, model, embedder, gallery, slots)
 
     def decode(self, data: bytes, bbox: tuple[int, int, int, int] | None) -> Photo:
+        size = self.embedder.contract.preprocessing.input_size
+        if self.model.uses_features:  # decoded big enough for the local features too
+            size = max(size, self.settings.features_max_side)
         return decode_photo(
-            data,
-            max_pixels=self.settings.max_image_pixels,
-            target_size=self.embedder.contract.preprocessing.input_size,
-            bbox=bbox,
+            data, max_pixels=self.settings.max_image_pixels, target_size=size, bbox=bbox
         )
 
     def identify(

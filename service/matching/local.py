@@ -32,7 +32,7 @@ class DescriptorIndex:
     ``ivf_threshold`` descriptors, then an IVF index with 8-bit scalar quantisation (136 bytes a
     descriptor), rebuilt as such when it outgrows the exact one."""
 
-    def __init__(self, ivf_threshold: int = 1_000_000) -> None:
+    def __init__(self, ivf_threshold: int = 100_000) -> None:
         self.ivf_threshold = ivf_threshold
         self.index: faiss.Index = self._flat()
         self.images: set[int] = set()
@@ -43,13 +43,13 @@ class DescriptorIndex:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
 
     def _ivf(self, sample: np.ndarray) -> faiss.Index:
-        nlist = int(min(4096, max(64, 4 * np.sqrt(self.count))))
+        nlist = int(min(1024, max(64, 4 * np.sqrt(self.count))))
         quantizer = faiss.IndexFlatIP(DIM)
         index = faiss.IndexIVFScalarQuantizer(
             quantizer, DIM, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
         )
         index.train(sample)
-        index.nprobe = 16
+        index.nprobe = 8
         return index
 
     @property
@@ -79,7 +79,7 @@ class DescriptorIndex:
         everything = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * DIM).reshape(-1, DIM).copy()
         ids = faiss.vector_to_array(mapped.id_map).copy()
         rng = np.random.default_rng(0)
-        sample = everything[rng.choice(len(everything), min(len(everything), 100_000), False)]
+        sample = everything[rng.choice(len(everything), min(len(everything), 50_000), False)]
         index = self._ivf(sample)
         index.add_with_ids(everything, ids)
         self.index = index
@@ -105,7 +105,7 @@ class DescriptorIndex:
 class LocalMatcher:
     """The descriptor index of one gallery, kept in step with it, and the LNBNN vote."""
 
-    def __init__(self, store: FeatureStore, ivf_threshold: int = 1_000_000) -> None:
+    def __init__(self, store: FeatureStore, ivf_threshold: int = 100_000) -> None:
         self.store = store
         self.descriptors = DescriptorIndex(ivf_threshold)
         self._lock = threading.Lock()

@@ -49,11 +49,11 @@ def tentative(query: Features, other: Features, ratio: float = RATIO) -> np.ndar
     a, b = query.unit, other.unit
     # Squared L2 between unit vectors is 2 - 2 cos: one matrix product does all pairs.
     sim = a @ b.T
-    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
     rows = np.arange(len(a))
-    s0, s1 = sim[rows, top2[:, 0]], sim[rows, top2[:, 1]]
-    first = np.where(s0 >= s1, top2[:, 0], top2[:, 1])
-    best, second = np.maximum(s0, s1), np.minimum(s0, s1)
+    first = sim.argmax(axis=1)
+    best = sim[rows, first]
+    sim[rows, first] = -np.inf
+    second = sim.max(axis=1)
     d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
     d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
     keep = d1 < ratio * d2

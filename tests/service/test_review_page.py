@@ -290,6 +290,9 @@ def test_review_page_draws_the_matched_keypoints_of_the_compared_candidate(
         [v for line in expected for v in line], abs=0.5
     )
     assert all(box(browser, css)["bottom"] <= 900 for css in ("#new", "#reject", "#matches-toggle"))
+    assert browser.execute_script(  # the evidence and the button fit without scrolling
+        "const m = document.querySelector('main'); return m.scrollHeight <= m.clientHeight"
+    )
     if os.environ.get("WHALEID_UPDATE_SCREENSHOT"):
         browser.save_screenshot(str(MATCHES_SCREENSHOT))
 
@@ -328,8 +331,9 @@ def test_review_page_shows_the_local_matchers_evidence_without_a_distance(
     for live in run_server(settings):
         with live.client() as integration:
             photo = ("q.png", encode(textured_photo(2, 5)))
-            first = integration.post("/identify", files={"photo": photo}).json()["candidates"][0]
-        assert first["individual_id"] == "ind-2" and first["distance"] is None
+            candidates = integration.post("/identify", files={"photo": photo}).json()["candidates"]
+        first = candidates[0]
+        assert first["individual_id"] == "ind-2" and first["distance"] is None, candidates
         with httpx.Client(base_url=live.url, timeout=60) as page:
             page.get("/review/login")
             form = {"key": live.keys["curator"], "csrf": page.cookies["whaleid_csrf"]}
