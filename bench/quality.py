@@ -66,7 +66,9 @@ TOP = 5
 # `whaleid` output: the id a registration got, and a row of `whaleid models list`.
 REGISTERED = re.compile(r"registered model .* as id (\d+)")
 LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ [\w.]+: ")
-MODEL_ROW = re.compile(r"^(\d+)\t(\w+)\t(\S+)\t(\S+)\tdim=\d+\tk=(\d+)\tcutoff=([\d.]+)\t(\w+)(?:\t.*)?$")
+MODEL_ROW = re.compile(
+    r"^(\d+)\t(\w+)\t(\S+)\t(\S+)\tdim=\d+\tk=(\d+)\tcutoff=([\d.]+)\t(\w+)(?:\t.*)?$"
+)
 
 
 # --------------------------------------------------------------------------- data sets
