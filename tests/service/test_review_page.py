@@ -333,7 +333,7 @@ def test_review_page_shows_the_local_matchers_evidence_without_a_distance(
             photo = ("q.png", encode(textured_photo(2, 5)))
             candidates = integration.post("/identify", files={"photo": photo}).json()["candidates"]
         first = candidates[0]
-        assert first["individual_id"] == "ind-2" and first["distance"] is None, candidates
+        assert first["individual_id"] == "ind-2" and first["distance"] is None, str(candidates)
         with httpx.Client(base_url=live.url, timeout=60) as page:
             page.get("/review/login")
             form = {"key": live.keys["curator"], "csrf": page.cookies["whaleid_csrf"]}
