@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import Embedding, Identification, Image, transaction, utcnow
+from service.db.tables import Embedding, Feature, Identification, Image, transaction, utcnow
 from service.settings import Settings
 from service.store.photos import PhotoStore
 
@@ -54,7 +54,8 @@ def prune_query_photos(
     *,
     now: dt.datetime | None = None,
 ) -> PruneReport:
-    """Remove the files and embeddings of query photos never confirmed within ``days`` days.
+    """Remove the files, embeddings and local features of query photos never confirmed within
+    ``days`` days.
     Each batch commits before its files are deleted, so a crash leaves at worst a file that a
     re-run does not need."""
     now = now or utcnow()
@@ -67,6 +68,7 @@ def prune_query_photos(
             ids = [i.id for i in images]
             if ids:
                 session.execute(delete(Embedding).where(Embedding.image_id.in_(ids)))
+                session.execute(delete(Feature).where(Feature.image_id.in_(ids)))
             paths = []
             for image in images:
                 image.pruned_at = now

@@ -543,3 +543,24 @@ def test_switching_from_the_local_matcher_is_a_reindex_whose_shadow_compares_ver
     assert both["rerank"]["queries"] == both["none"]["queries"] == shadow["evaluated"]
     assert both["rerank"]["map5"] >= both["none"]["map5"] + 0.2
     assert candidate["heads"]["model"]["map5"] == both["rerank"]["map5"]
+
+
+def test_pruning_a_query_photo_removes_its_features_and_keeps_the_gallerys(
+    settings: Settings, reranking: Model
+) -> None:
+    import datetime as dt
+
+    from service.store.retention import prune_query_photos
+
+    factory = _sessions(settings)
+    identifier = Runtime(settings, factory).current()
+    answer = identifier.identify(encode(textured_photo(4, 9)), filters=Filters())
+    with factory() as session:
+        count = session.scalar(select(func.count()).select_from(Feature))
+    assert count == len(KNOWN) * len(SHOTS) + 1
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
+    assert prune_query_photos(settings, factory, 90, now=later).photos == 1
+    with factory() as session:
+        left = set(session.scalars(select(Feature.image_id)))
+        gallery = set(session.scalars(select(Image.id).where(Image.individual_id.is_not(None))))
+    assert answer.query_image_id not in left and left == gallery
