@@ -325,7 +325,7 @@ class Identifier:
                 Evidence(
                     c.label,
                     c.distance,
-                    tuple(photos.get(c.label) or [c.best_image_id or 0]),
+                    tuple(photos.get(c.label) or ([c.best_image_id] if c.best_image_id else [])),
                     c.votes,
                 )
                 for c in ordered
