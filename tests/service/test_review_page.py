@@ -325,9 +325,11 @@ def test_review_page_shows_the_local_matchers_evidence_without_a_distance(
     model = register_builtin(sessions, "builtin:local-features")
     activate_model(settings, sessions, model.id)
     csv_path = write_catalogue(tmp_path / "textured", range(6), (0, 1), textured=True)
-    CatalogueImport(settings, sessions, None, model.id, extractor_for(settings)).run(
+    embedder = Embedder.for_model(settings, model.file_path)  # the matcher's stand-in
+    report = CatalogueImport(settings, sessions, embedder, model.id, extractor_for(settings)).run(
         csv_path, tmp_path / "textured" / "images"
     )
+    assert not report.errors and report.imported == 12
     for live in run_server(settings):
         with live.client() as integration:
             photo = ("q.png", encode(textured_photo(2, 5)))
