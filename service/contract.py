@@ -148,7 +148,8 @@ class Calibration:
     (Platt) curve, ``p = 1 / (1 + exp(-(a + b * x)))`` with ``x = d`` for the global model and
     ``x = log(1 + n)`` for local features; the fused probability is one logistic over both,
     ``w0 + w1 * d + w2 * log(1 + n)``. A candidate whose probability is below ``threshold`` is
-    ranked after ``new_individual``. The defaults put the global curve's midpoint at the model's
+    ranked after ``new_individual`` (0.5 by default; a fit on labelled queries chooses it for
+    the best MAP@5 there). The defaults put the global curve's midpoint at the model's
     cutoff and need 9 inliers for an even chance; ``whaleid models calibrate`` fits all
     three on labelled queries or on the curators' confirmations."""
 

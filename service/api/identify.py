@@ -184,7 +184,8 @@ class MatchesOut(BaseModel):
     candidate_size: tuple[int, int]
     inliers: int = Field(examples=[23])
     matches: list[MatchOut] = Field(
-        description="Every inlier, then at most 200 of the other ratio-test matches."
+        description="Every inlier (each place once), then at most 200 of the other ratio-test "
+        "matches."
     )
 
 
@@ -207,7 +208,7 @@ def get_matches(
     photos' pixels: what the review page draws so a curator sees why an animal was proposed."""
     found = candidate_matches(sessions, runtime.features, caller, identification_id, candidate)
     pairs, inlier = found.match.pairs.tolist(), found.match.inlier.tolist()
-    shown = [i for i, ok in enumerate(inlier) if ok]
+    shown = found.match.distinct.tolist()  # each place once
     shown += [i for i, ok in enumerate(inlier) if not ok][:_OUTLIERS_SHOWN]
     return MatchesOut(
         identification_id=found.identification_id,

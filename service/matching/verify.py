@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from service.contract import Calibration
-from service.knn import TOP, place_new_individual
+from service.knn import TOP, place_new_individual, ranks_at_cutoffs
 from service.matching.features import Features
 
 RATIO = 0.8
@@ -35,8 +35,19 @@ class PairMatch:
     inlier: np.ndarray
 
     @property
+    def distinct(self) -> np.ndarray:
+        """Indices of the inlier matches at distinct places: SIFT describes a point once per
+        orientation, and two descriptions of one point matched are one piece of evidence."""
+        kept = np.flatnonzero(self.inlier)
+        if not len(kept):
+            return kept
+        _, first = np.unique(np.round(self.pairs[kept] * 2), axis=0, return_index=True)
+        result: np.ndarray = kept[np.sort(first)]
+        return result
+
+    @property
     def inliers(self) -> int:
-        return int(self.inlier.sum())
+        return len(self.distinct)
 
 
 _NO_MATCH = PairMatch(np.zeros((0, 4), np.float32), np.zeros(0, bool))
@@ -193,11 +204,44 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 5
 
 @dataclass(frozen=True)
 class Pair:
-    """One candidate of one labelled query: its evidence and whether it was the right animal."""
+    """One candidate of one labelled query: its evidence and whether it was the right animal.
+    ``query`` groups the candidates of one query; ``unseen``: the query's animal is not in the
+    gallery (its right answer is ``new_individual``)."""
 
     distance: float | None
     inliers: int | None
     match: bool
+    query: int = -1
+    unseen: bool = False
+
+
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
+
+
+def map5_at_thresholds(pairs: Sequence[Pair], calibration: Calibration) -> dict[float, float]:
+    """MAP@5 of the labelled queries of ``pairs`` at each threshold of ``THRESHOLDS``: each
+    query's candidates ranked by probability, ``new_individual`` before the first below the
+    threshold (``knn.ranks_at_cutoffs``, the rule the kNN head's cutoff grid uses)."""
+    queries: dict[int, list[Pair]] = {}
+    for p in pairs:
+        queries.setdefault(p.query, []).append(p)
+    cuts = -np.array(THRESHOLDS)
+    total = np.zeros(len(cuts))
+    for found in queries.values():
+        scored = sorted(
+            ((probability(calibration, p.distance, p.inliers), p.match) for p in found),
+            key=lambda s: -s[0],
+        )
+        distances = np.array([-s for s, _ in scored])
+        if found[0].unseen:
+            rank = ranks_at_cutoffs(distances, None, cuts)
+        else:
+            right = next((i for i, (_, m) in enumerate(scored) if m), None)
+            if right is None:
+                continue
+            rank = ranks_at_cutoffs(distances, right, cuts)
+        total += np.where(rank <= TOP, 1.0 / rank, 0.0)
+    return {t: float(v / max(len(queries), 1)) for t, v in zip(THRESHOLDS, total, strict=True)}
 
 
 class TooFewPairs(ValueError):
@@ -238,16 +282,23 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
             np.array([p.match for p in both]),
         )
         fused = (float(w[0]), float(w[1]), float(w[2]))
-    return Calibration(
-        global_=g,
-        local=loc,
-        fused=fused,
-        threshold=base.threshold,
+    fitted = Calibration(global_=g, local=loc, fused=fused, threshold=base.threshold)
+    threshold, queries = base.threshold, len({p.query for p in pairs if p.query >= 0})
+    if queries >= 20:
+        # The probability is calibrated; where new_individual goes is a choice for MAP@5, made
+        # on the same queries as the kNN head's cutoff is (ties: the one nearest 0.5).
+        scores = map5_at_thresholds([p for p in pairs if p.query >= 0], fitted)
+        threshold = max(scores, key=lambda t: (round(scores[t], 6), -abs(t - 0.5)))
+    return replace(
+        fitted,
+        threshold=threshold,
         fitted={
             "source": source,
             "pairs": len(pairs),
             "matches": sum(p.match for p in pairs),
             "with_distance": len(with_d),
             "with_inliers": len(with_n),
+            "queries": queries,
+            "threshold_chosen_on_map5": queries >= 20,
         },
     )

@@ -52,6 +52,7 @@ def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Pa
     candidate: right if it is the query's individual."""
     identifier.model = replace(identifier.model, verification=Verification.RERANK)
     pairs: list[Pair] = []
+    known = identifier.gallery.entries.labels
     rows = list(read_catalogue(queries_csv, new_individual_allowed=True))
     for row in tqdm(rows, desc="calibrate", unit="photo"):
         if isinstance(row, tuple):
@@ -64,10 +65,12 @@ def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Pa
         except (OSError, PhotoError) as e:
             log.warning("line %d: image %r: %s", row.line, row.image, e)
             continue
+        unseen = row.individual_id not in known
         for c in answer.candidates:
             if c.individual_id == NEW_INDIVIDUAL:
                 continue
-            pairs.append(Pair(c.distance, c.inliers, c.individual_id == row.individual_id))
+            right = c.individual_id == row.individual_id
+            pairs.append(Pair(c.distance, c.inliers, right, row.line, unseen))
     return pairs
 
 
@@ -91,7 +94,8 @@ def pairs_from_confirmations(session: Session, model_id: int) -> list[Pair]:
             if c.label == NEW_INDIVIDUAL or c.inliers is None:
                 continue
             right = decision == "confirm" and c.label == truth
-            pairs.append(Pair(c.distance, c.inliers, right))
+            unseen = decision == "new_individual"
+            pairs.append(Pair(c.distance, c.inliers, right, ident.id, unseen))
     return pairs
 
 

@@ -24,7 +24,14 @@ from service.gallery.sync import Filters
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5
 from service.matching.features import Features, RootSift, extractor_for
 from service.matching.identify import Identifier, Runtime
-from service.matching.verify import Pair, TooFewPairs, fit_calibration, match_pair, probability
+from service.matching.verify import (
+    Pair,
+    TooFewPairs,
+    fit_calibration,
+    map5_at_thresholds,
+    match_pair,
+    probability,
+)
 from service.models.registry import register_builtin, register_model
 from service.models.switch import activate_model
 from service.onnx.embedder import Embedder
@@ -128,6 +135,40 @@ def test_fitted_calibration_learns_which_evidence_tells_animals_apart() -> None:
     stored = Calibration.from_dict(json.loads(json.dumps(fitted.as_dict())), 0.62)
     assert stored.fused_weights == pytest.approx(fitted.fused_weights)
     assert stored.fitted["pairs"] == 260
+
+
+def test_map5_places_new_individual_at_each_threshold() -> None:
+    """A known query whose right candidate has probability 0.4, and an unseen one whose best
+    wrong candidate has 0.2: only a threshold between them answers both right."""
+    calibration = Calibration(global_=(0.0, -1.0))  # p = 1 / (1 + exp(d)): d = -logit(p)
+
+    def d(p: float) -> float:
+        return -math.log(p / (1 - p))
+
+    pairs = [
+        Pair(d(0.4), None, True, 1),
+        Pair(d(0.1), None, False, 1),
+        Pair(d(0.2), None, False, 2, unseen=True),
+    ]
+    scores = map5_at_thresholds(pairs, calibration)
+    assert scores[0.3] == pytest.approx(1.0)
+    assert scores[0.5] == pytest.approx((0.5 + 1.0) / 2)  # new first for both
+    assert scores[0.15] == pytest.approx((1.0 + 0.5) / 2)  # the wrong one before new
+
+
+def test_the_threshold_is_chosen_for_map5_on_the_labelled_queries() -> None:
+    rng = np.random.default_rng(1)
+    pairs = []
+    for q in range(40):  # known: a right candidate, three wrong ones, overlapping evidence
+        pairs.append(Pair(None, int(rng.integers(4, 16)), True, q))
+        pairs += [Pair(None, int(rng.integers(0, 8)), False, q) for _ in range(3)]
+    for q in range(40, 60):
+        pairs += [Pair(None, int(rng.integers(0, 8)), False, q, unseen=True) for _ in range(4)]
+    fitted = fit_calibration(pairs, Calibration.default(0.62), source="t")
+    scores = map5_at_thresholds(pairs, fitted)
+    assert scores[fitted.threshold] == pytest.approx(max(scores.values()))
+    assert scores[fitted.threshold] >= scores[0.5]
+    assert fitted.fitted["queries"] == 60 and fitted.fitted["threshold_chosen_on_map5"]
 
 
 def test_a_calibration_needs_enough_right_and_wrong_candidates() -> None:
