@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -55,21 +56,10 @@ def register_model_file(
     created = publish_model(objects, source, digest)
     try:
         with transaction(factory) as session:
-            model = Model(
-                name=contract.name,
-                version=contract.version,
-                file_hash=digest,
-                file_path=relative,
-                embedding_dim=embedder.dim,
-                preprocessing={
-                    "input_size": contract.preprocessing.input_size,
-                    "resize": contract.preprocessing.resize,
-                    "pixel_range": contract.preprocessing.pixel_range,
-                },
-                k=contract.head.k,
-                cutoff=contract.head.cutoff,
-                ranking=contract.head.ranking,
-                status=ModelStatus.REGISTERED,
+            model = _new_row(
+                embedder,
+                digest,
+                relative,
                 metadata_props=dict(embedder.session.get_modelmeta().custom_metadata_map),
             )
             session.add(model)
@@ -85,6 +75,28 @@ def register_model_file(
         if created:
             objects.delete(relative)
         raise
+
+
+def _new_row(embedder: Embedder, digest: str, path: str, **columns: Any) -> Model:
+    """A registered model's row, its preprocessing and head from the embedder's contract."""
+    contract = embedder.contract
+    return Model(
+        name=contract.name,
+        version=contract.version,
+        file_hash=digest,
+        file_path=path,
+        embedding_dim=embedder.dim,
+        preprocessing={
+            "input_size": contract.preprocessing.input_size,
+            "resize": contract.preprocessing.resize,
+            "pixel_range": contract.preprocessing.pixel_range,
+        },
+        k=contract.head.k,
+        cutoff=contract.head.cutoff,
+        ranking=contract.head.ranking,
+        status=ModelStatus.REGISTERED,
+        **columns,
+    )
 
 
 def _probe(embedder: Embedder) -> None:
@@ -123,24 +135,12 @@ def register_builtin(factory: sessionmaker[Session], name: str) -> Model:
         existing = session.scalar(select(Model).where(Model.file_hash == name))
         if existing is not None:
             return existing
-    contract = embedder.contract
     try:
         with transaction(factory) as session:
-            model = Model(
-                name=contract.name,
-                version=contract.version,
-                file_hash=name,
-                file_path=name,
-                embedding_dim=embedder.dim,
-                preprocessing={
-                    "input_size": contract.preprocessing.input_size,
-                    "resize": contract.preprocessing.resize,
-                    "pixel_range": contract.preprocessing.pixel_range,
-                },
-                k=contract.head.k,
-                cutoff=contract.head.cutoff,
-                ranking=contract.head.ranking,
-                status=ModelStatus.REGISTERED,
+            model = _new_row(
+                embedder,
+                name,
+                name,
                 metadata_props={},
                 kind=ModelKind.LOCAL_FEATURES,
                 verification=Verification.RERANK,
