@@ -161,6 +161,13 @@ class GalleryEntries:
         selected: np.ndarray = self.ids[mask]
         return selected
 
+    def select_labels(self, filters: Filters, labels: Iterable[str]) -> np.ndarray:
+        """Embedding ids within the filters whose individual is one of ``labels``."""
+        codes = [self.vocab["labels"].code(label) for label in labels]
+        mask = self._mask(filters) & np.isin(self.codes["labels"], codes)
+        selected: np.ndarray = self.ids[mask]
+        return selected
+
     def _mask(self, filters: Filters) -> np.ndarray:
         mask = np.ones(len(self.ids), dtype=bool)
         if filters.species is not None:
@@ -525,6 +532,23 @@ class Gallery:
                 return [], 0
             distances, ids = self.index.search(query, min(k, n), allowed)
             return entries.neighbours(distances, ids), n
+
+    def nearest_of(
+        self, query: np.ndarray, labels: Iterable[str], filters: Filters
+    ) -> dict[str, Neighbour]:
+        """The nearest photo of each of ``labels`` within ``filters`` (those it has)."""
+        with self._lock:
+            entries = self.entries
+            allowed = entries.select_labels(filters, labels)
+            if not len(allowed):
+                return {}
+            distances, ids = self.index.search(query, len(allowed), allowed)
+            found = entries.neighbours(distances, ids)
+        best: dict[str, Neighbour] = {}
+        for n in found:
+            if n.label not in best or n.distance < best[n.label].distance:
+                best[n.label] = n
+        return best
 
     def search_beyond(
         self, query: np.ndarray, filters: Filters, neighbours: Sequence[Neighbour]

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO
 
 import numpy as np
@@ -175,10 +175,21 @@ class Identifier:
         self.gallery = gallery
         self.store = PhotoStore.open(settings)
         self.features = FeatureStore(settings, factory)
+        # The gallery's descriptor index: the local matcher's search, and a verifying model's
+        # second shortlist. Built when first needed (verification can be turned on any time).
         self.local: LocalMatcher | None = None
-        if self.model.kind == ModelKind.LOCAL_FEATURES:
-            self.local = LocalMatcher(self.features, settings.local_ivf_threshold)
-            self.local.sync(gallery.entries)
+        self._local_lock = threading.Lock()
+        if self.model.uses_features:
+            self.descriptors()
+
+    def descriptors(self) -> LocalMatcher:
+        """The gallery's descriptor index, built (from the stored features) on first use."""
+        with self._local_lock:
+            if self.local is None:
+                local = LocalMatcher(self.features, self.settings.local_ivf_threshold)
+                local.sync(self.gallery.entries)
+                self.local = local
+            return self.local
 
     def sync(self, factory: sessionmaker[Session]) -> None:
         """Replay the gallery's change log (and the local matcher's index after it)."""
@@ -268,7 +279,7 @@ class Identifier:
                 ]
         else:
             with self.slots.embed.hold(), watch.lap("verify"):
-                ranked = self._verified(model, query_features, neighbours, beyond, filters)
+                ranked = self._verified(model, query_features, vector, neighbours, beyond, filters)
         with watch.lap("database"):
             if kept is not None:
                 ident, candidates = self._record(
@@ -299,21 +310,24 @@ class Identifier:
         self,
         model: ModelInfo,
         query: Features,
+        vector: np.ndarray,
         neighbours: list[Neighbour],
         beyond: list[Neighbour],
         filters: Filters,
     ) -> list[_Line]:
-        """The answer of a model that verifies: the kNN head's first candidates (or, for the
-        local-features matcher, the LNBNN vote's) matched with the query's local features,
-        re-ranked on the calibrated probability, ``new_individual`` below its threshold."""
+        """The answer of a model that verifies: the first candidates of the kNN head and of the
+        LNBNN vote over the gallery's descriptors (the local-features matcher: the vote's alone)
+        matched with the query's local features, re-ranked on the calibrated probability,
+        ``new_individual`` below its threshold. A candidate the vote adds carries the distance
+        of its nearest photo, so both kinds of evidence weigh on every candidate."""
         top = self.settings.rerank_individuals
         per = self.settings.rerank_photos
         calibration = model.scoring
-        if self.local is not None:
-            evidence = self.local.candidates(
-                query, self.gallery.entries, filters, top=top, photos=per
-            )
-            verified = verify(query, evidence, self.features.get, calibration, use_distance=False)
+        shortlist = self.descriptors().candidates(
+            query, self.gallery.entries, filters, top=top, photos=per
+        )
+        if model.kind == ModelKind.LOCAL_FEATURES:
+            verified = verify(query, shortlist, self.features.get, calibration, use_distance=False)
         else:
             ordered = order(aggregate(neighbours), model.head.ranking)[:top]
             ordered += fill(beyond, {c.label for c in ordered}, top - len(ordered))
@@ -330,12 +344,21 @@ class Identifier:
                 )
                 for c in ordered
             ]
+            named = {e.label for e in evidence}
+            extra = [e for e in shortlist if e.label not in named]
+            nearest = self.gallery.nearest_of(vector, [e.label for e in extra], filters)
+            evidence += [
+                replace(
+                    e, distance=nearest[e.label].distance if e.label in nearest else None, votes=0
+                )
+                for e in extra
+            ]
             verified = verify(query, evidence, self.features.get, calibration)
         named = {c.label for c in verified}
-        if len(named) < 4 and self.local is not None:
+        if len(named) < 4 and model.kind == ModelKind.LOCAL_FEATURES:
             # Too few individuals share features with the query: name more, unverified.
-            extra = fill([*neighbours, *beyond], named, 4 - len(named))
-            verified += [Evidence(c.label, None, (), 0, 0, 0.0, c.best_image_id) for c in extra]
+            more = fill([*neighbours, *beyond], named, 4 - len(named))
+            verified += [Evidence(c.label, None, (), 0, 0, 0.0, c.best_image_id) for c in more]
         new = Evidence(NEW_INDIVIDUAL, None, ())
         return [_Line.of(c) for c in rerank(verified, calibration, new)]
 
