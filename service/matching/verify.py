@@ -283,10 +283,14 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
         )
         fused = (float(w[0]), float(w[1]), float(w[2]))
     fitted = Calibration(global_=g, local=loc, fused=fused, threshold=base.threshold)
-    threshold, queries = base.threshold, len({p.query for p in pairs if p.query >= 0})
-    if queries >= 20:
+    grouped = {p.query: p.unseen for p in pairs if p.query >= 0}
+    unseen = sum(grouped.values())
+    choose = len(grouped) >= 20 and unseen >= 5 and len(grouped) - unseen >= 5
+    threshold = base.threshold
+    if choose:
         # The probability is calibrated; where new_individual goes is a choice for MAP@5, made
-        # on the same queries as the kNN head's cutoff is (ties: the one nearest 0.5).
+        # on labelled queries as the kNN head's cutoff is (ties: the one nearest 0.5). Without
+        # both known and unseen queries the choice would be one-sided: 0.5 stays.
         scores = map5_at_thresholds([p for p in pairs if p.query >= 0], fitted)
         threshold = max(scores, key=lambda t: (round(scores[t], 6), -abs(t - 0.5)))
     return replace(
@@ -298,7 +302,8 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
             "matches": sum(p.match for p in pairs),
             "with_distance": len(with_d),
             "with_inliers": len(with_n),
-            "queries": queries,
-            "threshold_chosen_on_map5": queries >= 20,
+            "queries": len(grouped),
+            "unseen_queries": unseen,
+            "threshold_chosen_on_map5": choose,
         },
     )

@@ -605,3 +605,10 @@ def test_pruning_a_query_photo_removes_its_features_and_keeps_the_gallerys(
         left = set(session.scalars(select(Feature.image_id)))
         gallery = set(session.scalars(select(Image.id).where(Image.individual_id.is_not(None))))
     assert answer.query_image_id not in left and left == gallery
+
+
+def test_without_unseen_queries_the_threshold_stays_where_it_was() -> None:
+    pairs = [Pair(None, 12, True, q) for q in range(30)]
+    pairs += [Pair(None, n, False, q) for q in range(30) for n in (1, 3)]
+    fitted = fit_calibration(pairs, Calibration.default(0.62), source="t")
+    assert fitted.threshold == 0.5 and not fitted.fitted["threshold_chosen_on_map5"]
