@@ -131,6 +131,9 @@ class IdentificationResult:
     timings: dict[str, float] = field(default_factory=dict)
     query_image_id: int | None = None
     created_at: dt.datetime | None = None
+    # With verification: every candidate verified (not only the five answered), as evidence
+    # for fitting the calibration (``models.calibration``).
+    verified: list[Evidence] = field(default_factory=list)
 
 
 class _Stopwatch:
@@ -279,7 +282,13 @@ class Identifier:
                 ]
         else:
             with self.slots.embed.hold(), watch.lap("verify"):
-                ranked = self._verified(model, query_features, vector, neighbours, beyond, filters)
+                verified = self._verified(
+                    model, query_features, vector, neighbours, beyond, filters
+                )
+                ranked = [
+                    _Line.of(c)
+                    for c in rerank(verified, model.scoring, Evidence(NEW_INDIVIDUAL, None, ()))
+                ]
         with watch.lap("database"):
             if kept is not None:
                 ident, candidates = self._record(
@@ -304,6 +313,7 @@ class Identifier:
             watch.laps,
             ident.query_image_id if ident else None,
             ident.created_at if ident else None,
+            verified if query_features is not None else [],
         )
 
     def _verified(
@@ -314,12 +324,12 @@ class Identifier:
         neighbours: list[Neighbour],
         beyond: list[Neighbour],
         filters: Filters,
-    ) -> list[_Line]:
-        """The answer of a model that verifies: the first candidates of the kNN head and of the
-        LNBNN vote over the gallery's descriptors (the local-features matcher: the vote's alone)
-        matched with the query's local features, re-ranked on the calibrated probability,
-        ``new_individual`` below its threshold. A candidate the vote adds carries the distance
-        of its nearest photo, so both kinds of evidence weigh on every candidate."""
+    ) -> list[Evidence]:
+        """The candidates of a model that verifies: the first candidates of the kNN head and of
+        the LNBNN vote over the gallery's descriptors (the local-features matcher: the vote's
+        alone) matched with the query's local features, each with its calibrated probability
+        (the caller re-ranks them). A candidate the vote adds carries the distance of its
+        nearest photo, so both kinds of evidence weigh on every candidate."""
         top = self.settings.rerank_individuals
         per = self.settings.rerank_photos
         calibration = model.scoring
@@ -359,8 +369,7 @@ class Identifier:
             # Too few individuals share features with the query: name more, unverified.
             more = fill([*neighbours, *beyond], named, 4 - len(named))
             verified += [Evidence(c.label, None, (), 0, 0, 0.0, c.best_image_id) for c in more]
-        new = Evidence(NEW_INDIVIDUAL, None, ())
-        return [_Line.of(c) for c in rerank(verified, calibration, new)]
+        return verified
 
     def _answer(
         self, ranked: list[_Line], individuals: dict[str, Individual] | None

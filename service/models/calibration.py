@@ -48,8 +48,8 @@ def set_verification(factory: sessionmaker[Session], model_id: int, mode: str) -
 
 
 def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Path) -> list[Pair]:
-    """Identify each labelled query with verification (nothing recorded) and label every named
-    candidate: right if it is the query's individual."""
+    """Identify each labelled query with verification (nothing recorded) and label every
+    verified candidate: right if it is the query's individual."""
     identifier.model = replace(identifier.model, verification=Verification.RERANK)
     pairs: list[Pair] = []
     known = identifier.gallery.entries.labels
@@ -66,10 +66,10 @@ def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Pa
             log.warning("line %d: image %r: %s", row.line, row.image, e)
             continue
         unseen = row.individual_id not in known
-        for c in answer.candidates:
-            if c.individual_id == NEW_INDIVIDUAL:
-                continue
-            right = c.individual_id == row.individual_id
+        # Every verified candidate, not only the five answered: which candidates are verified
+        # does not depend on the calibration, so the fit sees them as they will be scored.
+        for c in answer.verified:
+            right = c.label == row.individual_id
             pairs.append(Pair(c.distance, c.inliers, right, row.line, unseen))
     return pairs
 
