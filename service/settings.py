@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     rerank_photos: int = Field(default=3, ge=1, le=20)
     # The local-features matcher's descriptor index is exact up to this many descriptors, then
     # IVF with 8-bit scalar quantisation (about 136 bytes a descriptor).
-    local_ivf_threshold: int = Field(default=100_000, ge=1000)
+    local_ivf_threshold: int = Field(default=20_000, ge=1000)
     # `whaleid prune` removes query photos never confirmed after this many days.
     query_photo_retention_days: int = 90
     # The review page's cookies are Secure: "auto" when the request came over HTTPS (directly or

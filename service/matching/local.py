@@ -32,7 +32,7 @@ class DescriptorIndex:
     ``ivf_threshold`` descriptors, then an IVF index with 8-bit scalar quantisation (136 bytes a
     descriptor), rebuilt as such when it outgrows the exact one."""
 
-    def __init__(self, ivf_threshold: int = 100_000) -> None:
+    def __init__(self, ivf_threshold: int = 20_000) -> None:
         self.ivf_threshold = ivf_threshold
         self.index: faiss.Index = self._flat()
         self.images: set[int] = set()
@@ -43,7 +43,7 @@ class DescriptorIndex:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
 
     def _ivf(self, sample: np.ndarray) -> faiss.Index:
-        nlist = int(min(1024, max(64, 4 * np.sqrt(self.count))))
+        nlist = int(min(1024, max(64, np.sqrt(self.count))))
         quantizer = faiss.IndexFlatIP(DIM)
         index = faiss.IndexIVFScalarQuantizer(
             quantizer, DIM, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
@@ -105,7 +105,7 @@ class DescriptorIndex:
 class LocalMatcher:
     """The descriptor index of one gallery, kept in step with it, and the LNBNN vote."""
 
-    def __init__(self, store: FeatureStore, ivf_threshold: int = 100_000) -> None:
+    def __init__(self, store: FeatureStore, ivf_threshold: int = 20_000) -> None:
         self.store = store
         self.descriptors = DescriptorIndex(ivf_threshold)
         self._lock = threading.Lock()

@@ -612,3 +612,21 @@ def test_without_unseen_queries_the_threshold_stays_where_it_was() -> None:
     pairs += [Pair(None, n, False, q) for q in range(30) for n in (1, 3)]
     fitted = fit_calibration(pairs, Calibration.default(0.62), source="t")
     assert fitted.threshold == 0.5 and not fitted.fitted["threshold_chosen_on_map5"]
+
+
+def test_the_local_matcher_answers_the_same_from_an_ivf_index(
+    settings: Settings, local_matcher: Model
+) -> None:
+    """Past the threshold the descriptors move to IVF (8-bit): still the right animals, and a
+    photo that leaves the gallery leaves the index."""
+    settings.local_ivf_threshold = 1000
+    factory = _sessions(settings)
+    identifier = Runtime(settings, factory).current()
+    assert identifier.local is not None and not identifier.local.descriptors.exact
+    known, unseen = _map5(identifier)
+    assert known >= 0.9 and unseen >= 0.75, (known, unseen)
+    before = identifier.local.descriptors.count
+    gone = next(iter(sorted(identifier.local.descriptors.images)))
+    identifier.local.descriptors.remove({gone})
+    assert identifier.local.descriptors.count < before
+    assert gone not in identifier.local.descriptors.images
