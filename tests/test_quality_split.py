@@ -109,12 +109,15 @@ def test_local_and_fused_modes_invoke_the_command_line_as_documented() -> None:
     local, cli = case(None, both)
     assert prepare_local(local).evaluate_args == ("--model", "2")
     assert cli.calls == [("models", "add", "builtin:local-features"), ("models", "activate", "2")]
+    local, cli = case(Path("cal.csv"), both)
+    prepare_local(local)
+    assert cli.calls[-1] == ("models", "calibrate", "2", "cal.csv", "--images", ".")
 
     fused, cli = case(Path("cal.csv"), both)
     prepared = prepare_fused(fused)
     assert prepared.evaluate_args == ("--verification", "rerank", "--model", "1")
     assert cli.calls == [
-        ("models", "fit-fusion", "1", "cal.csv", "--images", "."),
+        ("models", "calibrate", "1", "cal.csv", "--images", "."),
         ("models", "verify", "1", "--mode", "rerank"),
     ]
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
 from service.api.jobs import JobOut, job_out
-from service.api.schemas import Problem
+from service.api.schemas import INVALID, Problem
 from service.contract import ModelContractError, Verification
 from service.db.tables import Model
 from service.jobs.queue import get_job, progress
@@ -304,7 +304,7 @@ async def retire_model(
 @router.put(
     "/models/{model_id}/verification",
     response_model=RegisteredModel,
-    responses={404: {"model": Problem}, 422: {"model": Problem}},
+    responses={404: {"model": Problem}, **INVALID},
 )
 async def put_verification(
     model_id: ModelId, body: VerificationIn, sessions: SessionsDep, caller: Admin
@@ -318,7 +318,7 @@ async def put_verification(
 @router.post(
     "/models/{model_id}/calibration",
     response_model=RegisteredModel,
-    responses={404: {"model": Problem}, 422: {"model": Problem}},
+    responses={404: {"model": Problem}, **INVALID},
 )
 async def calibrate_model(
     model_id: ModelId, sessions: SessionsDep, caller: Admin
