@@ -718,20 +718,25 @@ def prepare_local(case: Case) -> Prepared:
         raise ModeUnavailable(str(e)) from e
     notes = [f"local-features model id {model_id}"]
     if case.calibration_csv is not None:
-        try:
-            case.cli.whaleid(
-                "models",
-                "calibrate",
-                str(model_id),
-                str(case.calibration_csv),
-                "--images",
-                str(case.data.images),
-                timeout=1800,
-            )
-            notes.append("calibrated on the calibration split (`models calibrate`)")
-        except CommandFailed as e:
-            notes.append(f"`models calibrate` failed ({e.why}): default calibration")
+        notes.append(calibrate(case, model_id))
     return Prepared(_model_arg(case, model_id), tuple(notes))
+
+
+def calibrate(case: Case, model_id: int) -> str:
+    """``whaleid models calibrate`` on the calibration split; what happened, as a note."""
+    try:
+        case.cli.whaleid(
+            "models",
+            "calibrate",
+            str(model_id),
+            str(case.calibration_csv),
+            "--images",
+            str(case.data.images),
+            timeout=1800,
+        )
+    except CommandFailed as e:
+        return f"`models calibrate` failed ({e.why}): default calibration"
+    return "calibrated on the calibration split (`models calibrate`)"
 
 
 def prepare_fused(case: Case) -> Prepared:
@@ -740,19 +745,7 @@ def prepare_fused(case: Case) -> Prepared:
     if case.calibration_csv is None:
         notes.append("no calibration split: default calibration")
     else:
-        try:
-            case.cli.whaleid(
-                "models",
-                "calibrate",
-                model,
-                str(case.calibration_csv),
-                "--images",
-                str(case.data.images),
-                timeout=1800,
-            )
-            notes.append("calibrated on the calibration split (`models calibrate`)")
-        except CommandFailed as e:
-            notes.append(f"`models calibrate` failed ({e.why}): default calibration")
+        notes.append(calibrate(case, case.demo_id))
     try:
         case.cli.whaleid("models", "verify", model, "--mode", "rerank")
     except CommandFailed as e:

@@ -131,13 +131,7 @@ def add_features(session: Session, extractor: str, found: dict[int, Features]) -
     """Add the features rows of ``found`` (image id -> features) that are not there yet."""
     if not found:
         return 0
-    have = set(
-        session.scalars(
-            select(Feature.image_id).where(
-                Feature.extractor == extractor, Feature.image_id.in_(list(found))
-            )
-        )
-    )
+    have = _with_features(session, extractor, list(found))
     rows = []
     for image_id, features in found.items():
         if image_id in have:
@@ -157,6 +151,17 @@ def add_features(session: Session, extractor: str, found: dict[int, Features]) -
     return len(rows)
 
 
+def _with_features(session: Session, extractor: str, image_ids: list[int]) -> set[int]:
+    """Those of ``image_ids`` that have features of ``extractor``."""
+    return set(
+        session.scalars(
+            select(Feature.image_id).where(
+                Feature.extractor == extractor, Feature.image_id.in_(image_ids)
+            )
+        )
+    )
+
+
 def images_without_features(
     session: Session, extractor: str, image_ids: Iterable[int]
 ) -> list[tuple[int, str]]:
@@ -164,13 +169,7 @@ def images_without_features(
     ids = list(image_ids)
     if not ids:
         return []
-    have = set(
-        session.scalars(
-            select(Feature.image_id).where(
-                Feature.extractor == extractor, Feature.image_id.in_(ids)
-            )
-        )
-    )
+    have = _with_features(session, extractor, ids)
     todo = [i for i in ids if i not in have]
     if not todo:
         return []
