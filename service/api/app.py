@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -142,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _problem(status))
 
+    app.add_exception_handler(RequestValidationError, errors.invalid_request)
     app.add_exception_handler(Busy, errors.busy)
     app.add_exception_handler(405, errors.method_not_allowed)
     app.add_exception_handler(Exception, errors.internal_error)

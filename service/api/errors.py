@@ -3,7 +3,12 @@ closes its connection cleanly, and a 405 whose Allow names every method of the p
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -17,6 +22,24 @@ async def busy(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Busy)
     headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float written as text: JSON has no ``inf`` or ``nan``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def invalid_request(_request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 for a request that fails validation, with the offending input echoed even
+    when it is ``Infinity`` or ``NaN`` (which Python's JSON reader accepts in a body)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
 async def internal_error(_request: Request, _exc: Exception) -> Response:

@@ -630,3 +630,27 @@ def test_the_local_matcher_answers_the_same_from_an_ivf_index(
     identifier.local.descriptors.remove({gone})
     assert identifier.local.descriptors.count < before
     assert gone not in identifier.local.descriptors.images
+
+
+def test_non_finite_numbers_in_a_body_are_a_422_not_a_500(
+    settings: Settings, reranking: Model
+) -> None:
+    """Python's JSON reader takes Infinity and NaN; the 422 that echoes them must still be JSON."""
+    for server in run_server(settings):
+        with server.client("admin") as admin:
+            for body in ('{"verification": Infinity}', '{"verification": NaN}'):
+                r = admin.put(
+                    f"/models/{reranking.id}/verification",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=60,
+                )
+                assert r.status_code == 422, r.text
+                assert r.json()["detail"][0]["input"] in ("inf", "nan")
+            r = admin.post(
+                "/individuals",
+                content='{"code": -Infinity}',
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            )
+            assert r.status_code == 422, r.text
