@@ -15,7 +15,11 @@ from typing import Any
 from service.contract import PAPER_HEAD, RANKINGS, Head, PixelRange, Preprocessing, Ranking, Resize
 from service.knn import CUTOFF_GRID, K_GRID
 
-BACKBONES = tuple(f"EfficientNetB{i}" for i in range(8)) + ("compact",)
+BACKBONES = (
+    tuple(f"EfficientNetB{i}" for i in range(8))
+    + tuple(f"EfficientNetLite{i}" for i in range(5))
+    + ("compact",)
+)
 
 
 class ConfigError(ValueError):
@@ -70,6 +74,7 @@ class TrainConfig:
     bn_momentum: float = 0.99  # of the embedding's BatchNorm (Keras' default)
     arcface_scale: float = 30.0
     arcface_margin: float = 0.3
+    arcface_subcenters: int = 1  # > 1: sub-center ArcFace (training.layers.ArcFace)
     resize: str = "stretch"
     pixel_range: str = "0-255"
     # optimisation
@@ -79,6 +84,17 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     schedule: Schedule = field(default_factory=Schedule)
     augmentation: Augmentation = field(default_factory=Augmentation)
+    # fine-tuning a pretrained backbone (training/configs/lite0-small-catalogue.yaml): the first
+    # freeze_epochs train only the head, at freeze_lr; then the whole network follows `schedule`,
+    # the backbone's layers at backbone_lr_scale x layer_decay ** (blocks below the top)
+    freeze_epochs: int = 0
+    freeze_lr: float = 1e-3
+    backbone_lr_scale: float = 1.0
+    layer_decay: float = 1.0
+    freeze_batchnorm: bool = False  # keep the backbone's ImageNet BatchNorm statistics
+    # stop after this many evaluations without a better val_map5_tuned (0: never); the best
+    # epoch's weights are the ones kept
+    early_stopping_patience: int = 0
     shuffle_buffer: int = 4096
     cache_decoded: bool = False  # keep decoded photos in memory (small catalogues)
     seed: int = 0
@@ -139,8 +155,16 @@ class TrainConfig:
             raise ConfigError("catalogue needs images: the folder its image column is relative to")
         if not 0 <= self.validation_fold < self.folds and self.folds > 0:
             raise ConfigError(f"validation_fold must be in 0..{self.folds - 1}")
-        if self.input_size < 32 or self.epochs < 1 or self.batch_per_replica < 1:
-            raise ConfigError("input_size >= 32, epochs >= 1 and batch_per_replica >= 1, please")
+        if self.input_size < 32 or self.epochs < 0 or self.batch_per_replica < 1:
+            raise ConfigError("input_size >= 32, epochs >= 0 and batch_per_replica >= 1, please")
+        if not 0 <= self.freeze_epochs <= self.epochs:
+            raise ConfigError(f"freeze_epochs must be in 0..epochs ({self.epochs})")
+        if self.embedding_dim < 0 or self.arcface_subcenters < 1:
+            raise ConfigError("embedding_dim >= 0 (0: the pooled features) and subcenters >= 1")
+        if not (0 < self.layer_decay <= 1 and self.backbone_lr_scale > 0):
+            raise ConfigError("layer_decay must be in (0, 1] and backbone_lr_scale above 0")
+        if self.early_stopping_patience < 0:
+            raise ConfigError("early_stopping_patience must be 0 (off) or more")
         return self
 
 

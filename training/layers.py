@@ -20,31 +20,47 @@ class ArcFace(keras.layers.Layer):  # type: ignore[misc]
     Inputs ``[embedding, label]``; output logits ``[batch, n_classes]`` for a softmax
     cross-entropy. Past ``theta + m > pi`` the margin term becomes ``cos(theta) - m sin(m)`` so
     the logit stays monotonic in theta (the usual "easy margin off" form).
+
+    ``subcenters`` > 1 is sub-center ArcFace (Deng et al., 2020): each class keeps that many
+    centres and a photo is compared with the nearest, so an individual may look two ways (left
+    and right flank, head-on and profile) without one centre having to sit between them.
     """
 
     def __init__(
-        self, n_classes: int, scale: float = 30.0, margin: float = 0.3, **kwargs: Any
+        self,
+        n_classes: int,
+        scale: float = 30.0,
+        margin: float = 0.3,
+        subcenters: int = 1,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.n_classes = int(n_classes)
         self.scale = float(scale)
         self.margin = float(margin)
+        self.subcenters = int(subcenters)
+        if self.subcenters < 1:
+            raise ValueError("subcenters must be at least 1")
 
     def build(self, input_shape: Any) -> None:
         embedding_shape = input_shape[0]
         self.centres = self.add_weight(
             name="centres",
-            shape=(int(embedding_shape[-1]), self.n_classes),
+            shape=(int(embedding_shape[-1]), self.n_classes * self.subcenters),
             initializer="glorot_uniform",
             trainable=True,
         )
         super().build(input_shape)
 
     def cosine(self, embedding: tf.Tensor) -> tf.Tensor:
-        """Cosine similarity of each embedding to each class centre (no margin, no scale)."""
+        """Cosine similarity of each embedding to each class (its nearest sub-centre), with no
+        margin and no scale."""
         x = tf.nn.l2_normalize(tf.cast(embedding, tf.float32), axis=1)
         w = tf.nn.l2_normalize(self.centres, axis=0)
-        return tf.clip_by_value(tf.matmul(x, w), -1.0 + 1e-7, 1.0 - 1e-7)
+        cos = tf.matmul(x, w)
+        if self.subcenters > 1:  # centres are laid out class-major: [c0s0, c0s1, c1s0, ...]
+            cos = tf.reduce_max(tf.reshape(cos, [-1, self.n_classes, self.subcenters]), axis=2)
+        return tf.clip_by_value(cos, -1.0 + 1e-7, 1.0 - 1e-7)
 
     def call(self, inputs: Any) -> tf.Tensor:
         embedding, label = inputs
@@ -66,6 +82,7 @@ class ArcFace(keras.layers.Layer):  # type: ignore[misc]
             "n_classes": self.n_classes,
             "scale": self.scale,
             "margin": self.margin,
+            "subcenters": self.subcenters,
         }
 
 
@@ -120,3 +137,30 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: i
             "sustain_epochs": self.sustain_epochs,
             "decay_until_epoch": self.decay_until_epoch,
         }
+
+
+@keras.saving.register_keras_serializable(package="whaleid")
+class LayerwiseAdam(keras.optimizers.Adam):  # type: ignore[misc]
+    """Adam with a learning-rate factor per variable: ``multipliers`` maps a variable's path
+    (``variable.path``) to its factor, 1 where absent. Fine-tuning a pretrained backbone gives its
+    early layers, which hold general edges and textures, a smaller step than its late ones and
+    the new embedding head (layer-wise learning-rate decay). A factor scales the step itself: with
+    Adam, scaling the gradient instead would change nothing."""
+
+    def __init__(self, multipliers: dict[str, float] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.multipliers = {str(k): float(v) for k, v in (multipliers or {}).items()}
+        self._factors: list[float] = []
+
+    def build(self, var_list: Any) -> None:
+        super().build(var_list)
+        self._factors = [self.multipliers.get(v.path, 1.0) for v in var_list]
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> Any:
+        factor = self._factors[self._get_variable_index(variable)]
+        if factor != 1.0:
+            learning_rate = learning_rate * factor
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "multipliers": self.multipliers}

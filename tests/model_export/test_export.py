@@ -13,7 +13,7 @@ tf = pytest.importorskip("tensorflow")
 onnx = pytest.importorskip("onnx")
 
 from model_export.cli import main as export_cli  # noqa: E402
-from model_export.export import ExportRefused, export_model  # noqa: E402
+from model_export.export import ROUNDING_FLOOR, ExportRefused, export_model  # noqa: E402
 from service.contract import Preprocessing  # noqa: E402
 from service.onnx.embedder import Embedder, l2_normalise  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -135,3 +135,35 @@ def test_cli(tiny_run: Path, tmp_path: Path) -> None:
 def test_parity_photos_are_real_files_of_the_run(tiny_run: Path) -> None:
     photos = sorted((tiny_run / "parity").iterdir())
     assert photos and all(Image.open(p).format == "JPEG" for p in photos)
+
+
+def test_frozen_imagenet_lite_exports_and_embeds_in_the_service(tmp_path: Path) -> None:
+    """training/configs/lite0-frozen.yaml in small: no training, the pooled ImageNet features
+    are the embedding, and the exported file is served like any other model."""
+    from tests.training.helpers import tiny_config
+    from training.synthetic import write_catalogue
+    from training.train import train
+
+    catalogue = write_catalogue(tmp_path / "cat", individuals=8, photos=4, size=192, seed=5)
+    config = tiny_config(
+        catalogue,
+        tmp_path / "run",
+        backbone="EfficientNetLite0",
+        weights="imagenet",
+        input_size=128,
+        epochs=0,
+        embedding_dim=0,
+    )
+    summary = train(config)
+    assert summary["epochs"] == 0 and summary["stages"] == []
+    out = tmp_path / "lite.onnx"
+    result = export_model(tmp_path / "run" / "model.keras", out)
+    embedder = Embedder(out)
+    assert embedder.dim == 1280
+    assert embedder.contract.training["whaleid.training.backbone"] == "EfficientNetLite0"
+    assert min(result.parity.tf_vs_onnx) >= 0.9999
+    # Training and service round a resampled pixel apart by one step at most; the frozen
+    # ImageNet features feel it (cosines about 0.997), which the export accepts as rounding.
+    assert result.parity.input_steps <= 1.0
+    assert min(result.parity.tf_vs_service) >= ROUNDING_FLOOR
+    assert embedder.contract.head.k == summary["head"]["k"]
