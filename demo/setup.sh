@@ -27,3 +27,7 @@ fi
 "$BIN/whaleid" import "$GALLERY/catalogue.csv" --images "$GALLERY/images"
 log "demo ready; held-out queries: $GALLERY/queries.csv (evaluate: $BIN/whaleid evaluate" \
   "$GALLERY/queries.csv --images $GALLERY/images)"
+log "the demo model knows synthetic fins only. For your own photos pick a start (README," \
+  "'Which start to pick'): no training: $BIN/whaleid models add builtin:local-features" \
+  "--activate; a laptop and a small catalogue: training/configs/lite0-small-catalogue.yaml;" \
+  "a TPU with the internet: training/configs/effb5.json"
