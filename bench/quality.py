@@ -10,7 +10,24 @@ through the real command line, in a subprocess with a throw-away data directory:
 1. ``global``: the demo model and its kNN head;
 2. ``local``: the built-in ``local-features`` matcher;
 3. ``fused``: the demo model with verification ``rerank`` (after ``models calibrate`` on the
-   calibration split when the set has one).
+   calibration split when the set has one);
+4. ``scratch``: EfficientNet-Lite0 trained from random weights on the set's gallery
+   (``training/configs/lite0-small-catalogue.yaml`` with ``weights=none``, ``freeze_epochs=0``);
+5. ``frozen``: ImageNet EfficientNet-Lite0 features, not trained at all
+   (``training/configs/lite0-frozen.yaml``, 0 epochs; the trainer still chooses the kNN head's
+   k and cutoff on its validation fold);
+6. ``finetuned``: ImageNet EfficientNet-Lite0 fine-tuned on the set's gallery
+   (``training/configs/lite0-small-catalogue.yaml``);
+7. ``fused-finetuned``: ``fused`` with the ``finetuned`` model in place of the demo model.
+
+The trained modes (4-7) train with ``python -m training train`` of ``.venv-train`` on the split's
+gallery photos only: the queries, the calibration split and the unseen individuals are never
+trained on (the trainer deals the gallery's individuals into folds and holds one fold out to
+choose its head). The run is exported with ``python -m model_export`` and registered with
+``whaleid models add RUN/model.onnx --activate``. Runs are kept in
+``SCRATCH/<set>/runs/<recipe>`` and reused while the config file, its overrides and the gallery
+are the same (``--retrain`` trains again). A set whose gallery holds fewer than 2 individuals
+cannot be trained on: those modes are "not run" there.
 
 ``whaleid evaluate`` gives MAP@5 (overall, known, unseen); ``POST /identify`` on ``whaleid serve``,
 timed from the client on a seeded sample of the queries, gives the latency per query. A mode whose
@@ -18,6 +35,7 @@ commands the CLI does not have yet is reported "not run" with the step that fail
 
     PYTHONPATH=$PWD .venv/bin/python bench/quality.py                     # all sets and modes
     PYTHONPATH=$PWD .venv/bin/python bench/quality.py --modes global      # mode 1 only
+    PYTHONPATH=$PWD .venv/bin/python bench/quality.py --modes frozen,finetuned --sets orl_faces
     PYTHONPATH=$PWD .venv/bin/python bench/quality.py --render-only       # doc from last results
 """
 
@@ -27,6 +45,7 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -56,6 +75,12 @@ log = logging.getLogger("bench.quality")
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "demo" / "whaleid-demo.onnx"
 TEMPLATE = Path(__file__).with_name("quality.md.j2")
+TRAIN_PYTHON = ROOT / ".venv-train" / "bin" / "python"
+TRAIN_CONFIGS = ROOT / "training" / "configs"
+TRAIN_TIMEOUT = 45 * 60
+EXPORT_TIMEOUT = 30 * 60
+# Training needs at least two individuals in the gallery (the trainer's ArcFace classes).
+MIN_TRAIN_INDIVIDUALS = 2
 SEED = 0
 UNSEEN_FRACTION = 0.2
 CALIBRATION_CAP = 200
@@ -539,8 +564,10 @@ class Cli:
         self.env = env
         self.count = 0
 
-    def python(self, *args: str, timeout: float = 600) -> Done:
-        command = [sys.executable, *args]
+    def python(self, *args: str, timeout: float = 600, interpreter: Path | None = None) -> Done:
+        """``python ARGS`` (this interpreter, or ``interpreter``: the training virtualenv's),
+        its stderr logged to a numbered file of the log folder."""
+        command = [str(interpreter or sys.executable), *args]
         self.count += 1
         logfile = self.logs / f"{self.count:02d}-{_slug(args)}.log"
         started = time.perf_counter()
@@ -604,15 +631,24 @@ class Cli:
 
 
 def _slug(args: Sequence[str]) -> str:
-    words = [a for a in args if not a.startswith("-") and "/" not in a and a != "service.cli"]
+    words = [
+        a
+        for a in args
+        if not a.startswith("-") and "/" not in a and "=" not in a and a != "service.cli"
+    ]
     return "-".join(words[:3]) or "python"
 
 
 def _shown(args: Sequence[str]) -> list[str]:
     """The command as a reader types it: ``whaleid ...`` with paths cut to their names."""
     args = list(args)
-    if args[:2] == ["-m", "service.cli"]:
-        args = ["whaleid", *args[2:]]
+    programs = {
+        "service.cli": "whaleid",
+        "training": "whaleid-train",
+        "model_export": "whaleid-export",
+    }
+    if len(args) >= 2 and args[0] == "-m" and args[1] in programs:
+        args = [programs[args[1]], *args[2:]]
     return [Path(a).name if "/" in a else a for a in args]
 
 
@@ -676,10 +712,51 @@ class ModeUnavailable(RuntimeError):
     """This checkout's command line cannot run the mode (yet)."""
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a trained mode's model is trained: a config file of ``training/configs`` and
+    ``--set`` overrides. ``name`` is the run folder under ``SCRATCH/<set>/runs``."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+
+
+RECIPES = {
+    "scratch": Recipe("scratch", "lite0-small-catalogue.yaml", ("weights=none", "freeze_epochs=0")),
+    "frozen": Recipe("frozen", "lite0-frozen.yaml"),
+    "finetuned": Recipe("finetuned", "lite0-small-catalogue.yaml"),
+}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The command line's say over the trained modes: another config file per recipe (or for
+    all), extra ``--set`` overrides for every run, and the training interpreter."""
+
+    configs: dict[str, Path] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()
+    python: Path = TRAIN_PYTHON
+    # whaleid-export --service-tolerance (None: the exporter's default).
+    service_tolerance: float | None = None
+    timeout_s: float = TRAIN_TIMEOUT
+
+    def config(self, recipe: Recipe) -> Path:
+        return (
+            self.configs.get(recipe.name)
+            or self.configs.get("*")
+            or TRAIN_CONFIGS / (recipe.config)
+        )
+
+    def overrides(self, recipe: Recipe) -> tuple[str, ...]:
+        return (*recipe.overrides, *self.extra)
+
+
 @dataclass
 class Case:
     """One set's split as files, and a data directory with the demo model active over its
-    gallery: what every mode starts from."""
+    gallery: what every mode starts from. ``runs`` holds the set's training runs; a trained
+    mode records what its training and export took in ``training``."""
 
     data: DataSet
     cli: Cli
@@ -688,6 +765,9 @@ class Case:
     queries_csv: Path
     calibration_csv: Path | None
     features: dict[str, bool]
+    runs: Path | None = None
+    train: TrainOptions = field(default_factory=TrainOptions)
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -740,31 +820,205 @@ def calibrate(case: Case, model_id: int) -> str:
 
 
 def prepare_fused(case: Case) -> Prepared:
-    model = str(case.demo_id)
-    notes = []
+    return verified(case, case.demo_id, [])
+
+
+def verified(case: Case, model_id: int, notes: list[str]) -> Prepared:
+    """Verification ``rerank`` on ``model_id``, calibrated on the calibration split when the set
+    has one."""
     if case.calibration_csv is None:
         notes.append("no calibration split: default calibration")
     else:
-        notes.append(calibrate(case, case.demo_id))
+        notes.append(calibrate(case, model_id))
     try:
-        case.cli.whaleid("models", "verify", model, "--mode", "rerank")
+        case.cli.whaleid("models", "verify", str(model_id), "--mode", "rerank")
     except CommandFailed as e:
         raise ModeUnavailable(str(e)) from e
     if not case.features["verification"]:
         raise ModeUnavailable("`whaleid evaluate` has no --verification option")
-    return Prepared(("--verification", "rerank", *_model_arg(case, case.demo_id)), tuple(notes))
+    return Prepared(("--verification", "rerank", *_model_arg(case, model_id)), tuple(notes))
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def trained_model(case: Case, recipe: Recipe) -> Path:
+    """Train ``recipe`` on the case's gallery (or reuse the finished run of the same config,
+    overrides and gallery), export it to ONNX, and record the figures in ``case.training``;
+    the ONNX file."""
+    assert case.runs is not None, "a trained mode needs the set's runs folder"
+    config = case.train.config(recipe)
+    if not config.is_file():
+        raise ModeUnavailable(f"no training config {config}")
+    if not case.train.python.exists():
+        raise ModeUnavailable(f"no training virtualenv ({case.train.python}): see docs/training.md")
+    run = case.runs / recipe.name
+    # The trainer keeps the catalogue's path in the run's config: one stable file per set.
+    case.runs.mkdir(parents=True, exist_ok=True)
+    catalogue = case.runs / "gallery.csv"
+    gallery = case.gallery_csv.read_text()
+    if not catalogue.exists() or catalogue.read_text() != gallery:
+        catalogue.write_text(gallery)
+    overrides = (
+        f"catalogue={catalogue}",
+        f"images={case.data.images.resolve()}",
+        f"output={run}",
+        *case.train.overrides(recipe),
+    )
+    key = _fingerprint(str(config.resolve()), config.read_text(), *overrides, gallery)
+    key_file, record_file, summary_file = (
+        run / "bench-key.txt",
+        run / "bench.json",
+        run / "summary.json",
+    )
+    if run.exists() and (not key_file.exists() or key_file.read_text() != key):
+        log.info("%s: config, overrides or gallery changed since the run: training again", run)
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
+    record = _read_json(record_file)
+    case.training.update(
+        recipe=recipe.name,
+        config=str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+        overrides=list(case.train.overrides(recipe)),
+        run=str(run),
+        cached=summary_file.exists(),
+    )
+    if not summary_file.exists():
+        sets = [a for o in overrides for a in ("--set", o)]
+        # An earlier session of this run that timed out or failed: the trainer resumes from its
+        # last finished epoch, and the wall time counts both.
+        before = float(record.get("interrupted_s", 0.0))
+        started = time.perf_counter()
+        try:
+            done = case.cli.python(
+                "-m",
+                "training",
+                "train",
+                "--config",
+                str(config.resolve()),
+                *sets,
+                timeout=case.train.timeout_s,
+                interpreter=case.train.python,
+            )
+        except CommandFailed:
+            record["interrupted_s"] = before + time.perf_counter() - started
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+            raise
+        if not summary_file.exists():
+            raise CommandFailed(
+                ["whaleid-train", "train"], "wrote no summary.json", _tail(done.stderr)
+            )
+        record = {"train_wall_s": before + done.seconds}
+        if before:
+            record["resumed_after_s"] = before
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
+    summary = _read_json(summary_file)
+    validation = summary.get("validation") or {}
+    best = validation.get("best") or {}
+    kept = summary.get("best_epoch")
+    case.training.update(
+        train_wall_s=record.get("train_wall_s"),
+        # Wall time of earlier sessions of the run (timed out or failed), included above.
+        resumed_after_s=record.get("resumed_after_s"),
+        train_seconds_last_session=summary.get("train_seconds_last_session"),
+        epochs=summary.get("epochs"),
+        # The epoch whose weights the trainer kept (early stopping), when it says.
+        kept_epoch=kept.get("epoch") if isinstance(kept, dict) else kept,
+        head=summary.get("head"),
+        best_val_map5=best.get("map5"),
+        best_val_queries=best.get("queries"),
+        data=summary.get("data"),
+    )
+    onnx = run / "model.onnx"
+    tolerance: list[str] = []
+    if case.train.service_tolerance is not None:
+        tolerance = ["--service-tolerance", str(case.train.service_tolerance)]
+    if "export_s" not in record or not onnx.exists() or record.get("export_args") != tolerance:
+        onnx.unlink(missing_ok=True)
+        done = case.cli.python(
+            "-m",
+            "model_export",
+            str(run / "model.keras"),
+            "--out",
+            str(onnx),
+            # Its own version: the run's name and version may be the demo model's (registered
+            # in the same data directory), which `models add` refuses for another file.
+            "--version",
+            f"bench-{case.data.key}-{recipe.name}",
+            *tolerance,
+            timeout=EXPORT_TIMEOUT,
+            interpreter=case.train.python,
+        )
+        record.update(export_s=done.seconds, export_args=tolerance)
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
+    case.training.update(
+        export_s=record["export_s"],
+        export_args=tolerance,
+        model_mb=onnx.stat().st_size / 1e6,
+    )
+    return onnx
+
+
+def activate_trained(case: Case, recipe: Recipe) -> tuple[int, list[str]]:
+    """Train (or reuse) and export ``recipe``, register the model, embed the gallery with it."""
+    onnx = trained_model(case, recipe)
+    model_id = registered_id(
+        case.cli.whaleid("models", "add", str(onnx), "--activate", timeout=1800), case.cli
+    )
+    head = next(r for r in models(case.cli) if r.id == model_id)
+    t = case.training
+    notes = [
+        f"{recipe.name} run ({'reused' if t['cached'] else 'trained now'}): {t['config']}"
+        + (f" with {', '.join(t['overrides'])}" if t["overrides"] else ""),
+        f"kNN head of the model: k {head.k}, cutoff {head.cutoff}, {head.ranking}",
+    ]
+    if t["export_args"]:
+        notes.append(f"exported with {' '.join(t['export_args'])}")
+    return model_id, notes
+
+
+def prepare_trained(recipe: str) -> Callable[[Case], Prepared]:
+    def prepare(case: Case) -> Prepared:
+        model_id, notes = activate_trained(case, RECIPES[recipe])
+        return Prepared(_model_arg(case, model_id), tuple(notes))
+
+    return prepare
+
+
+def prepare_fused_trained(recipe: str) -> Callable[[Case], Prepared]:
+    def prepare(case: Case) -> Prepared:
+        model_id, notes = activate_trained(case, RECIPES[recipe])
+        return verified(case, model_id, notes)
+
+    return prepare
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
     prepare: Callable[[Case], Prepared]
+    # The training recipe the mode's model comes from (None: no training).
+    recipe: str | None = None
 
 
 MODES = {
     "global": Mode("global", prepare_global),
     "local": Mode("local", prepare_local),
     "fused": Mode("fused", prepare_fused),
+    "scratch": Mode("scratch", prepare_trained("scratch"), "scratch"),
+    "frozen": Mode("frozen", prepare_trained("frozen"), "frozen"),
+    "finetuned": Mode("finetuned", prepare_trained("finetuned"), "finetuned"),
+    "fused-finetuned": Mode("fused-finetuned", prepare_fused_trained("finetuned"), "finetuned"),
 }
 
 
@@ -782,6 +1036,10 @@ class ModeResult:
     evaluate_s: float = 0.0
     wall_s: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
+    # Trained modes: recipe, config, overrides, run, cached, train_wall_s,
+    # train_seconds_last_session, epochs, kept_epoch, head, best_val_map5, best_val_queries,
+    # data (the trainer's split), export_s, export_args, model_mb.
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -798,8 +1056,15 @@ class SetResult:
     setup_s: float = 0.0
 
 
-def prepare_case(data: DataSet, s: Split, folder: Path, features: dict[str, bool]) -> Case:
-    """A fresh data directory: schema, the demo model active, the gallery imported."""
+def prepare_case(
+    data: DataSet,
+    s: Split,
+    folder: Path,
+    features: dict[str, bool],
+    train: TrainOptions | None = None,
+) -> Case:
+    """A fresh data directory: schema, the demo model active, the gallery imported. Training
+    runs go to ``runs`` beside the mode folders (``SCRATCH/<set>/runs``), which outlive them."""
     shutil.rmtree(folder, ignore_errors=True)
     cli = Cli(folder / "data", folder / "logs")
     cli.whaleid("db", "upgrade")
@@ -810,7 +1075,17 @@ def prepare_case(data: DataSet, s: Split, folder: Path, features: dict[str, bool
         write_csv(folder / "calibration.csv", s.calibration) if s.calibration else None
     )
     cli.whaleid("import", str(gallery_csv), "--images", str(data.images), "--strict", timeout=1800)
-    return Case(data, cli, demo_id, gallery_csv, queries_csv, calibration_csv, features)
+    return Case(
+        data,
+        cli,
+        demo_id,
+        gallery_csv,
+        queries_csv,
+        calibration_csv,
+        features,
+        runs=folder.parent / "runs",
+        train=train or TrainOptions(),
+    )
 
 
 def timed_identify(case: Case, sample: Sequence[Photo]) -> dict[str, float]:
@@ -845,13 +1120,35 @@ def timed_identify(case: Case, sample: Sequence[Photo]) -> dict[str, float]:
     }
 
 
+def cannot_train(s: Split) -> str | None:
+    """Why the split's gallery cannot be trained on, or None."""
+    individuals = s.counts()["gallery_individuals"]
+    if individuals < MIN_TRAIN_INDIVIDUALS:
+        return (
+            f"the gallery holds {individuals} individual(s): training needs at least "
+            f"{MIN_TRAIN_INDIVIDUALS}"
+        )
+    return None
+
+
 def run_mode(
-    mode: Mode, data: DataSet, s: Split, folder: Path, features: dict[str, bool], timed: int
+    mode: Mode,
+    data: DataSet,
+    s: Split,
+    folder: Path,
+    features: dict[str, bool],
+    timed: int,
+    train: TrainOptions | None = None,
 ) -> ModeResult:
     result = ModeResult(mode.name, "ran")
     started = time.perf_counter()
+    if mode.recipe is not None and (why := cannot_train(s)):
+        result.status, result.reason = "not run", why
+        log.warning("%s on %s: not run: %s", mode.name, data.key, why)
+        return result
+    case: Case | None = None
     try:
-        case = prepare_case(data, s, folder, features)
+        case = prepare_case(data, s, folder, features, train)
         prepared = mode.prepare(case)
         result.notes = list(prepared.notes)
         result.setup_s = time.perf_counter() - started
@@ -878,6 +1175,8 @@ def run_mode(
     except CommandFailed as e:
         result.status, result.reason = "failed", str(e)
         log.error("%s on %s failed: %s", mode.name, data.key, e)
+    if case is not None:
+        result.training = dict(case.training)
     result.wall_s = time.perf_counter() - started
     return result
 
@@ -917,11 +1216,19 @@ def measure(
     s = split(data, args.seed, args.max_queries)
     counts = s.counts()
     log.info("%s: %s", data.key, counts)
+    if args.retrain:
+        for recipe in sorted({m.recipe for m in modes if m.recipe is not None}):
+            run = scratch / data.key / "runs" / recipe
+            if run.exists():
+                log.info("--retrain: deleting %s", run)
+                shutil.rmtree(run)
     results = []
     for mode in modes:
         log.info("%s: mode %s", data.key, mode.name)
         results.append(
-            run_mode(mode, data, s, scratch / data.key / mode.name, features, args.timed)
+            run_mode(
+                mode, data, s, scratch / data.key / mode.name, features, args.timed, args.train
+            )
         )
     return SetResult(
         data.key,
@@ -1009,12 +1316,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--render-only", action="store_true", help="write the doc from the last results.json"
     )
+    training = parser.add_argument_group(
+        "trained modes", f"{', '.join(m for m in MODES if MODES[m].recipe)}"
+    )
+    training.add_argument(
+        "--train-config",
+        action="append",
+        default=[],
+        metavar="[RECIPE=]PATH",
+        help="train recipe RECIPE (scratch, frozen or finetuned; every recipe without RECIPE=) "
+        "with this config file instead of its own under training/configs, e.g. "
+        "demo/config.json for a quick check; repeatable",
+    )
+    training.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more `--set KEY=VALUE` for every training run (after the recipe's own), e.g. "
+        "epochs=2; repeatable",
+    )
+    training.add_argument(
+        "--train-python",
+        type=Path,
+        default=TRAIN_PYTHON,
+        help="the interpreter of the training virtualenv (default .venv-train/bin/python)",
+    )
+    training.add_argument(
+        "--service-tolerance",
+        type=float,
+        help="passed to whaleid-export: the least cosine between TensorFlow's embedding (as "
+        "trained) and the service embedder's of the run's parity photos (default: the "
+        "exporter's, 0.999)",
+    )
+    training.add_argument(
+        "--train-timeout",
+        type=float,
+        default=TRAIN_TIMEOUT / 60,
+        metavar="MINUTES",
+        help="stop a training command after this long (default %(default).0f); the run folder "
+        "stays, so the next bench run resumes it from its last finished epoch",
+    )
+    training.add_argument(
+        "--retrain",
+        action="store_true",
+        help="delete the sets' cached runs of the requested trained modes and train again "
+        "(otherwise a finished run of the same config, overrides and gallery is reused)",
+    )
     return parser
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    configs: dict[str, Path] = {}
+    for text in args.train_config:
+        recipe, sep, path = text.partition("=") if "=" in text else ("*", "", text)
+        if sep and recipe not in RECIPES:
+            raise SystemExit(
+                f"--train-config {text}: no recipe {recipe!r} (of {', '.join(RECIPES)})"
+            )
+        configs[recipe] = Path(path).resolve()
+    for text in args.train_set:
+        if "=" not in text.strip("="):
+            raise SystemExit(f"--train-set {text}: write KEY=VALUE")
+    return TrainOptions(
+        configs,
+        tuple(args.train_set),
+        args.train_python.absolute(),
+        args.service_tolerance,
+        args.train_timeout * 60,
+    )
+
+
+def selected_modes(text: str) -> list[Mode]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (of {', '.join(MODES)})")
+    return [MODES[m] for m in names]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.train = train_options(args)
+    args.selected = selected_modes(args.modes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     scratch = args.scratch.resolve()
@@ -1033,7 +1418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_all(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    modes = [MODES[m.strip()] for m in args.modes.split(",") if m.strip()]
+    modes: list[Mode] = args.selected
     wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     env = environment()
     features = capabilities(Cli(None, scratch / "logs"))
