@@ -12,7 +12,8 @@ through the real command line, in a subprocess with a throw-away data directory:
 3. ``fused``: the demo model with verification ``rerank`` (after ``models calibrate`` on the
    calibration split when the set has one);
 4. ``scratch``: EfficientNet-Lite0 trained from random weights on the set's gallery
-   (``training/configs/lite0-small-catalogue.yaml`` with ``weights=none``, ``freeze_epochs=0``);
+   (``training/configs/lite0-small-catalogue.yaml`` with ``weights=none``, no frozen stage, every
+   layer at the head's learning rate, BatchNorm statistics learnt, peak learning rate 2e-3);
 5. ``frozen``: ImageNet EfficientNet-Lite0 features, not trained at all
    (``training/configs/lite0-frozen.yaml``, 0 epochs; the trainer still chooses the kNN head's
    k and cutoff on its validation fold);
@@ -723,7 +724,20 @@ class Recipe:
 
 
 RECIPES = {
-    "scratch": Recipe("scratch", "lite0-small-catalogue.yaml", ("weights=none", "freeze_epochs=0")),
+    # The same recipe from random weights: nothing to freeze, no pretrained layers to spare (every
+    # layer at the head's rate, BatchNorm statistics learnt), and a from-scratch learning rate.
+    "scratch": Recipe(
+        "scratch",
+        "lite0-small-catalogue.yaml",
+        (
+            "weights=none",
+            "freeze_epochs=0",
+            "backbone_lr_scale=1",
+            "layer_decay=1",
+            "freeze_batchnorm=false",
+            "schedule.peak=2e-3",
+        ),
+    ),
     "frozen": Recipe("frozen", "lite0-frozen.yaml"),
     "finetuned": Recipe("finetuned", "lite0-small-catalogue.yaml"),
 }

@@ -15,7 +15,9 @@ TOP = 5
 # The grid a catalogue's head is chosen from: the service's shadow evaluation searches it, and
 # training should use these values too. The paper's head is ``service.contract.PAPER_HEAD``.
 K_GRID = (1, 3, 5, 10, 20, 50, 75, 100)
-CUTOFF_GRID = tuple(round(0.30 + 0.02 * i, 2) for i in range(31))  # 0.30 ... 0.90
+# From 0.02: frozen ImageNet features put every photo within a cosine distance of 0.3 of the
+# others (issue 17), and their cutoff lies below where a trained model's does.
+CUTOFF_GRID = tuple(round(0.02 + 0.02 * i, 2) for i in range(45))  # 0.02 ... 0.90
 # A neighbour at distance 0 (the same photo) must not divide by zero.
 _MIN_DISTANCE = 1e-6
 C = TypeVar("C")

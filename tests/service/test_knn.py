@@ -198,10 +198,10 @@ def test_a_head_reads_back_what_it_writes_and_defaults_to_the_papers() -> None:
 @pytest.mark.parametrize("doc", ["docs/operations.md", "docs/training.md"])
 def test_the_head_grid_is_the_one_documented(doc: str) -> None:
     """Operators read which heads the shadow evaluation (and training's search) tries in the
-    docs: k ∈ {…} × cutoff 0.30…0.90 step 0.02."""
+    docs: k ∈ {…} × cutoff 0.02…0.90 step 0.02."""
     text = " ".join((Path(__file__).parents[2] / doc).read_text().split())
     ks = re.search(r"k ∈ \{([0-9, ]+)\}", text)
     assert ks is not None and tuple(int(k) for k in ks.group(1).split(",")) == K_GRID
-    assert re.search(r"cutoff 0\.30…0\.90 \(?step 0\.02", text)
-    assert (CUTOFF_GRID[0], CUTOFF_GRID[-1]) == (0.30, 0.90)
+    assert re.search(r"cutoff 0\.02…0\.90 \(?step 0\.02", text)
+    assert (CUTOFF_GRID[0], CUTOFF_GRID[-1]) == (0.02, 0.90)
     assert np.allclose(np.diff(CUTOFF_GRID), 0.02)
