@@ -11,7 +11,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from service.knn import K_GRID  # noqa: E402
+from service.knn import CUTOFF_GRID, K_GRID  # noqa: E402
 from tests.training.helpers import tiny_config  # noqa: E402
 from training import train as train_module  # noqa: E402
 from training.cli import main as cli_main  # noqa: E402
@@ -40,7 +40,11 @@ def test_a_run_leaves_everything_behind(tiny_run: Path) -> None:
     grid = json.loads((tiny_run / "threshold_search.json").read_text())
     assert {c["k"] for c in grid["cells"]} == set(K_GRID)
     cutoffs = sorted({c["cutoff"] for c in grid["cells"]})
-    assert cutoffs[0] == 0.3 and cutoffs[-1] == 0.9 and len(cutoffs) == 31
+    assert cutoffs == list(CUTOFF_GRID) and (cutoffs[0], cutoffs[-1], len(cutoffs)) == (
+        0.02,
+        0.9,
+        45,
+    )
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["head"] == {k: grid["best"][k] for k in ("k", "cutoff", "ranking")}
     assert summary["validation"]["best"]["map5"] == grid["best"]["map5"]
