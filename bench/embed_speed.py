@@ -30,7 +30,6 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from service.contract import ModelContract, PixelRange, Preprocessing, Resize  # noqa: E402
 from service.onnx.embedder import Embedder  # noqa: E402
@@ -76,22 +75,17 @@ def build_onnx(backbone: str, size: int, weights: str, folder: Path) -> tuple[Pa
 def time_models(
     embedders: dict[str, Embedder], rounds: int, seed: int = 0
 ) -> dict[str, list[float]]:
-    """Milliseconds per call of each embedder, taking turns in blocks of ``BLOCK`` calls."""
+    """Milliseconds per call of each embedder on a random photo of its input size, taking turns
+    in blocks of ``BLOCK`` calls (``model_export.compare``'s way)."""
+    from model_export.compare import interleaved_seconds
+
     rng = np.random.default_rng(seed)
-    inputs = {}
-    for name, e in embedders.items():
+    inputs = []
+    for e in embedders.values():
         size = e.contract.preprocessing.input_size
-        inputs[name] = rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32)
-    for name, e in embedders.items():  # warm-up
-        e.embed(inputs[name])
-    times: dict[str, list[float]] = {name: [] for name in embedders}
-    for _ in tqdm(range(rounds), desc="rounds", unit="round"):
-        for name, e in embedders.items():
-            for _ in range(BLOCK):
-                started = time.perf_counter()
-                e.embed(inputs[name])
-                times[name].append((time.perf_counter() - started) * 1000)
-    return times
+        inputs.append(rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32))
+    seconds = interleaved_seconds(list(embedders.values()), inputs, rounds, BLOCK)
+    return {name: [1000 * t for t in s] for name, s in zip(embedders, seconds, strict=True)}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -23,24 +23,35 @@ from typing import Any
 import numpy as np
 
 from service.knn import NEW_INDIVIDUAL
+from service.onnx.embedder import Embedder
 from training.data import read_entries
 from training.evaluate import embed_photos, nearest, onnx_embed, predict, prepare, score
 
 log = logging.getLogger("whaleid-compare")
 
 
-def _timings(models: Sequence[Path], photo: np.ndarray, rounds: int, block: int) -> list[Any]:
-    embedders = [onnx_embed(path)[1] for path in models]
-    for embedder in embedders:  # warm-up
+def interleaved_seconds(
+    embedders: Sequence[Embedder], inputs: Sequence[np.ndarray], rounds: int, block: int
+) -> list[list[float]]:
+    """Seconds per ``embed`` call of each embedder on its input, the embedders taking turns in
+    blocks of ``block`` calls (after a warm-up), so that a machine whose speed drifts treats
+    them alike."""
+    for embedder, photo in zip(embedders, inputs, strict=True):  # warm-up
         for _ in range(3):
             embedder.embed(photo)
-    seconds: list[list[float]] = [[] for _ in models]
+    seconds: list[list[float]] = [[] for _ in embedders]
     for _ in range(rounds):
-        for i, embedder in enumerate(embedders):
+        for i, (embedder, photo) in enumerate(zip(embedders, inputs, strict=True)):
             for _ in range(block):
                 started = time.perf_counter()
                 embedder.embed(photo)
                 seconds[i].append(time.perf_counter() - started)
+    return seconds
+
+
+def _timings(models: Sequence[Path], photo: np.ndarray, rounds: int, block: int) -> list[Any]:
+    embedders = [onnx_embed(path)[1] for path in models]
+    seconds = interleaved_seconds(embedders, [photo] * len(embedders), rounds, block)
     return [
         {
             "p50_ms": round(1000 * float(np.percentile(s, 50)), 2),

@@ -172,8 +172,8 @@ def check_parity(
     parity.input_steps = pixel_steps(trained, served, declared)
     worst = int(np.argmin(parity.tf_vs_service))
     rounding_only = trained_with == declared and parity.input_steps <= 1.0 + 1e-4
-    floor = ROUNDING_FLOOR if rounding_only else service_tolerance
-    if parity.tf_vs_service[worst] < min(floor, service_tolerance):
+    limit = min(ROUNDING_FLOOR, service_tolerance) if rounding_only else service_tolerance
+    if parity.tf_vs_service[worst] < limit:
         raise ExportRefused(_service_mismatch(parity, worst, photos, trained_with, declared))
     if parity.tf_vs_service[worst] < service_tolerance:
         log.info(

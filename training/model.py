@@ -148,17 +148,12 @@ def layerwise_multipliers(backbone: keras.Model, scale: float, decay: float) -> 
     """Learning-rate factors of the backbone's variables, by path: ``scale`` at the top and
     ``decay`` less per block further down (EfficientNet-Lite: its stem, blocks and head; other
     backbones get ``scale`` throughout)."""
-    blocks = (
-        block_count(_LITE_BY_MODEL_NAME[backbone.name])
-        if backbone.name in _LITE_BY_MODEL_NAME
-        else None
-    )
+    lite = _LITE_BY_MODEL_NAME.get(backbone.name)
+    blocks = block_count(lite) if lite else 0
     factors: dict[str, float] = {}
     for layer in backbone.layers:
-        depth = lite_depth(layer.name, blocks) if blocks is not None else 1.0
-        if depth is None:
-            depth = 1.0
-        steps_below_top = (1.0 - depth) * (blocks + 1 if blocks is not None else 0)
+        depth = lite_depth(layer.name, blocks) if lite else None
+        below_top = 0.0 if depth is None else (1.0 - depth) * (blocks + 1)
         for variable in layer.trainable_weights:
-            factors[variable.path] = scale * decay**steps_below_top
+            factors[variable.path] = scale * decay**below_top
     return factors

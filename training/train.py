@@ -36,7 +36,6 @@ from training.evaluate import (
     keras_embed,
     nearest,
     predict,
-    score,
 )
 from training.layers import LayerwiseAdam, PaperSchedule
 from training.model import (
@@ -171,17 +170,29 @@ def validation_logs(
     is what early stopping watches."""
     gallery, queries = validation.embeddings(keras_embed(embedder))
     neighbours = nearest(queries, gallery, validation.gallery_labels, k)
-    scores = score(predict(neighbours, k=k, cutoff=cutoff, ranking=ranking), validation.truths)
-    tuned = max(
-        score(predict(neighbours, k=k, cutoff=c, ranking=ranking), validation.truths).map5
-        for c in (cutoff, *cutoffs)
+    grid = grid_search(
+        neighbours,
+        validation.truths,
+        k_grid=[k],
+        cutoff_grid=sorted({cutoff, *cutoffs}),
+        rankings=[ranking],
     )
+    at_head = next(c for c in grid.cells if c["cutoff"] == cutoff)
     return {
-        "val_map5": scores.map5,
-        "val_map5_known": scores.map5_known if scores.map5_known is not None else -1.0,
-        "val_map5_unseen": scores.map5_unseen if scores.map5_unseen is not None else -1.0,
-        "val_map5_tuned": tuned,
+        "val_map5": at_head["map5"],
+        "val_map5_known": -1.0 if at_head["map5_known"] is None else at_head["map5_known"],
+        "val_map5_unseen": -1.0 if at_head["map5_unseen"] is None else at_head["map5_unseen"],
+        "val_map5_tuned": max(c["map5"] for c in grid.cells),
     }
+
+
+def best_record(checkpoints: Path) -> dict[str, Any] | None:
+    """The epoch ``KeepBest`` kept in ``checkpoints`` and its ``val_map5_tuned``, if any."""
+    record = checkpoints / "best.json"
+    if not record.exists():
+        return None
+    best: dict[str, Any] = json.loads(record.read_text())
+    return best
 
 
 class KeepBest(keras.callbacks.Callback):  # type: ignore[misc]
@@ -191,6 +202,7 @@ class KeepBest(keras.callbacks.Callback):  # type: ignore[misc]
 
     def __init__(self, folder: Path, patience: int) -> None:
         super().__init__()
+        self.folder = folder
         self.weights = folder / "best.weights.h5"
         self.record = folder / "best.json"
         self.patience = patience
@@ -198,10 +210,7 @@ class KeepBest(keras.callbacks.Callback):  # type: ignore[misc]
 
     @property
     def best(self) -> dict[str, Any] | None:
-        if not self.record.exists():
-            return None
-        best: dict[str, Any] = json.loads(self.record.read_text())
-        return best
+        return best_record(self.folder)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         value = (logs or {}).get(BEST_MONITOR)
@@ -342,7 +351,10 @@ def _callbacks(
     *,
     backup: str = "backup",
     epoch_offset: int = 0,
+    patience: int | None = None,
 ) -> list[keras.callbacks.Callback]:
+    """The callbacks of one stage; ``patience`` (default ``early_stopping_patience``) is the
+    stage's own: 0 keeps the best epoch without stopping early."""
     callbacks: list[keras.callbacks.Callback] = []
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
@@ -360,7 +372,8 @@ def _callbacks(
             )
         ]
         if config.early_stopping_patience:
-            callbacks.append(KeepBest(checkpoints, config.early_stopping_patience))
+            stop_after = config.early_stopping_patience if patience is None else patience
+            callbacks.append(KeepBest(checkpoints, stop_after))
     callbacks += [
         EpochLog(schedule, epoch_offset),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
@@ -550,11 +563,8 @@ def _fit_stage(
         embedder,
         backup=f"backup/{stage.name}",
         epoch_offset=stage.first,
+        patience=0 if stage.frozen_backbone else None,  # early stopping: the last stage only
     )
-    if stage.frozen_backbone:  # early stopping is for the last stage only
-        for callback in callbacks:
-            if isinstance(callback, KeepBest):
-                callback.patience = 0
     history = model.fit(
         dataset,
         initial_epoch=stage.first,
@@ -633,7 +643,7 @@ def train(
     for stage in stages:
         _fit_stage(stage, config, model, strategy, plan, dataset, out, validation, embedder)
     train_seconds = time.perf_counter() - started
-    best = KeepBest(out / "checkpoints", 0).best if config.early_stopping_patience else None
+    best = best_record(out / "checkpoints") if config.early_stopping_patience else None
     if best is not None and stages:
         model.load_weights(out / "checkpoints" / "best.weights.h5")
         log.info("keeping epoch %d (%s %.4f)", best["epoch"], BEST_MONITOR, best[BEST_MONITOR])
