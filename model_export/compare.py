@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from service.knn import NEW_INDIVIDUAL
 from service.onnx.embedder import Embedder
-from training.data import read_entries
-from training.evaluate import embed_photos, nearest, onnx_embed, predict, prepare, score
 
+# The training modules (``_timings``, ``compare``) import TensorFlow: they are imported where they
+# are used, so that ``interleaved_seconds`` serves the TensorFlow-free service virtualenv too
+# (bench/int8_real.py times the service's own onnxruntime there).
 log = logging.getLogger("whaleid-compare")
 
 
@@ -50,6 +50,8 @@ def interleaved_seconds(
 
 
 def _timings(models: Sequence[Path], photo: np.ndarray, rounds: int, block: int) -> list[Any]:
+    from training.evaluate import onnx_embed
+
     embedders = [onnx_embed(path)[1] for path in models]
     seconds = interleaved_seconds(embedders, [photo] * len(embedders), rounds, block)
     return [
@@ -72,6 +74,10 @@ def compare(
     block: int = 10,
 ) -> dict[str, Any]:
     """Speed and MAP@5 of each model; the same photos, gallery and queries for all."""
+    from service.knn import NEW_INDIVIDUAL
+    from training.data import read_entries
+    from training.evaluate import embed_photos, nearest, onnx_embed, predict, prepare, score
+
     gallery = read_entries(catalogue)
     asked = read_entries(queries)
     known = {e.individual_id for e in gallery}
