@@ -3,7 +3,11 @@
 The database is reached one way: ``SessionsDep``, the app's sessionmaker. Routes read through
 ``SessionDep`` (a session from it for the request) and never commit; every write is a domain
 function that takes the sessionmaker and owns its transaction
-(``service.db.tables.transaction``)."""
+(``service.db.tables.transaction``).
+
+The dependencies that only read the app's state are ``async``: FastAPI runs a plain ``def``
+dependency on the thread pool, and each such hop costs a request about as much as a database
+round trip."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import ANONYMOUS_ADMIN, Principal, authenticate, session_principal
 from service.api.collectors import ServiceMetrics
@@ -28,9 +33,13 @@ SESSION_COOKIE = "whaleid_session"
 LEGACY_KEY_COOKIE = "whaleid_key"
 
 
-def get_sessions(request: Request) -> sessionmaker[Session]:
+def sessions_of(request: Request) -> sessionmaker[Session]:
     sessions: sessionmaker[Session] = request.app.state.sessions
     return sessions
+
+
+async def get_sessions(request: Request) -> sessionmaker[Session]:
+    return sessions_of(request)
 
 
 def get_session(
@@ -40,17 +49,17 @@ def get_session(
         yield session
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     metrics: ServiceMetrics = request.app.state.metrics
     return metrics
 
 
-def get_embedders(request: Request) -> Embedders:
+async def get_embedders(request: Request) -> Embedders:
     """The models' embedders this process has loaded for background work (re-index, switch)."""
     embedders: Embedders = request.app.state.embedders
     return embedders
@@ -59,6 +68,10 @@ def get_embedders(request: Request) -> Embedders:
 def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+async def settings_dep(request: Request) -> Settings:
+    return get_settings(request)
 
 
 @dataclass(frozen=True)
@@ -115,7 +128,7 @@ def _principal_presented(request: Request, role: str) -> Principal:
             f"this needs an API key with the {role} role: {how}",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    with get_sessions(request)() as session:
+    with sessions_of(request)() as session:
         if credential.kind == "key":
             principal = authenticate(session, credential.secret)
         else:
@@ -147,12 +160,15 @@ class Require:
     def __init__(self, role: str) -> None:
         self.role = role
 
-    def __call__(
+    async def __call__(
         self,
         request: Request,
         _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
     ) -> Principal:
-        return principal_for(request, self.role)
+        settings: Settings = request.app.state.settings
+        if not settings.auth or request.scope.get("state", {}).get("principal") is not None:
+            return principal_for(request, self.role)  # known: nothing to look up
+        return await run_in_threadpool(principal_for, request, self.role)
 
 
 def require(role: str) -> Require:
@@ -163,7 +179,7 @@ SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 EmbeddersDep = Annotated[Embedders, Depends(get_embedders)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(settings_dep)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 Integration = Annotated[Principal, Depends(require("integration"))]
 Curator = Annotated[Principal, Depends(require("curator"))]

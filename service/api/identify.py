@@ -91,11 +91,11 @@ async def identify(
         )
     check_text("the photo's file name", photo.filename, FILE_NAME_LENGTH)
     box = parse_bbox(bbox)
-    identifier = await run_in_threadpool(runtime.current)
-    # The upload waits on disk (spooled) until a decode slot reads it.
+    # One hop to the thread pool; the upload waits there (in memory, or spooled to disk when
+    # large) until a decode slot reads it.
     result = await run_in_threadpool(
         partial(
-            identifier.identify,
+            runtime.identify,
             photo.file,
             filters=filters,
             bbox=box,

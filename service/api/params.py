@@ -60,7 +60,7 @@ FormEncounter = Annotated[
 ]
 
 
-def candidate_set(
+async def candidate_set(
     species: FormSpecies = None,
     location: FormPlace = None,
     date_from: FormDate = None,

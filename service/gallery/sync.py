@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import ScalarSelect, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.tables import Embedding, GalleryChange, Image, Individual
@@ -312,16 +312,19 @@ def _lock_change_log(session: Session) -> None:
         session.execute(select(func.pg_advisory_xact_lock(CHANGE_LOG_LOCK)))
 
 
+def gallery_version(model_id: Any) -> ScalarSelect[int]:
+    """The newest gallery change of ``model_id`` (0 if none), as a scalar subquery: the gallery's
+    version. ``model_id`` may be a column, to read it in the same statement as its model."""
+    return (
+        select(func.coalesce(func.max(GalleryChange.id), 0))
+        .where(GalleryChange.model_id == model_id)
+        .scalar_subquery()
+    )
+
+
 def latest_change(session: Session, model_id: int) -> int:
     """The newest gallery change of ``model_id`` (0 if none): the gallery's version."""
-    return int(
-        session.scalar(
-            select(func.coalesce(func.max(GalleryChange.id), 0)).where(
-                GalleryChange.model_id == model_id
-            )
-        )
-        or 0
-    )
+    return int(session.scalar(select(gallery_version(model_id))) or 0)
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,31 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import Calibration, Head, ModelKind, ModelStatus, Verification
-from service.db.tables import Candidate, Identification, Image, Individual, Model, transaction
-from service.gallery.sync import Filters, Gallery, latest_change, log_gallery_changes
+from service.db.tables import (
+    Candidate,
+    Embedding,
+    Identification,
+    Image,
+    Individual,
+    Model,
+    transaction,
+    utcnow,
+)
+from service.gallery.sync import Filters, Gallery, gallery_version, log_gallery_changes
 from service.imaging import Keepsake, Photo, decode_photo, keepsake, to_model_input
 from service.knn import (
     NEW_INDIVIDUAL,
@@ -150,6 +162,53 @@ class _Stopwatch:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """The rows an answer was recorded in."""
+
+    id: int
+    query_image_id: int
+    created_at: dt.datetime
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _insert_new_image(
+    session: Session, stored: StoredPhoto, data: bytes, photo: Photo, original_name: str | None
+) -> int | None:
+    """Insert the photo's row unless a row holds its content: the new row's id, else None."""
+    values = {
+        "content_hash": stored.content_hash,
+        "file_path": stored.relative_path,
+        "media_type": photo.media_type,
+        "byte_size": len(data),
+        "width": photo.width,
+        "height": photo.height,
+        "original_name": original_name,
+        "source": "query",
+        "created_at": utcnow(),
+    }
+    dialect = session.get_bind().dialect.name
+    statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(Image)
+    new_id = session.execute(
+        statement.values(values)
+        .on_conflict_do_nothing(index_elements=["content_hash"])
+        .returning(Image.id)
+    ).scalar()
+    return None if new_id is None else int(new_id)
+
+
+@dataclass
+class _Prepared:
+    """What leaves the decode slot: the model input, the photo as kept, its local features."""
+
+    pixels: np.ndarray | None = None
+    keeping: Future[tuple[Keepsake, StoredPhoto]] | None = None
+    features: Features | None = None
+
+
+@dataclass(frozen=True)
 class Asker:
     """Who sent a recorded photo: its file name, and the API key (it alone, with curators,
     reads the identification and the query photo afterwards)."""
@@ -231,82 +290,87 @@ class Identifier:
         record: bool = True,
         original_name: str | None = None,
         key_id: int | None = None,
+        check: Callable[[], Identifier] | None = None,
     ) -> IdentificationResult:
         """Identify one photo. With ``record``, the photo, the answer and what was used are
         written to the database in one transaction (and the photo file removed if that fails).
 
         The upload is read, decoded and reduced to what is kept inside a decode slot, and
-        embedded inside an embed slot: no more than the slots hold is ever decoded at once."""
+        embedded inside an embed slot: no more than the slots hold is ever decoded at once.
+        While this thread decodes and preprocesses (one core), the side work runs on another:
+        ``check`` (``Runtime.current``: the active model, its gallery synced) and the
+        photo as kept (re-encoded if need be, hashed, written to the object store). If
+        ``check`` names another model, or verification was turned on or off, that identifier
+        answers instead, from the start."""
         watch = _Stopwatch()
-        model = self.model  # one model's settings for the whole answer
-        query_features: Features | None = None
-        with self.slots.decode.hold():
-            raw = data if isinstance(data, bytes) else data.read()
-            digest = content_hash(raw) if record else ""
-            with watch.lap("decode"):
-                photo = self.decode(raw, bbox)
-            with watch.lap("preprocess"):
-                pixels = to_model_input(photo.image, self.embedder.contract.preprocessing)
-            kept = (
-                keepsake(
-                    raw,
-                    photo,
-                    max_side=self.settings.stored_photo_max_side,
-                    cropped=bbox is not None,
+        prepared = _Prepared()
+        try:
+            restart = self._prepare(data, bbox, record, check, watch, prepared)
+            if restart is not None:
+                self._discard(prepared.keeping)
+                prepared.keeping = None
+                if not isinstance(data, bytes):
+                    data.seek(0)
+                return restart.identify(
+                    data,
+                    filters=filters,
+                    bbox=bbox,
+                    record=record,
+                    original_name=original_name,
+                    key_id=key_id,
                 )
-                if record
-                else None
-            )
-            if model.uses_features:
-                with watch.lap("features"):
-                    # From the photo as kept, so the points are in the stored photo's pixels.
-                    query_features = self.features.extractor.extract(
-                        kept.photo.image if kept is not None else photo.image
-                    )
-            del raw, photo  # the full-size pixels go with the slot
-        with self.slots.embed.hold(), watch.lap("embed"):
-            vector = self.embedder.embed(pixels[np.newaxis])[0]
-        with watch.lap("search"):
-            neighbours, searched = self.gallery.search(vector, model.head.k, filters)
-            beyond = self.gallery.search_beyond(vector, filters, neighbours)
-        if query_features is None:
-            with watch.lap("head"):
-                ranked = [
-                    _Line.of(c)
-                    for c in rank_candidates(
-                        neighbours,
-                        cutoff=model.head.cutoff,
-                        ranking=model.head.ranking,
-                        beyond=beyond,
-                    )
-                ]
-        else:
-            with self.slots.embed.hold(), watch.lap("verify"):
-                verified = self._verified(
-                    model, query_features, vector, neighbours, beyond, filters
-                )
-                ranked = [
-                    _Line.of(c)
-                    for c in rerank(verified, model.scoring, Evidence(NEW_INDIVIDUAL, None, ()))
-                ]
-        with watch.lap("database"):
-            if kept is not None:
-                ident, candidates = self._record(
-                    kept,
-                    digest,
-                    vector,
-                    ranked,
-                    filters,
-                    bbox,
-                    Asker(original_name, key_id),
-                    query_features,
-                )
+            pixels, keeping, query_features = prepared.pixels, prepared.keeping, prepared.features
+            assert pixels is not None
+            model = self.model  # one model's settings for the rest of the answer
+            with self.slots.embed.hold(), watch.lap("embed"):
+                vector = self.embedder.embed(pixels[np.newaxis])[0]
+            with watch.lap("search"):
+                neighbours, searched = self.gallery.search(vector, model.head.k, filters)
+                beyond = self.gallery.search_beyond(vector, filters, neighbours)
+            if query_features is None:
+                with watch.lap("head"):
+                    ranked = [
+                        _Line.of(c)
+                        for c in rank_candidates(
+                            neighbours,
+                            cutoff=model.head.cutoff,
+                            ranking=model.head.ranking,
+                            beyond=beyond,
+                        )
+                    ]
             else:
-                ident, candidates = None, self._answer(ranked, None)
+                with self.slots.embed.hold(), watch.lap("verify"):
+                    verified = self._verified(
+                        model, query_features, vector, neighbours, beyond, filters
+                    )
+                    ranked = [
+                        _Line.of(c)
+                        for c in rerank(verified, model.scoring, Evidence(NEW_INDIVIDUAL, None, ()))
+                    ]
+            with watch.lap("database"):
+                if keeping is not None:
+                    kept, stored = keeping.result()
+                    ident, candidates = self._write(
+                        model,
+                        stored,
+                        kept.data,
+                        kept.photo,
+                        vector,
+                        ranked,
+                        filters,
+                        bbox,
+                        Asker(original_name, key_id),
+                        query_features,
+                    )
+                else:
+                    ident, candidates = None, self._answer(ranked, None)
+        except BaseException:
+            self._discard(prepared.keeping)
+            raise
         return IdentificationResult(
             ident.id if ident else None,
             candidates,
-            self.model,
+            model,
             self.gallery.size,
             filters.as_dict(),
             searched,
@@ -315,6 +379,57 @@ class Identifier:
             ident.created_at if ident else None,
             verified if query_features is not None else [],
         )
+
+    def _prepare(
+        self,
+        data: bytes | IO[bytes],
+        bbox: tuple[int, int, int, int] | None,
+        record: bool,
+        check: Callable[[], Identifier] | None,
+        watch: _Stopwatch,
+        into: _Prepared,
+    ) -> Identifier | None:
+        """In a decode slot: read, decode and preprocess the upload, and (side work) keep it;
+        ``into`` receives what the answer needs. Returns None, or the identifier that must
+        answer from the start instead: the one ``check`` found active, or this one when
+        verification was turned on or off meanwhile (the photo is decoded otherwise)."""
+        uses_features = self.model.uses_features
+        with self.slots.decode.hold():
+            checked = self.slots.side.submit(check) if check is not None else None
+            raw = data if isinstance(data, bytes) else data.read()
+            with watch.lap("decode"):
+                photo = self.decode(raw, bbox)
+            if record:
+                into.keeping = self.slots.side.submit(self._keep, raw, photo, bbox is not None)
+            with watch.lap("preprocess"):
+                into.pixels = to_model_input(photo.image, self.embedder.contract.preprocessing)
+            kept = into.keeping.result()[0] if into.keeping is not None else None
+            current = checked.result() if checked is not None else self
+            if current is not self or current.model.uses_features != uses_features:
+                return current
+            if uses_features:
+                with watch.lap("features"):
+                    # From the photo as kept, so the points are in the stored photo's pixels.
+                    into.features = self.features.extractor.extract(
+                        kept.photo.image if kept is not None else photo.image
+                    )
+            # The full-size pixels go with the slot.
+        return None
+
+    def _keep(self, raw: bytes, photo: Photo, cropped: bool) -> tuple[Keepsake, StoredPhoto]:
+        """The photo as kept, written to the object store under the upload's hash (side work)."""
+        kept = keepsake(raw, photo, max_side=self.settings.stored_photo_max_side, cropped=cropped)
+        return kept, self.store.put(kept.data, kept.photo.media_type, content_hash(raw))
+
+    def _discard(self, keeping: Future[tuple[Keepsake, StoredPhoto]] | None) -> None:
+        """After a failure: the photo file this request wrote, unless a row refers to it."""
+        if keeping is None:
+            return
+        try:
+            _, stored = keeping.result()
+        except BaseException:  # nothing was written
+            return
+        self._discard_if_unreferenced(stored)
 
     def _verified(
         self,
@@ -372,17 +487,23 @@ class Identifier:
         return verified
 
     def _answer(
-        self, ranked: list[_Line], individuals: dict[str, Individual] | None
+        self, ranked: list[_Line], recorded: dict[str, str | None] | None
     ) -> list[AnsweredCandidate]:
+        """The answer's lines; ``recorded``: the species of the individuals named, as the
+        database has them (else the gallery's)."""
         species = self.gallery.entries.label_species
         out = []
         for rank, c in enumerate(ranked, start=1):
-            row = individuals.get(c.label) if individuals else None
+            known = recorded is not None and c.label in recorded
             out.append(
                 AnsweredCandidate(
                     rank=rank,
                     individual_id=c.label,
-                    species=None if c.is_new else (row.species if row else species.get(c.label)),
+                    species=(
+                        None
+                        if c.is_new
+                        else (recorded[c.label] if known and recorded else species.get(c.label))
+                    ),
                     votes=c.votes,
                     distance=None if c.distance is None else round(c.distance, 6),
                     confidence=_confidence(c),
@@ -393,28 +514,9 @@ class Identifier:
             )
         return out
 
-    def _record(
-        self,
-        kept: Keepsake,
-        digest: str,
-        vector: np.ndarray,
-        ranked: list[_Line],
-        filters: Filters,
-        bbox: tuple[int, int, int, int] | None,
-        asker: Asker,
-        features: Features | None,
-    ) -> tuple[Identification, list[AnsweredCandidate]]:
-        stored = self.store.put(kept.data, kept.photo.media_type, digest)
-        try:
-            return self._write(
-                stored, kept.data, kept.photo, vector, ranked, filters, bbox, asker, features
-            )
-        except BaseException:
-            self._discard_if_unreferenced(stored)
-            raise
-
     def _write(
         self,
+        model: ModelInfo,
         stored: StoredPhoto,
         data: bytes,
         photo: Photo,
@@ -424,60 +526,79 @@ class Identifier:
         bbox: tuple[int, int, int, int] | None,
         asker: Asker,
         features: Features | None,
-    ) -> tuple[Identification, list[AnsweredCandidate]]:
+    ) -> tuple[Recorded, list[AnsweredCandidate]]:
+        """The photo's row and embedding, the answer and its candidates, in one transaction.
+        A new photo (the usual case) takes five statements, without the ORM's bookkeeping: the
+        photo inserted unless its content is there (``ON CONFLICT DO NOTHING``), its embedding,
+        the individuals named, the identification and its candidates."""
         for attempt in range(2):
             try:
                 with transaction(self.factory) as session:
-                    image = get_or_add_image(session, stored, data, photo, asker.original_name)
+                    image_id = _insert_new_image(session, stored, data, photo, asker.original_name)
+                    if image_id is None:  # the same photo was sent before
+                        image = get_or_add_image(session, stored, data, photo, asker.original_name)
+                        image_id, in_gallery = image.id, image.individual_id is not None
+                        added = add_embedding(session, image.id, model.id, vector)
+                    else:  # a new photo: nobody has embedded it, it is in no gallery
+                        in_gallery, added = False, True
+                        session.execute(
+                            insert(Embedding),
+                            [{"image_id": image_id, "model_id": model.id, "vector": _blob(vector)}],
+                        )
                     # Kept so that a confirmation puts the photo in the gallery at once. A crop
                     # (bbox) embeds a part of the photo: that embedding is the one to keep.
-                    added = add_embedding(session, image.id, self.model.id, vector)
                     if features is not None:
                         # Kept with the photo: a confirmation puts them in the gallery with it.
-                        add_features(session, self.features.extractor.name, {image.id: features})
+                        add_features(session, self.features.extractor.name, {image_id: features})
                     labels = [c.label for c in ranked if not c.is_new]
                     individuals = {
-                        i.catalogue_id: i
-                        for i in session.scalars(
-                            select(Individual).where(Individual.catalogue_id.in_(labels))
+                        label: (individual_id, species)
+                        for individual_id, label, species in session.execute(
+                            select(
+                                Individual.id, Individual.catalogue_id, Individual.species
+                            ).where(Individual.catalogue_id.in_(labels))
                         )
                     }
-                    answer = self._answer(ranked, individuals)
-                    ident = Identification(
-                        query_image_id=image.id,
-                        model_id=self.model.id,
-                        filters=filters.as_dict(),
-                        bbox=list(bbox) if bbox else None,
-                        k=self.model.head.k,
-                        cutoff=self.model.head.cutoff,
-                        ranking=self.model.head.ranking,
-                        gallery_size=self.gallery.size,
-                        key_id=asker.key_id,
-                    )
-                    ident.candidates = [
-                        Candidate(
-                            rank=a.rank,
-                            label=a.individual_id,
-                            individual_id=(
-                                individuals[a.individual_id].id
-                                if a.individual_id in individuals
-                                else None
-                            ),
-                            species=a.species,
-                            votes=a.votes,
-                            distance=a.distance,
-                            best_image_id=a.best_image_id,
-                            inliers=a.inliers,
-                            score=a.score,
+                    answer = self._answer(ranked, {k: v[1] for k, v in individuals.items()})
+                    created_at = utcnow()
+                    ident_id = session.execute(
+                        insert(Identification)
+                        .values(
+                            query_image_id=image_id,
+                            model_id=model.id,
+                            filters=filters.as_dict(),
+                            bbox=list(bbox) if bbox else None,
+                            k=model.head.k,
+                            cutoff=model.head.cutoff,
+                            ranking=model.head.ranking,
+                            gallery_size=self.gallery.size,
+                            key_id=asker.key_id,
+                            created_at=created_at,
                         )
-                        for a in answer
-                    ]
-                    session.add(ident)
-                    session.flush()
-                    if added and image.individual_id is not None:
+                        .returning(Identification.id)
+                    ).scalar_one()
+                    session.execute(
+                        insert(Candidate),
+                        [
+                            {
+                                "identification_id": ident_id,
+                                "rank": a.rank,
+                                "label": a.individual_id,
+                                "individual_id": individuals.get(a.individual_id, (None,))[0],
+                                "species": a.species,
+                                "votes": a.votes,
+                                "distance": a.distance,
+                                "best_image_id": a.best_image_id,
+                                "inliers": a.inliers,
+                                "score": a.score,
+                            }
+                            for a in answer
+                        ],
+                    )
+                    if added and in_gallery:
                         # A gallery photo this model had not embedded: its gallery grew.
-                        log_gallery_changes(session, [image.id], self.model.id)
-                    return ident, answer
+                        log_gallery_changes(session, [image_id], model.id)
+                    return Recorded(ident_id, image_id, created_at), answer
             except IntegrityError:
                 # Two uploads of the same new photo raced for its row: the retry finds it.
                 if attempt:
@@ -524,12 +645,13 @@ class Runtime:
 
     def current(self) -> Identifier:
         """The active model's identifier, loading or syncing it first if the database moved."""
-        with self.factory() as session:
-            active = session.scalar(select(Model).where(Model.status == ModelStatus.ACTIVE))
-            if active is None:
+        with self.factory() as session:  # one statement: the model and its gallery's version
+            found = session.execute(
+                select(Model, gallery_version(Model.id)).where(Model.status == ModelStatus.ACTIVE)
+            ).first()
+            if found is None:
                 raise NoActiveModel()
-            info = ModelInfo.of(active)
-            version = latest_change(session, active.id)
+            info, version = ModelInfo.of(found[0]), int(found[1])
         identifier = self._identifier
         if identifier is None or identifier.model.id != info.id:
             with self._lock:
@@ -540,6 +662,32 @@ class Runtime:
             if identifier.gallery.version != version:
                 self.sync(identifier)
         return identifier
+
+    def identify(
+        self,
+        data: bytes | IO[bytes],
+        *,
+        filters: Filters,
+        bbox: tuple[int, int, int, int] | None = None,
+        original_name: str | None = None,
+        key_id: int | None = None,
+    ) -> IdentificationResult:
+        """Identify one photo with the active model (``Identifier.identify``), recorded. Once a
+        model is loaded, the check that it is still the active one, with its gallery up to date
+        (``current``), runs beside the photo's decoding rather than before it."""
+        loaded = self._identifier
+        if loaded is None:
+            return self.current().identify(
+                data, filters=filters, bbox=bbox, original_name=original_name, key_id=key_id
+            )
+        return loaded.identify(
+            data,
+            filters=filters,
+            bbox=bbox,
+            original_name=original_name,
+            key_id=key_id,
+            check=self.current,
+        )
 
     def _switch(self) -> Identifier:
         """Under the lock: the active model's identifier, loaded unless it is already. The active

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from service.settings import Settings
@@ -61,3 +62,7 @@ class WorkSlots:
     def __init__(self, settings: Settings) -> None:
         self.decode = Slots("decode", settings.decode_slots, settings.slot_wait_seconds)
         self.embed = Slots("embed", settings.embed_slots, settings.slot_wait_seconds)
+        # The side work of a decode slot's holder, on another core while it decodes: the active
+        # model's check, and the photo kept (re-encoded, hashed, written). A holder submits two
+        # tasks at most and waits for them before it lets go, so they never queue.
+        self.side = ThreadPoolExecutor(2 * self.decode.count, thread_name_prefix="side-work")
