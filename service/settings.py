@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     encounter_max_photos: int = 5
     # API keys are required unless this is switched off explicitly (a local demo).
     auth: bool = True
+    # /identify admits a key it has seen valid within this many seconds without looking it up
+    # before reading the upload; the active model's check, beside the decoding, then confirms
+    # it in the same statement, so a revoked key is refused (401) before anything is stored.
+    # 0: every request looks its key up first.
+    key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     # Background jobs: a worker runs inside the API process unless switched off (then run
     # `whaleid worker` elsewhere). A chunk's lease lapses unless renewed within this time.
     worker: bool = True

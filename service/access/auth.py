@@ -12,6 +12,8 @@ import hashlib
 import ipaddress
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
@@ -63,6 +65,50 @@ def authenticate(session: Session, key: str) -> Principal | None:
     if row is None or row.revoked_at is not None:
         return None
     return Principal(row.name, row.role, row.id)
+
+
+class KeyRevoked(Exception):
+    """A key admitted from ``KeyCache`` turned out revoked when the request checked it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the API key is unknown or revoked: send Authorization: Bearer <key>; an admin "
+            "creates keys with `whaleid keys create --role ROLE --name NAME`"
+        )
+
+
+class KeyCache:
+    """Keys seen valid in the last ``seconds``, by hash, at most ``size`` of them: what
+    ``/identify`` admits without a lookup before its body is read. Only routes that confirm the
+    key later, before anything is stored, may use it (``Runtime.current(key_id=...)``)."""
+
+    def __init__(self, seconds: float, size: int = 1024) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._seen: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Principal | None:
+        if self.seconds <= 0:
+            return None
+        with self._lock:
+            found = self._seen.get(hash_key(key))
+        if found is None or time.monotonic() - found[1] > self.seconds:
+            return None
+        return found[0]
+
+    def put(self, key: str, principal: Principal) -> None:
+        if self.seconds <= 0 or principal.key_id is None:
+            return
+        with self._lock:
+            self._seen.pop(hash_key(key), None)
+            while len(self._seen) >= self.size:
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[hash_key(key)] = (principal, time.monotonic())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
 
 
 class SignInRefused(Exception):

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
+from service.access.auth import KeyCache
 from service.api import (
     admin,
     catalogue,
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.metrics = ServiceMetrics()
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     install_docs(app)
     for router in (
         identify.router,
@@ -156,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def add_observability(app: FastAPI, settings: Settings) -> None:
     """From the outside in: CORS (when configured), the request id, metrics and timeout, the
     rate limit, the request guard."""
-    app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(RequestGuard, settings=settings, keys=app.state.key_cache)
     app.state.rate = KeyRate(settings.rate_limit) if settings.rate_limit else None
     if app.state.rate is not None:
         app.add_middleware(RateLimit, rate=app.state.rate)

@@ -14,12 +14,16 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import Require, principal_for
+from service.access.auth import KeyCache
+from service.api.deps import Require, presented_credential, principal_for
 from service.settings import Settings
 
 # Room for the multipart framing and the form fields around an uploaded photo.
 FORM_ALLOWANCE = 64 * 1024
 UPLOAD_PATHS = ("/identify",)
+# Set in the scope when the guard admitted the key from its cache: the route must confirm it
+# (``Runtime.identify(confirm_key=...)``) before it stores anything.
+UNCONFIRMED_KEY = "key_unconfirmed"
 ENCOUNTER_PATHS = ("/encounters/identify",)
 MODEL_UPLOAD_PATH = "/models"  # an ONNX file, streamed to disk by its route
 ARCHIVE_PATH = "/jobs/identify/archive"  # a ZIP of photos for a batch job
@@ -63,9 +67,11 @@ def _too_large(limit: int, hint: str, size: str | None = None) -> Refused:
 class RequestGuard:
     """Pure ASGI middleware: it wraps ``receive``, so whatever reads a body goes through it."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, keys: KeyCache | None = None) -> None:
         self.app = app
         self.settings = settings
+        # Keys /identify admits without a lookup (the route confirms them before it stores).
+        self.keys = keys or KeyCache(0)
 
     def limit_for(self, method: str, path: str) -> tuple[int, str]:
         """The byte limit of a request's body, and what to do when it is over."""
@@ -121,10 +127,24 @@ class RequestGuard:
         role = required_role(scope) if self.settings.auth else None
         known = scope.get("state", {}).get("principal")
         if role is not None and known is None:
-            try:
-                principal = await run_in_threadpool(principal_for, Request(scope), role)
-            except HTTPException as e:
-                raise Refused(e.status_code, e.detail, e.headers) from None
+            request = Request(scope)
+            credential = presented_credential(request) if scope["path"] in UPLOAD_PATHS else None
+            cached = (
+                self.keys.get(credential.secret)
+                if credential and credential.kind == "key"
+                else None
+            )
+            if cached is not None and cached.can(role):
+                # Seen valid moments ago: the route confirms it beside the decoding.
+                scope.setdefault("state", {})[UNCONFIRMED_KEY] = True
+                principal = cached
+            else:
+                try:
+                    principal = await run_in_threadpool(principal_for, request, role)
+                except HTTPException as e:
+                    raise Refused(e.status_code, e.detail, e.headers) from None
+                if credential is not None and credential.kind == "key":
+                    self.keys.put(credential.secret, principal)
             scope.setdefault("state", {})["principal"] = principal
         length = Headers(scope=scope).get("content-length", "")
         if re.fullmatch(r"\d{1,30}", length) and int(length) > limit:

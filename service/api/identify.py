@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from service.access.auth import KeyRevoked
 from service.access.tenancy import can_read_identification
 from service.api.deps import (
     Integration,
@@ -18,6 +19,7 @@ from service.api.deps import (
     SessionsDep,
     SettingsDep,
 )
+from service.api.guard import UNCONFIRMED_KEY
 from service.api.params import CandidateSet, IdentificationId
 from service.api.schemas import (
     INVALID,
@@ -64,6 +66,7 @@ def to_response(result: IdentificationResult) -> IdentificationOut:
 
 @router.post("/identify", response_model=IdentificationOut, responses=ERRORS)
 async def identify(
+    request: Request,
     response: Response,
     caller: Integration,
     runtime: RuntimeDep,
@@ -91,18 +94,25 @@ async def identify(
         )
     check_text("the photo's file name", photo.filename, FILE_NAME_LENGTH)
     box = parse_bbox(bbox)
+    # A key the guard admitted from its cache is confirmed by the active model's check.
+    unconfirmed = request.scope.get("state", {}).get(UNCONFIRMED_KEY, False)
     # One hop to the thread pool; the upload waits there (in memory, or spooled to disk when
     # large) until a decode slot reads it.
-    result = await run_in_threadpool(
-        partial(
-            runtime.identify,
-            photo.file,
-            filters=filters,
-            bbox=box,
-            original_name=photo.filename,
-            key_id=caller.key_id,
+    try:
+        result = await run_in_threadpool(
+            partial(
+                runtime.identify,
+                photo.file,
+                filters=filters,
+                bbox=box,
+                original_name=photo.filename,
+                key_id=caller.key_id,
+                confirm_key=caller.key_id if unconfirmed else None,
+            )
         )
-    )
+    except KeyRevoked as e:
+        request.app.state.key_cache.clear()
+        raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
     response.headers["Server-Timing"] = server_timing(result.timings)
     metrics.observe_stages(result.timings)
     return to_response(result)

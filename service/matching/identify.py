@@ -10,17 +10,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import IO
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, literal, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.access.auth import KeyRevoked
 from service.contract import Calibration, Head, ModelKind, ModelStatus, Verification
 from service.db.tables import (
+    ApiKey,
     Candidate,
     Embedding,
     Identification,
@@ -174,29 +177,81 @@ def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
+# The record's statements, built once (a statement built per request costs more than its
+# round trip to SQLite); each runs with a dict of parameters.
+_IMAGE_COLUMNS = (
+    "content_hash",
+    "file_path",
+    "media_type",
+    "byte_size",
+    "width",
+    "height",
+    "original_name",
+    "source",
+    "created_at",
+)
+_NEW_IMAGE = {
+    dialect: make(Image)
+    .values({c: bindparam(c, type_=Image.__table__.c[c].type) for c in _IMAGE_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["content_hash"])
+    .returning(Image.id)
+    for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+}
+_NEW_EMBEDDING = insert(Embedding)
+_NAMED_INDIVIDUALS = select(Individual.id, Individual.catalogue_id, Individual.species).where(
+    Individual.catalogue_id.in_(bindparam("labels", expanding=True))
+)
+_IDENTIFICATION_COLUMNS = (
+    "query_image_id",
+    "model_id",
+    "filters",
+    "bbox",
+    "k",
+    "cutoff",
+    "ranking",
+    "gallery_size",
+    "key_id",
+    "created_at",
+)
+_NEW_IDENTIFICATION = (
+    insert(Identification)
+    .values(
+        {c: bindparam(c, type_=Identification.__table__.c[c].type) for c in _IDENTIFICATION_COLUMNS}
+    )
+    .returning(Identification.id)
+)
+_NEW_CANDIDATES = insert(Candidate)
+
+
 def _insert_new_image(
     session: Session, stored: StoredPhoto, data: bytes, photo: Photo, original_name: str | None
 ) -> int | None:
     """Insert the photo's row unless a row holds its content: the new row's id, else None."""
-    values = {
-        "content_hash": stored.content_hash,
-        "file_path": stored.relative_path,
-        "media_type": photo.media_type,
-        "byte_size": len(data),
-        "width": photo.width,
-        "height": photo.height,
-        "original_name": original_name,
-        "source": "query",
-        "created_at": utcnow(),
-    }
-    dialect = session.get_bind().dialect.name
-    statement = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(Image)
+    statement = _NEW_IMAGE[session.get_bind().dialect.name]
     new_id = session.execute(
-        statement.values(values)
-        .on_conflict_do_nothing(index_elements=["content_hash"])
-        .returning(Image.id)
+        statement,
+        {
+            "content_hash": stored.content_hash,
+            "file_path": stored.relative_path,
+            "media_type": photo.media_type,
+            "byte_size": len(data),
+            "width": photo.width,
+            "height": photo.height,
+            "original_name": original_name,
+            "source": "query",
+            "created_at": utcnow(),
+        },
     ).scalar()
     return None if new_id is None else int(new_id)
+
+
+def _hash_and_check(
+    raw: bytes | None, check: Callable[[], Identifier] | None
+) -> tuple[str, Identifier | None]:
+    """Side work beside the decoding: the upload's content hash (if it is to be kept), and the
+    identifier ``check`` finds active."""
+    digest = content_hash(raw) if raw is not None else ""
+    return digest, check() if check is not None else None
 
 
 @dataclass
@@ -395,19 +450,25 @@ class Identifier:
         verification was turned on or off meanwhile (the photo is decoded otherwise)."""
         uses_features = self.model.uses_features
         with self.slots.decode.hold():
-            checked = self.slots.side.submit(check) if check is not None else None
             raw = data if isinstance(data, bytes) else data.read()
+            # While this thread decodes: the upload's hash, and the active model checked.
+            checked = self.slots.side.submit(_hash_and_check, raw if record else None, check)
             with watch.lap("decode"):
                 photo = self.decode(raw, bbox)
             if record:
-                into.keeping = self.slots.side.submit(self._keep, raw, photo, bbox is not None)
+                # Kept while this thread preprocesses, and on into the embedding: it is waited
+                # for when the answer is written (with local features, at once: they come
+                # from the photo as kept).
+                into.keeping = self.slots.side.submit(
+                    self._keep, raw, photo, bbox is not None, checked
+                )
             with watch.lap("preprocess"):
                 into.pixels = to_model_input(photo.image, self.embedder.contract.preprocessing)
-            kept = into.keeping.result()[0] if into.keeping is not None else None
-            current = checked.result() if checked is not None else self
+            current = checked.result()[1] or self
             if current is not self or current.model.uses_features != uses_features:
                 return current
             if uses_features:
+                kept = into.keeping.result()[0] if into.keeping is not None else None
                 with watch.lap("features"):
                     # From the photo as kept, so the points are in the stored photo's pixels.
                     into.features = self.features.extractor.extract(
@@ -416,10 +477,16 @@ class Identifier:
             # The full-size pixels go with the slot.
         return None
 
-    def _keep(self, raw: bytes, photo: Photo, cropped: bool) -> tuple[Keepsake, StoredPhoto]:
+    def _keep(
+        self,
+        raw: bytes,
+        photo: Photo,
+        cropped: bool,
+        hashed: Future[tuple[str, Identifier | None]],
+    ) -> tuple[Keepsake, StoredPhoto]:
         """The photo as kept, written to the object store under the upload's hash (side work)."""
         kept = keepsake(raw, photo, max_side=self.settings.stored_photo_max_side, cropped=cropped)
-        return kept, self.store.put(kept.data, kept.photo.media_type, content_hash(raw))
+        return kept, self.store.put(kept.data, kept.photo.media_type, hashed.result()[0])
 
     def _discard(self, keeping: Future[tuple[Keepsake, StoredPhoto]] | None) -> None:
         """After a failure: the photo file this request wrote, unless a row refers to it."""
@@ -542,7 +609,7 @@ class Identifier:
                     else:  # a new photo: nobody has embedded it, it is in no gallery
                         in_gallery, added = False, True
                         session.execute(
-                            insert(Embedding),
+                            _NEW_EMBEDDING,
                             [{"image_id": image_id, "model_id": model.id, "vector": _blob(vector)}],
                         )
                     # Kept so that a confirmation puts the photo in the gallery at once. A crop
@@ -562,23 +629,22 @@ class Identifier:
                     answer = self._answer(ranked, {k: v[1] for k, v in individuals.items()})
                     created_at = utcnow()
                     ident_id = session.execute(
-                        insert(Identification)
-                        .values(
-                            query_image_id=image_id,
-                            model_id=model.id,
-                            filters=filters.as_dict(),
-                            bbox=list(bbox) if bbox else None,
-                            k=model.head.k,
-                            cutoff=model.head.cutoff,
-                            ranking=model.head.ranking,
-                            gallery_size=self.gallery.size,
-                            key_id=asker.key_id,
-                            created_at=created_at,
-                        )
-                        .returning(Identification.id)
+                        _NEW_IDENTIFICATION,
+                        {
+                            "query_image_id": image_id,
+                            "model_id": model.id,
+                            "filters": filters.as_dict(),
+                            "bbox": list(bbox) if bbox else None,
+                            "k": model.head.k,
+                            "cutoff": model.head.cutoff,
+                            "ranking": model.head.ranking,
+                            "gallery_size": self.gallery.size,
+                            "key_id": asker.key_id,
+                            "created_at": created_at,
+                        },
                     ).scalar_one()
                     session.execute(
-                        insert(Candidate),
+                        _NEW_CANDIDATES,
                         [
                             {
                                 "identification_id": ident_id,
@@ -643,14 +709,27 @@ class Runtime:
     def loaded(self) -> Identifier | None:
         return self._identifier
 
-    def current(self) -> Identifier:
-        """The active model's identifier, loading or syncing it first if the database moved."""
+    def current(self, confirm_key: int | None = None) -> Identifier:
+        """The active model's identifier, loading or syncing it first if the database moved.
+        With ``confirm_key``: ``KeyRevoked`` unless that API key is live, read in the same
+        statement."""
+        live_key = (
+            select(ApiKey.id)
+            .where(ApiKey.id == confirm_key, ApiKey.revoked_at.is_(None))
+            .scalar_subquery()
+            if confirm_key is not None
+            else literal(None)
+        )
         with self.factory() as session:  # one statement: the model and its gallery's version
             found = session.execute(
-                select(Model, gallery_version(Model.id)).where(Model.status == ModelStatus.ACTIVE)
+                select(Model, gallery_version(Model.id), live_key).where(
+                    Model.status == ModelStatus.ACTIVE
+                )
             ).first()
             if found is None:
                 raise NoActiveModel()
+            if confirm_key is not None and found[2] is None:
+                raise KeyRevoked()
             info, version = ModelInfo.of(found[0]), int(found[1])
         identifier = self._identifier
         if identifier is None or identifier.model.id != info.id:
@@ -671,13 +750,15 @@ class Runtime:
         bbox: tuple[int, int, int, int] | None = None,
         original_name: str | None = None,
         key_id: int | None = None,
+        confirm_key: int | None = None,
     ) -> IdentificationResult:
         """Identify one photo with the active model (``Identifier.identify``), recorded. Once a
         model is loaded, the check that it is still the active one, with its gallery up to date
-        (``current``), runs beside the photo's decoding rather than before it."""
+        (``current``), runs beside the photo's decoding rather than before it; with
+        ``confirm_key``, it also confirms that key is not revoked (``KeyRevoked``)."""
         loaded = self._identifier
         if loaded is None:
-            return self.current().identify(
+            return self.current(confirm_key).identify(
                 data, filters=filters, bbox=bbox, original_name=original_name, key_id=key_id
             )
         return loaded.identify(
@@ -686,7 +767,7 @@ class Runtime:
             bbox=bbox,
             original_name=original_name,
             key_id=key_id,
-            check=self.current,
+            check=partial(self.current, confirm_key),
         )
 
     def _switch(self) -> Identifier:

@@ -62,7 +62,11 @@ class WorkSlots:
     def __init__(self, settings: Settings) -> None:
         self.decode = Slots("decode", settings.decode_slots, settings.slot_wait_seconds)
         self.embed = Slots("embed", settings.embed_slots, settings.slot_wait_seconds)
-        # The side work of a decode slot's holder, on another core while it decodes: the active
-        # model's check, and the photo kept (re-encoded, hashed, written). A holder submits two
-        # tasks at most and waits for them before it lets go, so they never queue.
-        self.side = ThreadPoolExecutor(2 * self.decode.count, thread_name_prefix="side-work")
+        # The side work of a decode slot's holder, on another core while it decodes: the
+        # upload's hash with the active model's check, then the photo kept (re-encoded if need
+        # be, written), which may run on into the embedding. Two tasks a holder, a few
+        # milliseconds each: with a worker for each, plus one for each embed slot, they do not
+        # wait in a queue.
+        self.side = ThreadPoolExecutor(
+            2 * self.decode.count + self.embed.count, thread_name_prefix="side-work"
+        )
