@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -80,58 +81,93 @@ class Embedded:
 
 
 class PhotoEmbedder:
-    """Embeds stored photos in batches, decoding the next batches on other threads while the
-    current one is in onnxruntime (both release the GIL)."""
+    """Embeds stored photos through a bounded pipeline, photo by photo: ``readers`` threads read
+    them from the store (an S3 read is mostly waiting), ``decoders`` threads decode and
+    preprocess them, and the calling thread embeds them in order, in batches of the embedder's
+    ``max_batch_size``, while the next photos are read and decoded (Pillow and onnxruntime
+    release the GIL). At most ``ahead`` photos (their bytes and their model input) are read or
+    decoded beyond the batch being embedded, so memory holds at most ``batch_size + ahead``.
 
-    def __init__(self, settings: Settings, embedder: Embedder, *, prefetch: int = 2) -> None:
+    One decoder by default: onnxruntime's threads already use every core while a batch runs, and
+    on two quiet cores a second decoder was slower (docs/operations.md, "Figures")."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        *,
+        decoders: int = 1,
+        readers: int = 4,
+        ahead: int | None = None,
+    ) -> None:
         self.settings = settings
         self.embedder = embedder
         self.store = PhotoStore.open(settings)
-        self.prefetch = prefetch
         self.batch_size = max(1, embedder.max_batch_size)
+        self.decoders = max(1, decoders)
+        self.readers = max(1, readers)
+        # Enough to keep every reader and decoder busy while a batch is embedded.
+        self.ahead = max(1, ahead if ahead is not None else self.batch_size + 2 * self.readers)
 
-    def _decode(self, rows: Sequence[tuple[int, str]]) -> tuple[list[int], np.ndarray, list[str]]:
+    def _prepare(self, raw: Future[bytes]) -> np.ndarray:
+        """One photo's model input, from its bytes once they are read."""
         spec = self.embedder.contract.preprocessing
-        ids, arrays, errors = [], [], []
-        for image_id, path in rows:
-            try:
-                photo = decode_photo(
-                    self.store.read(path),
-                    max_pixels=self.settings.max_image_pixels,
-                    target_size=spec.input_size,
-                )
-            except (OSError, PhotoError) as e:
-                errors.append(f"image {image_id} ({path}): {e}")
-                continue
-            ids.append(image_id)
-            arrays.append(to_model_input(photo.image, spec))
-        size = spec.input_size
-        pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)
-        return ids, pixels, errors
+        photo = decode_photo(
+            raw.result(), max_pixels=self.settings.max_image_pixels, target_size=spec.input_size
+        )
+        return to_model_input(photo.image, spec)
 
     def embed(
         self, rows: Sequence[tuple[int, str]], alive: Callable[[], bool] = lambda: True
     ) -> Embedded:
-        """Embeddings of ``rows``; unreadable photos are reported, not raised."""
+        """Embeddings of ``rows`` (image id, file), in their order; unreadable photos are
+        reported, not raised. ``LeaseLost`` as soon as ``alive()`` is false before a batch."""
         out = Embedded()
-        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        with ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="decode") as pool:
-            pending: deque[Future[tuple[list[int], np.ndarray, list[str]]]] = deque()
-            for batch in batches[: self.prefetch]:
-                pending.append(pool.submit(self._decode, batch))
-            for nxt in range(self.prefetch, len(batches) + self.prefetch):
-                ids, pixels, errors = pending.popleft().result()
-                if nxt < len(batches):
-                    pending.append(pool.submit(self._decode, batches[nxt]))
-                if not alive():
-                    for f in pending:
-                        f.cancel()
-                    raise LeaseLost("the lease was lost while embedding")
-                out.errors.extend(errors)
-                if ids:
-                    out.image_ids.extend(ids)
-                    out.vectors.append(self.embedder.embed(pixels))
+        todo = iter(rows)
+        pending: deque[_InFlight] = deque()
+        ids: list[int] = []
+        pixels: list[np.ndarray] = []
+        with (
+            ThreadPoolExecutor(self.readers, thread_name_prefix="read") as reads,
+            ThreadPoolExecutor(self.decoders, thread_name_prefix="decode") as decodes,
+        ):
+
+            def start(row: tuple[int, str]) -> None:
+                raw = reads.submit(self.store.read, row[1])
+                pending.append(_InFlight(row, raw, decodes.submit(self._prepare, raw)))
+
+            try:
+                for row in islice(todo, self.ahead):
+                    start(row)
+                while pending:
+                    photo = pending.popleft()
+                    if (following := next(todo, None)) is not None:
+                        start(following)
+                    try:
+                        pixels.append(photo.decoded.result())
+                        ids.append(photo.row[0])
+                    except (OSError, PhotoError) as e:
+                        out.errors.append(f"image {photo.row[0]} ({photo.row[1]}): {e}")
+                    if ids and (len(ids) == self.batch_size or not pending):
+                        if not alive():
+                            raise LeaseLost("the lease was lost while embedding")
+                        out.vectors.append(self.embedder.embed(np.stack(pixels)))
+                        out.image_ids.extend(ids)
+                        ids, pixels = [], []
+            finally:
+                for photo in pending:  # on LeaseLost or an error: stop what has not started
+                    photo.raw.cancel()
+                    photo.decoded.cancel()
         return out
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A photo on its way through the pipeline: its row, its bytes, its model input."""
+
+    row: tuple[int, str]
+    raw: Future[bytes]
+    decoded: Future[np.ndarray]
 
 
 def store_embeddings(
