@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,10 @@ class Settings(BaseSettings):
     # Decodes and embeds run in a bounded number of slots each; a request that waits longer than
     # slot_wait_seconds for one gets 503 with Retry-After (docs/reliability.md: the memory bound).
     decode_slots: int = 2
-    embed_slots: int = 2
+    # 0: as many as the cores hold inferences of onnx_threads threads each (one, by default: an
+    # inference already spreads over every core, and two at once only waste the cores on
+    # onnxruntime's spinning; docs/performance.md measures it).
+    embed_slots: int = Field(default=0, ge=0)
     slot_wait_seconds: float = 10.0
     # A query photo is stored as the region the model saw, its longer side at most this.
     stored_photo_max_side: int = 1024
@@ -57,6 +61,9 @@ class Settings(BaseSettings):
     # revoking the key ends it sooner. The cookie holds only a random session id.
     review_session_hours: float = Field(default=12.0, gt=0)
     onnx_threads: int = 0
+    # Whether onnxruntime's idle threads spin, waiting for the next inference, in /identify.
+    # Background jobs never spin (their decoding threads need the cores).
+    onnx_spinning: bool = True
     embed_batch_size: int = 16
     ivf_threshold: int = 200_000
     log_level: str = "INFO"
@@ -137,6 +144,15 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'whaleid.sqlite3').resolve()}"
+
+    @property
+    def embed_slot_count(self) -> int:
+        """``embed_slots``, or its default: how many inferences of ``onnx_threads`` threads the
+        cores hold at once (at least one)."""
+        if self.embed_slots:
+            return self.embed_slots
+        cores = os.cpu_count() or 1
+        return max(1, cores // self.onnx_threads) if self.onnx_threads else 1
 
     @property
     def photos_dir(self) -> Path:

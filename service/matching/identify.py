@@ -56,6 +56,11 @@ from service.store.records import add_embedding, get_or_add_image
 log = logging.getLogger(__name__)
 
 
+# A decoded photo up to this size (12 MB of pixels) may still be being kept after its decode slot
+# is let go; a larger one is kept before (docs/reliability.md: the memory bound).
+KEPT_AFTER_SLOT_PIXELS = 4_000_000
+
+
 class NoActiveModel(RuntimeError):
     """No model is active yet."""
 
@@ -457,8 +462,9 @@ class Identifier:
                 photo = self.decode(raw, bbox)
             if record:
                 # Kept while this thread preprocesses, and on into the embedding: it is waited
-                # for when the answer is written (with local features, at once: they come
-                # from the photo as kept).
+                # for when the answer is written. A large decoded photo (a PNG has no reduced
+                # decoding) is waited for here, so its pixels go with the slot; so is the photo
+                # whose local features come from it as kept.
                 into.keeping = self.slots.side.submit(
                     self._keep, raw, photo, bbox is not None, checked
                 )
@@ -467,6 +473,9 @@ class Identifier:
             current = checked.result()[1] or self
             if current is not self or current.model.uses_features != uses_features:
                 return current
+            pixels = photo.image.width * photo.image.height
+            if into.keeping is not None and (uses_features or pixels > KEPT_AFTER_SLOT_PIXELS):
+                into.keeping.result()
             if uses_features:
                 kept = into.keeping.result()[0] if into.keeping is not None else None
                 with watch.lap("features"):

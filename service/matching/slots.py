@@ -61,7 +61,7 @@ class WorkSlots:
 
     def __init__(self, settings: Settings) -> None:
         self.decode = Slots("decode", settings.decode_slots, settings.slot_wait_seconds)
-        self.embed = Slots("embed", settings.embed_slots, settings.slot_wait_seconds)
+        self.embed = Slots("embed", settings.embed_slot_count, settings.slot_wait_seconds)
         # The side work of a decode slot's holder, on another core while it decodes: the
         # upload's hash with the active model's check, then the photo kept (re-encoded if need
         # be, written), which may run on into the embedding. Two tasks a holder, a few

@@ -58,9 +58,11 @@ class Embedder:
         self.dim = self._check_shapes(path)
 
     @classmethod
-    def for_model(cls, settings: Settings, file_path: str, *, spinning: bool = True) -> Embedder:
-        """The embedder of a registered model (``Model.file_path``), with the thread count and
-        batch size from ``settings``; the file is fetched from the model store first if this
+    def for_model(
+        cls, settings: Settings, file_path: str, *, spinning: bool | None = None
+    ) -> Embedder:
+        """The embedder of a registered model (``Model.file_path``), with the thread count, batch
+        size and spinning from ``settings``; the file is fetched from the model store first if this
         replica lacks it (``service.onnx.files``). A built-in matcher gets its stand-in."""
         if file_path.startswith(BUILTIN_PREFIX):
             return ThumbnailEmbedder.builtin(file_path, max_batch_size=settings.embed_batch_size)
@@ -68,7 +70,7 @@ class Embedder:
             local_model_file(settings, file_path),
             threads=settings.onnx_threads,
             max_batch_size=settings.embed_batch_size,
-            spinning=spinning,
+            spinning=settings.onnx_spinning if spinning is None else spinning,
         )
 
     def _check_shapes(self, path: Path) -> int:
