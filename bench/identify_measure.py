@@ -117,7 +117,7 @@ FULL = Profile(
     requests=60,
     embed_reps=40,
     concurrency=(1, 4, 16),
-    requests_per_level=48,
+    requests_per_level=32,
     sklearn_reps_small=30,
     sklearn_reps_large=5,
 )
@@ -923,7 +923,7 @@ def concurrent(
     clients: int,
     total: int,
     bare: BareEmbedder | None = None,
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> dict[str, float]:
     """``clients`` threads, each with its own connection, sending ``total`` requests together,
     ``rounds`` times. With ``bare``, each round is paired with the unavoidable work run from as

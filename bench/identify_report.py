@@ -577,7 +577,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:  # noqa: C
         w(
             f"Throughput, gallery {size_name(conc.n)}: each client is a thread with its own "
             f"connection sending requests back to back; {results['profile'].requests_per_level} "
-            "requests per level and round, two rounds, each paired with the bare pipeline "
+            "requests per level and round, three rounds, each paired with the bare pipeline "
             "(decode + preprocess + embed in the bench process, the server idle) from as many "
             "threads, and one photo after another. The ratio is over the better of the two."
         )
