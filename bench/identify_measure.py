@@ -942,7 +942,7 @@ def concurrent(
                 time.sleep(0.2)
                 paired.append(bare.unavoidable_throughput(clients, total))
                 one_by_one.append(1000 / p50(bare.unavoidable_times(max(8, total // 4))))
-            round_latencies, round_embeds, wall = _clients_round(service, jpeg, clients, total)
+            round_latencies, round_embeds, wall = clients_round(service, jpeg, clients, total)
             latencies += round_latencies
             embeds += round_embeds
             walls.append(wall)
@@ -969,7 +969,7 @@ def concurrent(
     return result
 
 
-def _clients_round(
+def clients_round(
     service: Service, jpeg: bytes, clients: int, total: int
 ) -> tuple[list[float], list[float], float]:
     per_client = max(1, total // clients)
