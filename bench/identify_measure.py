@@ -840,14 +840,7 @@ class BareEmbedder:
                 with lock:
                     latencies.append((time.perf_counter() - t0) * 1000)
 
-        threads = [threading.Thread(target=worker, args=(u,)) for u in uploads]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_together([partial(worker, u) for u in uploads], barrier)
         return {
             "throughput": len(latencies) / wall,
             "p50": p50(latencies),
@@ -988,14 +981,20 @@ def clients_round(
                     latencies.append(elapsed)
                     embeds.append(timing.get("embed", math.nan))
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    return latencies, embeds, run_together([worker] * clients, barrier)
+
+
+def run_together(workers: list[Callable[[], None]], barrier: threading.Barrier) -> float:
+    """Run each of ``workers`` on its own thread; they wait at ``barrier`` (made for
+    ``len(workers) + 1``) until all have started. Seconds from the barrier to the last join."""
+    threads = [threading.Thread(target=w) for w in workers]
     for t in threads:
         t.start()
     barrier.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return latencies, embeds, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def bare_embedder(model: Path, jpeg: bytes, reps: int) -> dict[str, float]:

@@ -80,7 +80,7 @@ class KeyRevoked(Exception):
 class KeyCache:
     """Keys seen valid in the last ``seconds``, by hash, at most ``size`` of them: what
     ``/identify`` admits without a lookup before its body is read. Only routes that confirm the
-    key later, before anything is stored, may use it (``Runtime.current(key_id=...)``)."""
+    key later, before anything is stored, may use it (``Runtime.current(confirm_key=...)``)."""
 
     def __init__(self, seconds: float, size: int = 1024) -> None:
         self.seconds = seconds
@@ -100,11 +100,12 @@ class KeyCache:
     def put(self, key: str, principal: Principal) -> None:
         if self.seconds <= 0 or principal.key_id is None:
             return
+        digest = hash_key(key)
         with self._lock:
-            self._seen.pop(hash_key(key), None)
+            self._seen.pop(digest, None)  # re-inserted last: the oldest go first
             while len(self._seen) >= self.size:
                 self._seen.pop(next(iter(self._seen)))
-            self._seen[hash_key(key)] = (principal, time.monotonic())
+            self._seen[digest] = (principal, time.monotonic())
 
     def clear(self) -> None:
         with self._lock:
