@@ -200,3 +200,21 @@ def replace_section(
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """``value`` with thousands separators and ``digits`` decimals; "n/a" for None or NaN."""
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{value:,.{digits}f}")
+    )
+
+
+def size_name(n: int) -> str:
+    """1000 as "1k", 2000000 as "2M"; other numbers as they are."""
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
