@@ -6,6 +6,7 @@ A bench script starts with ``sys.path.insert(0, <checkout>)`` and then imports f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import logging
@@ -15,10 +16,9 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 log = logging.getLogger("bench")
@@ -40,6 +40,34 @@ def setup_logging(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt)
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def bench_parser(doc: str | None, *, postgres: bool = False) -> argparse.ArgumentParser:
+    """A bench script's parser, its docstring as the description (laid out as written); with
+    ``postgres``, the required ``--postgres`` server URL."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if postgres:
+        parser.add_argument(
+            "--postgres", required=True, help="server URL; a scratch database is used"
+        )
+    return parser
+
+
+def within(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (the run stays bounded)."""
+
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return number
+
+    return parse
 
 
 # --------------------------------------------------------------------------- statistics
@@ -144,6 +172,8 @@ class NotReady(RuntimeError):
 def wait_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float) -> None:
     """Poll ``url``'s ``/ready`` until it answers 200; NotReady when ``process`` exits first or
     ``timeout_s`` passes."""
+    import httpx  # not in the training virtualenv, where some bench scripts run
+
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=url, timeout=5) as client:
         while True:

@@ -12,7 +12,6 @@ in ../shared/data (read in place, never copied): dolphin fins (Moray Firth), har
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import io
@@ -31,6 +30,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import (  # noqa: E402
+    bench_parser,
+    marks,
+    replace_section,
+    setup_logging,
+    shared_data,
+)
 from service.imaging import decode_photo, to_model_input  # noqa: E402
 from service.knn import Neighbour, map_at_5, rank_candidates  # noqa: E402
 from service.matching.encounters import Fusion, fuse  # noqa: E402
@@ -39,8 +45,7 @@ from service.onnx.embedder import Embedder  # noqa: E402
 
 log = logging.getLogger("bench.encounters")
 ROOT = Path(__file__).resolve().parents[1]
-MARK_BEGIN = "<!-- encounters:begin -->"
-MARK_END = "<!-- encounters:end -->"
+MARK_BEGIN, MARK_END = marks("encounters")
 SIZES = (2, 3)
 
 
@@ -229,33 +234,13 @@ def render(rows: list[Row], datasets: list[Dataset], embedder: Embedder, seconds
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
-def _shared_data() -> Path:
-    """../shared/data beside the checkout (or beside the worktrees' folder)."""
-    for parent in ROOT.parents[:2]:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return ROOT.parent / "shared" / "data"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=_shared_data())
+    parser = bench_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--model", type=Path, default=ROOT / "demo" / "whaleid-demo.onnx")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging("%(asctime)s %(message)s", quiet=())
     start = time.perf_counter()
     embedder = Embedder(args.model)
     with tempfile.TemporaryDirectory() as scratch:
@@ -288,7 +273,7 @@ def main() -> None:
         log.info("%s: %d gallery photos", data.name, len(data.gallery))
         rows += measure(embedder, data)
     section = render(rows, datasets, embedder, time.perf_counter() - start)
-    write_section(args.out, section)
+    replace_section(args.out, section, "encounters")
     log.info("wrote %s\n%s", args.out, section)
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, setup_logging, shared_data  # noqa: E402
+from bench._common import ROOT, bench_parser, setup_logging, shared_data  # noqa: E402
 from bench.quality_data import REAL_SETS  # noqa: E402
 from bench.quality_measure import measure_all  # noqa: E402
 from bench.quality_modes import (  # noqa: E402
@@ -75,9 +75,7 @@ log = logging.getLogger("bench.quality")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/quality-scratch"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "identification-quality.md")

@@ -104,6 +104,16 @@ def bursts(frames: dict[str, tuple[str, int] | None], owner: str) -> dict[str, s
     return out
 
 
+def frame_bursts(rows: list[dict[str, str]], frame: re.Pattern[str], owner: str) -> dict[str, str]:
+    """``bursts`` of ``owner``'s photos, the camera and frame number read from each file name
+    by ``frame`` (its groups: camera, number)."""
+    frames: dict[str, tuple[str, int] | None] = {}
+    for r in rows:
+        m = frame.match(Path(r["image"]).name)
+        frames[r["image"]] = (m.group(1), int(m.group(2))) if m else None
+    return bursts(frames, owner)
+
+
 def holstein(folder: Path) -> DataSet:
     rows = [r for r in labels(folder) if r["subset"] == "datasets_v2"]
     rows, _ = without_duplicates(rows)
@@ -229,11 +239,7 @@ def seals(folder: Path) -> DataSet:
     photos = []
     for ind in sorted({r["individual_id"] for r in rows}):
         mine = [r for r in rows if r["individual_id"] == ind]
-        frames: dict[str, tuple[str, int] | None] = {}
-        for r in mine:
-            m = SEAL_FRAME.match(Path(r["image"]).name)
-            frames[r["image"]] = (m.group(1), int(m.group(2))) if m else None
-        encounter = bursts(frames, ind)
+        encounter = frame_bursts(mine, SEAL_FRAME, ind)
         for r in mine:
             same = SEAL_SAME_SCENE.get(r["image"])
             photos.append(
@@ -276,11 +282,7 @@ def dolphins(folder: Path) -> DataSet:
     photos = []
     for ind in ("1056", "not_1056"):
         mine = [r for r in rows if r["individual_id"] == ind]
-        frames: dict[str, tuple[str, int] | None] = {}
-        for r in mine:
-            m = DOLPHIN_FRAME.match(Path(r["image"]).name)
-            frames[r["image"]] = (m.group(1), int(m.group(2))) if m else None
-        encounter = bursts(frames, ind)
+        encounter = frame_bursts(mine, DOLPHIN_FRAME, ind)
         for r in mine:
             survey = DOLPHIN_SURVEY.match(Path(r["image"]).name)
             enc = f"{ind}/{survey.group(1)}" if survey else encounter[r["image"]]

@@ -44,7 +44,8 @@ from PIL import Image as PILImage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.access.auth import COMMAND_LINE
+from bench._common import setup_logging  # noqa: E402
+from service.access.auth import COMMAND_LINE  # noqa: E402
 from service.catalogue.imports import CatalogueImport  # noqa: E402
 from service.db import migrate  # noqa: E402
 from service.db.tables import (  # noqa: E402
@@ -546,8 +547,7 @@ def main() -> None:
     if "b5" in parts and not args.b5_model.exists():
         parser.error(f"no B5 at {args.b5_model}: build it with bench/make_effb5_onnx.py")
     batches = [int(b) for b in args.batches.split(",")]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging("%(asctime)s %(name)s: %(message)s")
     results: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "baseline": "decode + preprocess + embed, one after another on one thread, batch by "
