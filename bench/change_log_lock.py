@@ -139,7 +139,7 @@ def main() -> None:
                     all_ms, rates = results.setdefault((name, writers), ([], []))
                     all_ms.extend(ms)
                     rates.append(rate)
-        model_gallery._lock_change_log = locked  # type: ignore[assignment]
+        model_gallery._lock_change_log = locked
         engine.dispose()
     log.info("| writers | change log | p50 | p95 | transactions/s |")
     log.info("|---:|---|---:|---:|---:|")

@@ -111,9 +111,7 @@ def top(body: dict[str, object]) -> str:
 def measure(size: int, rounds: int, postgres: str | None = None) -> dict[str, float]:
     database = scratch_database(postgres) if postgres else nullcontext(None)
     with tempfile.TemporaryDirectory() as tmp, database as url:
-        settings = Settings(  # type: ignore[call-arg]
-            data_dir=Path(tmp) / "data", database_url=url or "", _env_file=None
-        )
+        settings = Settings(data_dir=Path(tmp) / "data", database_url=url or "", _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         engine = make_engine(settings.sqlalchemy_url)

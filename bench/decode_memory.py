@@ -45,7 +45,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def run(slots: int, clients: int, photo: bytes, work: Path) -> None:
-    settings = Settings(data_dir=work / f"data-{slots}", _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(data_dir=work / f"data-{slots}", _env_file=None)
     settings.ensure_dirs()
     migrate.upgrade(settings.sqlalchemy_url)
     load_catalogue(settings, work / f"catalogue-{slots}", build_toy_model(work / "toy.onnx"))

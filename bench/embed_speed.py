@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -89,7 +90,7 @@ def time_models(
     return {name: [1000 * t for t in s] for name, s in zip(embedders, seconds, strict=True)}
 
 
-def render(rows: list[dict[str, object]], meta: dict[str, str]) -> str:
+def render(rows: list[dict[str, Any]], meta: dict[str, str]) -> str:
     b5 = next(r for r in rows if r["backbone"] == "EfficientNetB5")
     lines = [
         BEGIN,

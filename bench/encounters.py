@@ -152,10 +152,10 @@ def answer(
     order = np.argsort(distances, kind="stable")
     found = [Neighbour(labels[i], float(distances[i]), int(i)) for i in order]
     ranked = rank_candidates(
-        found[: contract.k],
-        cutoff=contract.cutoff,
-        ranking=contract.ranking,
-        beyond=found[contract.k :],
+        found[: contract.head.k],
+        cutoff=contract.head.cutoff,
+        ranking=contract.head.ranking,
+        beyond=found[contract.head.k :],
     )
     return [
         AnsweredCandidate(r, c.label, None, c.votes, c.distance, c.confidence, c.best_image_id)
@@ -180,12 +180,12 @@ def measure(embedder: Embedder, data: Dataset, seed: int = 0) -> list[Row]:
             continue
         singles, single_truths = [], []
         fused: dict[Fusion, list[list[str]]] = {f: [] for f in Fusion}
-        for ind, vectors in encounters:
-            answers = [answer(embedder, gallery, labels, v) for v in vectors]
+        for ind, shots in encounters:
+            answers = [answer(embedder, gallery, labels, v) for v in shots]
             singles += [[c.individual_id for c in a] for a in answers]
             single_truths += [ind] * len(answers)
             for rule in Fusion:
-                ranked = fuse(answers, cutoff=embedder.contract.cutoff, fusion=rule)
+                ranked = fuse(answers, cutoff=embedder.contract.head.cutoff, fusion=rule)
                 fused[rule].append([c.individual_id for c in ranked])
         truths = [ind for ind, _ in encounters]
         rows.append(
@@ -209,8 +209,9 @@ def render(rows: list[Row], datasets: list[Dataset], embedder: Embedder, seconds
         "## Encounters: fused ranking against single photos",
         "",
         f"Measured by `bench/encounters.py` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC "
-        f"({seconds:.0f} s), with `demo/whaleid-demo.onnx` ({c.name} {c.version}: k {c.k}, "
-        f"cutoff {c.cutoff}, {c.ranking}) through the serving path (decode, preprocessing, "
+        f"({seconds:.0f} s), with `demo/whaleid-demo.onnx` ({c.name} {c.version}: "
+        f"k {c.head.k}, cutoff {c.head.cutoff}, {c.head.ranking}) through the serving path "
+        "(decode, preprocessing, "
         "embedder, kNN head, `service.matching.encounters.fuse`; exact search). An encounter is "
         "2 or 3 held-out photos of one individual; *single* is MAP@5 of those same photos one "
         "at a time. Real photos are read in place from `../shared/data`, never copied. "

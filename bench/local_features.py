@@ -58,7 +58,7 @@ def rerank_latency(queries: int) -> dict[str, float]:
     """p50 of /identify's work (decode to answer, nothing recorded), verification off and on."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        settings = Settings(data_dir=folder / "data", _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=folder / "data", _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         factory = make_sessionmaker(make_engine(settings.sqlalchemy_url))

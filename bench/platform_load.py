@@ -66,7 +66,7 @@ def lost_decisions(url: str, acknowledged: list[dict[str, Any]]) -> list[str]:
 
 def run(server: str, seconds: int, users: int, tmp: Path) -> dict[str, Any]:
     with scratch_database(server) as url:
-        settings = Settings(data_dir=tmp / "data", database_url=url, _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=tmp / "data", database_url=url, _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         catalogue = load_catalogue(settings, tmp / "catalogue", build_toy_model(tmp / "toy.onnx"))

@@ -143,7 +143,7 @@ def setup(
 ) -> Bench:
     """A fresh database and data directory with ``gallery`` imported under the demo model,
     which is active."""
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         data_dir=root / "data",
         database_url=create_database(args.postgres_url),
         reindex_chunk_size=args.chunk,
@@ -499,7 +499,7 @@ def switch_and_kill(args: argparse.Namespace, bench: Bench, root: Path) -> dict[
             urls,
             keys["integration"],
             photos,
-            [("activate", activate), ("rollback", rollback)],  # type: ignore[list-item]
+            [("activate", activate), ("rollback", rollback)],
         )
         log.info("switch: %s", results["switch"])
     finally:

@@ -82,7 +82,7 @@ def scratch_database(server: str) -> Iterator[str]:
 def measure(server: str, rounds: int, seconds: float, mix: Mix) -> Totals:
     totals = Totals()
     with tempfile.TemporaryDirectory() as tmp, scratch_database(server) as url:
-        settings = Settings(data_dir=Path(tmp) / "data", database_url=url, _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=Path(tmp) / "data", database_url=url, _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         catalogue = load_catalogue(
