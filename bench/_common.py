@@ -87,16 +87,17 @@ def p90(values: Sequence[float]) -> float:
 
 
 @contextlib.contextmanager
-def stopwatch(label: str) -> Iterator[dict[str, float]]:
-    """Log ``label`` and, at the end of the block, its seconds (also under ``["s"]``)."""
+def stopwatch(label: str, logger: logging.Logger = log) -> Iterator[dict[str, float]]:
+    """Log ``label`` (to ``logger``) and, at the end of the block, its seconds (also under
+    ``["s"]``)."""
     out: dict[str, float] = {}
     start = time.perf_counter()
-    log.info("%s ...", label)
+    logger.info("%s ...", label)
     try:
         yield out
     finally:
         out["s"] = time.perf_counter() - start
-        log.info("%s: %.1f s", label, out["s"])
+        logger.info("%s: %.1f s", label, out["s"])
 
 
 # --------------------------------------------------------------------------- the machine

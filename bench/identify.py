@@ -17,10 +17,16 @@ What is measured (the written document says it again, next to the figures):
 The embedding model only provides realistic compute: the bench EfficientNet-B5 has random weights
 (``bench/make_effb5_onnx.py``), so the gallery vectors are synthetic (see ``synthetic_gallery``).
 
+The measuring (``identify_measure`` and its parts) returns records (``identify_records``), which
+``--json`` saves; the report (``identify_report``, ``identify_sections``, ``identify_reading``)
+renders them, and ``--render-from`` renders a saved run again without measuring.
+
 Usage::
 
     .venv/bin/python bench/identify.py --out docs/performance.md          # full run, ~15 min
     .venv/bin/python bench/identify.py --quick --out /tmp/performance.md  # smoke run, ~3 min
+    .venv/bin/python bench/identify.py --json run.json ...                # also keep the figures
+    .venv/bin/python bench/identify.py --render-from run.json --out docs/performance.md
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, profile: Profile, work: Path, results: dict[st
     results["e2e"] = []
     keep: dict[int, Synthetic] = {}
     for n in profile.search_sizes:
-        with stopwatch(f"synthetic lowrank gallery of {n:,}"):
+        with stopwatch(f"synthetic lowrank gallery of {n:,}", log):
             syn = synthetic_gallery(n, profile.queries, structure="lowrank", seed=n)
         results["search"].append(
             bench_search(
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, profile: Profile, work: Path, results: dict[st
         del syn
         gc.collect()
     if profile.stress_size and not args.no_stress:
-        with stopwatch(f"synthetic isotropic gallery of {profile.stress_size:,}"):
+        with stopwatch(f"synthetic isotropic gallery of {profile.stress_size:,}", log):
             syn = synthetic_gallery(
                 profile.stress_size, profile.queries // 2, structure="isotropic", seed=1
             )
@@ -143,7 +143,7 @@ def bench_e2e(
     service = Service.create(root, model, syn)
     try:
         service.start()
-        with stopwatch(f"{profile.requests} sequential /identify at {n:,}"):
+        with stopwatch(f"{profile.requests} sequential /identify at {n:,}", log):
             seq = guarded(
                 f"/identify at {n:,}",
                 lambda: sequential(service, jpeg, profile.requests, bare),
@@ -171,7 +171,7 @@ def bench_e2e(
                     )
                 )
         if small_jpeg is not None:
-            with stopwatch("sequential /identify of the client-downscaled photo"):
+            with stopwatch("sequential /identify of the client-downscaled photo", log):
                 result.downscaled = guarded(
                     "/identify of the downscaled photo",
                     lambda: sequential(service, small_jpeg, profile.requests, bare),
@@ -182,14 +182,14 @@ def bench_e2e(
             # In process: the service's search (on the calling thread) against faiss's default
             # of all cores, same data directory, one after the other.
             for label, threads in (("calling thread", None), ("all cores", CORES)):
-                with stopwatch(f"in-process /identify, search on {label}"):
+                with stopwatch(f"in-process /identify, search on {label}", log):
                     result.search_threads_ab[label] = guarded(
                         f"in-process /identify, search on {label}",
                         partial(measured_profile, service, jpeg, profile.requests, threads),
                         lambda r: r["others_cores"],
                     )
         if request_profile:
-            with stopwatch("in-process request profile"):
+            with stopwatch("in-process request profile", log):
                 result.request_profile = profile_overhead(service, jpeg, profile.requests)
     finally:
         service.stop()

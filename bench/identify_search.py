@@ -107,7 +107,7 @@ def bench_search(
     n = len(syn.vectors)
     ids = np.arange(1, n + 1, dtype=np.int64)
     faiss.omp_set_num_threads(CORES)
-    with stopwatch(f"GalleryIndex.build({n:,} {syn.structure})") as built:
+    with stopwatch(f"GalleryIndex.build({n:,} {syn.structure})", log) as built:
         index = GalleryIndex.build(ids, syn.vectors, DIM, IVF_THRESHOLD)
     exact = faiss.IndexFlatIP(DIM)
     exact.add(syn.vectors)
@@ -186,7 +186,7 @@ def bench_sklearn(
 
     n = len(syn.vectors)
     reps = profile.sklearn_reps_small if n <= 100_000 else profile.sklearn_reps_large
-    with stopwatch(f"scikit-learn NearestNeighbors fit + {reps} queries at {n:,}"):
+    with stopwatch(f"scikit-learn NearestNeighbors fit + {reps} queries at {n:,}", log):
         nn = NearestNeighbors(n_neighbors=K, metric="cosine", algorithm="brute").fit(syn.vectors)
         nn.kneighbors(syn.queries[:1], K)  # warm-up
         sk_times, overlap = [], []

@@ -134,10 +134,10 @@ class Service:
         setup: dict[str, float] = {}
         try:
             model_row = register_model(settings, factory, model)
-            with stopwatch(f"insert {len(syn.vectors):,} gallery rows") as t:
+            with stopwatch(f"insert {len(syn.vectors):,} gallery rows", log) as t:
                 insert_gallery(factory, model_row.id, syn)
             setup["insert_s"] = t["s"]
-            with stopwatch("activate_model (gallery index built from the database)") as t:
+            with stopwatch("activate_model (gallery index built from the database)", log) as t:
                 # A search sets this thread's OpenMP count to 1: build as `whaleid models
                 # add --activate` would, on a fresh thread's default of all cores.
                 faiss.omp_set_num_threads(CORES)
