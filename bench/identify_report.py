@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import fmt, size_name
+from bench._common import fmt, marks, size_name
 from bench.identify_reading import interpretation, machine_loads
 from bench.identify_records import (
     CORES,
@@ -27,8 +27,7 @@ from bench.identify_records import (
 )
 from bench.identify_sections import embedder_section, search_section, sklearn_section, stages
 
-MARK_BEGIN = "<!-- identify:begin -->"
-MARK_END = "<!-- identify:end -->"
+MARK_BEGIN, MARK_END = marks("identify")
 
 
 def verdict(ok: bool) -> str:
