@@ -12,7 +12,6 @@ given server is used and dropped; loopback only; bounded to 2000 transactions pe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
@@ -26,7 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.replicas import scratch_database, within  # noqa: E402
+from bench._common import bench_parser, setup_logging, within  # noqa: E402
+from bench.replicas import scratch_database  # noqa: E402
 from service.db import migrate
 from service.db.tables import (  # noqa: E402
     Embedding,
@@ -117,15 +117,12 @@ def run(factory: sessionmaker[Session], writers: int, count: int) -> tuple[list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--postgres", required=True, help="server URL; a scratch database is used")
+    parser = bench_parser(__doc__, postgres=True)
     parser.add_argument("--transactions", type=within(10, 2000), default=300)
     parser.add_argument("--writers", type=within(2, 8), default=4)
     parser.add_argument("--turns", type=within(1, 10), default=3)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging("%(message)s", quiet=())
     with scratch_database(args.postgres) as url:
         migrate.upgrade(url)
         engine = make_engine(url)
@@ -142,7 +139,7 @@ def main() -> None:
                     all_ms, rates = results.setdefault((name, writers), ([], []))
                     all_ms.extend(ms)
                     rates.append(rate)
-        model_gallery._lock_change_log = locked  # type: ignore[assignment]
+        model_gallery._lock_change_log = locked
         engine.dispose()
     log.info("| writers | change log | p50 | p95 | transactions/s |")
     log.info("|---:|---|---:|---:|---:|")

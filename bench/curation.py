@@ -10,7 +10,6 @@ padded with synthetic embeddings to the sizes given. Writes a section into docs/
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import statistics
@@ -26,6 +25,7 @@ from sqlalchemy import insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import bench_parser, marks, replace_section, setup_logging  # noqa: E402
 from bench.replicas import scratch_database  # noqa: E402
 from service.access.auth import create_key  # noqa: E402
 from service.db import migrate  # noqa: E402
@@ -45,8 +45,7 @@ from tests.conftest import free_port, serve_process  # noqa: E402
 from tests.toy import build_toy_model, encode, photo  # noqa: E402
 
 log = logging.getLogger("bench.curation")
-MARK_BEGIN = "<!-- curation:begin -->"
-MARK_END = "<!-- curation:end -->"
+MARK_BEGIN, MARK_END = marks("curation")
 
 
 def pad_gallery(settings: Settings, model_id: int, dim: int, size: int) -> None:
@@ -112,9 +111,7 @@ def top(body: dict[str, object]) -> str:
 def measure(size: int, rounds: int, postgres: str | None = None) -> dict[str, float]:
     database = scratch_database(postgres) if postgres else nullcontext(None)
     with tempfile.TemporaryDirectory() as tmp, database as url:
-        settings = Settings(  # type: ignore[call-arg]
-            data_dir=Path(tmp) / "data", database_url=url or "", _env_file=None
-        )
+        settings = Settings(data_dir=Path(tmp) / "data", database_url=url or "", _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         engine = make_engine(settings.sqlalchemy_url)
@@ -200,29 +197,17 @@ def write_doc(
         "but the in-memory entry arrays are rebuilt (O(n) numpy), which is what grows with size.",
         MARK_END,
     ]
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if MARK_BEGIN in text:
-        text = (
-            text[: text.index(MARK_BEGIN)]
-            + "\n".join(lines)
-            + text[text.index(MARK_END) + len(MARK_END) :]
-        )
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+    replace_section(path, "\n".join(lines), "curation")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 50000])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     parser.add_argument("--postgres", help="a PostgreSQL server URL instead of SQLite")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging("%(message)s")
     rows = {}
     for size in args.sizes:
         rows[size] = measure(size, args.rounds, args.postgres)

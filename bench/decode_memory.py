@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from bench._common import setup_logging
 from service.db import migrate
 from service.settings import Settings
 from tests.conftest import free_port, load_catalogue, make_keys, serve_process
@@ -44,7 +45,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def run(slots: int, clients: int, photo: bytes, work: Path) -> None:
-    settings = Settings(data_dir=work / f"data-{slots}", _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(data_dir=work / f"data-{slots}", _env_file=None)
     settings.ensure_dirs()
     migrate.upgrade(settings.sqlalchemy_url)
     load_catalogue(settings, work / f"catalogue-{slots}", build_toy_model(work / "toy.onnx"))
@@ -86,8 +87,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=7000)
     parser.add_argument("--slots", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging("%(message)s")
     photo = big_png(args.side)
     with tempfile.TemporaryDirectory() as work:
         for slots in args.slots:

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -31,13 +32,14 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from bench._common import load_average, marks, pct, replace_section, setup_logging  # noqa: E402
 from service.contract import ModelContract, PixelRange, Preprocessing, Resize  # noqa: E402
 from service.onnx.embedder import Embedder  # noqa: E402
 
 log = logging.getLogger("bench.embed_speed")
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- backbones:begin -->", "<!-- backbones:end -->"
+BEGIN, END = marks("backbones")
 # backbone, input size, weights
 BACKBONES = (
     ("EfficientNetLite0", 224, "imagenet"),
@@ -88,11 +90,7 @@ def time_models(
     return {name: [1000 * t for t in s] for name, s in zip(embedders, seconds, strict=True)}
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q))
-
-
-def render(rows: list[dict[str, object]], meta: dict[str, str]) -> str:
+def render(rows: list[dict[str, Any]], meta: dict[str, str]) -> str:
     b5 = next(r for r in rows if r["backbone"] == "EfficientNetB5")
     lines = [
         BEGIN,
@@ -128,26 +126,13 @@ def render(rows: list[dict[str, object]], meta: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc = head + text + tail
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
-
-
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(quiet=())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         built = {}
@@ -165,8 +150,8 @@ def main() -> None:
                     "weights": weights,
                     "params": params,
                     "mb": path.stat().st_size / 1e6,
-                    "p50": percentile(times[name], 50),
-                    "p90": percentile(times[name], 90),
+                    "p50": pct(times[name], 50),
+                    "p90": pct(times[name], 90),
                 }
             )
             log.info("%s: p50 %.1f ms, p90 %.1f ms", name, rows[-1]["p50"], rows[-1]["p90"])
@@ -184,7 +169,7 @@ def main() -> None:
     text = render(rows, meta)
     log.info("\n%s", text)
     if not args.no_write:
-        write_section(text)
+        replace_section(DOC, text, "backbones", new_doc=None)
         log.info("wrote %s", DOC)
 
 

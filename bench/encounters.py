@@ -12,7 +12,6 @@ in ../shared/data (read in place, never copied): dolphin fins (Moray Firth), har
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import io
@@ -31,6 +30,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import (  # noqa: E402
+    bench_parser,
+    marks,
+    replace_section,
+    setup_logging,
+    shared_data,
+)
 from service.imaging import decode_photo, to_model_input  # noqa: E402
 from service.knn import Neighbour, map_at_5, rank_candidates  # noqa: E402
 from service.matching.encounters import Fusion, fuse  # noqa: E402
@@ -39,8 +45,7 @@ from service.onnx.embedder import Embedder  # noqa: E402
 
 log = logging.getLogger("bench.encounters")
 ROOT = Path(__file__).resolve().parents[1]
-MARK_BEGIN = "<!-- encounters:begin -->"
-MARK_END = "<!-- encounters:end -->"
+MARK_BEGIN, MARK_END = marks("encounters")
 SIZES = (2, 3)
 
 
@@ -147,10 +152,10 @@ def answer(
     order = np.argsort(distances, kind="stable")
     found = [Neighbour(labels[i], float(distances[i]), int(i)) for i in order]
     ranked = rank_candidates(
-        found[: contract.k],
-        cutoff=contract.cutoff,
-        ranking=contract.ranking,
-        beyond=found[contract.k :],
+        found[: contract.head.k],
+        cutoff=contract.head.cutoff,
+        ranking=contract.head.ranking,
+        beyond=found[contract.head.k :],
     )
     return [
         AnsweredCandidate(r, c.label, None, c.votes, c.distance, c.confidence, c.best_image_id)
@@ -175,12 +180,12 @@ def measure(embedder: Embedder, data: Dataset, seed: int = 0) -> list[Row]:
             continue
         singles, single_truths = [], []
         fused: dict[Fusion, list[list[str]]] = {f: [] for f in Fusion}
-        for ind, vectors in encounters:
-            answers = [answer(embedder, gallery, labels, v) for v in vectors]
+        for ind, shots in encounters:
+            answers = [answer(embedder, gallery, labels, v) for v in shots]
             singles += [[c.individual_id for c in a] for a in answers]
             single_truths += [ind] * len(answers)
             for rule in Fusion:
-                ranked = fuse(answers, cutoff=embedder.contract.cutoff, fusion=rule)
+                ranked = fuse(answers, cutoff=embedder.contract.head.cutoff, fusion=rule)
                 fused[rule].append([c.individual_id for c in ranked])
         truths = [ind for ind, _ in encounters]
         rows.append(
@@ -204,8 +209,9 @@ def render(rows: list[Row], datasets: list[Dataset], embedder: Embedder, seconds
         "## Encounters: fused ranking against single photos",
         "",
         f"Measured by `bench/encounters.py` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC "
-        f"({seconds:.0f} s), with `demo/whaleid-demo.onnx` ({c.name} {c.version}: k {c.k}, "
-        f"cutoff {c.cutoff}, {c.ranking}) through the serving path (decode, preprocessing, "
+        f"({seconds:.0f} s), with `demo/whaleid-demo.onnx` ({c.name} {c.version}: "
+        f"k {c.head.k}, cutoff {c.head.cutoff}, {c.head.ranking}) through the serving path "
+        "(decode, preprocessing, "
         "embedder, kNN head, `service.matching.encounters.fuse`; exact search). An encounter is "
         "2 or 3 held-out photos of one individual; *single* is MAP@5 of those same photos one "
         "at a time. Real photos are read in place from `../shared/data`, never copied. "
@@ -229,33 +235,13 @@ def render(rows: list[Row], datasets: list[Dataset], embedder: Embedder, seconds
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
-def _shared_data() -> Path:
-    """../shared/data beside the checkout (or beside the worktrees' folder)."""
-    for parent in ROOT.parents[:2]:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return ROOT.parent / "shared" / "data"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=_shared_data())
+    parser = bench_parser(__doc__)
+    parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--model", type=Path, default=ROOT / "demo" / "whaleid-demo.onnx")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging("%(asctime)s %(message)s", quiet=())
     start = time.perf_counter()
     embedder = Embedder(args.model)
     with tempfile.TemporaryDirectory() as scratch:
@@ -288,7 +274,7 @@ def main() -> None:
         log.info("%s: %d gallery photos", data.name, len(data.gallery))
         rows += measure(embedder, data)
     section = render(rows, datasets, embedder, time.perf_counter() - start)
-    write_section(args.out, section)
+    replace_section(args.out, section, "encounters")
     log.info("wrote %s\n%s", args.out, section)
 
 

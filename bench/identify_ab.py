@@ -23,17 +23,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.identify_measure import (  # noqa: E402
-    DEFAULT_MODEL,
+from bench._common import p50, pct, setup_logging  # noqa: E402
+from bench.identify_data import make_jpeg, synthetic_gallery  # noqa: E402
+from bench.identify_records import DEFAULT_MODEL  # noqa: E402
+from bench.identify_service import (  # noqa: E402
     BareEmbedder,
     Service,
     clients_round,
     identify,
-    make_jpeg,
-    p50,
-    pct,
     sequential,
-    synthetic_gallery,
 )
 
 log = logging.getLogger("bench.identify_ab")
@@ -48,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20, help="per round and set")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("faiss.loader", "alembic", "httpx", "service", "bench.identify"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(
+        "%(asctime)s %(name)s: %(message)s",
+        quiet=("faiss.loader", "alembic", "httpx", "service", "bench.identify"),
+    )
     sets: list[dict[str, str]] = [json.loads(s) for s in args.settings]
     jpeg = make_jpeg()
     bare = BareEmbedder(args.model, jpeg)

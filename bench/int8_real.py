@@ -45,7 +45,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quality import ROOT, TRAIN_PYTHON, Cli, registered_id  # noqa: E402
+from bench._common import ROOT, setup_logging  # noqa: E402
+from bench.quality_cli import Cli, registered_id  # noqa: E402
+from bench.quality_modes import TRAIN_PYTHON  # noqa: E402
 from model_export.map5_drop import bootstrap_interval, judge_map5_drop  # noqa: E402
 from service.catalogue_csv import read_catalogue  # noqa: E402
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5  # noqa: E402
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging("%(asctime)s %(levelname)s %(message)s", quiet=())
     scratch, work = Path(args.scratch), Path(args.work)
     rows = [
         measure_set(scratch, key, work, args.rounds, Path(args.lock))

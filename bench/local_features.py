@@ -33,6 +33,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import marks, pct, replace_section, setup_logging  # noqa: E402
 from service.catalogue.imports import CatalogueImport  # noqa: E402
 from service.contract import Calibration, Verification  # noqa: E402
 from service.db import migrate  # noqa: E402
@@ -49,8 +50,7 @@ from service.settings import Settings  # noqa: E402
 from tests.toy import build_toy_model, encode, textured_photo  # noqa: E402
 
 log = logging.getLogger("bench.local_features")
-MARK_BEGIN = "<!-- local-features:begin -->"
-MARK_END = "<!-- local-features:end -->"
+MARK_BEGIN, MARK_END = marks("local-features")
 SIZE = 640
 
 
@@ -58,7 +58,7 @@ def rerank_latency(queries: int) -> dict[str, float]:
     """p50 of /identify's work (decode to answer, nothing recorded), verification off and on."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        settings = Settings(data_dir=folder / "data", _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=folder / "data", _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         factory = make_sessionmaker(make_engine(settings.sqlalchemy_url))
@@ -99,7 +99,7 @@ def rerank_latency(queries: int) -> dict[str, float]:
         "none_p50": statistics.median(timings["none"]),
         "rerank_p50": statistics.median(timings["rerank"]),
         "added_p50": statistics.median(added),
-        "added_p90": float(np.percentile(added, 90)),
+        "added_p90": pct(added, 90),
         "features_p50": statistics.median(timings["features"]),
         "verify_p50": statistics.median(timings["verify"]),
     }
@@ -152,7 +152,7 @@ def local_at_scale(photos: int, distinct: int, queries: int) -> dict[str, float]
         "extract_p50": statistics.median(extract_ms),
         "vote_p50": statistics.median(vote_ms),
         "total_p50": statistics.median(total_ms),
-        "total_p90": float(np.percentile(total_ms, 90)),
+        "total_p90": pct(total_ms, 90),
         "queries": queries,
     }
 
@@ -219,16 +219,6 @@ def render(rerank: dict[str, float], scale: dict[str, float], seconds: float) ->
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
@@ -236,15 +226,14 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=500)
     parser.add_argument("--queries", type=int, default=40)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("service").setLevel(logging.WARNING)
+    setup_logging("%(asctime)s %(levelname)s %(message)s", quiet=("service",))
     start = time.perf_counter()
     rerank = rerank_latency(args.queries)
     log.info("re-ranking: %s", rerank)
     scale = local_at_scale(args.photos, args.distinct, args.queries)
     log.info("local matcher: %s", scale)
     section = render(rerank, scale, time.perf_counter() - start)
-    write_section(args.out, section)
+    replace_section(args.out, section, "local-features", new_doc=None)
     log.info("wrote %s", args.out)
 
 

@@ -13,7 +13,6 @@ Not part of CI. Needs the bench extra (``pip install -e '.[bench]'``: locust). B
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import json
@@ -29,7 +28,8 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.replicas import scratch_database, within  # noqa: E402
+from bench._common import bench_parser, marks, replace_section, setup_logging, within  # noqa: E402
+from bench.replicas import scratch_database  # noqa: E402
 from service.db import migrate  # noqa: E402
 from service.db.tables import make_engine  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -38,8 +38,7 @@ from tests.replica_load import check_replicas  # noqa: E402
 from tests.toy import build_toy_model  # noqa: E402
 
 log = logging.getLogger("bench.platform_load")
-MARK_BEGIN = "<!-- platform-load:begin -->"
-MARK_END = "<!-- platform-load:end -->"
+MARK_BEGIN, MARK_END = marks("platform-load")
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
@@ -67,7 +66,7 @@ def lost_decisions(url: str, acknowledged: list[dict[str, Any]]) -> list[str]:
 
 def run(server: str, seconds: int, users: int, tmp: Path) -> dict[str, Any]:
     with scratch_database(server) as url:
-        settings = Settings(data_dir=tmp / "data", database_url=url, _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=tmp / "data", database_url=url, _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         catalogue = load_catalogue(settings, tmp / "catalogue", build_toy_model(tmp / "toy.onnx"))
@@ -146,26 +145,13 @@ def report(result: dict[str, Any], seconds: int, users: int) -> list[str]:
     return lines
 
 
-def write_doc(path: Path, lines: list[str]) -> None:
-    content = path.read_text()
-    if MARK_BEGIN in content:
-        before, rest = content.split(MARK_BEGIN, 1)
-        content = before + "\n".join(lines) + rest.split(MARK_END, 1)[1]
-    else:
-        content = content.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    path.write_text(content)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--postgres", required=True, help="server URL; a scratch database is used")
+    parser = bench_parser(__doc__, postgres=True)
     parser.add_argument("--seconds", type=within(10, 300), default=150)
     parser.add_argument("--users", type=within(1, 40), default=9)
     parser.add_argument("--out", type=Path, help="write the section into this file")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging("%(message)s", quiet=())
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.postgres, args.seconds, args.users, Path(tmp))
     lines = report(result, args.seconds, args.users)
@@ -173,7 +159,7 @@ def main() -> None:
     for line in (result["lost"] + result["differences"])[:20]:
         log.warning("%s", line)
     if args.out:
-        write_doc(args.out, lines)
+        replace_section(args.out, "\n".join(lines), "platform-load", new_doc=None)
     failed = result["lost"] or result["differences"]
     raise SystemExit(1 if failed else 0)
 

@@ -12,7 +12,6 @@ Bounded: at most 20 rounds of 30 s and 16 clients. Writes its section into docs/
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import itertools
 import logging
@@ -20,7 +19,7 @@ import sys
 import tempfile
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import bench_parser, marks, replace_section, setup_logging, within  # noqa: E402
 from service.db import migrate  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, load_catalogue, make_keys, serve_process  # noqa: E402
@@ -37,8 +37,7 @@ from tests.replica_load import Mix, check_replicas, run_round  # noqa: E402
 from tests.toy import build_toy_model  # noqa: E402
 
 log = logging.getLogger("bench.replicas")
-MARK_BEGIN = "<!-- replicas:begin -->"
-MARK_END = "<!-- replicas:end -->"
+MARK_BEGIN, MARK_END = marks("replicas")
 DECISIONS = ("confirm", "new_individual", "reject", "supersede")
 
 
@@ -83,7 +82,7 @@ def scratch_database(server: str) -> Iterator[str]:
 def measure(server: str, rounds: int, seconds: float, mix: Mix) -> Totals:
     totals = Totals()
     with tempfile.TemporaryDirectory() as tmp, scratch_database(server) as url:
-        settings = Settings(data_dir=Path(tmp) / "data", database_url=url, _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(data_dir=Path(tmp) / "data", database_url=url, _env_file=None)
         settings.ensure_dirs()
         migrate.upgrade(settings.sqlalchemy_url)
         catalogue = load_catalogue(
@@ -152,31 +151,8 @@ def report(totals: Totals, command: str, mix: Mix) -> list[str]:
     return lines
 
 
-def write_doc(path: Path, lines: list[str]) -> None:
-    text = path.read_text()
-    if MARK_BEGIN not in text:
-        raise SystemExit(f"{path} has no {MARK_BEGIN} ... {MARK_END} block to fill")
-    before, rest = text.split(MARK_BEGIN, 1)
-    path.write_text(before + "\n".join(lines) + rest.split(MARK_END, 1)[1])
-
-
-def within(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer from ``low`` to ``high`` (the run stays bounded)."""
-
-    def parse(value: str) -> int:
-        number = int(value)
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
-        return number
-
-    return parse
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--postgres", required=True, help="server URL; a scratch database is used")
+    parser = bench_parser(__doc__, postgres=True)
     parser.add_argument("--rounds", type=within(1, 20), default=6)
     parser.add_argument("--seconds", type=within(1, 30), default=5)
     parser.add_argument("--identifiers", type=within(0, 8), default=2)
@@ -184,8 +160,7 @@ def main() -> None:
     parser.add_argument("--editors", type=within(0, 2), default=1)
     parser.add_argument("--out", type=Path, help="fill the replicas block of this file")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging("%(message)s")
     mix = Mix(args.identifiers, args.deciders, args.editors)
     rounds, seconds = args.rounds, args.seconds
     totals = measure(args.postgres, rounds, seconds, mix)
@@ -198,7 +173,7 @@ def main() -> None:
     for line in (totals.errors + totals.differences)[:20]:
         log.warning("%s", line)
     if args.out:
-        write_doc(args.out, lines)
+        replace_section(args.out, "\n".join(lines), "replicas", new_doc=None, required=True)
 
 
 if __name__ == "__main__":

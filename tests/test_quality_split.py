@@ -12,26 +12,20 @@ from typing import Any
 
 import pytest
 
-from bench.quality import (
+from bench.quality import build_parser, selected_modes, train_options
+from bench.quality_cli import CommandFailed, Done
+from bench.quality_data import DataSet, Photo, bursts, without_duplicates
+from bench.quality_measure import run_mode
+from bench.quality_modes import (
     MODES,
     Case,
-    CommandFailed,
-    DataSet,
-    Done,
     ModeUnavailable,
-    Photo,
     TrainOptions,
-    build_parser,
-    bursts,
     prepare_fused,
     prepare_local,
-    render,
-    run_mode,
-    selected_modes,
-    split,
-    train_options,
-    without_duplicates,
 )
+from bench.quality_report import render
+from bench.quality_split import split
 
 
 def catalogue(individuals: int, encounters: int, photos: int) -> DataSet:
