@@ -13,13 +13,13 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import Image, transaction, utcnow
+from service.db.tables import Image, transaction
 from service.gallery.sync import Filters
 from service.imaging import PhotoError
 from service.jobs.archives import ArchiveFiles
-from service.jobs.batch.closing import archive_refs, forget_urls, report_end
+from service.jobs.batch.closing import close_succeeded
 from service.jobs.batch.submit import IDENTIFY_BATCH
-from service.jobs.queue import ChunkHandler, JobState, Lease, LeaseLost, complete
+from service.jobs.queue import ChunkHandler, Lease, LeaseLost, complete
 from service.matching.identify import Identifier, Runtime
 from service.matching.slots import Busy
 from service.outbound.fetch import FetchRefused, fetch_photo
@@ -108,8 +108,8 @@ class BatchChunks:
         }
 
     def __call__(self, lease: Lease, alive: Callable[[], bool]) -> None:
-        if lease.phase == 1:
-            self.finish(lease)
+        if lease.phase == 1:  # the last phase, once every photo has its answer
+            close_succeeded(self.settings, self.factory, self.files, lease)
             return
         identifier = self.runtime.current()
         items = lease.params["items"]
@@ -136,16 +136,6 @@ class BatchChunks:
             result = dict(job.result or {})
             result["items"] = {**result.get("items", {}), **answers}
             job.result = result
-
-    def finish(self, lease: Lease) -> None:
-        """Remove the archive's photos, deliver the callback, and close the job."""
-        self.files.remove(archive_refs(lease.params))
-        delivery = report_end(self.settings, self.factory, lease.job_id, JobState.SUCCEEDED)
-        with transaction(self.factory) as session:
-            job = complete(session, lease, done=0)
-            job.result = {**(job.result or {}), "callback": delivery}
-            job.params = forget_urls(job.params)
-            job.closed_at = utcnow()
 
 
 def batch_handlers(

@@ -16,7 +16,7 @@ from service.db.tables import ApiKey, Job, transaction, utcnow
 from service.jobs.archives import ArchiveFiles
 from service.jobs.batch.results import payload
 from service.jobs.batch.submit import IDENTIFY_BATCH
-from service.jobs.queue import LIVE_STATES
+from service.jobs.queue import LIVE_STATES, JobState, Lease, complete
 from service.outbound.callbacks import CallbackTrust, deliver, trust_of
 from service.redact import without_query
 from service.settings import Settings
@@ -24,11 +24,11 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def archive_refs(params: dict[str, Any]) -> list[str]:
+def _archive_refs(params: dict[str, Any]) -> list[str]:
     return [str(i["ref"]) for i in params.get("items", []) if i["kind"] == "archive"]
 
 
-def forget_urls(params: dict[str, Any]) -> dict[str, Any]:
+def _forget_urls(params: dict[str, Any]) -> dict[str, Any]:
     """The job's parameters without the signed query strings of its photo URLs."""
     items = [
         {**i, "ref": without_query(str(i["ref"]))} if i["kind"] == "url" else i
@@ -57,6 +57,20 @@ def report_end(
     if trust is None:
         return _undelivered(url, "the key was revoked, or has no callback secret or hosts")
     return deliver(settings, trust, url, body, str(job_id))
+
+
+def close_succeeded(
+    settings: Settings, factory: sessionmaker[Session], files: ArchiveFiles, lease: Lease
+) -> None:
+    """The last phase of a job whose photos all have their answer: remove the archive's photos,
+    deliver the callback, and close the job."""
+    files.remove(_archive_refs(lease.params))
+    delivery = report_end(settings, factory, lease.job_id, JobState.SUCCEEDED)
+    with transaction(factory) as session:
+        job = complete(session, lease, done=0)
+        job.result = {**(job.result or {}), "callback": delivery}
+        job.params = _forget_urls(job.params)
+        job.closed_at = utcnow()
 
 
 class JobCloser:
@@ -92,10 +106,10 @@ class JobCloser:
                 return False
             job = session.get_one(Job, job_id)
             state, kind, params = job.state, job.kind, dict(job.params)
-            job.params = forget_urls(params) if kind == IDENTIFY_BATCH else params
+            job.params = _forget_urls(params) if kind == IDENTIFY_BATCH else params
         if kind != IDENTIFY_BATCH:
             return True
-        self.files.remove(archive_refs(params))
+        self.files.remove(_archive_refs(params))
         delivery = report_end(self.settings, self.factory, job_id, state)
         if delivery is not None:
             with transaction(self.factory) as session:
