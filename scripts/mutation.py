@@ -86,7 +86,19 @@ COVERED_BY: dict[str, list[str]] = {
         "tests/service/test_tenants.py",
         "tests/service/test_reindex.py",
     ],
-    "service/jobs/batch.py": [
+    "service/jobs/batch/submit.py": [
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/jobs/batch/chunks.py": [
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/jobs/batch/results.py": [
+        "tests/service/test_tenants.py",
+        "tests/service/test_batch.py",
+    ],
+    "service/jobs/batch/closing.py": [
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",
     ],

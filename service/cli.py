@@ -263,7 +263,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    from service.jobs.batch import JobCloser, batch_handlers
+    from service.jobs.batch.chunks import batch_handlers
+    from service.jobs.batch.closing import JobCloser
     from service.jobs.queue import Worker
     from service.matching.features import FeatureStore
     from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
@@ -485,7 +486,7 @@ def cmd_keys_callbacks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    from service.jobs.batch import prune_batch_files
+    from service.jobs.batch.closing import prune_batch_files
     from service.store.retention import prune_query_photos
 
     days = settings.query_photo_retention_days if args.days is None else args.days

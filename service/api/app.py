@@ -40,7 +40,9 @@ from service.db.migrate import is_current
 from service.db.tables import make_engine, make_sessionmaker
 from service.errors import Conflict, Invalid, NotFound
 from service.imaging import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
-from service.jobs.batch import JobCloser, OverQuota, batch_handlers
+from service.jobs.batch.chunks import batch_handlers
+from service.jobs.batch.closing import JobCloser
+from service.jobs.batch.submit import OverQuota
 from service.jobs.queue import Worker
 from service.logs import json_logs, text_logs
 from service.matching.identify import NoActiveModel, Runtime

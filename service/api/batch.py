@@ -22,13 +22,12 @@ from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storabl
 from service.db.tables import Job
 from service.gallery.sync import Filters
 from service.jobs.archives import ArchiveFiles
-from service.jobs.batch import (
+from service.jobs.batch.results import results, results_csv
+from service.jobs.batch.submit import (
     IDENTIFY_BATCH,
     Item,
     image_items,
     read_archive,
-    results,
-    results_csv,
     submit,
     submit_archive,
     url_items,

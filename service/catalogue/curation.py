@@ -80,6 +80,14 @@ def _audit(session: Session, individual: Individual, event: str, actor: str, **d
     )
 
 
+def _named(session: Session, catalogue_id: str) -> Individual:
+    """The individual with this catalogue id itself, merged or not."""
+    individual = session.scalar(select(Individual).where(Individual.catalogue_id == catalogue_id))
+    if individual is None:
+        raise NotFound(f"individual {catalogue_id!r} is not in the catalogue")
+    return individual
+
+
 def resolve(session: Session, catalogue_id: str) -> Individual:
     """The individual with this catalogue id, following merges to the one it now lives in."""
     individual = session.scalar(select(Individual).where(Individual.catalogue_id == catalogue_id))
@@ -307,9 +315,7 @@ def update_individual(
 ) -> Individual:
     """Rename (catalogue id or display name) or change the species; the gallery follows."""
     with transaction(factory) as session:
-        individual = session.scalar(select(Individual).where(Individual.catalogue_id == code))
-        if individual is None:
-            raise NotFound(f"individual {code!r} is not in the catalogue")
+        individual = _named(session, code)
         if individual.merged_into_id is not None:
             target = resolve(session, code).catalogue_id
             raise Conflict(
@@ -344,9 +350,7 @@ def merge_individuals(
 ) -> Individual:
     """Merge ``source`` into ``target``: every photo moves, ``source`` redirects to ``target``."""
     with transaction(factory) as session:
-        a = session.scalar(select(Individual).where(Individual.catalogue_id == source))
-        if a is None:
-            raise NotFound(f"individual {source!r} is not in the catalogue")
+        a = _named(session, source)
         if a.merged_into_id is not None:
             raise Conflict(f"individual {source!r} was already merged")
         b = resolve(session, target)
@@ -411,9 +415,7 @@ def split_individual(
 
 
 def individual_history(session: Session, code: str) -> list[IndividualEvent]:
-    individual = session.scalar(select(Individual).where(Individual.catalogue_id == code))
-    if individual is None:
-        raise NotFound(f"individual {code!r} is not in the catalogue")
+    individual = _named(session, code)
     return list(
         session.scalars(
             select(IndividualEvent)

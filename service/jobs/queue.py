@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, exists, func, literal_column, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.access.auth import Principal
@@ -214,15 +214,22 @@ def lease_next(
         )
 
 
+def _held(lease: Lease) -> ColumnElement[bool]:
+    """The lease's chunk, while it is still leased to the lease's owner."""
+    return and_(
+        JobChunk.id == lease.chunk_id,
+        JobChunk.lease_owner == lease.owner,
+        JobChunk.state == ChunkState.LEASED,
+    )
+
+
 def renew(factory: sessionmaker[Session], lease: Lease, lease_seconds: float) -> bool:
     """Extend the lease (the heartbeat); False if it is no longer ours or the job was stopped."""
     with transaction(factory) as session:
         result = session.execute(
             update(JobChunk)
             .where(
-                JobChunk.id == lease.chunk_id,
-                JobChunk.lease_owner == lease.owner,
-                JobChunk.state == ChunkState.LEASED,
+                _held(lease),
                 select(Job.state)
                 .where(Job.id == JobChunk.job_id)
                 .scalar_subquery()
@@ -250,11 +257,7 @@ def complete(
         raise LeaseLost(f"job {job.id} is {job.state}")
     result = session.execute(
         update(JobChunk)
-        .where(
-            JobChunk.id == lease.chunk_id,
-            JobChunk.lease_owner == lease.owner,
-            JobChunk.state == ChunkState.LEASED,
-        )
+        .where(_held(lease))
         .values(state=ChunkState.DONE, finished_at=utcnow(), error=None)
     )
     if not result.rowcount:  # type: ignore[attr-defined]
@@ -301,11 +304,7 @@ def release(factory: sessionmaker[Session], lease: Lease) -> None:
     with transaction(factory) as session:
         session.execute(
             update(JobChunk)
-            .where(
-                JobChunk.id == lease.chunk_id,
-                JobChunk.lease_owner == lease.owner,
-                JobChunk.state == ChunkState.LEASED,
-            )
+            .where(_held(lease))
             .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
         )
 

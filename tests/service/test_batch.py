@@ -21,7 +21,7 @@ import pytest
 
 from service.client import WhaleidClient, WhaleidError, verify_callback
 from service.errors import Invalid
-from service.jobs.batch import url_items
+from service.jobs.batch.submit import url_items
 from service.outbound.callbacks import SIGNATURE_HEADER, BadSignature, CallbackTrust, deliver, sign
 from service.outbound.fetch import FetchRefused, check_url, fetch_photo
 from service.settings import Settings

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.access.auth import create_key
 from service.client import WhaleidClient, WhaleidError
 from service.db.tables import Job, make_engine, make_sessionmaker
-from service.jobs.batch import JobCloser, batch_handlers, prune_batch_files
+from service.jobs.batch.chunks import batch_handlers
+from service.jobs.batch.closing import JobCloser, prune_batch_files
 from service.jobs.queue import Worker, create_job, lease_next, release
 from service.outbound.callbacks import BadSignature, sign, verify
 from service.settings import Settings
