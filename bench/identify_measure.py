@@ -1205,7 +1205,8 @@ def profile_overhead(
 
     from service.api import guard
     from service.api.app import create_app
-    from service.matching.identify import Identifier, Runtime
+    from service.matching.identify import Identifier
+    from service.matching.runtime import Runtime
     from service.store.photos import PhotoStore
 
     probes = _Probes()

@@ -49,7 +49,8 @@ from service.jobs.queue import (
     complete,
     create_job,
 )
-from service.matching.identify import Identifier, Runtime
+from service.matching.identify import Identifier
+from service.matching.runtime import Runtime
 from service.matching.slots import Busy
 from service.outbound.callbacks import CallbackTrust, deliver, trust_of
 from service.outbound.fetch import FetchRefused, check_url, fetch_photo
