@@ -17,7 +17,7 @@ from service.contract import ModelStatus
 from service.db import migrate
 from service.errors import Invalid, NotFound
 from service.logs import escape_handlers
-from service.matching.registry import verifications
+from service.matching.registry import VERIFICATION_NAMES
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -679,7 +679,7 @@ COMMANDS = (
         cmd_models_verify,
         "turn local-feature verification of a model's answers on (rerank) or off (none)",
         ("whaleid models verify 2 --mode rerank",),
-        (arg("model_id", type=int), arg("--mode", choices=verifications(), required=True)),
+        (arg("model_id", type=int), arg("--mode", choices=VERIFICATION_NAMES, required=True)),
     ),
     Command(
         ("models", "calibrate"),
@@ -777,7 +777,7 @@ COMMANDS = (
             arg("--model", type=int, help="a registered model's id (default: the active one)"),
             arg(
                 "--verification",
-                choices=verifications(),
+                choices=VERIFICATION_NAMES,
                 help="answer with or without local-feature verification (default: the model's "
                 "own setting)",
             ),

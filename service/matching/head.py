@@ -35,6 +35,7 @@ class KnnHead(Matcher):
                 c.distance,
                 tuple(nearest.get(c.label) or ([c.best_image_id] if c.best_image_id else [])),
                 c.votes,
+                best_image_id=c.best_image_id,
             )
             for c in ordered
         ]
@@ -43,17 +44,21 @@ class KnnHead(Matcher):
         self, query: Query, context: Context, candidates: Sequence[Evidence]
     ) -> list[Evidence]:
         """Each candidate without a distance (another matcher named it) gets its nearest
-        photo's, and 0 votes."""
+        photo's (and that photo as its best, unless it has one), and 0 votes."""
         others = [c.label for c in candidates if c.distance is None]
         nearest = context.gallery.nearest_of(query.vector, others, query.filters)
-        return [
-            c
-            if c.distance is not None
-            else replace(
-                c, distance=nearest[c.label].distance if c.label in nearest else None, votes=0
-            )
-            for c in candidates
-        ]
+        out = []
+        for c in candidates:
+            if c.distance is None:
+                n = nearest.get(c.label)
+                c = replace(
+                    c,
+                    distance=None if n is None else n.distance,
+                    votes=0,
+                    best_image_id=c.best_image_id or (None if n is None else n.image_id),
+                )
+            out.append(c)
+        return out
 
     def rank_alone(self, query: Query, context: Context) -> list[RankedCandidate]:
         return rank_candidates(

@@ -80,6 +80,11 @@ def register_verification(name: str, *matchers: type[Matcher] | str) -> Mode:
     return mode
 
 
+# Live views of the names (what the command line's choices read).
+KIND_NAMES = _KINDS.keys()
+VERIFICATION_NAMES = _MODES.keys()
+
+
 def kinds() -> tuple[str, ...]:
     """The model kinds, in the order they were registered."""
     return tuple(_KINDS)
