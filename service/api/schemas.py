@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
-from pydantic_core import core_schema
 
 from service.db.checks import MAX_ROW_ID, column_length
 from service.db.tables import ApiKey, Image, Individual
 from service.matching.identify import ModelInfo
-from service.matching.registry import verifications
+from service.matching.registry import RegisteredName, verifications
 from service.text import check_catalogue_id, text_problem
 
 
@@ -50,30 +48,7 @@ NewCatalogueId = Annotated[CatalogueRef, AfterValidator(_not_reserved)]
 Species = Annotated[str, StringConstraints(max_length=SPECIES_LENGTH), AfterValidator(storable)]
 DisplayName = Annotated[str, StringConstraints(max_length=NAME_LENGTH), AfterValidator(storable)]
 Comment = Annotated[str, StringConstraints(max_length=COMMENT_LENGTH), AfterValidator(storable)]
-
-
-class Registered:
-    """A name of one of ``matching.registry``'s lists: checked when a request is read, and
-    offered as the OpenAPI schema's enum when the schema is made (so a mode registered at
-    start-up is accepted and offered)."""
-
-    def __init__(self, what: str, names: Callable[[], Sequence[str]]) -> None:
-        self.what, self.names = what, names
-
-    def _check(self, value: str) -> str:
-        if value not in self.names():
-            raise ValueError(f"{self.what} {value!r}: use {' or '.join(self.names())}")
-        return value
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self._check, handler(source))
-
-    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict[str, Any]:
-        found: dict[str, Any] = handler(schema)
-        return {**found, "enum": list(self.names())}
-
-
-VerificationMode = Annotated[str, Registered("verification", verifications)]
+VerificationMode = Annotated[str, RegisteredName("verification", verifications)]
 KeyName = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=column_length(ApiKey.name)),

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic_core import core_schema
 
 from service.contract import ModelKind, Verification
 from service.errors import Invalid
@@ -156,6 +159,28 @@ def uses_features(model: HasMatchers) -> bool:
 def verifies(model: HasMatchers) -> bool:
     """Whether a model's answer is a calibrated fusion (not the kNN head alone)."""
     return fusion_for(model.kind, model.verification).calibrated
+
+
+class RegisteredName:
+    """A name of one of the registry's lists, as a pydantic type's annotation
+    (``Annotated[str, RegisteredName("verification", verifications)]``): checked when a value
+    is read, and offered as the JSON schema's enum when the schema is made (so a mode
+    registered at start-up is accepted and offered)."""
+
+    def __init__(self, what: str, names: Callable[[], Sequence[str]]) -> None:
+        self.what, self.names = what, names
+
+    def _check(self, value: str) -> str:
+        if value not in self.names():
+            raise ValueError(f"{self.what} {value!r}: use {' or '.join(self.names())}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict[str, Any]:
+        found: dict[str, Any] = handler(schema)
+        return {**found, "enum": list(self.names())}
 
 
 # The built-ins: one line each.
