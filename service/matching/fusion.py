@@ -1,5 +1,8 @@
-"""The fusion: how the matchers of a model answer together (after wildlife-tools' idea of one
-calibrated similarity per matcher, summed; whaleid's own code).
+"""The fusion: how the matchers of a model answer together. The idea is wildlife-tools'
+``WildFusion`` (each matcher's raw score calibrated into one scale, then combined; it averages
+calibrated probabilities), the code whaleid's own: here each matcher's evidence becomes
+calibrated log-odds, and the log-odds are summed (what the default fused logistic of distance
+and inliers already is).
 
 A fusion of one matcher that can answer alone (the kNN head) answers as it does. Otherwise:
 
