@@ -233,7 +233,9 @@ def profile_overhead(
 
     from service.api import guard
     from service.api.app import create_app
-    from service.matching.identify import Identifier, Runtime
+    from service.matching import identify as identify_module
+    from service.matching.identify import Identifier
+    from service.matching.runtime import Runtime
     from service.store.photos import PhotoStore
 
     probes = _Probes()
@@ -243,7 +245,7 @@ def profile_overhead(
     probes.wrap(Identifier, "identify", "pipeline (the six stages)")
     probes.wrap(Embedder, "embed", "embed stage: Embedder.embed")
     probes.wrap(PhotoStore, "put", "side work: write the photo file")
-    probes.wrap(Identifier, "_write", "database stage: the transaction")
+    probes.wrap(identify_module, "write_identification", "database stage: the transaction")
     probes.wrap(Runtime, "identify", "Runtime.identify (the one hop)")
     asgi_times = probes.times.setdefault("ASGI app, request in to response out", [])
     if search_threads is not None:  # the service's choice, overridden for an A/B comparison

@@ -40,8 +40,8 @@ from service.db import migrate  # noqa: E402
 from service.db.tables import Model, make_engine, make_sessionmaker, transaction  # noqa: E402
 from service.gallery.sync import Filters, GalleryEntries  # noqa: E402
 from service.matching.features import Features, RootSift, extractor_for  # noqa: E402
-from service.matching.identify import Runtime  # noqa: E402
 from service.matching.local import LocalMatcher  # noqa: E402
+from service.matching.runtime import Runtime  # noqa: E402
 from service.matching.verify import verify  # noqa: E402
 from service.models.registry import register_model  # noqa: E402
 from service.models.switch import activate_model  # noqa: E402

@@ -147,6 +147,27 @@ COVERED_BY: dict[str, list[str]] = {
     "service/matching/encounters.py": [
         "tests/service/test_encounters.py",
     ],
+    "service/matching/runtime.py": [
+        "tests/service/test_switch.py",
+        "tests/service/test_live_gallery.py",
+    ],
+    "service/matching/record.py": [
+        "tests/service/test_api.py",
+        "tests/service/test_gallery_replay.py",
+    ],
+    "service/matching/fusion.py": [
+        "tests/service/test_local_features.py",
+        "tests/service/test_toy_matcher.py",
+    ],
+    "service/matching/head.py": [
+        "tests/service/test_api.py",
+        "tests/service/test_local_features.py",
+        "tests/service/test_toy_matcher.py",
+    ],
+    "service/matching/registry.py": [
+        "tests/service/test_local_features.py",
+        "tests/service/test_toy_matcher.py",
+    ],
     "service/models/registry.py": [
         "tests/service/test_storage.py",
         "tests/service/test_reindex.py",

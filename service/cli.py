@@ -17,6 +17,7 @@ from service.contract import ModelStatus
 from service.db import migrate
 from service.errors import Invalid, NotFound
 from service.logs import escape_handlers
+from service.matching.registry import VERIFICATION_NAMES
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -306,7 +307,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from service.catalogue.imports import CatalogueImport, model_for_import
     from service.catalogue_csv import CatalogueError
     from service.db.tables import Model
-    from service.matching.features import extractor_for, uses_features
+    from service.matching.features import extractor_for
+    from service.matching.registry import uses_features
     from service.onnx.embedder import Embedder
 
     factory = _sessions(settings)
@@ -342,11 +344,9 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 def _identifier(settings: Settings, model_id: int | None, verification: str | None) -> Identifier:
     """The identifier of ``model_id`` (the active model by default), its verification set to
     ``verification`` if given, for a run that records nothing."""
-    from dataclasses import replace
-
-    from service.contract import ModelKind, Verification
     from service.db.tables import Model
-    from service.matching.identify import Identifier, Runtime
+    from service.matching.identify import Identifier
+    from service.matching.runtime import Runtime
 
     factory = _sessions(settings)
     if model_id is None:
@@ -358,9 +358,7 @@ def _identifier(settings: Settings, model_id: int | None, verification: str | No
             raise NotFound(f"model {model_id} does not exist: see `whaleid models list`")
         identifier = Identifier.load(settings, factory, model)
     if verification is not None:
-        if identifier.model.kind == ModelKind.LOCAL_FEATURES and verification == "none":
-            raise Invalid("the local-features matcher always verifies")
-        identifier.model = replace(identifier.model, verification=Verification(verification))
+        identifier.model = identifier.model.verifying(verification)
     return identifier
 
 
@@ -682,7 +680,7 @@ COMMANDS = (
         cmd_models_verify,
         "turn local-feature verification of a model's answers on (rerank) or off (none)",
         ("whaleid models verify 2 --mode rerank",),
-        (arg("model_id", type=int), arg("--mode", choices=["none", "rerank"], required=True)),
+        (arg("model_id", type=int), arg("--mode", choices=VERIFICATION_NAMES, required=True)),
     ),
     Command(
         ("models", "calibrate"),
@@ -780,7 +778,7 @@ COMMANDS = (
             arg("--model", type=int, help="a registered model's id (default: the active one)"),
             arg(
                 "--verification",
-                choices=["none", "rerank"],
+                choices=VERIFICATION_NAMES,
                 help="answer with or without local-feature verification (default: the model's "
                 "own setting)",
             ),

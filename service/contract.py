@@ -7,10 +7,13 @@ model's name and version, as ``whaleid.*`` strings in the ONNX file's ``metadata
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
 
@@ -113,17 +116,19 @@ PAPER_HEAD = Head()  # the seed paper's head: k 50, cutoff 0.62, vote
 
 
 class Verification(_Choice):
-    """A model's second look at its candidates: ``none`` (the kNN head's answer as it is) or
-    ``rerank`` (the top candidates verified with local features, re-ranked on the fused
-    score, ``service.matching.verify``)."""
+    """The built-in verification modes, a model's second look at its candidates: ``none``
+    (the kNN head's answer as it is) or ``rerank`` (the top candidates verified with local
+    features, re-ranked on the fused score, ``service.matching.verify``). Which modes exist is
+    ``service.matching.registry``'s list: these are the names of the built-in ones."""
 
     NONE = "none"
     RERANK = "rerank"
 
 
 class ModelKind(_Choice):
-    """An ONNX embedding model, or the built-in ``local-features`` matcher (no trained model:
-    RootSIFT descriptors voted per individual, then verified)."""
+    """The built-in model kinds: an ONNX embedding model, or the built-in ``local-features``
+    matcher (no trained model: RootSIFT descriptors voted per individual, then verified).
+    ``service.matching.registry`` lists the kinds and the matchers each answers with."""
 
     ONNX = "onnx"
     LOCAL_FEATURES = "local-features"
@@ -162,6 +167,14 @@ class Calibration:
     @classmethod
     def default(cls, cutoff: float) -> Calibration:
         return cls(global_=(10.0 * cutoff, -10.0))
+
+    @cached_property
+    def version(self) -> str:
+        """The calibration's version, recorded with each identification it scored: the first
+        12 hex digits of the SHA-256 of its stored form (``as_dict`` as sorted JSON). Any
+        change (a refit, a new threshold, another cutoff for the defaults) is a new version."""
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def fused_weights(self) -> tuple[float, float, float]:

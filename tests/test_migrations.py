@@ -104,3 +104,64 @@ def test_0003_removes_nul_characters_stored_before_it(database_url: str) -> None
                 assert ids == ["ab"]
     finally:
         engine.dispose()
+
+
+def test_0007_backfills_each_identifications_verification(database_url: str) -> None:
+    """Rows recorded before 0007 get the mode their answer shows: ``rerank`` where a candidate
+    carries inliers (what ``GET /identifications/{id}`` used to infer), else ``none``; their
+    calibration version is unknown."""
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    now = "2026-01-01 00:00:00"
+    try:
+        migrate.upgrade(database_url, "0006")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO models (id, name, version, file_hash, file_path, embedding_dim, "
+                    "preprocessing, k, cutoff, ranking, status, metadata_props, created_at) "
+                    "VALUES (1, 'm', '1', 'h', 'm.onnx', 4, '{}', 5, 0.6, 'vote', 'active', "
+                    "'{}', :now)"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO images (id, content_hash, file_path, media_type, byte_size, "
+                    "width, height, source, created_at) VALUES (1, 'c', 'f', 'image/png', 1, 1, "
+                    "1, 'query', :now)"
+                ),
+                {"now": now},
+            )
+            for ident, inliers in ((1, None), (2, 12), (3, None)):
+                conn.execute(
+                    text(
+                        "INSERT INTO identifications (id, query_image_id, model_id, filters, k, "
+                        "cutoff, ranking, gallery_size, status, created_at) VALUES (:i, 1, 1, "
+                        "'{}', 5, 0.6, 'vote', 0, 'pending', :now)"
+                    ),
+                    {"i": ident, "now": now},
+                )
+                if ident < 3:  # the third has no candidates at all
+                    conn.execute(
+                        text(
+                            "INSERT INTO identification_candidates (identification_id, rank, "
+                            "label, inliers) VALUES (:i, 1, 'a', :n), (:i, 2, 'b', NULL)"
+                        ),
+                        {"i": ident, "n": inliers},
+                    )
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, verification, calibration_version FROM identifications ORDER BY id"
+                )
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            (1, "none", None),
+            (2, "rerank", None),
+            (3, "none", None),
+        ]
+    finally:
+        engine.dispose()

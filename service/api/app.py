@@ -45,7 +45,8 @@ from service.jobs.batch.closing import JobCloser
 from service.jobs.batch.submit import OverQuota
 from service.jobs.queue import Worker
 from service.logs import json_logs, text_logs
-from service.matching.identify import NoActiveModel, Runtime
+from service.matching.identify import NoActiveModel
+from service.matching.runtime import Runtime
 from service.matching.slots import Busy
 from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 from service.settings import Settings

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service.db.tables import Job
 from service.jobs.queue import LIVE_STATES
-from service.matching.identify import Runtime
+from service.matching.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import ANONYMOUS_ADMIN, Principal, authenticate, session_principal
 from service.api.collectors import ServiceMetrics
-from service.matching.identify import Runtime
+from service.matching.runtime import Runtime
 from service.models.reindex import Embedders
 from service.settings import Settings
 

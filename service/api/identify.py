@@ -165,9 +165,7 @@ def get_identification(
             k=ident.k,
             cutoff=ident.cutoff,
             ranking=ident.ranking,
-            verification=(
-                "rerank" if any(c.inliers is not None for c in ident.candidates) else "none"
-            ),
+            verification=ident.verification,
         ),
         gallery_size=ident.gallery_size,
         filters=ident.filters,

@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
 from service.api.jobs import JobOut, job_out
-from service.api.schemas import INVALID, Problem
-from service.contract import ModelContractError, Verification
+from service.api.schemas import INVALID, Problem, VerificationMode
+from service.contract import ModelContractError
 from service.db.tables import Model
 from service.jobs.queue import get_job, progress
 from service.matching.identify import NoActiveModel
@@ -61,7 +61,7 @@ class RegisteredModel(BaseModel):
 
 
 class VerificationIn(BaseModel):
-    verification: Verification = Field(
+    verification: VerificationMode = Field(
         description="rerank: verify the top candidates with local features and re-rank them "
         "on the calibrated probability; none: the kNN head's answer as it is."
     )

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from service.db.checks import MAX_ROW_ID, column_length
 from service.db.tables import ApiKey, Image, Individual
 from service.matching.identify import ModelInfo
+from service.matching.registry import RegisteredName, verifications
 from service.text import check_catalogue_id, text_problem
 
 
@@ -47,6 +48,7 @@ NewCatalogueId = Annotated[CatalogueRef, AfterValidator(_not_reserved)]
 Species = Annotated[str, StringConstraints(max_length=SPECIES_LENGTH), AfterValidator(storable)]
 DisplayName = Annotated[str, StringConstraints(max_length=NAME_LENGTH), AfterValidator(storable)]
 Comment = Annotated[str, StringConstraints(max_length=COMMENT_LENGTH), AfterValidator(storable)]
+VerificationMode = Annotated[str, RegisteredName("verification", verifications)]
 KeyName = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=column_length(ApiKey.name)),

@@ -119,9 +119,10 @@ class Model(Base):
     status: Mapped[str] = mapped_column(String(20), default=ModelStatus.REGISTERED, index=True)
     metadata_props: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # contract.ModelKind: an ONNX file, or the built-in local-features matcher.
+    # A name of matching.registry's kinds (contract.ModelKind: the built-in ones).
     kind: Mapped[str] = mapped_column(String(20), default="onnx", server_default="onnx")
-    # contract.Verification: whether the top candidates are verified with local features.
+    # A name of matching.registry's verification modes (contract.Verification: the built-in
+    # ones): the matchers added to the kind's, such as local features.
     verification: Mapped[str] = mapped_column(String(20), default="none", server_default="none")
     # contract.Calibration.as_dict(): the fitted calibration of the evidence (None: the defaults).
     calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -173,6 +174,11 @@ class Identification(Base):
     k: Mapped[int] = mapped_column(Integer)
     cutoff: Mapped[float] = mapped_column(Float)
     ranking: Mapped[str] = mapped_column(String(20))
+    # The verification mode it was answered with (a name of matching.registry's modes), and
+    # the version of the calibration that scored it (contract.Calibration.version; None: the
+    # kNN head alone, or an answer recorded before versions were).
+    verification: Mapped[str] = mapped_column(String(20), default="none", server_default="none")
+    calibration_version: Mapped[str | None] = mapped_column(String(64))
     gallery_size: Mapped[int] = mapped_column(Integer)
     # The API key that asked (None: the command line, or auth off): an integration key reads
     # only its own identifications and query photos (service.access.tenancy).

@@ -23,8 +23,7 @@ from sqlalchemy import exists, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import ModelKind, Verification
-from service.db.tables import Feature, Image, Model, transaction
+from service.db.tables import Feature, Image, transaction
 from service.imaging import PhotoError, decode_photo
 from service.settings import Settings
 from service.store.photos import PhotoStore
@@ -115,11 +114,6 @@ class RootSift:
         quantised = np.clip(np.rint(root * _SCALE), 0, 255).astype(np.uint8)
         points = np.array([k.pt for k in keypoints], dtype=np.float32) * (from_image / scale)
         return Features(points, quantised, width, height)
-
-
-def uses_features(model: Model) -> bool:
-    """Whether a model's answers need local features (it verifies, or is the local matcher)."""
-    return bool(model.kind == ModelKind.LOCAL_FEATURES or model.verification == Verification.RERANK)
 
 
 def extractor_for(settings: Settings) -> RootSift:

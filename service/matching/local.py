@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import faiss
@@ -19,7 +20,8 @@ import numpy as np
 
 from service.gallery.sync import Filters, GalleryEntries
 from service.matching.features import DIM, Features, FeatureStore
-from service.matching.verify import Evidence
+from service.matching.matcher import Context, Matcher, Need, Query
+from service.matching.verify import Evidence, best_photos
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +183,26 @@ def _labels_by_image(entries: GalleryEntries, filters: Filters) -> dict[int, str
         )
         if ok
     }
+
+
+class LocalFeatures(Matcher):
+    """Local features as a ``Matcher``: it shortlists by the LNBNN vote of the query's
+    descriptors over the gallery's (``LocalMatcher.candidates``), and scores a pair by the most
+    inliers one homography explains between the query and the individual's photos
+    (``verify.best_photos``). It is the ``rerank`` verification of an embedding model, and,
+    alone, the built-in ``local-features`` matcher."""
+
+    name = "local-features"
+    needs = frozenset({Need.LOCAL_FEATURES})
+
+    def shortlist(self, query: Query, context: Context, *, top: int, photos: int) -> list[Evidence]:
+        assert query.features is not None, "the local-features matcher needs local features"
+        return context.descriptors().candidates(
+            query.features, context.gallery.entries, query.filters, top=top, photos=photos
+        )
+
+    def score(
+        self, query: Query, context: Context, candidates: Sequence[Evidence]
+    ) -> list[Evidence]:
+        assert query.features is not None, "the local-features matcher needs local features"
+        return best_photos(query.features, candidates, context.features.get)

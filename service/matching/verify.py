@@ -105,19 +105,36 @@ def local_x(inliers: int) -> float:
     return math.log1p(max(inliers, 0))
 
 
-def probability(calibration: Calibration, distance: float | None, inliers: int | None) -> float:
-    """The match probability of one candidate from the evidence it has: both (the fused
-    logistic), the distance alone (the global curve) or the inliers alone (the local one)."""
+def logit(calibration: Calibration, distance: float | None, inliers: int | None) -> float | None:
+    """The calibrated log-odds of one candidate from the evidence it has: both (the fused
+    logistic), the distance alone (the global curve) or the inliers alone (the local one);
+    None without either."""
     if distance is not None and inliers is not None:
         w0, w1, w2 = calibration.fused_weights
-        return _sigmoid(w0 + w1 * distance + w2 * local_x(inliers))
+        return w0 + w1 * distance + w2 * local_x(inliers)
     if distance is not None:
         a, b = calibration.global_
-        return _sigmoid(a + b * distance)
+        return a + b * distance
     if inliers is not None:
         a, b = calibration.local
-        return _sigmoid(a + b * local_x(inliers))
-    return 0.0
+        return a + b * local_x(inliers)
+    return None
+
+
+def probability(calibration: Calibration, distance: float | None, inliers: int | None) -> float:
+    """The match probability of one candidate from its distance and inliers (``logit``)."""
+    x = logit(calibration, distance, inliers)
+    return 0.0 if x is None else _sigmoid(x)
+
+
+def fused_probability(calibration: Calibration, candidate: Evidence) -> float:
+    """The match probability of one candidate from all its evidence: the calibrated distance
+    and inliers (``logit``), plus the calibrated log-odds other matchers added
+    (``Evidence.logit``): the sum of calibrated scores, each matcher's own curve."""
+    x = logit(calibration, candidate.distance, candidate.inliers)
+    if x is None and not candidate.logit:
+        return 0.0
+    return _sigmoid((0.0 if x is None else x) + candidate.logit)
 
 
 @dataclass(frozen=True)
@@ -131,18 +148,17 @@ class Evidence:
     inliers: int | None = None
     score: float | None = None
     best_image_id: int | None = None
+    # The log-odds other matchers than the embedding and local features add, calibrated by
+    # each (``matching.matcher``): summed into the fused probability.
+    logit: float = 0.0
 
 
-def verify(
+def best_photos(
     query: Features,
     candidates: Sequence[Evidence],
     features: Callable[[Sequence[int]], dict[int, Features]],
-    calibration: Calibration,
-    *,
-    use_distance: bool = True,
 ) -> list[Evidence]:
-    """Each candidate with its inliers (the best of its photos), its best photo and its fused
-    probability. ``features`` gives the stored features of gallery photos."""
+    """Each candidate with its inliers (the best of its photos) and its best photo."""
     wanted = [i for c in candidates for i in c.photos]
     stored = features(wanted)
     out = []
@@ -155,16 +171,24 @@ def verify(
             n = match_pair(query, other).inliers
             if n > best:
                 best, best_image = n, image_id
-        distance = c.distance if use_distance else None
-        out.append(
-            replace(
-                c,
-                inliers=best,
-                best_image_id=best_image,
-                score=probability(calibration, distance, best),
-            )
-        )
+        out.append(replace(c, inliers=best, best_image_id=best_image))
     return out
+
+
+def verify(
+    query: Features,
+    candidates: Sequence[Evidence],
+    features: Callable[[Sequence[int]], dict[int, Features]],
+    calibration: Calibration,
+    *,
+    use_distance: bool = True,
+) -> list[Evidence]:
+    """Each candidate with its inliers (the best of its photos), its best photo and its fused
+    probability. ``features`` gives the stored features of gallery photos."""
+    return [
+        replace(c, score=probability(calibration, c.distance if use_distance else None, c.inliers))
+        for c in best_photos(query, candidates, features)
+    ]
 
 
 def rerank(

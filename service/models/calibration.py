@@ -18,32 +18,29 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from tqdm import tqdm
 
 from service.catalogue_csv import read_catalogue
-from service.contract import Calibration, ModelKind, Verification
+from service.contract import Calibration, Verification
 from service.db.tables import Decision, Identification, Individual, Model, transaction
 from service.errors import Invalid, NotFound
 from service.gallery.sync import Filters
 from service.imaging import PhotoError
 from service.knn import NEW_INDIVIDUAL
 from service.matching.identify import Identifier
+from service.matching.registry import check_verification
 from service.matching.verify import Pair, TooFewPairs, fit_calibration
 
 log = logging.getLogger(__name__)
 
 
 def set_verification(factory: sessionmaker[Session], model_id: int, mode: str) -> Model:
-    """Set a model's verification (``none`` or ``rerank``); every replica answers with it at
-    its next request. The local-features matcher always verifies."""
-    try:
-        wanted = Verification(mode)
-    except ValueError as e:
-        raise Invalid(f"verification {mode!r}: use none or rerank") from e
+    """Set a model's verification (a name of ``matching.registry``'s modes: ``none``,
+    ``rerank``); every replica answers with it at its next request. The local-features matcher
+    always verifies."""
+    check_verification(None, mode)  # a mode that exists, before the model is looked up
     with transaction(factory) as session:
         model = session.get(Model, model_id)
         if model is None:
             raise NotFound(f"model {model_id} does not exist: see GET /models")
-        if model.kind == ModelKind.LOCAL_FEATURES and wanted != Verification.RERANK:
-            raise Invalid("the local-features matcher always verifies: it has no embedding")
-        model.verification = wanted
+        model.verification = check_verification(model.kind, mode)
         return model
 
 

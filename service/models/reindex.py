@@ -29,7 +29,8 @@ from service.errors import Conflict, NotFound
 from service.gallery.sync import Gallery, log_gallery_changes
 from service.imaging import PhotoError, decode_photo, to_model_input
 from service.jobs.queue import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
-from service.matching.features import FeatureStore, images_without_features, uses_features
+from service.matching.features import FeatureStore, images_without_features
+from service.matching.registry import uses_features
 from service.models.shadow import evaluate_shadow
 from service.onnx.embedder import Embedder
 from service.settings import Settings

@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import PAPER_HEAD, RANKINGS, Head, ModelKind, ModelStatus, Verification
+from service.contract import PAPER_HEAD, RANKINGS, Head, ModelStatus, Verification
 from service.db.tables import Decision, Identification, Image, Model
 from service.gallery.sync import Filters, gallery_rows, load_vectors
 from service.imaging import PhotoError
@@ -39,8 +39,8 @@ from service.knn import (
     rank_candidates,
     ranks_at_cutoffs,
 )
-from service.matching.features import uses_features
 from service.matching.identify import Identifier
+from service.matching.registry import kind_of, verifies
 from service.settings import Settings
 from service.store.photos import PhotoStore
 
@@ -160,8 +160,8 @@ def verified_scores(
     settings: Settings, factory: sessionmaker[Session], model: Model, truths: dict[int, str]
 ) -> dict[str, Any]:
     """MAP@5 of ``model`` through ``/identify``'s own path (each photo asked without itself,
-    nothing recorded), with verification off and on (the local-features matcher: on only), on
-    at most ``shadow_verify_queries`` of the confirmed photos."""
+    nothing recorded), with verification off (where its kind allows) and with its own, on at
+    most ``shadow_verify_queries`` of the confirmed photos."""
     asked = sorted(truths)[: settings.shadow_verify_queries]
     identifier = Identifier.load(settings, factory, model)
     photos = PhotoStore.open(settings)
@@ -170,11 +170,12 @@ def verified_scores(
             select(Image.id, Image.file_path).where(Image.id.in_(asked), Image.pruned_at.is_(None))
         )
         paths = {int(i): str(p) for i, p in found}
-    modes = [Verification.RERANK]
-    if model.kind != ModelKind.LOCAL_FEATURES:
+    allowed = kind_of(model.kind).verifications
+    modes = [str(model.verification)]
+    if allowed is None or Verification.NONE in allowed:
         modes.insert(0, Verification.NONE)
     out: dict[str, Any] = {}
-    for mode in modes:
+    for mode in dict.fromkeys(modes):
         identifier.model = replace(identifier.model, verification=mode)
         known: list[float] = []
         unseen: list[float] = []
@@ -230,10 +231,11 @@ def score_model(
     scored: dict[str, Any] = {"model_id": model.id, "name": model.name, "version": model.version}
     if verified is not None:
         scored["verification"] = verified
-        if uses_features(model):
-            own = {**heads["model"], **verified[Verification.RERANK], "verification": "rerank"}
+        if verifies(model):
+            mode = str(model.verification)
+            own = {**heads["model"], **verified[mode], "verification": mode}
             heads["model"] = own
-            if model.kind == ModelKind.LOCAL_FEATURES:
+            if not kind_of(model.kind).grid:
                 heads["paper"] = heads["best"] = own
     scored["heads"] = heads
     return scored
@@ -285,7 +287,7 @@ def _verified(
     model that does not, without confirmations, or when switched off (``shadow_verify_queries``
     0). A model set to ``none`` is not scored with verification: that would extract the
     features of the whole gallery."""
-    if not common or settings.shadow_verify_queries == 0 or not uses_features(model):
+    if not common or settings.shadow_verify_queries == 0 or not verifies(model):
         return None
     return verified_scores(settings, factory, model, {q: search.truths[q] for q in common})
 

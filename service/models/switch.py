@@ -22,7 +22,8 @@ from service.errors import Conflict
 from service.gallery.embed import embed_gallery
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path
-from service.matching.features import FeatureStore, uses_features
+from service.matching.features import FeatureStore
+from service.matching.registry import uses_features
 from service.models.reindex import (
     Embedders,
     PhotoEmbedder,

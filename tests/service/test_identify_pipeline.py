@@ -23,7 +23,7 @@ from service.db.tables import (
     utcnow,
 )
 from service.gallery.sync import Filters
-from service.matching.identify import Runtime
+from service.matching.runtime import Runtime
 from service.models.registry import register_model
 from service.models.switch import activate_model
 from tests.conftest import Catalogue, LiveServer

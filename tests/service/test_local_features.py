@@ -23,7 +23,8 @@ from service.db.tables import Feature, Image, Model, make_engine, make_sessionma
 from service.gallery.sync import Filters
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5
 from service.matching.features import Features, RootSift, extractor_for
-from service.matching.identify import Identifier, Runtime
+from service.matching.identify import Identifier
+from service.matching.runtime import Runtime
 from service.matching.verify import (
     Pair,
     TooFewPairs,

@@ -12,7 +12,7 @@ from sqlalchemy import event, func, select, text
 from service.db import migrate
 from service.db.tables import Image, make_engine
 from service.gallery.sync import Filters, GalleryEntries
-from service.matching.identify import Runtime
+from service.matching.runtime import Runtime
 from service.models.evaluation import evaluate
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, load_catalogue

@@ -15,7 +15,7 @@ from service.catalogue.imports import CatalogueImport
 from service.db import migrate
 from service.db.tables import Image, make_engine, make_sessionmaker
 from service.gallery.sync import Filters
-from service.matching.identify import Runtime
+from service.matching.runtime import Runtime
 from service.models.registry import register_model
 from service.models.switch import activate_model
 from service.onnx.files import ModelFileCorrupt, local_model_file, model_key

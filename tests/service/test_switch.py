@@ -270,7 +270,7 @@ def test_a_prepared_model_is_switched_to_without_loading_and_with_the_chosen_hea
     catalogue: Catalogue, tmp_path: Path
 ) -> None:
     from service.contract import Head, Ranking
-    from service.matching.identify import Runtime
+    from service.matching.runtime import Runtime
     from service.models.switch import switch_to
 
     s = catalogue.settings

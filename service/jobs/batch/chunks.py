@@ -20,7 +20,8 @@ from service.jobs.archives import ArchiveFiles
 from service.jobs.batch.closing import close_succeeded
 from service.jobs.batch.submit import IDENTIFY_BATCH
 from service.jobs.queue import ChunkHandler, Lease, LeaseLost, complete
-from service.matching.identify import Identifier, Runtime
+from service.matching.identify import Identifier
+from service.matching.runtime import Runtime
 from service.matching.slots import Busy
 from service.outbound.fetch import FetchRefused, fetch_photo
 from service.redact import public_text
