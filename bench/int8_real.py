@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import ROOT, TRAIN_PYTHON, Cli, registered_id  # noqa: E402
 from model_export.map5_drop import bootstrap_interval, judge_map5_drop  # noqa: E402
-from service.catalogue_csv import read_catalogue  # noqa: E402
+from service.catalogue.csv_file import read_catalogue  # noqa: E402
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5  # noqa: E402
 
 log = logging.getLogger("bench.int8_real")

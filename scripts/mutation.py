@@ -90,7 +90,7 @@ COVERED_BY: dict[str, list[str]] = {
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",
     ],
-    "service/api/batch.py": [
+    "service/api/routes/batch.py": [
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",
     ],

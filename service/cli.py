@@ -302,8 +302,8 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from service.catalogue.csv_file import CatalogueError
     from service.catalogue.imports import CatalogueImport, model_for_import
-    from service.catalogue_csv import CatalogueError
     from service.db.tables import Model
     from service.matching.features import extractor_for, uses_features
     from service.onnx.embedder import Embedder

@@ -17,25 +17,25 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.access.auth import KeyCache
-from service.api import (
+from service.api import errors
+from service.api.accesslog import redacted_access_log
+from service.api.collectors import ServiceMetrics
+from service.api.guard import RequestGuard
+from service.api.observability import KeyRate, RateLimit, RequestContext
+from service.api.routes import (
     admin,
     catalogue,
     curation,
     encounters,
-    errors,
     health,
     identify,
     metrics,
-    model_routes,
     review,
 )
-from service.api import batch as batch_api
-from service.api import jobs as jobs_api
-from service.api.accesslog import redacted_access_log
-from service.api.collectors import ServiceMetrics
-from service.api.docs import install_docs
-from service.api.guard import RequestGuard
-from service.api.observability import KeyRate, RateLimit, RequestContext
+from service.api.routes import batch as batch_api
+from service.api.routes import jobs as jobs_api
+from service.api.routes import models as model_routes
+from service.api.routes.docs import install_docs
 from service.db.migrate import is_current
 from service.db.tables import make_engine, make_sessionmaker
 from service.errors import Conflict, Invalid, NotFound

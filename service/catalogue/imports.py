@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
-from service.catalogue_csv import CatalogueRow, read_catalogue
+from service.catalogue.csv_file import CatalogueRow, read_catalogue
 from service.contract import ModelStatus
 from service.db.tables import Embedding, Image, Individual, Model, transaction
 from service.gallery.embed import embed_photos

@@ -53,7 +53,7 @@ from service.matching.identify import Identifier, Runtime
 from service.matching.slots import Busy
 from service.outbound.callbacks import CallbackTrust, deliver, trust_of
 from service.outbound.fetch import FetchRefused, check_url, fetch_photo
-from service.redact import public_text, without_query
+from service.outbound.redact import public_text, without_query
 from service.settings import Settings
 from service.store.objects import MissingObject
 from service.store.photos import PhotoStore

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from tqdm import tqdm
 
-from service.catalogue_csv import read_catalogue
+from service.catalogue.csv_file import read_catalogue
 from service.contract import Calibration, ModelKind, Verification
 from service.db.tables import Decision, Identification, Individual, Model, transaction
 from service.errors import Invalid, NotFound

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from service.outbound.fetch import FetchRefused, request
-from service.redact import public_text
+from service.outbound.redact import public_text
 from service.settings import Settings
 
 if TYPE_CHECKING:

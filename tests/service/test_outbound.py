@@ -27,7 +27,7 @@ from service.outbound.fetch import (
     fetch_photo,
     request,
 )
-from service.redact import public_text
+from service.outbound.redact import public_text
 from service.settings import Settings
 
 # The deadline under test and the most a call may take: the margin is generous so a loaded

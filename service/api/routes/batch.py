@@ -15,9 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import Principal
 from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
-from service.api.jobs import JobId, JobOut, job_out
 from service.api.observability import KeyRate, caller_of
 from service.api.params import CandidateSet
+from service.api.routes.jobs import JobId, JobOut, job_out
 from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
 from service.db.tables import Job
 from service.gallery.sync import Filters

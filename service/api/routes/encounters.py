@@ -9,12 +9,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, MetricsDep, RuntimeDep, SettingsDep
-from service.api.identify import (
+from service.api.params import CandidateSet
+from service.api.routes.identify import (
     ERRORS,
     FILE_NAME_LENGTH,
     to_response,
 )
-from service.api.params import CandidateSet
 from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut
 from service.errors import Invalid
 from service.imaging import PhotoTooLarge

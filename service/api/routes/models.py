@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
-from service.api.jobs import JobOut, job_out
+from service.api.routes.jobs import JobOut, job_out
 from service.api.schemas import INVALID, Problem
 from service.contract import ModelContractError, Verification
 from service.db.tables import Model
