@@ -21,8 +21,9 @@ LAYERS = [
     "jobs",
     "models",
     "api",
+    "cli",
 ]
-TOP = ["cli", "client"]  # above everything
+TOP = ["client"]  # above everything
 
 
 def _imports(path: Path) -> set[str]:

@@ -36,9 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.access.auth import Principal
 from service.access.tenancy import readable_images
 from service.db.tables import ApiKey, Image, Job, transaction, utcnow
-from service.errors import Invalid
+from service.errors import Busy, FetchRefused, Invalid, OverQuota, PhotoError
 from service.gallery.sync import Filters
-from service.imaging import PhotoError, open_photo
+from service.imaging import open_photo
 from service.jobs.archives import ArchiveFiles, check_directory, is_encrypted
 from service.jobs.queue import (
     LIVE_STATES,
@@ -50,9 +50,8 @@ from service.jobs.queue import (
     create_job,
 )
 from service.matching.identify import Identifier, Runtime
-from service.matching.slots import Busy
 from service.outbound.callbacks import CallbackTrust, deliver, trust_of
-from service.outbound.fetch import FetchRefused, check_url, fetch_photo
+from service.outbound.fetch import check_url, fetch_photo
 from service.outbound.redact import public_text, without_query
 from service.settings import Settings
 from service.store.objects import MissingObject
@@ -65,10 +64,6 @@ MAX_NAME_LENGTH = 500
 _BUSY_TRIES = 5
 # Spreadsheets run a cell that starts with one of these as a formula (OWASP: CSV injection).
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-class OverQuota(Exception):
-    """The key already holds as many jobs, waiting photos or stored bytes as it may."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import ModelKind, Verification
 from service.db.tables import Feature, Image, Model, transaction
-from service.imaging import PhotoError, decode_photo
+from service.errors import PhotoError
+from service.imaging import decode_photo
 from service.settings import Settings
 from service.store.photos import PhotoStore
 

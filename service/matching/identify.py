@@ -20,7 +20,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.access.auth import KeyRevoked
 from service.contract import Calibration, Head, ModelKind, ModelStatus, Verification
 from service.db.tables import (
     ApiKey,
@@ -33,6 +32,7 @@ from service.db.tables import (
     transaction,
     utcnow,
 )
+from service.errors import KeyRevoked, NoActiveModel
 from service.gallery.sync import Filters, Gallery, gallery_version, log_gallery_changes
 from service.imaging import Keepsake, Photo, decode_photo, keepsake, to_model_input
 from service.knn import (
@@ -59,15 +59,6 @@ log = logging.getLogger(__name__)
 # A decoded photo up to this size (12 MB of pixels) may still be being kept after its decode slot
 # is let go; a larger one is kept before (docs/reliability.md: the memory bound).
 KEPT_AFTER_SLOT_PIXELS = 4_000_000
-
-
-class NoActiveModel(RuntimeError):
-    """No model is active yet."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "no active model: register one with `whaleid models add MODEL.onnx --activate`"
-        )
 
 
 @dataclass(frozen=True)

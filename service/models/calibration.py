@@ -20,12 +20,11 @@ from tqdm import tqdm
 from service.catalogue.csv_file import read_catalogue
 from service.contract import Calibration, ModelKind, Verification
 from service.db.tables import Decision, Identification, Individual, Model, transaction
-from service.errors import Invalid, NotFound
+from service.errors import Invalid, NotFound, PhotoError, TooFewPairs
 from service.gallery.sync import Filters
-from service.imaging import PhotoError
 from service.knn import NEW_INDIVIDUAL
 from service.matching.identify import Identifier
-from service.matching.verify import Pair, TooFewPairs, fit_calibration
+from service.matching.verify import Pair, fit_calibration
 
 log = logging.getLogger(__name__)
 

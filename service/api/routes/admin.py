@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import (
-    LastAdminKey,
     all_keys,
     create_key,
     revoke_key,
@@ -26,6 +25,7 @@ from service.api.schemas import (
     as_utc,
 )
 from service.db.tables import ApiKey
+from service.errors import Conflict, NotFound
 from service.models.registry import all_models
 
 router = APIRouter(tags=["admin"], responses=INVALID)
@@ -63,12 +63,8 @@ def list_keys(session: SessionDep, caller: Admin) -> list[KeyOut]:
 def delete_key(key_id: KeyId, sessions: SessionsDep, caller: Admin) -> None:
     """Revoke a key: it stops working at once. The last admin key is refused (409): create
     another first, or revoke it on the server with `whaleid keys revoke`."""
-    try:
-        found = revoke_key(sessions, key_id, keep_an_admin=True)
-    except LastAdminKey as e:
-        raise HTTPException(409, str(e)) from e
-    if not found:
-        raise HTTPException(404, f"key {key_id} does not exist")
+    if not revoke_key(sessions, key_id, keep_an_admin=True):
+        raise NotFound(f"key {key_id} does not exist")
 
 
 @router.put(
@@ -81,19 +77,11 @@ def put_callback_hosts(
 ) -> KeyOut:
     """The hosts this key's job callbacks may go to (replacing the list; empty: none). Each
     partner's key has its own, so one partner cannot send callbacks to another's receiver."""
-    try:
-        return _key_out(set_callback_hosts(sessions, key_id, body.hosts))
-    except LookupError as e:
-        raise HTTPException(404, str(e)) from e
-    except ValueError as e:
-        raise HTTPException(422, str(e)) from e
+    return _key_out(set_callback_hosts(sessions, key_id, body.hosts))
 
 
 def _rotated(sessions: SessionsDep, key_id: int) -> CallbackSecretOut:
-    try:
-        row, secret = rotate_callback_secret(sessions, key_id)
-    except LookupError as e:
-        raise HTTPException(404, str(e)) from e
+    row, secret = rotate_callback_secret(sessions, key_id)
     return CallbackSecretOut(key_id=row.id, callback_secret=secret)
 
 
@@ -115,7 +103,7 @@ def post_callback_secret(key_id: KeyId, sessions: SessionsDep, caller: Admin) ->
 def post_own_callback_secret(sessions: SessionsDep, caller: Integration) -> CallbackSecretOut:
     """Create or rotate the calling key's own callback secret; shown in this answer only."""
     if caller.key_id is None:
-        raise HTTPException(409, "callbacks need an API key: authentication is off")
+        raise Conflict("callbacks need an API key: authentication is off")
     return _rotated(sessions, caller.key_id)
 
 

@@ -7,7 +7,7 @@ import datetime as dt
 from functools import partial
 from typing import IO, Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +20,7 @@ from service.api.params import CandidateSet
 from service.api.routes.jobs import JobId, JobOut, job_out
 from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
 from service.db.tables import Job
+from service.errors import Invalid, NotFound, OverRate
 from service.gallery.sync import Filters
 from service.jobs.archives import ArchiveFiles
 from service.jobs.batch import (
@@ -105,19 +106,17 @@ async def charge_photos(request: Request, photos: int) -> None:
     if rate is None:
         return
     if photos > rate.item.amount:
-        raise HTTPException(
-            429,
+        raise OverRate(
             f"{photos} photos is over the rate limit of {rate.item} per key: send at most "
-            f"{rate.item.amount} photos per job",
+            f"{rate.item.amount} photos per job"
         )
     caller = await caller_of(request.scope)
     if not rate.hit(caller, cost=photos):
         after = rate.retry_after(caller)
-        raise HTTPException(
-            429,
+        raise OverRate(
             f"{photos} photos would take the key past its rate limit of {rate.item}: retry "
             f"after {after} s (the Retry-After header), or send fewer photos",
-            headers={"Retry-After": str(after)},
+            retry_after=after,
         )
 
 
@@ -132,7 +131,7 @@ async def identify_batch(
     """Identify stored images or photos at URLs in the background; poll `GET /jobs/{id}`, then
     read `GET /jobs/{id}/results` (or `.csv`). Each photo counts against the key's rate."""
     if (body.image_ids is None) == (body.urls is None):
-        raise HTTPException(422, "give exactly one of image_ids and urls")
+        raise Invalid("give exactly one of image_ids and urls")
     factory = sessions
     filters = Filters(
         body.species, body.location, body.date_from, body.date_to, body.exclude_encounter
@@ -180,7 +179,7 @@ async def identify_archive(
     kept = await run_in_threadpool(read_archive, settings, file)
     try:
         await charge_photos(request, len(kept.items))
-    except HTTPException:
+    except OverRate:
         await run_in_threadpool(ArchiveFiles.open(settings).remove, kept.kept)
         raise
     job_id = await run_in_threadpool(
@@ -200,7 +199,7 @@ async def identify_archive(
 def _batch_job(session: Session, job_id: int, caller: Principal) -> Job:
     job = get_job(session, job_id, caller)
     if job.kind != IDENTIFY_BATCH:
-        raise HTTPException(404, f"job {job_id} is not a batch identification")
+        raise NotFound(f"job {job_id} is not a batch identification")
     return job
 
 

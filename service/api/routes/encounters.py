@@ -16,8 +16,7 @@ from service.api.routes.identify import (
     to_response,
 )
 from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut
-from service.errors import Invalid
-from service.imaging import PhotoTooLarge
+from service.errors import Invalid, PhotoTooLarge
 from service.matching.encounters import EncounterPhoto, EncounterResult, Fusion, identify_encounter
 from service.text import check_text
 

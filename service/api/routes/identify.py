@@ -5,11 +5,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.access.auth import KeyRevoked
 from service.access.tenancy import can_read_identification
 from service.api.deps import (
     Integration,
@@ -33,7 +32,8 @@ from service.catalogue.curation import decision_history
 from service.catalogue.reads import candidate_matches, recorded_identification
 from service.db.checks import column_length
 from service.db.tables import Image
-from service.imaging import PhotoTooLarge, parse_bbox
+from service.errors import KeyRevoked, NotFound, PhotoTooLarge
+from service.imaging import parse_bbox
 from service.knn import TOP
 from service.matching.identify import IdentificationResult
 from service.text import check_text
@@ -110,9 +110,9 @@ async def identify(
                 confirm_key=caller.key_id if unconfirmed else None,
             )
         )
-    except KeyRevoked as e:
+    except KeyRevoked:
         request.app.state.key_cache.clear()
-        raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
+        raise
     response.headers["Server-Timing"] = server_timing(result.timings)
     metrics.observe_stages(result.timings)
     return to_response(result)
@@ -135,7 +135,7 @@ def get_identification(
     ident = recorded_identification(session, identification_id)
     if ident is None or not can_read_identification(caller, ident):
         # Another partner's identification answers as one that does not exist.
-        raise HTTPException(404, f"identification {identification_id} does not exist")
+        raise NotFound(f"identification {identification_id} does not exist")
     return IdentificationOut(
         identification_id=ident.id,
         candidates=[

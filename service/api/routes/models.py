@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -16,10 +16,10 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
 from service.api.routes.jobs import JobOut, job_out
 from service.api.schemas import INVALID, Problem
-from service.contract import ModelContractError, Verification
+from service.contract import Verification
 from service.db.tables import Model
+from service.errors import ActivationRefused, Invalid, NoActiveModel, TooLarge
 from service.jobs.queue import get_job, progress
-from service.matching.identify import NoActiveModel
 from service.models.calibration import (
     pairs_from_confirmations,
     set_verification,
@@ -27,15 +27,7 @@ from service.models.calibration import (
 )
 from service.models.registry import register_model_file
 from service.models.reindex import start_reindex
-from service.models.switch import (
-    ActivationRefused,
-    HeadChoice,
-    Switch,
-    activate,
-    retire,
-    rollback,
-    shadow_report,
-)
+from service.models.switch import HeadChoice, Switch, activate, retire, rollback, shadow_report
 
 router = APIRouter(tags=["models"])
 
@@ -121,16 +113,15 @@ async def _receive_model(request: Request, limit: int, folder: FilePath) -> File
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise HTTPException(
-                        413,
+                    raise TooLarge(
                         f"the model file is over the limit of {limit} bytes "
                         "(WHALEID_MAX_MODEL_BYTES): raise it, or register it with "
                         "`whaleid models add`",
                     )
                 f.write(chunk)
         if size == 0:
-            raise HTTPException(
-                422, "the body is empty: send the ONNX file as the body (application/octet-stream)"
+            raise Invalid(
+                "the body is empty: send the ONNX file as the body (application/octet-stream)"
             )
         return path
     except BaseException:
@@ -164,8 +155,6 @@ async def upload_model(
     path = await _receive_model(request, settings.max_model_bytes, settings.models_dir)
     try:
         model, created = await run_in_threadpool(register_model_file, settings, sessions, path)
-    except ModelContractError as e:
-        raise HTTPException(422, str(e)) from e
     finally:
         path.unlink(missing_ok=True)
     if not created:
