@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import partial
 from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -17,8 +16,8 @@ from service.access.auth import Principal
 from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
 from service.api.observability import KeyRate, caller_of
 from service.api.params import CandidateSet
-from service.api.routes.jobs import JobId, JobOut, job_out
-from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
+from service.api.routes.jobs import JobId
+from service.api.schemas import INVALID, MAX_LIST, BatchIn, JobOut, Problem, plain_url, storable
 from service.db.tables import Job
 from service.errors import Invalid, NotFound, OverRate
 from service.gallery.sync import Filters
@@ -35,31 +34,13 @@ from service.jobs.batch import (
     url_items,
 )
 from service.jobs.queue import get_job, progress
-from service.outbound.fetch import MAX_URL_LENGTH, url_problem
+from service.outbound.fetch import MAX_URL_LENGTH
 
 router = APIRouter(tags=["jobs"], responses=INVALID)
 
-PLACE_LENGTH = 200
-MAX_LIST = 10_000
 MAX_PAGE = 1000
 
 
-def plain_url(value: str | None) -> str | None:
-    """Refuse a URL holding a control character (it could forge a log line or split a header)."""
-    problem = None if value is None else url_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-Url = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
-    AfterValidator(storable),
-    AfterValidator(plain_url),
-]
-Species = Annotated[str | None, Field(max_length=SPECIES_LENGTH), AfterValidator(storable)]
-Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(storable)]
 FormUrl = Annotated[
     str | None,
     Form(max_length=MAX_URL_LENGTH, description="Where to POST the result."),
@@ -68,29 +49,9 @@ FormUrl = Annotated[
 ]
 
 
-class BatchIn(BaseModel):
-    """Exactly one of `image_ids` and `urls`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_ids: list[RowId] | None = Field(None, max_length=MAX_LIST)
-    urls: list[Url] | None = Field(
-        None, max_length=MAX_LIST, description="Photo URLs on hosts in WHALEID_FETCH_HOSTS."
-    )
-    species: Species = None
-    location: Place = None
-    date_from: dt.date | None = None
-    date_to: dt.date | None = None
-    exclude_encounter: Place = None
-    callback_url: Url | None = Field(
-        None,
-        description="POSTed the signed result when the job ends (a host the key may call back).",
-    )
-
-
 def _out(factory: sessionmaker[Session], job_id: int, caller: Principal) -> JobOut:
     with factory() as session:
-        return job_out(progress(session, get_job(session, job_id, caller)))
+        return JobOut.model_validate(progress(session, get_job(session, job_id, caller)))
 
 
 ACCEPTED: dict[int | str, dict[str, Any]] = {

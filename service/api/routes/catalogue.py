@@ -24,26 +24,10 @@ from service.catalogue.reads import (
     photos_of,
     readable_image,
 )
-from service.db.tables import Image
 from service.errors import NotFound
 from service.store.objects import MissingObject
 
 router = APIRouter(tags=["catalogue"], responses=INVALID)
-
-
-def _image_out(image: Image) -> ImageOut:
-    return ImageOut(
-        id=image.id,
-        width=image.width,
-        height=image.height,
-        media_type=image.media_type,
-        species=image.species,
-        encounter=image.encounter,
-        location=image.location,
-        taken_on=image.taken_on,
-        original_name=image.original_name,
-        url=f"/images/{image.id}/file",
-    )
 
 
 @router.get("/individuals", response_model=IndividualPage)
@@ -90,7 +74,7 @@ def get_individual(
         species=ind.species,
         display_name=ind.display_name,
         image_count=len(images),
-        images=[_image_out(i) for i in images],
+        images=[ImageOut.model_validate(i) for i in images],
     )
 
 

@@ -47,6 +47,6 @@ async def ready(request: Request, runtime: RuntimeDep) -> Readiness | JSONRespon
         return JSONResponse({"status": "ready"})
     return Readiness(
         status="ready",
-        model=ModelOut.of(identifier.model),
+        model=ModelOut.model_validate(identifier.model),
         gallery_size=identifier.gallery.size,
     )

@@ -6,7 +6,6 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.access.tenancy import can_read_identification
@@ -23,8 +22,8 @@ from service.api.params import CandidateSet, IdentificationId
 from service.api.schemas import (
     INVALID,
     CandidateOut,
-    DecisionOut,
     IdentificationOut,
+    MatchesOut,
     ModelOut,
     Problem,
 )
@@ -56,7 +55,7 @@ def to_response(result: IdentificationResult) -> IdentificationOut:
     return IdentificationOut(
         identification_id=result.identification_id,
         candidates=[CandidateOut.model_validate(c) for c in result.candidates],
-        model=ModelOut.of(result.model),
+        model=ModelOut.model_validate(result.model),
         gallery_size=result.gallery_size,
         filters=result.filters,
         created_at=result.created_at,
@@ -172,34 +171,10 @@ def get_identification(
         gallery_size=ident.gallery_size,
         filters=ident.filters,
         status=ident.status,
-        decisions=[DecisionOut.model_validate(d) for d in decision_history(session, ident.id)],
+        decisions=decision_history(session, ident.id),
         created_at=ident.created_at,
         query_image_id=ident.query_image_id,
     )
-
-
-class MatchOut(BaseModel):
-    query: tuple[float, float] = Field(description="x, y in the query photo's pixels.")
-    candidate: tuple[float, float] = Field(description="x, y in the candidate photo's pixels.")
-    inlier: bool = Field(description="Whether the homography explains this match.")
-
-
-class MatchesOut(BaseModel):
-    identification_id: int
-    rank: int
-    individual_id: str
-    query_image_id: int = Field(description="GET /images/{id}/file serves it.")
-    candidate_image_id: int = Field(description="The candidate's best photo.")
-    query_size: tuple[int, int] = Field(description="Width and height of the stored photo.")
-    candidate_size: tuple[int, int]
-    inliers: int = Field(examples=[23])
-    matches: list[MatchOut] = Field(
-        description="Every inlier (each place once), then at most 200 of the other ratio-test "
-        "matches."
-    )
-
-
-_OUTLIERS_SHOWN = 200
 
 
 @router.get(
@@ -217,24 +192,4 @@ def get_matches(
     """The matched keypoints between the query photo and the candidate's best photo, in the
     photos' pixels: what the review page draws so a curator sees why an animal was proposed."""
     found = candidate_matches(sessions, runtime.features, caller, identification_id, candidate)
-    pairs, inlier = found.match.pairs.tolist(), found.match.inlier.tolist()
-    shown = found.match.distinct.tolist()  # each place once
-    shown += [i for i, ok in enumerate(inlier) if not ok][:_OUTLIERS_SHOWN]
-    return MatchesOut(
-        identification_id=found.identification_id,
-        rank=found.rank,
-        individual_id=found.individual_id,
-        query_image_id=found.query_image_id,
-        candidate_image_id=found.candidate_image_id,
-        query_size=found.query_size,
-        candidate_size=found.candidate_size,
-        inliers=found.match.inliers,
-        matches=[
-            MatchOut(
-                query=(round(pairs[i][0], 1), round(pairs[i][1], 1)),
-                candidate=(round(pairs[i][2], 1), round(pairs[i][3], 1)),
-                inlier=inlier[i],
-            )
-            for i in shown
-        ],
-    )
+    return MatchesOut.model_validate(found)

@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, SessionDep, SessionsDep
-from service.api.schemas import Problem
-from service.jobs.queue import Progress, cancel, get_job, list_jobs, progress
+from service.api.schemas import JobOut, Problem
+from service.jobs.queue import cancel, get_job, list_jobs, progress
 
 router = APIRouter(tags=["jobs"])
 
 JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The job's id.")]
-
-
-class JobOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)  # read from a job's Progress
-
-    id: int
-    kind: str = Field(examples=["reindex"])
-    state: str = Field(
-        examples=["running"], description="queued, running, succeeded, failed or cancelled"
-    )
-    model_id: int | None
-    done: int = Field(description="Items handled.")
-    failed: int = Field(description="Items that could not be handled (see errors).")
-    total: int
-    rate: float | None = Field(description="Items per second since the job started.")
-    eta_seconds: float | None = Field(description="Time left at that rate.")
-    errors: list[str]
-    result: dict[str, Any] | None = Field(
-        description="What the job produced: for a re-index, the shadow evaluation; for a batch, "
-        "its callback's delivery (the photos' answers: GET /jobs/{id}/results)."
-    )
-    chunks: dict[str, int] = Field(description="Chunks per state.")
-    redone_chunks: int = Field(description="Chunks leased more than once (a worker was lost).")
-    created_by: str
-    created_at: dt.datetime
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-
-
-def job_out(p: Progress) -> JobOut:
-    return JobOut.model_validate(p)
 
 
 @router.get("/jobs", response_model=list[JobOut])
@@ -54,14 +21,14 @@ def get_jobs(
     session: SessionDep, caller: Integration, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> list[JobOut]:
     """The newest jobs first: the caller's own (an admin sees every job)."""
-    return [job_out(progress(session, j)) for j in list_jobs(session, caller, limit)]
+    return [JobOut.model_validate(progress(session, j)) for j in list_jobs(session, caller, limit)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={404: {"model": Problem}})
 def get_one_job(job_id: JobId, session: SessionDep, caller: Integration) -> JobOut:
     """A job's state, done/total, rate, ETA and errors; poll it until `state` is final. A key
     sees the jobs it made (another key's job is a 404); an admin sees every job."""
-    return job_out(progress(session, get_job(session, job_id, caller)))
+    return JobOut.model_validate(progress(session, get_job(session, job_id, caller)))
 
 
 @router.post(
@@ -74,4 +41,4 @@ async def cancel_job(job_id: JobId, sessions: SessionsDep, caller: Integration) 
     write nothing, and an archive's photos are removed."""
     job = await run_in_threadpool(cancel, sessions, job_id, caller)
     with sessions() as session:
-        return job_out(progress(session, get_job(session, job.id, caller)))
+        return JobOut.model_validate(progress(session, get_job(session, job.id, caller)))
