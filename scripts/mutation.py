@@ -101,7 +101,7 @@ COVERED_BY: dict[str, list[str]] = {
     "service/access/tenancy.py": [
         "tests/service/test_tenants.py",
     ],
-    "service/redact.py": [
+    "service/outbound/redact.py": [
         "tests/service/test_outbound.py",
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",
