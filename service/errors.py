@@ -120,11 +120,11 @@ class SignInRefused(DomainError):
     """A key that may not open a review session: ``UnknownKey`` or ``RoleTooLow``."""
 
 
-class UnknownKey(SignInRefused):
+class UnknownKey(SignInRefused, NotAuthenticated):
     """No such key, or it is revoked."""
 
 
-class RoleTooLow(SignInRefused):
+class RoleTooLow(SignInRefused, Forbidden):
     """The key's role is below the one the review page needs."""
 
 
