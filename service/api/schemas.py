@@ -138,6 +138,7 @@ class ModelOut(BaseModel):
 
 class IdentificationOut(BaseModel):
     model_config = ConfigDict(
+        from_attributes=True,  # read from an IdentificationResult
         json_schema_extra={
             "examples": [
                 {
@@ -174,7 +175,7 @@ class IdentificationOut(BaseModel):
                     "filters": {"species": "humpback_whale"},
                 }
             ]
-        }
+        },
     )
 
     identification_id: int

@@ -52,15 +52,7 @@ FILE_NAME_LENGTH = column_length(Image.original_name)
 
 def to_response(result: IdentificationResult) -> IdentificationOut:
     assert result.identification_id is not None
-    return IdentificationOut(
-        identification_id=result.identification_id,
-        candidates=[CandidateOut.model_validate(c) for c in result.candidates],
-        model=ModelOut.model_validate(result.model),
-        gallery_size=result.gallery_size,
-        filters=result.filters,
-        created_at=result.created_at,
-        query_image_id=result.query_image_id,
-    )
+    return IdentificationOut.model_validate(result)
 
 
 @router.post("/identify", response_model=IdentificationOut, responses=ERRORS)
