@@ -49,7 +49,7 @@ from bench._common import ROOT, setup_logging  # noqa: E402
 from bench.quality_cli import Cli, registered_id  # noqa: E402
 from bench.quality_modes import TRAIN_PYTHON  # noqa: E402
 from model_export.map5_drop import bootstrap_interval, judge_map5_drop  # noqa: E402
-from service.catalogue_csv import read_catalogue  # noqa: E402
+from service.catalogue.csv_file import read_catalogue  # noqa: E402
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5  # noqa: E402
 
 log = logging.getLogger("bench.int8_real")

@@ -39,7 +39,8 @@ from model_export.quantize import (
     check_int8,
     quantize_int8,
 )
-from service.contract import ModelContractError, PixelRange, Preprocessing
+from service.contract import PixelRange, Preprocessing
+from service.errors import ModelContractError
 from service.imaging import IMAGENET_STD, decode_photo, to_model_input
 from service.onnx.embedder import Embedder, l2_normalise
 from training.augment import decode, model_input

@@ -102,7 +102,7 @@ COVERED_BY: dict[str, list[str]] = {
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",
     ],
-    "service/api/batch.py": [
+    "service/api/routes/batch.py": [
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",
     ],
@@ -113,7 +113,7 @@ COVERED_BY: dict[str, list[str]] = {
     "service/access/tenancy.py": [
         "tests/service/test_tenants.py",
     ],
-    "service/redact.py": [
+    "service/outbound/redact.py": [
         "tests/service/test_outbound.py",
         "tests/service/test_tenants.py",
         "tests/service/test_batch.py",

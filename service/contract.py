@@ -16,6 +16,8 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
+from service.errors import ModelContractError
+
 
 class _Choice(StrEnum):
     """A closed set of strings that reads as its value in messages (``'vote'``, not
@@ -57,10 +59,6 @@ class ModelStatus(_Choice):
 
 RANKINGS: tuple[Ranking, ...] = tuple(Ranking)
 E = TypeVar("E", bound=StrEnum)
-
-
-class ModelContractError(ValueError):
-    """An ONNX file that does not follow the model contract; the message says what to fix."""
 
 
 @dataclass(frozen=True)

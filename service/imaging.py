@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from service.contract import PixelRange, Preprocessing, Resize
+from service.errors import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
 
 try:  # HEIC from iPhones, when the optional extra is installed
     import pillow_heif
@@ -37,26 +38,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _PIXELS = re.compile(r"-?\d{1,9}(\.\d{1,6})?")
 # EXIF orientations 5-8 rotate by 90 degrees: width and height swap.
 _SWAPS_AXES = {5, 6, 7, 8}
-
-
-class PhotoError(ValueError):
-    """A photo that cannot be used; the message says what is wrong and what to do."""
-
-
-class UnsupportedPhoto(PhotoError):
-    """Not an image, or a format we do not decode."""
-
-
-class UnreadablePhoto(PhotoError):
-    """Empty, truncated or corrupt."""
-
-
-class PhotoTooLarge(PhotoError):
-    """Over the byte or pixel limit (decompression bombs included)."""
-
-
-class BadBoundingBox(PhotoError):
-    """A crop box that is malformed or falls outside the photo."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from service.errors import BadText
 from service.knn import NEW_INDIVIDUAL
 
 NUL = "\x00"
@@ -36,10 +37,6 @@ def escape_controls(text: str) -> str:
     """``text`` with each control character written as an escape (``\\n``, ``\\x1b``,
     ``\\u2028``), as Python writes it in a string literal."""
     return CONTROL_CHARACTERS.sub(_escaped, text)
-
-
-class BadText(ValueError):
-    """Text the database would refuse or keep wrongly; the message names the field and limit."""
 
 
 def text_problem(value: str, max_length: int | None = None) -> str | None:

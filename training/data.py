@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 from tqdm import tqdm
 
-from service.catalogue_csv import read_catalogue
+from service.catalogue.csv_file import read_catalogue
 from service.contract import Preprocessing
 from service.imaging import decode_photo
 from service.knn import NEW_INDIVIDUAL

@@ -20,6 +20,7 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.tables import ApiKey, ReviewSession, transaction, utcnow
+from service.errors import Invalid, LastAdminKey, NotFound, RoleTooLow, UnknownKey
 
 ROLES = ("integration", "curator", "admin")
 KEY_PREFIX = "wid_"
@@ -49,9 +50,9 @@ def hash_key(key: str) -> str:
 def create_key(factory: sessionmaker[Session], name: str, role: str) -> tuple[ApiKey, str]:
     """A new key for ``name``, committed; the plain key is returned once and never stored."""
     if role not in ROLES:
-        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        raise Invalid(f"role {role!r} is not one of {', '.join(ROLES)}")
     if not name.strip():
-        raise ValueError("a key needs the name of its owner")
+        raise Invalid("a key needs the name of its owner")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name.strip(), role=role, key_hash=hash_key(key), prefix=key[:10])
     with transaction(factory) as session:
@@ -65,16 +66,6 @@ def authenticate(session: Session, key: str) -> Principal | None:
     if row is None or row.revoked_at is not None:
         return None
     return Principal(row.name, row.role, row.id)
-
-
-class KeyRevoked(Exception):
-    """A key admitted from ``KeyCache`` turned out revoked when the request checked it."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the API key is unknown or revoked: send Authorization: Bearer <key>; an admin "
-            "creates keys with `whaleid keys create --role ROLE --name NAME`"
-        )
 
 
 class KeyCache:
@@ -110,18 +101,6 @@ class KeyCache:
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
-
-
-class SignInRefused(Exception):
-    """A key that may not open a review session: ``UnknownKey`` or ``RoleTooLow``."""
-
-
-class UnknownKey(SignInRefused):
-    """No such key, or it is revoked."""
-
-
-class RoleTooLow(SignInRefused):
-    """The key's role is below the one the review page needs."""
 
 
 def open_review_session(
@@ -207,10 +186,6 @@ def _end_session(session: Session, token: str, now: dt.datetime) -> bool:
     return True
 
 
-class LastAdminKey(Exception):
-    """Revoking this key would leave no admin key, and so no way to manage keys over the API."""
-
-
 def revoke_key(factory: sessionmaker[Session], key_id: int, *, keep_an_admin: bool = False) -> bool:
     """Revoke a key (False if there is none), committed. With ``keep_an_admin``, the last
     active admin key is refused with ``LastAdminKey``."""
@@ -254,7 +229,7 @@ _HOST_NAME = re.compile(
 
 
 def callback_host(host: str) -> str:
-    """A host name (or IP address) as callbacks are matched against it; ``ValueError`` if it is
+    """A host name (or IP address) as callbacks are matched against it; ``Invalid`` if it is
     anything else (a URL, a path, a port, a control character)."""
     name = host.strip().lower().rstrip(".")
     try:
@@ -262,7 +237,7 @@ def callback_host(host: str) -> str:
     except ValueError:
         pass
     if not _HOST_NAME.fullmatch(name):
-        raise ValueError(
+        raise Invalid(
             f"{host[:100]!r} is not a host name: give names like hooks.example.org, without "
             "scheme, port or path"
         )
@@ -271,26 +246,26 @@ def callback_host(host: str) -> str:
 
 def set_callback_hosts(factory: sessionmaker[Session], key_id: int, hosts: list[str]) -> ApiKey:
     """Allow the key's callbacks to go to ``hosts`` (replacing the previous list), committed;
-    ``LookupError`` if there is no such key, ``ValueError`` for a bad host."""
+    ``NotFound`` if there is no such key, ``Invalid`` for a bad host."""
     if len(hosts) > MAX_CALLBACK_HOSTS:
-        raise ValueError(f"{len(hosts)} hosts is over the limit of {MAX_CALLBACK_HOSTS} a key")
+        raise Invalid(f"{len(hosts)} hosts is over the limit of {MAX_CALLBACK_HOSTS} a key")
     names = sorted({callback_host(h) for h in hosts})
     with transaction(factory) as session:
         row = session.get(ApiKey, key_id)
         if row is None:
-            raise LookupError(f"key {key_id} does not exist")
+            raise NotFound(f"key {key_id} does not exist")
         row.callback_hosts = names
         return row
 
 
 def rotate_callback_secret(factory: sessionmaker[Session], key_id: int) -> tuple[ApiKey, str]:
     """A new callback secret for the key (the old one stops at once), committed; the secret is
-    returned to be shown once. ``LookupError`` if there is no such key, or it is revoked."""
+    returned to be shown once. ``NotFound`` if there is no such key, or it is revoked."""
     secret = "whsec_" + secrets.token_urlsafe(32)
     with transaction(factory) as session:
         row = session.get(ApiKey, key_id)
         if row is None or row.revoked_at is not None:
-            raise LookupError(f"key {key_id} does not exist or is revoked")
+            raise NotFound(f"key {key_id} does not exist or is revoked")
         row.callback_secret = secret
         return row, secret
 

@@ -1,1 +1,2 @@
-"""The HTTP edge: routers translate domain errors into status codes with actionable messages."""
+"""The HTTP edge: the app (app.py), its middleware, the error table (errors.py) and the schemas;
+the routers are in routes/."""

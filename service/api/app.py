@@ -6,70 +6,46 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.access.auth import KeyCache
-from service.api import (
+from service.api import errors
+from service.api.accesslog import redacted_access_log
+from service.api.collectors import ServiceMetrics
+from service.api.guard import RequestGuard
+from service.api.observability import KeyRate, RateLimit, RequestContext
+from service.api.routes import (
     admin,
     catalogue,
     curation,
     encounters,
-    errors,
     health,
     identify,
     metrics,
-    model_routes,
     review,
 )
-from service.api import batch as batch_api
-from service.api import jobs as jobs_api
-from service.api.accesslog import redacted_access_log
-from service.api.collectors import ServiceMetrics
-from service.api.docs import install_docs
-from service.api.guard import RequestGuard
-from service.api.observability import KeyRate, RateLimit, RequestContext
+from service.api.routes import batch as batch_api
+from service.api.routes import jobs as jobs_api
+from service.api.routes import models as model_routes
+from service.api.routes.docs import install_docs
 from service.db.migrate import is_current
 from service.db.tables import make_engine, make_sessionmaker
-from service.errors import Conflict, Invalid, NotFound
-from service.imaging import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
+from service.errors import NoActiveModel, SchemaNotCurrent
 from service.jobs.batch.chunks import batch_handlers
 from service.jobs.batch.closing import JobCloser
-from service.jobs.batch.submit import OverQuota
 from service.jobs.queue import Worker
 from service.logs import json_logs, text_logs
-from service.matching.identify import NoActiveModel
 from service.matching.runtime import Runtime
-from service.matching.slots import Busy
 from service.models.reindex import ActiveGalleryKeeper, Embedders, worker_handlers
 from service.settings import Settings
-from service.text import BadText
 
 log = logging.getLogger(__name__)
-
-STATUS_OF: dict[type[Exception], int] = {
-    UnsupportedPhoto: 415,
-    UnreadablePhoto: 422,
-    BadBoundingBox: 422,
-    PhotoTooLarge: 413,
-    NoActiveModel: 503,
-    NotFound: 404,
-    Conflict: 409,
-    Invalid: 422,
-    BadText: 422,
-    OverQuota: 429,
-}
-
-
-class SchemaNotCurrent(RuntimeError):
-    pass
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -145,13 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(metrics.router_for(settings.metrics_public))
 
-    for error_type, status in STATUS_OF.items():
-        app.add_exception_handler(error_type, _problem(status))
-
-    app.add_exception_handler(RequestValidationError, errors.invalid_request)
-    app.add_exception_handler(Busy, errors.busy)
-    app.add_exception_handler(405, errors.method_not_allowed)
-    app.add_exception_handler(Exception, errors.internal_error)
+    errors.install(app)
     # The key is checked and the body limited before anything reads it; the middlewares around
     # the guard (the last added is the outermost) read no body.
     add_observability(app, settings)
@@ -217,10 +187,3 @@ def _start_worker(settings: Settings, app: FastAPI, stop: threading.Event) -> th
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True, name="job-worker")
     thread.start()
     return thread
-
-
-def _problem(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
-    async def handler(_request: Request, exc: Exception) -> Response:
-        return JSONResponse({"detail": str(exc)}, status_code=status)
-
-    return handler

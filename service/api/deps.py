@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import ANONYMOUS_ADMIN, Principal, authenticate, session_principal
 from service.api.collectors import ServiceMetrics
+from service.errors import Forbidden, NotAuthenticated
 from service.matching.runtime import Runtime
 from service.models.reindex import Embedders
 from service.settings import Settings
@@ -108,10 +109,9 @@ def principal_for(request: Request, role: str) -> Principal:
             request, role
         )
     if not principal.can(role):
-        raise HTTPException(
-            403,
+        raise Forbidden(
             f"this needs the {role} role; the key of {principal.name!r} has the "
-            f"{principal.role} role",
+            f"{principal.role} role"
         )
     return principal
 
@@ -123,11 +123,7 @@ def _principal_presented(request: Request, role: str) -> Principal:
         "`whaleid keys create --role ROLE --name NAME`"
     )
     if credential is None:
-        raise HTTPException(
-            401,
-            f"this needs an API key with the {role} role: {how}",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise NotAuthenticated(f"this needs an API key with the {role} role: {how}")
     with sessions_of(request)() as session:
         if credential.kind == "key":
             principal = authenticate(session, credential.secret)
@@ -140,7 +136,7 @@ def _principal_presented(request: Request, role: str) -> Principal:
             else "the review session has ended (signed out, expired, or its key revoked): "
             f"sign in again at /review/login, or {how}"
         )
-        raise HTTPException(401, problem, headers={"WWW-Authenticate": "Bearer"})
+        raise NotAuthenticated(problem)
     return principal
 
 

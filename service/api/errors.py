@@ -1,27 +1,90 @@
-"""Error responses that need more than a status and a message: 503 with Retry-After, a 500 that
-closes its connection cleanly, and a 405 whose Allow names every method of the path."""
+"""How the API answers an error: ``PROBLEMS``, the one table from a domain error
+(``service/errors.py``) to its status and extra headers, installed by ``install``; a 503 with
+Retry-After, a 401 naming the Bearer scheme, a 500 that closes its connection cleanly, and a 405
+whose Allow names every method of the path. Routers raise domain errors, never HTTPException."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from service.matching.slots import Busy
+from service.errors import (
+    Busy,
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    NoActiveModel,
+    NotAuthenticated,
+    NotFound,
+    OverQuota,
+    OverRate,
+    TooLarge,
+    UnsupportedPhoto,
+)
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-async def busy(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Busy)
-    headers = {"Retry-After": str(exc.retry_after)}
-    return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
+def _retry_after(exc: DomainError) -> dict[str, str]:
+    after = getattr(exc, "retry_after", None)
+    return {} if after is None else {"Retry-After": str(after)}
+
+
+def _bearer(_exc: DomainError) -> dict[str, str]:
+    return {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The status a domain error is answered with, and the headers it adds."""
+
+    status: int
+    headers: Callable[[DomainError], Mapping[str, str]] = field(default=lambda _exc: {})
+
+
+# An error is answered by its nearest class in this table (so ``PhotoTooLarge`` is 413, any
+# other ``Invalid`` 422); one in none of them (a corrupt model file) is an internal error.
+PROBLEMS: dict[type[DomainError], Answer] = {
+    NotFound: Answer(404),
+    Conflict: Answer(409),
+    Invalid: Answer(422),
+    UnsupportedPhoto: Answer(415),
+    TooLarge: Answer(413),
+    NotAuthenticated: Answer(401, _bearer),
+    Forbidden: Answer(403),
+    OverQuota: Answer(429),
+    OverRate: Answer(429, _retry_after),
+    NoActiveModel: Answer(503),
+    Busy: Answer(503, _retry_after),
+}
+
+
+def answer_of(exc: DomainError) -> Answer | None:
+    """The table's answer to ``exc`` (None: an internal error)."""
+    for cls in type(exc).__mro__:
+        if cls in PROBLEMS:
+            return PROBLEMS[cls]
+    return None
+
+
+async def domain_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DomainError)
+    answer = answer_of(exc)
+    if answer is None:
+        raise exc  # to the 500 handler, which logs it
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=answer.status, headers=dict(answer.headers(exc))
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -70,3 +133,11 @@ async def method_not_allowed(request: Request, exc: Exception) -> Response:
         status_code=405,
         headers={"Allow": allow},
     )
+
+
+def install(app: FastAPI) -> None:
+    """Every error handler of the app: the domain errors' table, validation, 405 and 500."""
+    app.add_exception_handler(DomainError, domain_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(405, method_not_allowed)
+    app.add_exception_handler(Exception, internal_error)

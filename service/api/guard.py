@@ -16,6 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access.auth import KeyCache
 from service.api.deps import Require, presented_credential, principal_for
+from service.api.errors import answer_of
+from service.errors import DomainError
 from service.settings import Settings
 
 # Room for the multipart framing and the form fields around an uploaded photo.
@@ -141,8 +143,11 @@ class RequestGuard:
             else:
                 try:
                     principal = await run_in_threadpool(principal_for, request, role)
-                except HTTPException as e:
-                    raise Refused(e.status_code, e.detail, e.headers) from None
+                except DomainError as e:
+                    answer = answer_of(e)
+                    if answer is None:
+                        raise
+                    raise Refused(answer.status, str(e), answer.headers(e)) from None
                 if credential is not None and credential.kind == "key":
                     self.keys.put(credential.secret, principal)
             scope.setdefault("state", {})["principal"] = principal

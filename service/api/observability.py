@@ -101,8 +101,8 @@ class RequestContext:
 class KeyRate:
     """The per-key rate (``limits`` notation, e.g. ``600/minute``), counted in this process's
     memory: with N replicas a key may make up to N times as many. Requests cost one each; a
-    batch job costs one more per photo (``service.api.batch``), so a job cannot do what the rate
-    forbids one photo at a time."""
+    batch job costs one more per photo (``service.api.routes.batch``), so a job cannot do what
+    the rate forbids one photo at a time."""
 
     def __init__(self, rate: str) -> None:
         self.item: RateLimitItem = parse(rate)

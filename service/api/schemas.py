@@ -1,16 +1,33 @@
-"""Response bodies of the API (field names are part of the contract in DESIGN.md)."""
+"""Every request and response body of the API (field names are part of the contract in
+DESIGN.md). A response is read from the domain's row or record (``from_attributes``:
+``XOut.model_validate(record)``), never copied field by field."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
+from service.catalogue.curation import DecisionRecord
+from service.contract import Head
 from service.db.checks import MAX_ROW_ID, column_length
 from service.db.tables import ApiKey, Image, Individual
-from service.matching.identify import ModelInfo
+from service.knn import NEW_INDIVIDUAL
+from service.matching.encounters import Fusion
 from service.matching.registry import RegisteredName, verifications
+from service.matching.verify import PairMatch
+from service.models.switch import HeadChoice
+from service.outbound.fetch import MAX_URL_LENGTH, url_problem
 from service.text import check_catalogue_id, text_problem
 
 
@@ -25,6 +42,11 @@ def _not_reserved(value: str | None) -> str | None:
     if value is not None:
         check_catalogue_id(value)
     return value
+
+
+def _as_dict(value: Any) -> Any:
+    """A head (``contract.Head``) as its JSON object; anything else as it is."""
+    return value.as_dict() if isinstance(value, Head) else value
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:
@@ -97,50 +119,28 @@ class CandidateOut(BaseModel):
     )
 
 
+def _of_head(name: str) -> AliasChoices:
+    """A field read from the object itself or from its ``head`` (a ``ModelInfo``'s)."""
+    return AliasChoices(name, AliasPath("head", name))
+
+
 class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from a ModelInfo
+
     id: int
     name: str = Field(examples=["effb5-arcface"])
     version: str = Field(examples=["2026.11"])
-    k: int = Field(examples=[50])
-    cutoff: float = Field(examples=[0.62])
-    ranking: str = Field(examples=["vote"])
+    k: int = Field(validation_alias=_of_head("k"), examples=[50])
+    cutoff: float = Field(validation_alias=_of_head("cutoff"), examples=[0.62])
+    ranking: str = Field(validation_alias=_of_head("ranking"), examples=["vote"])
     verification: str = Field(
         default="none", description="`none` or `rerank` (local features).", examples=["none"]
-    )
-
-    @classmethod
-    def of(cls, model: ModelInfo) -> ModelOut:
-        head = model.head
-        return cls(
-            id=model.id,
-            name=model.name,
-            version=model.version,
-            k=head.k,
-            cutoff=head.cutoff,
-            ranking=str(head.ranking),
-            verification=str(model.verification),
-        )
-
-
-class DecisionOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)  # read from the domain's records
-
-    decision_id: int
-    identification_id: int
-    decision: str
-    individual_id: str | None
-    candidate_rank: int | None
-    curator: str
-    comment: str | None
-    created_at: Timestamp
-    superseded: bool
-    replayed: bool = Field(
-        default=False, description="True when this repeats an earlier, identical decision."
     )
 
 
 class IdentificationOut(BaseModel):
     model_config = ConfigDict(
+        from_attributes=True,  # read from an IdentificationResult
         json_schema_extra={
             "examples": [
                 {
@@ -177,7 +177,7 @@ class IdentificationOut(BaseModel):
                     "filters": {"species": "humpback_whale"},
                 }
             ]
-        }
+        },
     )
 
     identification_id: int
@@ -186,12 +186,19 @@ class IdentificationOut(BaseModel):
     gallery_size: int = Field(description="Embeddings in the model's gallery.")
     filters: dict[str, str] = Field(description="The candidate-set filters that were applied.")
     status: str = Field(default="pending", description="pending until a curator decides.")
-    decisions: list[DecisionOut] = Field(default_factory=list)
+    decisions: list[DecisionRecord] = Field(default_factory=list)
     created_at: Timestamp | None = None
     query_image_id: int | None = None
 
 
+def _image_url(value: object) -> object:
+    """An image's id as the path of its file (a ``url`` already made stays as it is)."""
+    return f"/images/{value}/file" if isinstance(value, int) else value
+
+
 class ImageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from an Image row
+
     id: int
     width: int
     height: int
@@ -201,7 +208,9 @@ class ImageOut(BaseModel):
     location: str | None
     taken_on: dt.date | None
     original_name: str | None
-    url: str = Field(examples=["/images/4411/file"])
+    url: Annotated[str, BeforeValidator(_image_url)] = Field(
+        validation_alias=AliasChoices("url", "id"), examples=["/images/4411/file"]
+    )
 
 
 class IndividualOut(BaseModel):
@@ -283,15 +292,36 @@ class DecisionIn(BaseModel):
     )
 
 
+def _top_candidate(value: object) -> object:
+    """The first candidate's label, from an identification's ranked candidates."""
+    if isinstance(value, list):
+        return value[0].label if value else None
+    return value
+
+
+def _top_distance(value: object) -> object:
+    """The distance of the first candidate that is an individual (not ``new_individual``)."""
+    if not isinstance(value, list):
+        return value
+    top = next((c for c in value if c.label != NEW_INDIVIDUAL), None)
+    return top.distance if top else None
+
+
 class IdentificationSummary(BaseModel):
-    identification_id: int
+    model_config = ConfigDict(from_attributes=True)  # read from an Identification row
+
+    identification_id: int = Field(validation_alias=AliasChoices("identification_id", "id"))
     status: str
     created_at: Timestamp
     query_image_id: int
     model_id: int
     filters: dict[str, str]
-    top_candidate: str | None
-    top_distance: float | None
+    top_candidate: Annotated[str | None, BeforeValidator(_top_candidate)] = Field(
+        validation_alias=AliasChoices("top_candidate", "candidates")
+    )
+    top_distance: Annotated[float | None, BeforeValidator(_top_distance)] = Field(
+        validation_alias=AliasChoices("top_distance", "candidates")
+    )
 
 
 class IdentificationPage(BaseModel):
@@ -342,19 +372,27 @@ class KeyIn(BaseModel):
     role: Literal["integration", "curator", "admin"]
 
 
+# A stored value (a revocation time, a secret) answered as whether it is set.
+IsSet = Annotated[bool, BeforeValidator(bool)]
+
+
 class KeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from an ApiKey row
+
     id: int
     name: str
     role: str
     prefix: str
     created_at: Timestamp
-    revoked: bool
+    revoked: IsSet = Field(validation_alias=AliasChoices("revoked", "revoked_at"))
     key: str | None = Field(default=None, description="Shown once, at creation.")
-    callback_hosts: list[str] = Field(
+    callback_hosts: Annotated[list[str], BeforeValidator(lambda hosts: list(hosts or []))] = Field(
         default_factory=list, description="Hosts this key's job callbacks may go to."
     )
-    has_callback_secret: bool = Field(
-        default=False, description="Whether the key has its own callback secret."
+    has_callback_secret: IsSet = Field(
+        default=False,
+        validation_alias=AliasChoices("has_callback_secret", "callback_secret"),
+        description="Whether the key has its own callback secret.",
     )
 
 
@@ -384,3 +422,196 @@ class GalleryDigestOut(BaseModel):
     ids_sha256: str = Field(description="SHA-256 of the sorted embedding ids, int64 LE.")
     vectors_sha256: str = Field(description="SHA-256 of their float32 LE vectors, by id.")
     labels_sha256: str = Field(description="SHA-256 of the `id<TAB>label<LF>` lines, by id.")
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from a job's Progress
+
+    id: int
+    kind: str = Field(examples=["reindex"])
+    state: str = Field(
+        examples=["running"], description="queued, running, succeeded, failed or cancelled"
+    )
+    model_id: int | None
+    done: int = Field(description="Items handled.")
+    failed: int = Field(description="Items that could not be handled (see errors).")
+    total: int
+    rate: float | None = Field(description="Items per second since the job started.")
+    eta_seconds: float | None = Field(description="Time left at that rate.")
+    errors: list[str]
+    result: dict[str, Any] | None = Field(
+        description="What the job produced: for a re-index, the shadow evaluation; for a batch, "
+        "its callback's delivery (the photos' answers: GET /jobs/{id}/results)."
+    )
+    chunks: dict[str, int] = Field(description="Chunks per state.")
+    redone_chunks: int = Field(description="Chunks leased more than once (a worker was lost).")
+    created_by: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class RegisteredModel(BaseModel):
+    """A registered model, as every route that answers one gives it (GET /models too)."""
+
+    model_config = ConfigDict(from_attributes=True)  # read from a Model row
+
+    id: int
+    name: str
+    version: str
+    status: str = Field(description="registered, indexing, ready, active or retired")
+    embedding_dim: int
+    k: int
+    cutoff: float
+    ranking: str
+    preprocessing: dict[str, Any]
+    created_at: Timestamp
+    kind: str = Field(default="onnx", description="onnx, or the built-in local-features matcher")
+    verification: str = Field(default="none", description="none or rerank (local features)")
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="How distance and inliers become a match probability."
+    )
+
+
+class VerificationIn(BaseModel):
+    verification: VerificationMode = Field(
+        description="rerank: verify the top candidates with local features and re-rank them "
+        "on the calibrated probability; none: the kNN head's answer as it is."
+    )
+
+
+class ReindexIn(BaseModel):
+    include_queries: bool = Field(
+        default=False, description="Also embed kept query photos that are not in the gallery."
+    )
+
+
+class ActivateIn(BaseModel):
+    head: HeadChoice = Field(
+        default=HeadChoice.MODEL,
+        description="model: the head exported with the model; paper: k 50, cutoff 0.62, vote; "
+        "best: the best head of the grid on this catalogue's confirmations.",
+    )
+    force: bool = Field(
+        default=False, description="Activate even if the shadow evaluation says no."
+    )
+
+
+class SwitchOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from a Switch
+
+    from_model_id: int | None
+    to_model_id: int
+    action: str
+    head: Annotated[dict[str, Any], BeforeValidator(_as_dict)]
+    caught_up: int = Field(description="Gallery photos embedded at the switch.")
+    report: dict[str, Any] | None = Field(description="The shadow evaluation it passed.")
+
+
+PLACE_LENGTH = 200
+
+
+MAX_LIST = 10_000
+
+
+def plain_url(value: str | None) -> str | None:
+    """Refuse a URL holding a control character (it could forge a log line or split a header)."""
+    problem = None if value is None else url_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+Url = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
+    AfterValidator(storable),
+    AfterValidator(plain_url),
+]
+
+
+OptionalSpecies = Annotated[str | None, Field(max_length=SPECIES_LENGTH), AfterValidator(storable)]
+
+
+Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(storable)]
+
+
+class BatchIn(BaseModel):
+    """Exactly one of `image_ids` and `urls`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_ids: list[RowId] | None = Field(None, max_length=MAX_LIST)
+    urls: list[Url] | None = Field(
+        None, max_length=MAX_LIST, description="Photo URLs on hosts in WHALEID_FETCH_HOSTS."
+    )
+    species: OptionalSpecies = None
+    location: Place = None
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    exclude_encounter: Place = None
+    callback_url: Url | None = Field(
+        None,
+        description="POSTed the signed result when the job ends (a host the key may call back).",
+    )
+
+
+class EncounterOut(BaseModel):
+    candidates: list[CandidateOut] = Field(description="The fused ranking, five entries.")
+    fusion: Fusion
+    identification_ids: list[int] = Field(
+        description="Each photo's recorded identification, in upload order (curators decide on "
+        "these; the fused ranking itself is not stored)."
+    )
+    photos: list[IdentificationOut] = Field(description="Each photo's own answer.")
+    model: ModelOut
+    gallery_size: int
+    filters: dict[str, str]
+
+
+class MatchOut(BaseModel):
+    query: tuple[float, float] = Field(description="x, y in the query photo's pixels.")
+    candidate: tuple[float, float] = Field(description="x, y in the candidate photo's pixels.")
+    inlier: bool = Field(description="Whether the homography explains this match.")
+
+
+# The matches /matches shows that the homography does not explain, at most.
+OUTLIERS_SHOWN = 200
+
+
+def _shown_matches(value: object) -> object:
+    """A ``PairMatch`` as the matches shown: every inlier at a distinct place, then at most
+    ``OUTLIERS_SHOWN`` of the others, in pixels to a tenth (a list already made stays)."""
+    if not isinstance(value, PairMatch):
+        return value
+    pairs, inlier = value.pairs.tolist(), value.inlier.tolist()
+    shown = value.distinct.tolist()  # each place once
+    shown += [i for i, ok in enumerate(inlier) if not ok][:OUTLIERS_SHOWN]
+    return [
+        {
+            "query": (round(pairs[i][0], 1), round(pairs[i][1], 1)),
+            "candidate": (round(pairs[i][2], 1), round(pairs[i][3], 1)),
+            "inlier": inlier[i],
+        }
+        for i in shown
+    ]
+
+
+class MatchesOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read from a CandidateMatches
+
+    identification_id: int
+    rank: int
+    individual_id: str
+    query_image_id: int = Field(description="GET /images/{id}/file serves it.")
+    candidate_image_id: int = Field(description="The candidate's best photo.")
+    query_size: tuple[int, int] = Field(description="Width and height of the stored photo.")
+    candidate_size: tuple[int, int]
+    inliers: int = Field(
+        validation_alias=AliasChoices("inliers", AliasPath("match", "inliers")), examples=[23]
+    )
+    matches: Annotated[list[MatchOut], BeforeValidator(_shown_matches)] = Field(
+        validation_alias=AliasChoices("matches", "match"),
+        description="Every inlier (each place once), then at most 200 of the other ratio-test "
+        "matches.",
+    )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,8 +61,11 @@ class DecisionRequest:
     supersede: bool = False
 
 
-@dataclass(frozen=True)
-class DecisionRecord:
+class DecisionRecord(BaseModel):
+    """A curator's decision, as the API answers it and the review page shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
     decision_id: int
     identification_id: int
     decision: str
@@ -71,7 +75,9 @@ class DecisionRecord:
     comment: str | None
     created_at: dt.datetime
     superseded: bool
-    replayed: bool = False
+    replayed: bool = Field(
+        default=False, description="True when this repeats an earlier, identical decision."
+    )
 
 
 def _audit(session: Session, individual: Individual, event: str, actor: str, **detail: Any) -> None:
@@ -109,17 +115,18 @@ def _record(session: Session, decision: Decision, replayed: bool = False) -> Dec
     individual = (
         session.get_one(Individual, decision.individual_id) if decision.individual_id else None
     )
+    created = decision.created_at  # stored in UTC; SQLite hands it back without a zone
     return DecisionRecord(
-        decision.id,
-        decision.identification_id,
-        decision.decision,
-        individual.catalogue_id if individual else None,
-        decision.candidate_rank,
-        decision.curator,
-        decision.comment,
-        decision.created_at,
-        decision.superseded_by_id is not None,
-        replayed,
+        decision_id=decision.id,
+        identification_id=decision.identification_id,
+        decision=decision.decision,
+        individual_id=individual.catalogue_id if individual else None,
+        candidate_rank=decision.candidate_rank,
+        curator=decision.curator,
+        comment=decision.comment,
+        created_at=created if created.tzinfo else created.replace(tzinfo=dt.UTC),
+        superseded=decision.superseded_by_id is not None,
+        replayed=replayed,
     )
 
 

@@ -15,12 +15,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
-from service.catalogue_csv import CatalogueRow, read_catalogue
+from service.catalogue.csv_file import CatalogueRow, read_catalogue
 from service.contract import ModelStatus
 from service.db.tables import Embedding, Image, Individual, Model, transaction
+from service.errors import PhotoError
 from service.gallery.embed import embed_photos
 from service.gallery.sync import Gallery, log_gallery_changes
-from service.imaging import Photo, PhotoError, decode_photo
+from service.imaging import Photo, decode_photo
 from service.matching.features import Extractor, add_features
 from service.onnx.embedder import Embedder
 from service.settings import Settings

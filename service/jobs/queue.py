@@ -32,7 +32,7 @@ from service.access.auth import Principal
 from service.contract import ModelStatus
 from service.db.tables import Job, JobChunk, Model, transaction, utcnow
 from service.errors import Conflict, NotFound
-from service.redact import public_text
+from service.outbound.redact import public_text
 
 log = logging.getLogger(__name__)
 

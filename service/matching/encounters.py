@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import IO
 
+from service.errors import PhotoError
 from service.gallery.sync import Filters
-from service.imaging import PhotoError
 from service.knn import NEW_INDIVIDUAL, TOP, place_new_individual
 from service.matching.identify import AnsweredCandidate, IdentificationResult, Identifier
 

@@ -24,7 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.tables import Feature, Image, transaction
-from service.imaging import PhotoError, decode_photo
+from service.errors import PhotoError
+from service.imaging import decode_photo
 from service.settings import Settings
 from service.store.photos import PhotoStore
 

@@ -44,15 +44,6 @@ log = logging.getLogger(__name__)
 KEPT_AFTER_SLOT_PIXELS = 4_000_000
 
 
-class NoActiveModel(RuntimeError):
-    """No model is active yet."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "no active model: register one with `whaleid models add MODEL.onnx --activate`"
-        )
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """The model an answer came from, the head it answered with, and its verification."""

@@ -11,12 +11,12 @@ from typing import IO
 from sqlalchemy import literal, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.access.auth import KeyRevoked
 from service.contract import ModelStatus
 from service.db.tables import ApiKey, Model
+from service.errors import KeyRevoked, NoActiveModel
 from service.gallery.sync import Filters, gallery_version
 from service.matching.features import FeatureStore
-from service.matching.identify import IdentificationResult, Identifier, ModelInfo, NoActiveModel
+from service.matching.identify import IdentificationResult, Identifier, ModelInfo
 from service.matching.slots import WorkSlots
 from service.settings import Settings
 from service.store.photos import PhotoStore

@@ -4,24 +4,13 @@ memory. docs/reliability.md gives the memory a worker needs at the default limit
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from service.errors import Busy
 from service.settings import Settings
-
-
-class Busy(RuntimeError):
-    """No slot came free in time; ``retry_after`` is a hint in whole seconds."""
-
-    def __init__(self, step: str, waited: float) -> None:
-        super().__init__(
-            f"the service is busy: every {step} slot stayed taken for {waited:g} s; "
-            "retry after the time in Retry-After"
-        )
-        self.retry_after = max(1, math.ceil(waited))
 
 
 class Slots:

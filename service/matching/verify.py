@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from service.contract import Calibration
+from service.errors import TooFewPairs
 from service.knn import TOP, place_new_individual, ranks_at_cutoffs
 from service.matching.features import Features
 
@@ -266,10 +267,6 @@ def map5_at_thresholds(pairs: Sequence[Pair], calibration: Calibration) -> dict[
             rank = ranks_at_cutoffs(distances, right, cuts)
         total += np.where(rank <= TOP, 1.0 / rank, 0.0)
     return {t: float(v / max(len(queries), 1)) for t, v in zip(THRESHOLDS, total, strict=True)}
-
-
-class TooFewPairs(ValueError):
-    """Not enough labelled evidence to fit a calibration."""
 
 
 def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) -> Calibration:

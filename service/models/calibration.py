@@ -17,16 +17,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from tqdm import tqdm
 
-from service.catalogue_csv import read_catalogue
+from service.catalogue.csv_file import read_catalogue
 from service.contract import Calibration, Verification
 from service.db.tables import Decision, Identification, Individual, Model, transaction
-from service.errors import Invalid, NotFound
+from service.errors import Invalid, NotFound, PhotoError, TooFewPairs
 from service.gallery.sync import Filters
-from service.imaging import PhotoError
 from service.knn import NEW_INDIVIDUAL
 from service.matching.identify import Identifier
 from service.matching.registry import check_verification
-from service.matching.verify import Pair, TooFewPairs, fit_calibration
+from service.matching.verify import Pair, fit_calibration
 
 log = logging.getLogger(__name__)
 

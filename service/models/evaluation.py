@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.catalogue_csv import read_catalogue
+from service.catalogue.csv_file import read_catalogue
+from service.errors import PhotoError
 from service.gallery.sync import Filters
-from service.imaging import PhotoError
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5
 from service.matching.identify import Identifier
 

@@ -12,9 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import ModelContractError, ModelKind, ModelStatus, Verification
+from service.contract import ModelKind, ModelStatus, Verification
 from service.db.tables import Model, transaction
-from service.errors import Conflict
+from service.errors import Conflict, ModelContractError
 from service.onnx.embedder import Embedder, ThumbnailEmbedder
 from service.onnx.files import file_sha256, model_key, publish_model
 from service.settings import Settings

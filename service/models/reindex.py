@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import ModelStatus
 from service.db.tables import Embedding, GalleryChange, Image, Job, Model, transaction
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, PhotoError
 from service.gallery.sync import Gallery, log_gallery_changes
-from service.imaging import PhotoError, decode_photo, to_model_input
+from service.imaging import decode_photo, to_model_input
 from service.jobs.queue import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
 from service.matching.features import FeatureStore, images_without_features
 from service.matching.registry import uses_features

@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import PAPER_HEAD, RANKINGS, Head, ModelStatus, Verification
 from service.db.tables import Decision, Identification, Image, Model
+from service.errors import PhotoError
 from service.gallery.sync import Filters, gallery_rows, load_vectors
-from service.imaging import PhotoError
 from service.knn import (
     CUTOFF_GRID,
     K_GRID,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import PAPER_HEAD, Head, ModelStatus
 from service.db.tables import Model, ModelSwitch, transaction
-from service.errors import Conflict
+from service.errors import ActivationRefused, Conflict
 from service.gallery.embed import embed_gallery
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path
@@ -50,14 +50,6 @@ class HeadChoice(StrEnum):
     MODEL = "model"  # the head exported with the model
     PAPER = "paper"  # k 50, cutoff 0.62, vote
     BEST = "best"  # the best cell of the grid on this catalogue's confirmations
-
-
-class ActivationRefused(Conflict):
-    """The shadow evaluation says no (or cannot say): ``report`` holds the figures."""
-
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 def shadow_report(

@@ -9,14 +9,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import (
-    BUILTIN_PREFIX,
-    Head,
-    ModelContract,
-    ModelContractError,
-    ModelKind,
-    Preprocessing,
-)
+from service.contract import BUILTIN_PREFIX, Head, ModelContract, ModelKind, Preprocessing
+from service.errors import ModelContractError
 from service.onnx.files import local_model_file
 from service.settings import Settings
 

@@ -9,14 +9,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from service.errors import ModelFileCorrupt
 from service.settings import Settings
 from service.store.objects import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
-
-
-class ModelFileCorrupt(RuntimeError):
-    """A fetched model file does not have the sha256 it was registered with."""
 
 
 def model_key(digest: str) -> str:

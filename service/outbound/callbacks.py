@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from service.outbound.fetch import FetchRefused, request
-from service.redact import public_text
+from service.errors import FetchRefused
+from service.outbound.fetch import request
+from service.outbound.redact import public_text
 from service.settings import Settings
 
 if TYPE_CHECKING:

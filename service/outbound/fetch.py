@@ -24,15 +24,12 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from service.errors import FetchRefused
 from service.outbound.deadline import Deadline, DeadlineTransport
 from service.text import control_character
 
 MAX_REDIRECTS = 3
 MAX_URL_LENGTH = 2000
-
-
-class FetchRefused(ValueError):
-    """The URL is not allowed (host, scheme or address), or the answer broke a limit."""
 
 
 @dataclass(frozen=True)

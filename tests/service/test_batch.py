@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from service.client import WhaleidClient, WhaleidError, verify_callback
-from service.errors import Invalid
+from service.errors import FetchRefused, Invalid
 from service.jobs.batch.submit import url_items
 from service.outbound.callbacks import SIGNATURE_HEADER, BadSignature, CallbackTrust, deliver, sign
-from service.outbound.fetch import FetchRefused, check_url, fetch_photo
+from service.outbound.fetch import check_url, fetch_photo
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, run_server
 from tests.toy import encode, photo

@@ -205,7 +205,7 @@ def test_evaluate_scores_known_and_unseen_individuals(
 
 def test_the_catalogue_files_text_limits_are_the_databases() -> None:
     """The CSV reader knows no database, yet refuses exactly what the columns would."""
-    from service.catalogue_csv import TEXT_LIMITS
+    from service.catalogue.csv_file import TEXT_LIMITS
     from service.db.checks import column_length
     from service.db.tables import Image, Individual
 
@@ -222,7 +222,7 @@ def test_the_catalogue_file_reader_imports_no_database_index_or_store() -> None:
     """Training reads catalogues with it: in a fresh interpreter it loads no SQLAlchemy, faiss,
     boto3 or onnxruntime."""
     code = (
-        "import sys; from service.catalogue_csv import read_catalogue; "
+        "import sys; from service.catalogue.csv_file import read_catalogue; "
         "print(sorted(m for m in ('sqlalchemy', 'faiss', 'boto3', 'onnxruntime') "
         "if m in sys.modules))"
     )
@@ -307,7 +307,7 @@ def test_import_still_refuses_new_individual_as_a_catalogue_id(
 
 
 def test_the_catalogue_reader_accepts_new_individual_only_when_asked(tmp_path: Path) -> None:
-    from service.catalogue_csv import CatalogueRow, read_catalogue
+    from service.catalogue.csv_file import CatalogueRow, read_catalogue
 
     csv_path = tmp_path / "q.csv"
     csv_path.write_text(

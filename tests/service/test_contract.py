@@ -8,12 +8,12 @@ from service.contract import (
     PAPER_HEAD,
     Head,
     ModelContract,
-    ModelContractError,
     PixelRange,
     Preprocessing,
     Ranking,
     Resize,
 )
+from service.errors import ModelContractError
 
 
 def test_to_metadata_and_back_is_the_same_contract() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.contract import ModelContractError
+from service.errors import ModelContractError
 from service.onnx.embedder import Embedder
 from tests.toy import build_toy_model
 

@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from service.catalogue.curation import create_individual
 from service.catalogue.imports import CatalogueImport
 from service.db.tables import Identification, Individual, make_engine, make_sessionmaker
-from service.text import BadText
+from service.errors import BadText
 from tests.conftest import Catalogue, LiveServer
 from tests.service.test_curation import decide, identify
 from tests.toy import encode, photo, write_catalogue

@@ -20,6 +20,7 @@ from service.catalogue.imports import CatalogueImport
 from service.cli import main
 from service.contract import Calibration
 from service.db.tables import Feature, Image, Model, make_engine, make_sessionmaker, transaction
+from service.errors import TooFewPairs
 from service.gallery.sync import Filters
 from service.knn import NEW_INDIVIDUAL, average_precision_at_5
 from service.matching.features import Features, RootSift, extractor_for
@@ -27,7 +28,6 @@ from service.matching.identify import Identifier
 from service.matching.runtime import Runtime
 from service.matching.verify import (
     Pair,
-    TooFewPairs,
     fit_calibration,
     map5_at_thresholds,
     match_pair,

@@ -242,7 +242,7 @@ def test_the_cookie_setting_overrides_the_scheme(
 ) -> None:
     from starlette.requests import Request
 
-    from service.api.review import secure_cookie
+    from service.api.routes.review import secure_cookie
 
     scope = {"type": "http", "scheme": "https" if not secure else "http", "headers": []}
     scope |= {"server": ("whaleid", 80), "path": "/", "query_string": b""}

@@ -17,17 +17,11 @@ import httpcore
 import httpx
 import pytest
 
+from service.errors import FetchRefused
 from service.outbound.callbacks import CallbackTrust, deliver
 from service.outbound.deadline import Deadline, DeadlineBackend, DeadlineStream
-from service.outbound.fetch import (
-    FetchRefused,
-    allowed_address,
-    check_url,
-    embedded_ipv4,
-    fetch_photo,
-    request,
-)
-from service.redact import public_text
+from service.outbound.fetch import allowed_address, check_url, embedded_ipv4, fetch_photo, request
+from service.outbound.redact import public_text
 from service.settings import Settings
 
 # The deadline under test and the most a call may take: the margin is generous so a loaded

@@ -87,7 +87,8 @@ def test_exif_orientations_5_and_7_swap_width_and_height(
 
 
 def test_a_crop_may_start_at_the_origin_and_must_fit_vertically_too() -> None:
-    from service.imaging import BadBoundingBox, parse_bbox
+    from service.errors import BadBoundingBox
+    from service.imaging import parse_bbox
 
     assert parse_bbox("0,0,5,5") == (0, 0, 5, 5)
     data = encode(quadrants(), "PNG")

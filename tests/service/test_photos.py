@@ -6,17 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import (
-    BadBoundingBox,
-    PhotoTooLarge,
-    Preprocessing,
-    UnreadablePhoto,
-    UnsupportedPhoto,
-    decode_photo,
-    keepsake,
-    parse_bbox,
-    to_model_input,
-)
+from service.errors import BadBoundingBox, PhotoTooLarge, UnreadablePhoto, UnsupportedPhoto
+from service.imaging import Preprocessing, decode_photo, keepsake, parse_bbox, to_model_input
 from tests.toy import encode, photo
 
 LIMIT = 50_000_000

@@ -14,11 +14,12 @@ from sqlalchemy import Engine, event
 from service.catalogue.imports import CatalogueImport
 from service.db import migrate
 from service.db.tables import Image, make_engine, make_sessionmaker
+from service.errors import ModelFileCorrupt
 from service.gallery.sync import Filters
 from service.matching.runtime import Runtime
 from service.models.registry import register_model
 from service.models.switch import activate_model
-from service.onnx.files import ModelFileCorrupt, local_model_file, model_key
+from service.onnx.files import local_model_file, model_key
 from service.settings import Settings
 from service.store.objects import LocalStore, MissingObject, ObjectStore, S3Store, open_store
 from service.store.retention import prune_query_photos

@@ -14,17 +14,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.tables import Image, transaction
+from service.errors import Busy, FetchRefused, PhotoError
 from service.gallery.sync import Filters
-from service.imaging import PhotoError
 from service.jobs.archives import ArchiveFiles
 from service.jobs.batch.closing import close_succeeded
 from service.jobs.batch.submit import IDENTIFY_BATCH
 from service.jobs.queue import ChunkHandler, Lease, LeaseLost, complete
 from service.matching.identify import Identifier
 from service.matching.runtime import Runtime
-from service.matching.slots import Busy
-from service.outbound.fetch import FetchRefused, fetch_photo
-from service.redact import public_text
+from service.outbound.fetch import fetch_photo
+from service.outbound.redact import public_text
 from service.settings import Settings
 from service.store.objects import MissingObject
 from service.store.photos import PhotoStore

@@ -18,7 +18,7 @@ from service.jobs.batch.results import payload
 from service.jobs.batch.submit import IDENTIFY_BATCH
 from service.jobs.queue import LIVE_STATES, JobState, Lease, complete
 from service.outbound.callbacks import CallbackTrust, deliver, trust_of
-from service.redact import without_query
+from service.outbound.redact import without_query
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

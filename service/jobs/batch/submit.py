@@ -22,22 +22,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.access.auth import Principal
 from service.access.tenancy import readable_images
 from service.db.tables import ApiKey, Image, Job, transaction
-from service.errors import Invalid
+from service.errors import FetchRefused, Invalid, OverQuota, PhotoError
 from service.gallery.sync import Filters
-from service.imaging import PhotoError, open_photo
+from service.imaging import open_photo
 from service.jobs.archives import ArchiveFiles, check_directory, is_encrypted
 from service.jobs.queue import LIVE_STATES, create_job
 from service.outbound.callbacks import trust_of
-from service.outbound.fetch import FetchRefused, check_url
-from service.redact import without_query
+from service.outbound.fetch import check_url
+from service.outbound.redact import without_query
 from service.settings import Settings
 
 IDENTIFY_BATCH = "identify_batch"
 MAX_NAME_LENGTH = 500
-
-
-class OverQuota(Exception):
-    """The key already holds as many jobs, waiting photos or stored bytes as it may."""
 
 
 @dataclass(frozen=True)

@@ -2,113 +2,41 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionsDep, SettingsDep
-from service.api.jobs import JobOut, job_out
-from service.api.schemas import INVALID, Problem, VerificationMode
-from service.contract import ModelContractError
+from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionDep, SessionsDep, SettingsDep
+from service.api.schemas import (
+    INVALID,
+    ActivateIn,
+    JobOut,
+    Problem,
+    RegisteredModel,
+    ReindexIn,
+    SwitchOut,
+    VerificationIn,
+)
 from service.db.tables import Model
+from service.errors import ActivationRefused, Invalid, NoActiveModel, TooLarge
 from service.jobs.queue import get_job, progress
-from service.matching.identify import NoActiveModel
 from service.models.calibration import (
     pairs_from_confirmations,
     set_verification,
     store_calibration,
 )
-from service.models.registry import register_model_file
+from service.models.registry import all_models, register_model_file
 from service.models.reindex import start_reindex
-from service.models.switch import (
-    ActivationRefused,
-    HeadChoice,
-    Switch,
-    activate,
-    retire,
-    rollback,
-    shadow_report,
-)
+from service.models.switch import activate, retire, rollback, shadow_report
 
 router = APIRouter(tags=["models"])
 
 ModelId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The model's id.")]
-
-
-class RegisteredModel(BaseModel):
-    id: int
-    name: str
-    version: str
-    status: str = Field(description="registered, indexing, ready, active or retired")
-    embedding_dim: int
-    k: int
-    cutoff: float
-    ranking: str
-    preprocessing: dict[str, Any]
-    created_at: dt.datetime
-    kind: str = Field(default="onnx", description="onnx, or the built-in local-features matcher")
-    verification: str = Field(default="none", description="none or rerank (local features)")
-    calibration: dict[str, Any] | None = Field(
-        default=None, description="How distance and inliers become a match probability."
-    )
-
-
-class VerificationIn(BaseModel):
-    verification: VerificationMode = Field(
-        description="rerank: verify the top candidates with local features and re-rank them "
-        "on the calibrated probability; none: the kNN head's answer as it is."
-    )
-
-
-class ReindexIn(BaseModel):
-    include_queries: bool = Field(
-        default=False, description="Also embed kept query photos that are not in the gallery."
-    )
-
-
-class ActivateIn(BaseModel):
-    head: HeadChoice = Field(
-        default=HeadChoice.MODEL,
-        description="model: the head exported with the model; paper: k 50, cutoff 0.62, vote; "
-        "best: the best head of the grid on this catalogue's confirmations.",
-    )
-    force: bool = Field(
-        default=False, description="Activate even if the shadow evaluation says no."
-    )
-
-
-class SwitchOut(BaseModel):
-    from_model_id: int | None
-    to_model_id: int
-    action: str
-    head: dict[str, Any]
-    caught_up: int = Field(description="Gallery photos embedded at the switch.")
-    report: dict[str, Any] | None = Field(description="The shadow evaluation it passed.")
-
-
-def _registered(m: Model) -> RegisteredModel:
-    return RegisteredModel(
-        id=m.id,
-        name=m.name,
-        version=m.version,
-        status=m.status,
-        embedding_dim=m.embedding_dim,
-        k=m.k,
-        cutoff=m.cutoff,
-        ranking=m.ranking,
-        preprocessing=m.preprocessing,
-        created_at=m.created_at,
-        kind=m.kind,
-        verification=m.verification,
-        calibration=m.calibration,
-    )
 
 
 async def _receive_model(request: Request, limit: int, folder: FilePath) -> FilePath:
@@ -121,16 +49,15 @@ async def _receive_model(request: Request, limit: int, folder: FilePath) -> File
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise HTTPException(
-                        413,
+                    raise TooLarge(
                         f"the model file is over the limit of {limit} bytes "
                         "(WHALEID_MAX_MODEL_BYTES): raise it, or register it with "
                         "`whaleid models add`",
                     )
                 f.write(chunk)
         if size == 0:
-            raise HTTPException(
-                422, "the body is empty: send the ONNX file as the body (application/octet-stream)"
+            raise Invalid(
+                "the body is empty: send the ONNX file as the body (application/octet-stream)"
             )
         return path
     except BaseException:
@@ -164,13 +91,11 @@ async def upload_model(
     path = await _receive_model(request, settings.max_model_bytes, settings.models_dir)
     try:
         model, created = await run_in_threadpool(register_model_file, settings, sessions, path)
-    except ModelContractError as e:
-        raise HTTPException(422, str(e)) from e
     finally:
         path.unlink(missing_ok=True)
     if not created:
         response.status_code = 200
-    return _registered(model)
+    return RegisteredModel.model_validate(model)
 
 
 @router.post(
@@ -197,7 +122,7 @@ async def reindex_model(
         actor=caller.name,
     )
     with sessions() as session:
-        return job_out(progress(session, get_job(session, job.id, caller)))
+        return JobOut.model_validate(progress(session, get_job(session, job.id, caller)))
 
 
 @router.get("/models/{model_id}/shadow", responses={404: {"model": Problem}})
@@ -208,10 +133,6 @@ async def get_shadow_report(
     model changed since its re-index)."""
     report = await run_in_threadpool(shadow_report, settings, sessions, model_id)
     return report.data
-
-
-def _switch_out(switch: Switch) -> SwitchOut:
-    return SwitchOut(**{**switch.__dict__, "head": switch.head.as_dict()})
 
 
 async def _follow(runtime: RuntimeDep) -> None:
@@ -259,7 +180,7 @@ async def activate_model(
         runtime.drop_prepared()
         raise
     await _follow(runtime)
-    return _switch_out(switch)
+    return SwitchOut.model_validate(switch)
 
 
 @router.post("/models/rollback", response_model=SwitchOut, responses={409: {"model": Problem}})
@@ -284,7 +205,7 @@ async def rollback_model(
         runtime.drop_prepared()
         raise
     await _follow(runtime)
-    return _switch_out(switch)
+    return SwitchOut.model_validate(switch)
 
 
 @router.post(
@@ -298,7 +219,7 @@ async def retire_model(
     """Retire a model that is not active: its index is deleted; it can no longer be rolled
     back to without a re-index."""
     model = await run_in_threadpool(retire, settings, sessions, model_id)
-    return _registered(model)
+    return RegisteredModel.model_validate(model)
 
 
 @router.put(
@@ -312,7 +233,7 @@ async def put_verification(
     """Turn local-feature verification of a model's answers on or off; every replica answers
     with the setting from its next request (the shadow evaluation compares both)."""
     model = await run_in_threadpool(set_verification, sessions, model_id, body.verification)
-    return _registered(model)
+    return RegisteredModel.model_validate(model)
 
 
 @router.post(
@@ -333,4 +254,10 @@ async def calibrate_model(
         with sessions() as session:
             return session.get_one(Model, model_id)
 
-    return _registered(await run_in_threadpool(fit))
+    return RegisteredModel.model_validate(await run_in_threadpool(fit))
+
+
+@router.get("/models", response_model=list[RegisteredModel])
+def list_models(session: SessionDep, caller: Admin) -> list[RegisteredModel]:
+    """Registered models (add and activate them with `whaleid models add`)."""
+    return [RegisteredModel.model_validate(m) for m in all_models(session)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import RedirectResponse
 
 from service.api.deps import Integration, RuntimeDep, SessionDep
@@ -24,25 +24,10 @@ from service.catalogue.reads import (
     photos_of,
     readable_image,
 )
-from service.db.tables import Image
+from service.errors import NotFound
 from service.store.objects import MissingObject
 
 router = APIRouter(tags=["catalogue"], responses=INVALID)
-
-
-def _image_out(image: Image) -> ImageOut:
-    return ImageOut(
-        id=image.id,
-        width=image.width,
-        height=image.height,
-        media_type=image.media_type,
-        species=image.species,
-        encounter=image.encounter,
-        location=image.location,
-        taken_on=image.taken_on,
-        original_name=image.original_name,
-        url=f"/images/{image.id}/file",
-    )
 
 
 @router.get("/individuals", response_model=IndividualPage)
@@ -78,7 +63,7 @@ def get_individual(
     """One individual by its catalogue id, with its photos (a merged one redirects)."""
     ind = individual_by_catalogue_id(session, individual_id)
     if ind is None:
-        raise HTTPException(404, f"individual {individual_id!r} is not in the catalogue")
+        raise NotFound(f"individual {individual_id!r} is not in the catalogue")
     if ind.merged_into_id is not None:
         # A merged individual redirects to the one it was merged into.
         target = resolve(session, ind.catalogue_id).catalogue_id
@@ -89,7 +74,7 @@ def get_individual(
         species=ind.species,
         display_name=ind.display_name,
         image_count=len(images),
-        images=[_image_out(i) for i in images],
+        images=[ImageOut.model_validate(i) for i in images],
     )
 
 
@@ -105,17 +90,14 @@ def get_image_file(
     photo is everyone's; a query photo is readable by the keys that sent it, and curators."""
     image = readable_image(session, caller, image_id)
     if image is None:  # another partner's query photo answers as one that does not exist
-        raise HTTPException(404, f"image {image_id} does not exist")
+        raise NotFound(f"image {image_id} does not exist")
     if image.pruned_at is not None:
-        raise HTTPException(
-            404,
+        raise NotFound(
             f"the file of image {image_id} was pruned on {image.pruned_at:%Y-%m-%d}: it was a "
             "query photo never confirmed within the retention period",
         )
     try:
         data = runtime.photos.read(image.file_path)
     except MissingObject as e:
-        raise HTTPException(
-            404, f"the file of image {image_id} is missing from the photo store"
-        ) from e
+        raise NotFound(f"the file of image {image_id} is missing from the photo store") from e
     return Response(data, media_type=image.media_type)

@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Integration, MetricsDep, RuntimeDep, SettingsDep
-from service.api.identify import (
+from service.api.params import CandidateSet
+from service.api.routes.identify import (
     ERRORS,
     FILE_NAME_LENGTH,
     to_response,
 )
-from service.api.params import CandidateSet
-from service.api.schemas import INVALID, CandidateOut, IdentificationOut, ModelOut
-from service.errors import Invalid
-from service.imaging import PhotoTooLarge
+from service.api.schemas import INVALID, CandidateOut, EncounterOut, ModelOut
+from service.errors import Invalid, PhotoTooLarge
 from service.matching.encounters import EncounterPhoto, EncounterResult, Fusion, identify_encounter
 from service.text import check_text
 
@@ -32,19 +30,6 @@ FUSION_RULE = (
     "5, 4, ... 1 by place in each photo's answer, summed) and `min_distance` (the nearest over "
     "all photos)."
 )
-
-
-class EncounterOut(BaseModel):
-    candidates: list[CandidateOut] = Field(description="The fused ranking, five entries.")
-    fusion: Fusion
-    identification_ids: list[int] = Field(
-        description="Each photo's recorded identification, in upload order (curators decide on "
-        "these; the fused ranking itself is not stored)."
-    )
-    photos: list[IdentificationOut] = Field(description="Each photo's own answer.")
-    model: ModelOut
-    gallery_size: int
-    filters: dict[str, str]
 
 
 @router.post(
@@ -104,7 +89,7 @@ def _to_encounter(result: EncounterResult) -> EncounterOut:
         fusion=result.fusion,
         identification_ids=[r.identification_id for r in result.photos if r.identification_id],
         photos=[to_response(r) for r in result.photos],
-        model=ModelOut.of(first.model),
+        model=ModelOut.model_validate(first.model),
         gallery_size=first.gallery_size,
         filters=first.filters,
     )

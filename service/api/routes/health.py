@@ -3,14 +3,14 @@ how large its gallery is, ``/ready`` tells only a caller with a valid key."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import ROLES
 from service.api.deps import RuntimeDep, principal_for
 from service.api.schemas import Health, ModelOut, Readiness
-from service.matching.identify import NoActiveModel
+from service.errors import DomainError, NoActiveModel
 
 router = APIRouter(tags=["health"])
 
@@ -26,7 +26,7 @@ def has_valid_key(request: Request) -> bool:
     refuses: a probe without a key, or with a wrong one, is still answered."""
     try:
         principal_for(request, ROLES[0])
-    except HTTPException:
+    except DomainError:
         return False
     return True
 
@@ -47,6 +47,6 @@ async def ready(request: Request, runtime: RuntimeDep) -> Readiness | JSONRespon
         return JSONResponse({"status": "ready"})
     return Readiness(
         status="ready",
-        model=ModelOut.of(identifier.model),
+        model=ModelOut.model_validate(identifier.model),
         gallery_size=identifier.gallery.size,
     )

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.errors import BadText, CatalogueError
 from service.knn import NEW_INDIVIDUAL
-from service.text import BadText, check_catalogue_id, check_text, is_reserved
+from service.text import check_catalogue_id, check_text, is_reserved
 
 REQUIRED_COLUMNS = ("image", "species", "individual_id")
 OPTIONAL_COLUMNS = ("encounter", "location", "date")
@@ -24,10 +25,6 @@ TEXT_LIMITS = {
     "encounter": 200,
     "location": 200,
 }
-
-
-class CatalogueError(ValueError):
-    """The catalogue file as a whole cannot be read."""
 
 
 @dataclass

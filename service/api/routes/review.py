@@ -15,11 +15,11 @@ import secrets
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from service.access.auth import SignInRefused, UnknownKey, close_review_session, open_review_session
+from service.access.auth import close_review_session, open_review_session
 from service.api.deps import (
     LEGACY_KEY_COOKIE,
     SESSION_COOKIE,
@@ -33,6 +33,7 @@ from service.api.params import StatusFilter
 from service.catalogue.curation import decision_history
 from service.catalogue.reads import recorded_identification, review_queue
 from service.db.checks import MAX_ROW_ID
+from service.errors import NotAuthenticated, NotFound, SignInRefused, UnknownKey
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -198,19 +199,17 @@ def review(
 ) -> Response:
     try:
         curator = principal_for(request, "curator")
-    except HTTPException as e:
-        if e.status_code == 401:
-            response = RedirectResponse("/review/login", status_code=303)
-            if SESSION_COOKIE in request.cookies:  # a session that has ended
-                _end_session_cookie(request, response, settings)
-            return response
-        raise
+    except NotAuthenticated:
+        response = RedirectResponse("/review/login", status_code=303)
+        if SESSION_COOKIE in request.cookies:  # a session that has ended
+            _end_session_cookie(request, response, settings)
+        return response
     queue = review_queue(session, status)
     ident = None
     if identification_id is not None:
         ident = recorded_identification(session, identification_id)
         if ident is None:
-            raise HTTPException(404, f"identification {identification_id} does not exist")
+            raise NotFound(f"identification {identification_id} does not exist")
     elif queue:
         ident = queue[0]
     ids = [i.id for i in queue]

@@ -5,11 +5,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.access.auth import KeyRevoked
 from service.access.tenancy import can_read_identification
 from service.api.deps import (
     Integration,
@@ -24,8 +22,8 @@ from service.api.params import CandidateSet, IdentificationId
 from service.api.schemas import (
     INVALID,
     CandidateOut,
-    DecisionOut,
     IdentificationOut,
+    MatchesOut,
     ModelOut,
     Problem,
 )
@@ -33,7 +31,8 @@ from service.catalogue.curation import decision_history
 from service.catalogue.reads import candidate_matches, recorded_identification
 from service.db.checks import column_length
 from service.db.tables import Image
-from service.imaging import PhotoTooLarge, parse_bbox
+from service.errors import KeyRevoked, NotFound, PhotoTooLarge
+from service.imaging import parse_bbox
 from service.knn import TOP
 from service.matching.identify import IdentificationResult
 from service.text import check_text
@@ -53,15 +52,7 @@ FILE_NAME_LENGTH = column_length(Image.original_name)
 
 def to_response(result: IdentificationResult) -> IdentificationOut:
     assert result.identification_id is not None
-    return IdentificationOut(
-        identification_id=result.identification_id,
-        candidates=[CandidateOut.model_validate(c) for c in result.candidates],
-        model=ModelOut.of(result.model),
-        gallery_size=result.gallery_size,
-        filters=result.filters,
-        created_at=result.created_at,
-        query_image_id=result.query_image_id,
-    )
+    return IdentificationOut.model_validate(result)
 
 
 @router.post("/identify", response_model=IdentificationOut, responses=ERRORS)
@@ -110,9 +101,9 @@ async def identify(
                 confirm_key=caller.key_id if unconfirmed else None,
             )
         )
-    except KeyRevoked as e:
+    except KeyRevoked:
         request.app.state.key_cache.clear()
-        raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
+        raise
     response.headers["Server-Timing"] = server_timing(result.timings)
     metrics.observe_stages(result.timings)
     return to_response(result)
@@ -135,7 +126,7 @@ def get_identification(
     ident = recorded_identification(session, identification_id)
     if ident is None or not can_read_identification(caller, ident):
         # Another partner's identification answers as one that does not exist.
-        raise HTTPException(404, f"identification {identification_id} does not exist")
+        raise NotFound(f"identification {identification_id} does not exist")
     return IdentificationOut(
         identification_id=ident.id,
         candidates=[
@@ -170,34 +161,10 @@ def get_identification(
         gallery_size=ident.gallery_size,
         filters=ident.filters,
         status=ident.status,
-        decisions=[DecisionOut.model_validate(d) for d in decision_history(session, ident.id)],
+        decisions=decision_history(session, ident.id),
         created_at=ident.created_at,
         query_image_id=ident.query_image_id,
     )
-
-
-class MatchOut(BaseModel):
-    query: tuple[float, float] = Field(description="x, y in the query photo's pixels.")
-    candidate: tuple[float, float] = Field(description="x, y in the candidate photo's pixels.")
-    inlier: bool = Field(description="Whether the homography explains this match.")
-
-
-class MatchesOut(BaseModel):
-    identification_id: int
-    rank: int
-    individual_id: str
-    query_image_id: int = Field(description="GET /images/{id}/file serves it.")
-    candidate_image_id: int = Field(description="The candidate's best photo.")
-    query_size: tuple[int, int] = Field(description="Width and height of the stored photo.")
-    candidate_size: tuple[int, int]
-    inliers: int = Field(examples=[23])
-    matches: list[MatchOut] = Field(
-        description="Every inlier (each place once), then at most 200 of the other ratio-test "
-        "matches."
-    )
-
-
-_OUTLIERS_SHOWN = 200
 
 
 @router.get(
@@ -215,24 +182,4 @@ def get_matches(
     """The matched keypoints between the query photo and the candidate's best photo, in the
     photos' pixels: what the review page draws so a curator sees why an animal was proposed."""
     found = candidate_matches(sessions, runtime.features, caller, identification_id, candidate)
-    pairs, inlier = found.match.pairs.tolist(), found.match.inlier.tolist()
-    shown = found.match.distinct.tolist()  # each place once
-    shown += [i for i, ok in enumerate(inlier) if not ok][:_OUTLIERS_SHOWN]
-    return MatchesOut(
-        identification_id=found.identification_id,
-        rank=found.rank,
-        individual_id=found.individual_id,
-        query_image_id=found.query_image_id,
-        candidate_image_id=found.candidate_image_id,
-        query_size=found.query_size,
-        candidate_size=found.candidate_size,
-        inliers=found.match.inliers,
-        matches=[
-            MatchOut(
-                query=(round(pairs[i][0], 1), round(pairs[i][1], 1)),
-                candidate=(round(pairs[i][2], 1), round(pairs[i][3], 1)),
-                inlier=inlier[i],
-            )
-            for i in shown
-        ],
-    )
+    return MatchesOut.model_validate(found)

@@ -27,7 +27,6 @@ from service.api.params import (
 from service.api.schemas import (
     INVALID,
     DecisionIn,
-    DecisionOut,
     EventOut,
     IdentificationPage,
     IdentificationSummary,
@@ -58,10 +57,6 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-def decision_out(record: DecisionRecord) -> DecisionOut:
-    return DecisionOut.model_validate(record)
-
-
 @router.get("/identifications", response_model=IdentificationPage)
 def list_identifications(
     session: SessionDep,
@@ -83,26 +78,12 @@ def list_identifications(
         offset=offset,
         limit=limit,
     )
-    items = []
-    for ident in rows:
-        top = next((c for c in ident.candidates if c.label != "new_individual"), None)
-        items.append(
-            IdentificationSummary(
-                identification_id=ident.id,
-                status=ident.status,
-                created_at=ident.created_at,
-                query_image_id=ident.query_image_id,
-                model_id=ident.model_id,
-                filters=ident.filters,
-                top_candidate=ident.candidates[0].label if ident.candidates else None,
-                top_distance=top.distance if top else None,
-            )
-        )
+    items = [IdentificationSummary.model_validate(ident) for ident in rows]
     return IdentificationPage(items=items, total=total, offset=offset, limit=limit)
 
 
 @router.post(
-    "/identifications/{identification_id}/decision", response_model=DecisionOut, responses=ERRORS
+    "/identifications/{identification_id}/decision", response_model=DecisionRecord, responses=ERRORS
 )
 async def post_decision(
     identification_id: IdentificationId,
@@ -111,7 +92,7 @@ async def post_decision(
     sessions: SessionsDep,
     runtime: RuntimeDep,
     settings: SettingsDep,
-) -> DecisionOut:
+) -> DecisionRecord:
     """Confirm a candidate, declare a new individual, or reject. The photo joins the gallery at
     once. Repeating a decision returns the first; a different one needs `supersede`."""
     request = DecisionRequest(**body.model_dump())
@@ -119,7 +100,7 @@ async def post_decision(
     if settings.failpoint == "after-decision-commit":
         os._exit(70)  # a crash between the database commit and the index update
     await run_in_threadpool(runtime.sync)
-    return decision_out(record)
+    return record
 
 
 @router.post("/individuals", response_model=IndividualOut, status_code=201, responses=ERRORS)

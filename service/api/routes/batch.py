@@ -3,23 +3,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import partial
 from typing import IO, Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import Principal
 from service.api.deps import Integration, SessionDep, SessionsDep, SettingsDep
-from service.api.jobs import JobId, JobOut, job_out
 from service.api.observability import KeyRate, caller_of
 from service.api.params import CandidateSet
-from service.api.schemas import INVALID, SPECIES_LENGTH, Problem, RowId, storable
+from service.api.routes.jobs import JobId
+from service.api.schemas import INVALID, MAX_LIST, BatchIn, JobOut, Problem, plain_url, storable
 from service.db.tables import Job
+from service.errors import Invalid, NotFound, OverRate
 from service.gallery.sync import Filters
 from service.jobs.archives import ArchiveFiles
 from service.jobs.batch.results import results, results_csv
@@ -33,31 +33,13 @@ from service.jobs.batch.submit import (
     url_items,
 )
 from service.jobs.queue import get_job, progress
-from service.outbound.fetch import MAX_URL_LENGTH, url_problem
+from service.outbound.fetch import MAX_URL_LENGTH
 
 router = APIRouter(tags=["jobs"], responses=INVALID)
 
-PLACE_LENGTH = 200
-MAX_LIST = 10_000
 MAX_PAGE = 1000
 
 
-def plain_url(value: str | None) -> str | None:
-    """Refuse a URL holding a control character (it could forge a log line or split a header)."""
-    problem = None if value is None else url_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-Url = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
-    AfterValidator(storable),
-    AfterValidator(plain_url),
-]
-Species = Annotated[str | None, Field(max_length=SPECIES_LENGTH), AfterValidator(storable)]
-Place = Annotated[str | None, Field(max_length=PLACE_LENGTH), AfterValidator(storable)]
 FormUrl = Annotated[
     str | None,
     Form(max_length=MAX_URL_LENGTH, description="Where to POST the result."),
@@ -66,29 +48,9 @@ FormUrl = Annotated[
 ]
 
 
-class BatchIn(BaseModel):
-    """Exactly one of `image_ids` and `urls`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_ids: list[RowId] | None = Field(None, max_length=MAX_LIST)
-    urls: list[Url] | None = Field(
-        None, max_length=MAX_LIST, description="Photo URLs on hosts in WHALEID_FETCH_HOSTS."
-    )
-    species: Species = None
-    location: Place = None
-    date_from: dt.date | None = None
-    date_to: dt.date | None = None
-    exclude_encounter: Place = None
-    callback_url: Url | None = Field(
-        None,
-        description="POSTed the signed result when the job ends (a host the key may call back).",
-    )
-
-
 def _out(factory: sessionmaker[Session], job_id: int, caller: Principal) -> JobOut:
     with factory() as session:
-        return job_out(progress(session, get_job(session, job_id, caller)))
+        return JobOut.model_validate(progress(session, get_job(session, job_id, caller)))
 
 
 ACCEPTED: dict[int | str, dict[str, Any]] = {
@@ -104,19 +66,17 @@ async def charge_photos(request: Request, photos: int) -> None:
     if rate is None:
         return
     if photos > rate.item.amount:
-        raise HTTPException(
-            429,
+        raise OverRate(
             f"{photos} photos is over the rate limit of {rate.item} per key: send at most "
-            f"{rate.item.amount} photos per job",
+            f"{rate.item.amount} photos per job"
         )
     caller = await caller_of(request.scope)
     if not rate.hit(caller, cost=photos):
         after = rate.retry_after(caller)
-        raise HTTPException(
-            429,
+        raise OverRate(
             f"{photos} photos would take the key past its rate limit of {rate.item}: retry "
             f"after {after} s (the Retry-After header), or send fewer photos",
-            headers={"Retry-After": str(after)},
+            retry_after=after,
         )
 
 
@@ -131,7 +91,7 @@ async def identify_batch(
     """Identify stored images or photos at URLs in the background; poll `GET /jobs/{id}`, then
     read `GET /jobs/{id}/results` (or `.csv`). Each photo counts against the key's rate."""
     if (body.image_ids is None) == (body.urls is None):
-        raise HTTPException(422, "give exactly one of image_ids and urls")
+        raise Invalid("give exactly one of image_ids and urls")
     factory = sessions
     filters = Filters(
         body.species, body.location, body.date_from, body.date_to, body.exclude_encounter
@@ -179,7 +139,7 @@ async def identify_archive(
     kept = await run_in_threadpool(read_archive, settings, file)
     try:
         await charge_photos(request, len(kept.items))
-    except HTTPException:
+    except OverRate:
         await run_in_threadpool(ArchiveFiles.open(settings).remove, kept.kept)
         raise
     job_id = await run_in_threadpool(
@@ -199,7 +159,7 @@ async def identify_archive(
 def _batch_job(session: Session, job_id: int, caller: Principal) -> Job:
     job = get_job(session, job_id, caller)
     if job.kind != IDENTIFY_BATCH:
-        raise HTTPException(404, f"job {job_id} is not a batch identification")
+        raise NotFound(f"job {job_id} is not a batch identification")
     return job
 
 

@@ -1,12 +1,11 @@
-"""Admin: API keys, models, and a check of the live gallery."""
+"""Admin: API keys and their callbacks, and a check of the live gallery."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from service.access.auth import (
-    LastAdminKey,
     all_keys,
     create_key,
     revoke_key,
@@ -23,38 +22,22 @@ from service.api.schemas import (
     KeyIn,
     KeyOut,
     Problem,
-    as_utc,
 )
-from service.db.tables import ApiKey
-from service.models.registry import all_models
+from service.errors import Conflict, NotFound
 
 router = APIRouter(tags=["admin"], responses=INVALID)
-
-
-def _key_out(row: ApiKey, key: str | None = None) -> KeyOut:
-    return KeyOut(
-        id=row.id,
-        name=row.name,
-        role=row.role,
-        prefix=row.prefix,
-        created_at=row.created_at,
-        revoked=row.revoked_at is not None,
-        key=key,
-        callback_hosts=list(row.callback_hosts or []),
-        has_callback_secret=bool(row.callback_secret),
-    )
 
 
 @router.post("/keys", response_model=KeyOut, status_code=201)
 def post_key(body: KeyIn, sessions: SessionsDep, caller: Admin) -> KeyOut:
     """Create an API key; the key itself is in this answer only."""
     row, key = create_key(sessions, body.name, body.role)
-    return _key_out(row, key)
+    return KeyOut.model_validate(row).model_copy(update={"key": key})
 
 
 @router.get("/keys", response_model=list[KeyOut])
 def list_keys(session: SessionDep, caller: Admin) -> list[KeyOut]:
-    return [_key_out(r) for r in all_keys(session)]
+    return [KeyOut.model_validate(r) for r in all_keys(session)]
 
 
 @router.delete(
@@ -63,12 +46,8 @@ def list_keys(session: SessionDep, caller: Admin) -> list[KeyOut]:
 def delete_key(key_id: KeyId, sessions: SessionsDep, caller: Admin) -> None:
     """Revoke a key: it stops working at once. The last admin key is refused (409): create
     another first, or revoke it on the server with `whaleid keys revoke`."""
-    try:
-        found = revoke_key(sessions, key_id, keep_an_admin=True)
-    except LastAdminKey as e:
-        raise HTTPException(409, str(e)) from e
-    if not found:
-        raise HTTPException(404, f"key {key_id} does not exist")
+    if not revoke_key(sessions, key_id, keep_an_admin=True):
+        raise NotFound(f"key {key_id} does not exist")
 
 
 @router.put(
@@ -81,19 +60,11 @@ def put_callback_hosts(
 ) -> KeyOut:
     """The hosts this key's job callbacks may go to (replacing the list; empty: none). Each
     partner's key has its own, so one partner cannot send callbacks to another's receiver."""
-    try:
-        return _key_out(set_callback_hosts(sessions, key_id, body.hosts))
-    except LookupError as e:
-        raise HTTPException(404, str(e)) from e
-    except ValueError as e:
-        raise HTTPException(422, str(e)) from e
+    return KeyOut.model_validate(set_callback_hosts(sessions, key_id, body.hosts))
 
 
 def _rotated(sessions: SessionsDep, key_id: int) -> CallbackSecretOut:
-    try:
-        row, secret = rotate_callback_secret(sessions, key_id)
-    except LookupError as e:
-        raise HTTPException(404, str(e)) from e
+    row, secret = rotate_callback_secret(sessions, key_id)
     return CallbackSecretOut(key_id=row.id, callback_secret=secret)
 
 
@@ -115,28 +86,8 @@ def post_callback_secret(key_id: KeyId, sessions: SessionsDep, caller: Admin) ->
 def post_own_callback_secret(sessions: SessionsDep, caller: Integration) -> CallbackSecretOut:
     """Create or rotate the calling key's own callback secret; shown in this answer only."""
     if caller.key_id is None:
-        raise HTTPException(409, "callbacks need an API key: authentication is off")
+        raise Conflict("callbacks need an API key: authentication is off")
     return _rotated(sessions, caller.key_id)
-
-
-@router.get("/models")
-def list_models(session: SessionDep, caller: Admin) -> list[dict[str, object]]:
-    """Registered models (add and activate them with `whaleid models add`)."""
-    return [
-        {
-            "id": m.id,
-            "name": m.name,
-            "version": m.version,
-            "status": m.status,
-            "embedding_dim": m.embedding_dim,
-            "k": m.k,
-            "cutoff": m.cutoff,
-            "ranking": m.ranking,
-            "preprocessing": m.preprocessing,
-            "created_at": as_utc(m.created_at).isoformat(),
-        }
-        for m in all_models(session)
-    ]
 
 
 @router.get("/gallery/digest", response_model=GalleryDigestOut, responses={503: {"model": Problem}})
