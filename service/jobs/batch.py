@@ -25,6 +25,7 @@ import io
 import logging
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -99,7 +100,9 @@ class Archive:
 
 def _wanted(info: zipfile.ZipInfo) -> bool:
     base = info.filename.rsplit("/", 1)[-1]
-    return not info.is_dir() and not base.startswith(".") and "__MACOSX/" not in info.filename
+    # Not ``info.is_dir()``: it fails on an empty name (IndexError), which a lying header gives.
+    folder = info.filename.endswith("/")
+    return not folder and not base.startswith(".") and "__MACOSX/" not in info.filename
 
 
 def _entries(settings: Settings, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
@@ -128,8 +131,18 @@ def _member(settings: Settings, zf: zipfile.ZipFile, info: zipfile.ZipInfo, name
     try:
         with zf.open(info) as f:
             data = f.read(limit + 1)  # headers can lie: never inflate past the limit
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as e:
-        raise Invalid(f"{name!r} cannot be read from the archive: {e}") from None
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+        EOFError,  # a truncated entry
+        zlib.error,  # a corrupt deflate stream
+    ) as e:
+        raise Invalid(
+            f"{name!r} cannot be read from the archive: {e or type(e).__name__}"
+        ) from None
     if len(data) > limit:
         raise Invalid(f"{name!r} inflates past its declared size and the limit of {limit}")
     return data
@@ -141,7 +154,7 @@ def read_archive(settings: Settings, archive: IO[bytes]) -> Archive:
     check_directory(archive, settings.batch_max_items)
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:
         raise Invalid(f"the archive is not a readable ZIP file: {e}") from None
     files = ArchiveFiles.open(settings)
     result = Archive(ArchiveFiles.new_token())
