@@ -58,6 +58,7 @@ from service.redact import public_text, without_query, without_secrets
 from service.settings import Settings
 from service.store.objects import MissingObject
 from service.store.photos import PhotoStore
+from service.text import control_character, escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,14 @@ def _entries(settings: Settings, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     entries = [i for i in zf.infolist() if _wanted(i)]
     if not entries:
         raise Invalid("the archive holds no photos")
+    for info in entries:  # a name is printed as it is in results, results.csv and logs
+        char = control_character(info.filename)
+        if char is not None:
+            shown = escape_controls(info.filename)[-200:]
+            raise Invalid(
+                f"the archive's entry {shown!r} holds a control character ({char}) in its name: "
+                "rename it without one and send the archive again"
+            )
     if len(entries) > settings.batch_max_items:
         raise Invalid(
             f"the archive holds {len(entries)} files, over the limit of "
