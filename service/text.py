@@ -59,7 +59,7 @@ def check_text(
     if value is None:
         return
     problem = text_problem(value, max_length)
-    char = control_character(value) if plain else None
+    char = control_character(value) if plain and problem is None else None
     if char is not None:
         problem = f"holds a control character ({char}): rename it without one"
     if problem:
@@ -71,14 +71,14 @@ def is_reserved(catalogue_id: str) -> bool:
 
 
 def check_catalogue_id(catalogue_id: str) -> None:
+    if is_reserved(catalogue_id):
+        raise BadText(
+            f"{catalogue_id!r} is reserved: {NEW_INDIVIDUAL} marks an animal not in the "
+            "catalogue in every answer; choose another catalogue id"
+        )
     char = control_character(catalogue_id)
     if char is not None:  # answers, results.csv and logs print a catalogue id as it is
         raise BadText(
             f"catalogue id {escape_controls(catalogue_id)!r} holds a control character ({char}): "
             "choose one without"
-        )
-    if is_reserved(catalogue_id):
-        raise BadText(
-            f"{catalogue_id!r} is reserved: {NEW_INDIVIDUAL} marks an animal not in the "
-            "catalogue in every answer; choose another catalogue id"
         )
