@@ -7,14 +7,20 @@ revoked. The key itself never leaves the sign-in form."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import functools
 import hashlib
+import hmac
 import ipaddress
+import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -110,6 +116,57 @@ class KeyCache:
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
+
+
+# The review page's form tokens (sign-in, logout): "nonce.expiry.signature", signed with the
+# server's form secret, so a value planted in the browser by another site is refused.
+FORM_TOKEN_HOURS = 24
+_FORM_TOKEN = re.compile(r"([A-Za-z0-9_-]{32})\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})")
+_FORM_SECRET_FILE = "form-secret"
+
+
+def form_secret(data_dir: Path, configured: str = "") -> bytes:
+    """The secret that signs form tokens: ``configured`` (WHALEID_FORM_SECRET), else the one in
+    ``data_dir``, generated once (several processes sharing the folder agree on the first)."""
+    if configured:
+        return configured.encode()
+    return _stored_secret(data_dir.resolve())
+
+
+@functools.cache
+def _stored_secret(data_dir: Path) -> bytes:
+    path = data_dir / _FORM_SECRET_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".form-secret.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+            os.link(tmp, path)  # atomic, and never replaces a secret another process wrote
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    return path.read_text().strip().encode()
+
+
+def _form_signature(secret: bytes, nonce: str, expires: str) -> str:
+    digest = hmac.new(secret, f"whaleid-form|{nonce}|{expires}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def new_form_token(secret: bytes, hours: float = FORM_TOKEN_HOURS) -> str:
+    nonce, expires = secrets.token_urlsafe(24), str(int(time.time() + hours * 3600))
+    return f"{nonce}.{expires}.{_form_signature(secret, nonce, expires)}"
+
+
+def form_token_valid(secret: bytes, token: str, *, for_seconds: float = 0) -> bool:
+    """Whether ``token`` is one this server signed, valid for ``for_seconds`` more."""
+    found = _FORM_TOKEN.fullmatch(token)
+    if found is None or int(found[2]) < time.time() + for_seconds:
+        return False
+    expected = _form_signature(secret, found[1], found[2])
+    return hmac.compare_digest(expected.encode(), found[3].encode())
 
 
 class SignInRefused(Exception):
