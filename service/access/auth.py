@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import functools
 import hashlib
 import hmac
 import ipaddress
-import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -122,32 +118,7 @@ class KeyCache:
 # server's form secret, so a value planted in the browser by another site is refused.
 FORM_TOKEN_HOURS = 24
 _FORM_TOKEN = re.compile(r"([A-Za-z0-9_-]{32})\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})")
-_FORM_SECRET_FILE = "form-secret"
-
-
-def form_secret(data_dir: Path, configured: str = "") -> bytes:
-    """The secret that signs form tokens: ``configured`` (WHALEID_FORM_SECRET), else the one in
-    ``data_dir``, generated once (several processes sharing the folder agree on the first)."""
-    if configured:
-        return configured.encode()
-    return _stored_secret(data_dir.resolve())
-
-
-@functools.cache
-def _stored_secret(data_dir: Path) -> bytes:
-    path = data_dir / _FORM_SECRET_FILE
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".form-secret.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
-            os.link(tmp, path)  # atomic, and never replaces a secret another process wrote
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    return path.read_text().strip().encode()
+FORM_SECRET_KEY = "secrets/form-secret"  # where the generated one is kept in the object store
 
 
 def _form_signature(secret: bytes, nonce: str, expires: str) -> str:

@@ -19,10 +19,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from service.access.auth import (
+    FORM_SECRET_KEY,
     SignInRefused,
     UnknownKey,
     close_review_session,
-    form_secret,
     form_token_valid,
     new_form_token,
     open_review_session,
@@ -41,6 +41,7 @@ from service.catalogue.curation import decision_history
 from service.catalogue.reads import recorded_identification, review_queue
 from service.db.checks import MAX_ROW_ID
 from service.settings import Settings
+from service.store.objects import shared_secret
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ def secure_cookie(request: Request, settings: Settings) -> bool:
 
 
 def _form_secret(request: Request) -> bytes:
+    """WHALEID_FORM_SECRET, else the one generated once into the object store."""
     settings = get_settings(request)
-    return form_secret(settings.data_dir, settings.form_secret.get_secret_value())
+    configured = settings.form_secret.get_secret_value()
+    return configured.encode() if configured else shared_secret(settings, FORM_SECRET_KEY)
 
 
 def _csrf_token(request: Request) -> str:

@@ -4,6 +4,7 @@ forged POST through unless the token must be one this server signed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,11 +13,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
-from service.access.auth import form_secret, form_token_valid, new_form_token
+from service.access.auth import FORM_SECRET_KEY, form_token_valid, new_form_token
 from service.settings import Settings
+from service.store.objects import shared_secret
 from tests.conftest import LiveServer, run_server
 from tests.service.test_review_sessions import CSRF, SESSION, form_token, sessions_of
+
+
+def own_secret(settings: Settings) -> bytes:
+    return shared_secret(settings, FORM_SECRET_KEY)
 
 
 @pytest.fixture
@@ -25,17 +32,14 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 
 
 def _planted(server: LiveServer, tmp_path: Path) -> dict[str, str]:
-    other_secret = form_secret(tmp_path / "elsewhere")
-    forged_signature = new_form_token(b"not this server's secret")
+    elsewhere = Settings(data_dir=tmp_path / "elsewhere", _env_file=None)  # type: ignore[call-arg]
     nonce, expires, _ = new_form_token(b"x").split(".")
-    own = form_secret(server.settings.data_dir)
-    expired = new_form_token(own, hours=-1)
     return {
         "chosen by the attacker": "A" * 43,  # the old format: any 43 URL-safe characters
-        "forged signature": forged_signature,
-        "another server's": new_form_token(other_secret),
+        "forged signature": new_form_token(b"not this server's secret"),
+        "another server's": new_form_token(own_secret(elsewhere)),
         "signature cut": f"{nonce}.{expires}.",
-        "expired": expired,
+        "expired": new_form_token(own_secret(server.settings), hours=-1),
     }
 
 
@@ -52,7 +56,7 @@ def test_a_planted_form_token_is_refused_without_sec_fetch_site(
             assert SESSION not in victim.cookies
             # The page that refused hands out a token of this server's: that one signs in.
             fresh = form_token(forged)
-            assert fresh != token and form_token_valid(form_secret(server.settings.data_dir), fresh)
+            assert fresh != token and form_token_valid(own_secret(server.settings), fresh)
     assert sessions_of(server.settings) == []
     with httpx.Client(base_url=server.url, timeout=60) as browser:
         token = form_token(browser.get("/review/login"))
@@ -63,17 +67,41 @@ def test_a_planted_form_token_is_refused_without_sec_fetch_site(
         assert signed_in.status_code == 303 and SESSION in browser.cookies
 
 
-def test_the_form_secret_is_made_once_and_shared_by_the_data_directory(tmp_path: Path) -> None:
-    """Replicas sharing a data directory agree on the secret; WHALEID_FORM_SECRET overrides it."""
-    data = tmp_path / "data"
-    here = form_secret(data)
-    code = "from pathlib import Path; import sys; from service.access.auth import form_secret; "
-    code += f"sys.stdout.write(form_secret(Path({str(data)!r})).decode())"
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
-    assert there == here and len(here) >= 43
-    assert (data / "form-secret").stat().st_mode & 0o077 == 0  # readable by its owner only
-    assert form_secret(data, "configured") == b"configured"
+def _secret_elsewhere(data_dir: Path, env: dict[str, str] | None = None) -> bytes:
+    """The form secret as another process (a replica) reads it."""
+    code = "import sys; from service.store.objects import shared_secret; "
+    code += "from service.settings import Settings; "
+    code += f"sys.stdout.write(shared_secret(Settings(), {FORM_SECRET_KEY!r}).decode())"
+    environment = {**os.environ, "WHALEID_DATA_DIR": str(data_dir), **(env or {})}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=True, env=environment
+    )
+    return done.stdout
+
+
+def test_the_form_secret_is_made_once_and_shared_by_the_store(tmp_path: Path) -> None:
+    """Processes sharing a data directory agree on the secret, kept for its owner only."""
+    here = own_secret(Settings(data_dir=tmp_path / "data", _env_file=None))  # type: ignore[call-arg]
+    assert _secret_elsewhere(tmp_path / "data") == here and len(here) >= 43
+    assert (tmp_path / "data" / FORM_SECRET_KEY).stat().st_mode & 0o077 == 0
     token = new_form_token(here)
-    assert form_token_valid(here, token) and not form_token_valid(b"configured", token)
+    assert form_token_valid(here, token) and not form_token_valid(b"other", token)
     assert not form_token_valid(here, token, for_seconds=25 * 3600)  # 24 h, then a fresh one
     assert time.time() < int(token.split(".")[1])
+
+
+def test_replicas_sharing_a_bucket_agree_on_the_form_secret(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Each replica has its own data directory; the bucket holds the one secret."""
+    found = {_secret_elsewhere(tmp_path / f"replica{n}", s3_env) for n in range(2)}
+    assert len(found) == 1 and len(found.pop()) >= 43
+
+
+def test_a_configured_form_secret_signs_the_tokens(sqlite_settings: Settings) -> None:
+    sqlite_settings.form_secret = SecretStr("configured for every replica")
+    for server in run_server(sqlite_settings):
+        with httpx.Client(base_url=server.url, timeout=60) as browser:
+            token = form_token(browser.get("/review/login"))
+    assert form_token_valid(b"configured for every replica", token)
+    assert not (sqlite_settings.data_dir / FORM_SECRET_KEY).exists()
