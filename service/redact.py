@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, urlsplit, urlunsplit
 
+# A query or fragment found without its "?" or "#" is cut from this length on.
+_SHORTEST_BARE = 6
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 # An absolute path of two or more parts that is not part of a URL (no ":" or "/" before it).
 _PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"<>]+/)+[^\s/'\"<>]*")
@@ -38,7 +40,9 @@ def without_secrets(text: str, url: str) -> str:
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
         forms = {secret, repr(secret)[1:-1], quote(secret, safe="!#$&'()*+,/:;=?@[]~%")}
         for form in sorted(forms, key=len, reverse=True):
-            text = text.replace(f"?{form}", "").replace(f"#{form}", "").replace(form, "…")
+            text = text.replace(f"?{form}", "").replace(f"#{form}", "")
+            if len(form) >= _SHORTEST_BARE:  # "4" alone would turn "404" into "…0…"
+                text = text.replace(form, "…")
     return text
 
 

@@ -90,3 +90,11 @@ def test_no_token_reaches_errors_results_the_closed_job_or_the_callback(
     everything += repr(receiver.accepted)
     assert "SECRET" not in everything
     assert f"{receiver.url}/missing0.png" in repr(rows)
+
+
+def test_a_short_query_is_cut_with_its_mark_and_leaves_other_words_alone() -> None:
+    url = "http://photos.example/x.jpg?4"
+    assert (
+        without_secrets(f"{url!r} answered 404", url)
+        == "'http://photos.example/x.jpg' answered 404"
+    )
