@@ -106,7 +106,8 @@ def chance_map5(data: DataSet, s: Split) -> float:
 
 
 def write_csv(path: Path, photos: Sequence[Photo]) -> Path:
-    """A catalogue CSV (``service.catalogue_csv``): image, species, individual_id, encounter."""
+    """A catalogue CSV (``service.catalogue.csv_file``): image, species, individual_id and
+    encounter."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)

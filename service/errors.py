@@ -88,7 +88,9 @@ class ModelContractError(Invalid, ValueError):
 
 
 class FetchRefused(Invalid, ValueError):
-    """The URL is not allowed (host, scheme or address), or the answer broke a limit."""
+    """The URL is not allowed (host, scheme or address), or the answer broke a limit. Its
+    message shows the URL without its query, fragment and credentials: it reaches partners, and
+    a pattern cannot tell where a quoted URL's query ends."""
 
 
 class TooFewPairs(Invalid, ValueError):

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # A review page sign-in lasts this long (then the curator signs in again); logging out or
     # revoking the key ends it sooner. The cookie holds only a random session id.
     review_session_hours: float = Field(default=12.0, gt=0)
+    # Signs the review page's sign-in and logout form tokens, so that a token planted from
+    # another site (a sibling subdomain can set cookies) is refused. Empty: a secret generated
+    # once into the object store (secrets/form-secret: the data directory, or the shared bucket).
+    form_secret: SecretStr = SecretStr("")
     onnx_threads: int = 0
     # Whether onnxruntime's idle threads spin, waiting for the next inference, in /identify.
     # Background jobs never spin (their decoding threads need the cores).

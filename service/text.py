@@ -48,11 +48,17 @@ def text_problem(value: str, max_length: int | None = None) -> str | None:
     return None
 
 
-def check_text(field: str, value: str | None, max_length: int | None = None) -> None:
-    """Raise ``BadText`` naming ``field`` if ``value`` cannot be stored."""
+def check_text(
+    field: str, value: str | None, max_length: int | None = None, *, plain: bool = False
+) -> None:
+    """Raise ``BadText`` naming ``field`` if ``value`` cannot be stored. ``plain``: a name that
+    answers, CSV files and logs print as it is (a file name) may hold no control character."""
     if value is None:
         return
     problem = text_problem(value, max_length)
+    char = control_character(value) if plain and problem is None else None
+    if char is not None:
+        problem = f"holds a control character ({char}): rename it without one"
     if problem:
         raise BadText(f"{field} {problem}")
 
@@ -66,4 +72,10 @@ def check_catalogue_id(catalogue_id: str) -> None:
         raise BadText(
             f"{catalogue_id!r} is reserved: {NEW_INDIVIDUAL} marks an animal not in the "
             "catalogue in every answer; choose another catalogue id"
+        )
+    char = control_character(catalogue_id)
+    if char is not None:  # answers, results.csv and logs print a catalogue id as it is
+        raise BadText(
+            f"catalogue id {escape_controls(catalogue_id)!r} holds a control character ({char}): "
+            "choose one without"
         )

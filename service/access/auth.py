@@ -7,8 +7,10 @@ revoked. The key itself never leaves the sign-in form."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import re
 import secrets
@@ -101,6 +103,32 @@ class KeyCache:
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
+
+
+# The review page's form tokens (sign-in, logout): "nonce.expiry.signature", signed with the
+# server's form secret, so a value planted in the browser by another site is refused.
+FORM_TOKEN_HOURS = 24
+_FORM_TOKEN = re.compile(r"([A-Za-z0-9_-]{32})\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})")
+FORM_SECRET_KEY = "secrets/form-secret"  # where the generated one is kept in the object store
+
+
+def _form_signature(secret: bytes, nonce: str, expires: str) -> str:
+    digest = hmac.new(secret, f"whaleid-form|{nonce}|{expires}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def new_form_token(secret: bytes, hours: float = FORM_TOKEN_HOURS) -> str:
+    nonce, expires = secrets.token_urlsafe(24), str(int(time.time() + hours * 3600))
+    return f"{nonce}.{expires}.{_form_signature(secret, nonce, expires)}"
+
+
+def form_token_valid(secret: bytes, token: str, *, for_seconds: float = 0) -> bool:
+    """Whether ``token`` is one this server signed, valid for ``for_seconds`` more."""
+    found = _FORM_TOKEN.fullmatch(token)
+    if found is None or int(found[2]) < time.time() + for_seconds:
+        return False
+    expected = _form_signature(secret, found[1], found[2])
+    return hmac.compare_digest(expected.encode(), found[3].encode())
 
 
 def open_review_session(

@@ -8,7 +8,7 @@ import csv
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from service.errors import BadText, CatalogueError
 from service.knn import NEW_INDIVIDUAL
@@ -93,4 +93,10 @@ def _row_problem(row: dict[str, str], *, catalogue_id: bool = True) -> str | Non
             check_catalogue_id(row["individual_id"])
     except BadText as e:
         return str(e)
+    image = PurePosixPath(row["image"])
+    if image.is_absolute() or ".." in image.parts:  # refused before any file is opened
+        return (
+            f"image {row['image']!r} leads outside the images folder: name each photo by its "
+            "path within that folder (--images), with no leading / and no .."
+        )
     return None

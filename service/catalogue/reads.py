@@ -111,7 +111,10 @@ def candidate_matches(
         if ident is None or not can_read_identification(caller, ident):
             # Another partner's identification answers as one that does not exist.
             raise NotFound(f"identification {identification_id} does not exist")
-        query_id, (label, best_id) = ident.query_image_id, _matched_photo(session, ident, rank)
+        query_id, (label, best_id) = (
+            ident.query_image_id,
+            _matched_photo(session, ident, rank, caller),
+        )
     # The read is over (SQLite holds no lock) before any features are extracted.
     found = features.get([query_id, best_id])
     query, other = found.get(query_id), found.get(best_id)
@@ -129,8 +132,11 @@ def candidate_matches(
     )
 
 
-def _matched_photo(session: Session, ident: Identification, rank: int) -> tuple[str, int]:
-    """The label and best photo of the candidate at ``rank``, both photos still kept."""
+def _matched_photo(
+    session: Session, ident: Identification, rank: int, caller: Principal
+) -> tuple[str, int]:
+    """The label and best photo of the candidate at ``rank``, both photos still kept and
+    readable by ``caller`` (a confirmed query photo can become another partner's again)."""
     candidate = next((c for c in ident.candidates if c.rank == rank), None)
     if candidate is None:
         raise NotFound(
@@ -142,13 +148,15 @@ def _matched_photo(session: Session, ident: Identification, rank: int) -> tuple[
             f"candidate {rank} is {candidate.label}: it has no photo to match; ask for another rank"
         )
     pair = ((ident.query_image_id, "query"), (candidate.best_image_id, "candidate"))
-    photos = {
-        i.id: i for i in session.scalars(select(Image).where(Image.id.in_([p for p, _ in pair])))
-    }
+    readable = select(Image).where(Image.id.in_([p for p, _ in pair]), readable_images(caller))
+    photos = {i.id: i for i in session.scalars(readable)}
     for image_id, whose in pair:
         image = photos.get(image_id)
         if image is None or image.pruned_at is not None:
-            raise NotFound(f"the {whose} photo {image_id} is no longer kept: nothing to match")
+            raise NotFound(
+                f"the {whose} photo {image_id} is no longer kept, or no longer shared: nothing "
+                "to match"
+            )
     return candidate.label, candidate.best_image_id
 
 

@@ -67,6 +67,10 @@ def declared_directory(archive: IO[bytes]) -> Directory:
         locator = tail[at - 20 : at] if at >= 20 else b""
         if locator[:4] == _ZIP64_LOCATOR:
             (zip64_at,) = struct.unpack("<Q", locator[8:16])
+            if zip64_at > size - 56:  # a lie, and seeking to it can raise (2^63 overflows)
+                raise Invalid(
+                    "the archive is not a readable ZIP file: its ZIP64 locator points past its end"
+                )
             archive.seek(zip64_at)
             record = archive.read(56)
             if record[:4] == _ZIP64_EOCD and len(record) == 56:

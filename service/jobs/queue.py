@@ -32,7 +32,7 @@ from service.access.auth import Principal
 from service.contract import ModelStatus
 from service.db.tables import Job, JobChunk, Model, transaction, utcnow
 from service.errors import Conflict, NotFound
-from service.outbound.redact import public_text
+from service.outbound.redact import public_text, without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,9 @@ def release_failed(factory: sessionmaker[Session], lease: Lease, error: str) -> 
         chunk = session.get_one(JobChunk, lease.chunk_id)
         if chunk.lease_owner != lease.owner or chunk.state != ChunkState.LEASED:
             return
+        for item in lease.params.get("items", []):  # a batch's photo URLs, as parsed
+            if item.get("kind") == "url":
+                error = without_secrets(error, str(item["ref"]))
         error = public_text(error)
         chunk.error = error[:2000]
         chunk.lease_owner = None

@@ -355,7 +355,11 @@ class Identifier:
             # While this thread decodes: the upload's hash, and the active model checked.
             checked = self.slots.side.submit(_hash_and_check, raw if record else None, check)
             with watch.lap("decode"):
-                photo = self.decode(raw, bbox)
+                try:
+                    photo = self.decode(raw, bbox)
+                except Exception:
+                    checked.result()  # the key's confirmation (KeyRevoked) wins over a bad photo
+                    raise
             if record:
                 # Kept while this thread preprocesses, and on into the embedding: it is waited
                 # for when the answer is written. A large decoded photo (a PNG has no reduced

@@ -17,6 +17,7 @@ from service.db.tables import Model, transaction
 from service.errors import Conflict, ModelContractError
 from service.onnx.embedder import Embedder, ThumbnailEmbedder
 from service.onnx.files import file_sha256, model_key, publish_model
+from service.outbound.redact import public_text
 from service.settings import Settings
 from service.store.objects import open_store
 
@@ -27,6 +28,18 @@ def register_model(settings: Settings, factory: sessionmaker[Session], source: P
     """Validate ``source`` against the model contract, publish it to the model store and add a
     row (status ``registered``). Registering the same file twice returns the existing row."""
     return register_model_file(settings, factory, source)[0]
+
+
+def register_upload(
+    settings: Settings, factory: sessionmaker[Session], source: Path
+) -> tuple[Model, bool]:
+    """``register_model_file`` for a file sent over the API (``POST /models``): a refusal names it
+    "the uploaded file", never the server's temporary path (onnxruntime's message quotes it)."""
+    try:
+        return register_model_file(settings, factory, source)
+    except ModelContractError as e:
+        message = public_text(str(e).replace(str(source), "the uploaded file"))
+        raise ModelContractError(message) from None
 
 
 def register_model_file(

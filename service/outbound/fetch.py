@@ -26,6 +26,7 @@ import httpx
 
 from service.errors import FetchRefused
 from service.outbound.deadline import Deadline, DeadlineTransport
+from service.outbound.redact import without_query as shown
 from service.text import control_character
 
 MAX_REDIRECTS = 3
@@ -98,28 +99,29 @@ def check_url(url: str, hosts: Sequence[str], *, allow_loopback: bool = False) -
         raise FetchRefused(f"the URL is over {MAX_URL_LENGTH} characters")
     problem = url_problem(url)
     if problem:
-        raise FetchRefused(f"{url[:200]!r}: {problem}")
+        raise FetchRefused(f"{shown(url)[:200]!r}: {problem}")
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
-        raise FetchRefused(f"{url!r} is not a URL: {e}") from None
+        raise FetchRefused(f"{shown(url)!r} is not a URL: {e}") from None
     if parts.scheme not in ("http", "https"):
-        raise FetchRefused(f"{url!r}: only http and https URLs are fetched")
+        raise FetchRefused(f"{shown(url)!r}: only http and https URLs are fetched")
     if parts.username or parts.password:
-        raise FetchRefused(f"{url!r}: URLs with credentials are refused")
+        raise FetchRefused(f"{shown(url)!r}: URLs with credentials are refused")
     host = (parts.hostname or "").lower().rstrip(".")
     if not host or host not in {h.lower().rstrip(".") for h in hosts}:
-        raise FetchRefused(f"{url!r}: the host {host!r} is not on the allowlist in settings")
+        raise FetchRefused(f"{shown(url)!r}: the host {host!r} is not on the allowlist in settings")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
-        raise FetchRefused(f"{url!r}: {host!r} does not resolve: {e}") from None
+        raise FetchRefused(f"{shown(url)!r}: {host!r} does not resolve: {e}") from None
     addresses = sorted({str(info[4][0]) for info in infos})
     refused = [a for a in addresses if not allowed_address(a, allow_loopback)]
     if refused or not addresses:
         raise FetchRefused(
-            f"{url!r}: {host!r} resolves to a non-public address ({', '.join(refused)}); refused"
+            f"{shown(url)!r}: {host!r} resolves to a non-public address "
+            f"({', '.join(refused)}); refused"
         )
     return Target(url, parts.scheme, host, port, addresses[0])
 
@@ -187,7 +189,9 @@ def request(
                 for piece in response.iter_bytes():
                     body.extend(piece)
                     if len(body) > max_bytes:
-                        raise FetchRefused(f"{target.url!r}: the answer is over {max_bytes} bytes")
+                        raise FetchRefused(
+                            f"{shown(target.url)!r}: the answer is over {max_bytes} bytes"
+                        )
                 return Answer(response.status_code, bytes(body))
             finally:
                 response.close()
@@ -202,5 +206,5 @@ def fetch_photo(
         "GET", url, hosts, allow_loopback=allow_loopback, timeout=timeout, max_bytes=max_bytes
     )
     if response.status != 200:
-        raise FetchRefused(f"{url!r} answered {response.status}")
+        raise FetchRefused(f"{shown(url)!r} answered {response.status}")
     return response.body

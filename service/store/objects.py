@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -184,6 +185,24 @@ class S3Store:
 
 def _error_code(error: Any) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+_SECRETS: dict[tuple[str, str, str], bytes] = {}
+_SECRETS_LOCK = threading.Lock()
+
+
+def shared_secret(settings: Settings, key: str) -> bytes:
+    """A random secret generated once into the store under ``key`` (the data directory, or the
+    bucket every replica shares), so that all processes sharing the store agree on whichever
+    was written first; read once per process."""
+    place = (settings.storage_url, str(settings.data_dir.resolve()), key)
+    with _SECRETS_LOCK:
+        found = _SECRETS.get(place)
+        if found is None:
+            objects = open_store(settings)
+            objects.put_new(key, secrets.token_urlsafe(32).encode())
+            found = _SECRETS[place] = objects.read(key).strip()
+    return found
 
 
 def open_store(settings: Settings) -> ObjectStore:

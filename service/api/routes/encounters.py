@@ -79,7 +79,7 @@ def _check_photos(photos: list[UploadFile], most: int, max_bytes: int) -> None:
                 f"photo {number} is {photo.size} bytes, over the limit of {max_bytes}: "
                 "send a smaller file"
             )
-        check_text(f"photo {number}'s file name", photo.filename, FILE_NAME_LENGTH)
+        check_text(f"photo {number}'s file name", photo.filename, FILE_NAME_LENGTH, plain=True)
 
 
 def _to_encounter(result: EncounterResult) -> EncounterOut:

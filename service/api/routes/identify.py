@@ -83,7 +83,7 @@ async def identify(
             f"the upload is {photo.size} bytes, over the limit of {settings.max_upload_bytes}: "
             "send a smaller file"
         )
-    check_text("the photo's file name", photo.filename, FILE_NAME_LENGTH)
+    check_text("the photo's file name", photo.filename, FILE_NAME_LENGTH, plain=True)
     box = parse_bbox(bbox)
     # A key the guard admitted from its cache is confirmed by the active model's check.
     unconfirmed = request.scope.get("state", {}).get(UNCONFIRMED_KEY, False)

@@ -30,7 +30,7 @@ from service.models.calibration import (
     set_verification,
     store_calibration,
 )
-from service.models.registry import all_models, register_model_file
+from service.models.registry import all_models, register_upload
 from service.models.reindex import start_reindex
 from service.models.switch import activate, retire, rollback, shadow_report
 
@@ -90,7 +90,7 @@ async def upload_model(
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     path = await _receive_model(request, settings.max_model_bytes, settings.models_dir)
     try:
-        model, created = await run_in_threadpool(register_model_file, settings, sessions, path)
+        model, created = await run_in_threadpool(register_upload, settings, sessions, path)
     finally:
         path.unlink(missing_ok=True)
     if not created:

@@ -4,13 +4,12 @@ and decides with buttons or keyboard shortcuts.
 Signing in opens a review session (service.access.auth): its random id goes in an HttpOnly,
 SameSite=Strict cookie and the key stays out of the browser. Logout ends the session on the
 server, so a copied cookie dies with it. The sign-in and logout forms carry a double-submit
-token (a cookie and a hidden field that must be equal), so another site cannot sign a browser
-in with the attacker's key, nor out."""
+token (a cookie and a hidden field that must be equal, signed with the server's form secret),
+so another site cannot sign a browser in with the attacker's key, nor out."""
 
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +18,13 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from service.access.auth import close_review_session, open_review_session
+from service.access.auth import (
+    FORM_SECRET_KEY,
+    close_review_session,
+    form_token_valid,
+    new_form_token,
+    open_review_session,
+)
 from service.api.deps import (
     LEGACY_KEY_COOKIE,
     SESSION_COOKIE,
@@ -35,15 +40,16 @@ from service.catalogue.reads import recorded_identification, review_queue
 from service.db.checks import MAX_ROW_ID
 from service.errors import NotAuthenticated, NotFound, SignInRefused, UnknownKey
 from service.settings import Settings
+from service.store.objects import shared_secret
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["review"], include_in_schema=False)
 
 # The double-submit token of the sign-in and logout forms: a cookie only this site's pages can
-# set and read, and the same value in a hidden field.
+# set and read, and the same value in a hidden field, signed with the server's form secret (a
+# sibling subdomain can plant a cookie, but not one this server signed).
 CSRF_COOKIE = "whaleid_csrf"
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 CSRF_REFUSED = (
     "This form is out of date or was not sent from this site's own page (its form token is "
     "missing or does not match): reload the page and try again, with cookies allowed."
@@ -92,22 +98,33 @@ def secure_cookie(request: Request, settings: Settings) -> bool:
     return settings.secure_cookie == "always"
 
 
+def _form_secret(request: Request) -> bytes:
+    """WHALEID_FORM_SECRET, else the one generated once into the object store."""
+    settings = get_settings(request)
+    configured = settings.form_secret.get_secret_value()
+    return configured.encode() if configured else shared_secret(settings, FORM_SECRET_KEY)
+
+
 def _csrf_token(request: Request) -> str:
-    """The browser's form token: the one its cookie holds (so pages open in several tabs all
-    work), else a new one."""
+    """The browser's form token: the one its cookie holds, if this server signed it and it
+    stays valid another hour (so pages open in several tabs all work), else a new one."""
     held = request.cookies.get(CSRF_COOKIE, "")
-    return held if _TOKEN.fullmatch(held) else secrets.token_urlsafe(32)
+    secret = _form_secret(request)
+    return held if form_token_valid(secret, held, for_seconds=3600) else new_form_token(secret)
 
 
 def _forged(request: Request, form_token: str) -> bool:
     """Whether a form POST may have come from another site: the browser says it did
-    (Sec-Fetch-Site; a sibling subdomain counts, as it could plant the cookie), or the form's
-    token is not the cookie's (another site can neither read this site's cookie nor set it)."""
+    (Sec-Fetch-Site; a sibling subdomain counts, as it could plant the cookie), the form's
+    token is not the cookie's (another site cannot read this site's cookie), or the cookie is not
+    one this server signed (a sibling subdomain can set a cookie, without Sec-Fetch-Site too)."""
     if request.headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
         return True
     cookie = request.cookies.get(CSRF_COOKIE, "")
     # Compared as bytes: compare_digest refuses non-ASCII text, which a form may hold.
-    return not (cookie and secrets.compare_digest(cookie.encode(), form_token.encode()))
+    if not (cookie and secrets.compare_digest(cookie.encode(), form_token.encode())):
+        return True
+    return not form_token_valid(_form_secret(request), cookie)  # planted, or expired
 
 
 def _forget_legacy_key(request: Request, response: Response) -> None:

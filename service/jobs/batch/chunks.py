@@ -23,7 +23,7 @@ from service.jobs.queue import ChunkHandler, Lease, LeaseLost, complete
 from service.matching.identify import Identifier
 from service.matching.runtime import Runtime
 from service.outbound.fetch import fetch_photo
-from service.outbound.redact import public_text
+from service.outbound.redact import public_text, without_secrets
 from service.settings import Settings
 from service.store.objects import MissingObject
 from service.store.photos import PhotoStore
@@ -41,12 +41,15 @@ def _filters(data: dict[str, str]) -> Filters:
     )
 
 
-def item_error(e: Exception) -> str:
-    """What a partner reads of a photo that failed: never a server path or a signed query."""
+def item_error(e: Exception, url: str | None = None) -> str:
+    """What a partner reads of a photo that failed: never a server path or a signed query
+    (``url``, the photo's URL if it has one, is redacted as parsed, wherever the error shows
+    it)."""
     if isinstance(e, MissingObject):
         return "the photo is no longer stored"
     if isinstance(e, (FetchRefused, httpx.HTTPError, PhotoError, Busy)):
-        return public_text(str(e))[:500]
+        text = str(e) if url is None else without_secrets(str(e), url)
+        return public_text(text)[:500]
     return f"the photo could not be read ({type(e).__name__})"
 
 
@@ -126,7 +129,7 @@ class BatchChunks:
                     identifier, data, filters, lease.params.get("key_id")
                 )
             except (FetchRefused, httpx.HTTPError, PhotoError, OSError, Busy) as e:
-                message = item_error(e)
+                message = item_error(e, str(item["ref"]) if item["kind"] == "url" else None)
                 answers[str(index)] = {"error": message}
                 errors.append(f"{item['name'][:200]}: {message[:300]}")
         with transaction(self.factory) as session:

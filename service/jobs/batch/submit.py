@@ -11,6 +11,7 @@ ends, in any state (``service.jobs.batch.closing``).
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -31,6 +32,7 @@ from service.outbound.callbacks import trust_of
 from service.outbound.fetch import check_url
 from service.outbound.redact import without_query
 from service.settings import Settings
+from service.text import control_character, escape_controls
 
 IDENTIFY_BATCH = "identify_batch"
 MAX_NAME_LENGTH = 500
@@ -64,13 +66,23 @@ class Archive:
 
 def _wanted(info: zipfile.ZipInfo) -> bool:
     base = info.filename.rsplit("/", 1)[-1]
-    return not info.is_dir() and not base.startswith(".") and "__MACOSX/" not in info.filename
+    # Not ``info.is_dir()``: it fails on an empty name (IndexError), which a lying header gives.
+    folder = info.filename.endswith("/")
+    return not folder and not base.startswith(".") and "__MACOSX/" not in info.filename
 
 
 def _entries(settings: Settings, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     entries = [i for i in zf.infolist() if _wanted(i)]
     if not entries:
         raise Invalid("the archive holds no photos")
+    for info in entries:  # a name is printed as it is in results, results.csv and logs
+        char = control_character(info.filename)
+        if char is not None:
+            shown = escape_controls(info.filename)[-200:]
+            raise Invalid(
+                f"the archive's entry {shown!r} holds a control character ({char}) in its name: "
+                "rename it without one and send the archive again"
+            )
     if len(entries) > settings.batch_max_items:
         raise Invalid(
             f"the archive holds {len(entries)} files, over the limit of "
@@ -93,8 +105,18 @@ def _member(settings: Settings, zf: zipfile.ZipFile, info: zipfile.ZipInfo, name
     try:
         with zf.open(info) as f:
             data = f.read(limit + 1)  # headers can lie: never inflate past the limit
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as e:
-        raise Invalid(f"{name!r} cannot be read from the archive: {e}") from None
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+        EOFError,  # a truncated entry
+        zlib.error,  # a corrupt deflate stream
+    ) as e:
+        raise Invalid(
+            f"{name!r} cannot be read from the archive: {e or type(e).__name__}"
+        ) from None
     if len(data) > limit:
         raise Invalid(f"{name!r} inflates past its declared size and the limit of {limit}")
     return data
@@ -106,7 +128,7 @@ def read_archive(settings: Settings, archive: IO[bytes]) -> Archive:
     check_directory(archive, settings.batch_max_items)
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:
         raise Invalid(f"the archive is not a readable ZIP file: {e}") from None
     files = ArchiveFiles.open(settings)
     result = Archive(ArchiveFiles.new_token())
