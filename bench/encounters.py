@@ -56,8 +56,9 @@ READING = [
     "synthetic catalogue and the seals; "
     "`min_distance` is best on ORL faces, whose photos of one person are near-duplicates (one "
     "close match is then reliable), and is the rule one bad photo misleads "
-    "(tests/service/test_encounters.py). The seal figures sit little above chance (a random "
-    "ranking of 13 individuals scores about 0.18) on 12 to 21 encounters: whole-image embeddings "
+    "(tests/service/matching/test_encounters.py). The seal figures sit little above chance (a "
+    "random ranking of 13 individuals scores about 0.18) on 12 to 21 encounters: whole-image "
+    "embeddings "
     "of uncropped scenes, so only the direction means something. On the fins the single-photo "
     "misses are `new_individual`-first answers that fusion recovers; with one labelled dolphin "
     "it says nothing about telling dolphins apart.",

@@ -11,7 +11,7 @@ kill is caught; one that survives is behaviour no test can fail for.
     .venv/bin/python scripts/mutation.py --module service/knn.py --sample 20 --report out.md
     .venv/bin/python scripts/mutation.py --per-module 8 --seed 1 --start 82  # resume at 82
     .venv/bin/python scripts/mutation.py --mutant "service/jobs/queue.py:254 compare" \
-        --tests tests/service/test_jobs.py::test_the_new_one   # does a new test kill it?
+        --tests tests/service/jobs/test_jobs.py::test_the_new_one   # does a new test kill it?
 
 Before any mutant, each module's tests are run once unmutated in the copy: they must pass there,
 and the copy's ``service`` must be the one they import (PYTHONPATH puts it before an editable
@@ -48,138 +48,138 @@ ROOT = Path(__file__).resolve().parent.parent
 COVERED_BY: dict[str, list[str]] = {
     "service/knn.py": [
         "tests/service/test_knn.py",
-        "tests/service/test_five_candidates.py",
-        "tests/service/test_api.py",
+        "tests/service/matching/test_five_candidates.py",
+        "tests/service/api/test_api.py",
     ],
     "service/gallery/sync.py": [
-        "tests/service/test_gallery.py",
-        "tests/service/test_gallery_replay.py",
-        "tests/service/test_five_candidates.py",
-        "tests/service/test_live_gallery.py",
+        "tests/service/gallery/test_gallery.py",
+        "tests/service/gallery/test_gallery_replay.py",
+        "tests/service/matching/test_five_candidates.py",
+        "tests/service/gallery/test_live_gallery.py",
         "tests/service/test_rules.py",
-        "tests/service/test_api.py",
-        "tests/service/test_curation.py",
+        "tests/service/api/test_api.py",
+        "tests/service/catalogue/test_curation.py",
     ],
     "service/catalogue/curation.py": [
-        "tests/service/test_curation.py",
-        "tests/service/test_live_gallery.py",
-        "tests/service/test_input_limits.py",
+        "tests/service/catalogue/test_curation.py",
+        "tests/service/gallery/test_live_gallery.py",
+        "tests/service/api/test_input_limits.py",
     ],
     "service/imaging.py": [
         "tests/service/test_photos.py",
         "tests/service/test_photo_geometry.py",
         "tests/service/test_operations.py",
-        "tests/service/test_api.py",
+        "tests/service/api/test_api.py",
     ],
     "service/access/auth.py": [
-        "tests/service/test_guard.py",
-        "tests/service/test_curation.py",
+        "tests/service/api/test_guard.py",
+        "tests/service/catalogue/test_curation.py",
         "tests/service/test_rules.py",
-        "tests/service/test_api.py",
+        "tests/service/api/test_api.py",
         "tests/service/test_operations.py",  # the last admin key
-        "tests/service/test_tenants.py",  # callback hosts and secrets per key
+        "tests/service/access/test_tenants.py",  # callback hosts and secrets per key
     ],
     # Several partners on one service (issue 14): jobs, batches, archives, what a key reads,
     # and outgoing requests.
     "service/jobs/queue.py": [
-        "tests/service/test_jobs.py",
-        "tests/service/test_tenants.py",
-        "tests/service/test_reindex.py",
+        "tests/service/jobs/test_jobs.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/models/test_reindex.py",
     ],
     "service/jobs/batch/submit.py": [
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/jobs/batch/chunks.py": [
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/jobs/batch/results.py": [
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/jobs/batch/closing.py": [
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/api/routes/batch.py": [
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/jobs/archives.py": [
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/access/tenancy.py": [
-        "tests/service/test_tenants.py",
+        "tests/service/access/test_tenants.py",
     ],
     "service/outbound/redact.py": [
-        "tests/service/test_outbound.py",
-        "tests/service/test_tenants.py",
-        "tests/service/test_batch.py",
+        "tests/service/outbound/test_outbound.py",
+        "tests/service/access/test_tenants.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/outbound/callbacks.py": [
-        "tests/service/test_outbound.py",
-        "tests/service/test_batch.py",
-        "tests/service/test_tenants.py",
+        "tests/service/outbound/test_outbound.py",
+        "tests/service/jobs/test_batch.py",
+        "tests/service/access/test_tenants.py",
     ],
     "service/outbound/fetch.py": [
-        "tests/service/test_outbound.py",
-        "tests/service/test_batch.py",
+        "tests/service/outbound/test_outbound.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/outbound/deadline.py": [
-        "tests/service/test_outbound.py",
-        "tests/service/test_batch.py",
+        "tests/service/outbound/test_outbound.py",
+        "tests/service/jobs/test_batch.py",
     ],
     "service/store/retention.py": [
-        "tests/service/test_storage.py",
+        "tests/service/store/test_storage.py",
         "tests/service/test_operations.py",
     ],
     # Identification, models and their switch.
     "service/matching/identify.py": [
-        "tests/service/test_api.py",
+        "tests/service/api/test_api.py",
         "tests/service/test_rules.py",
-        "tests/service/test_gallery.py",
-        "tests/service/test_gallery_replay.py",  # a gallery photo embedded by identify
-        "tests/service/test_encounters.py",
-        "tests/service/test_switch.py",
+        "tests/service/gallery/test_gallery.py",
+        "tests/service/gallery/test_gallery_replay.py",  # a gallery photo embedded by identify
+        "tests/service/matching/test_encounters.py",
+        "tests/service/models/test_switch.py",
     ],
     "service/matching/encounters.py": [
-        "tests/service/test_encounters.py",
+        "tests/service/matching/test_encounters.py",
     ],
     "service/matching/runtime.py": [
-        "tests/service/test_switch.py",
-        "tests/service/test_live_gallery.py",
+        "tests/service/models/test_switch.py",
+        "tests/service/gallery/test_live_gallery.py",
     ],
     "service/matching/record.py": [
-        "tests/service/test_api.py",
-        "tests/service/test_gallery_replay.py",
+        "tests/service/api/test_api.py",
+        "tests/service/gallery/test_gallery_replay.py",
     ],
     "service/matching/fusion.py": [
-        "tests/service/test_local_features.py",
-        "tests/service/test_toy_matcher.py",
+        "tests/service/matching/test_local_features.py",
+        "tests/service/matching/test_toy_matcher.py",
     ],
     "service/matching/head.py": [
-        "tests/service/test_api.py",
-        "tests/service/test_local_features.py",
-        "tests/service/test_toy_matcher.py",
+        "tests/service/api/test_api.py",
+        "tests/service/matching/test_local_features.py",
+        "tests/service/matching/test_toy_matcher.py",
     ],
     "service/matching/registry.py": [
-        "tests/service/test_local_features.py",
-        "tests/service/test_toy_matcher.py",
+        "tests/service/matching/test_local_features.py",
+        "tests/service/matching/test_toy_matcher.py",
     ],
     "service/models/registry.py": [
-        "tests/service/test_storage.py",
-        "tests/service/test_reindex.py",
-        "tests/service/test_switch.py",
+        "tests/service/store/test_storage.py",
+        "tests/service/models/test_reindex.py",
+        "tests/service/models/test_switch.py",
     ],
     "service/models/reindex.py": [
-        "tests/service/test_reindex.py",
-        "tests/service/test_switch.py",
+        "tests/service/models/test_reindex.py",
+        "tests/service/models/test_switch.py",
     ],
     "service/models/shadow.py": [
-        "tests/service/test_shadow.py",
-        "tests/service/test_reindex.py",
+        "tests/service/models/test_shadow.py",
+        "tests/service/models/test_reindex.py",
     ],
 }
 

@@ -1,6 +1,6 @@
 """A mixed load on whaleid replicas (identifying, deciding, merging and splitting clients),
 and a check that each replica's live gallery equals the database's. Used by
-tests/service/test_gallery_replay.py and by bench/replicas.py."""
+tests/service/gallery/test_gallery_replay.py and by bench/replicas.py."""
 
 from __future__ import annotations
 

@@ -104,6 +104,7 @@ def _wait(url: str, process: subprocess.Popen[bytes], status: int) -> httpx.Resp
     raise AssertionError(f"{url} did not answer {status}")
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_the_replayed_image_installs_without_tensorflow_and_serves(tmp_path: Path) -> None:
     """The build stage's COPY and RUN steps, replayed in a fresh folder and virtualenv (pip's

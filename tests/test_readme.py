@@ -96,6 +96,7 @@ def quoted_map5(readme: str, after: str) -> float:
     return float(found.group(1))
 
 
+@pytest.mark.slow
 @pytest.mark.readme
 def test_the_readme_walkthrough_works_when_pasted(tmp_path: Path) -> None:
     real_curl = shutil.which("curl")

@@ -10,7 +10,7 @@ answer for it (``fusion_for``): the kind's own matchers, then the mode's. Built 
   added: ``matching.local.LocalFeatures``).
 
 Adding one is one line here (or in its own module, for a mode defined elsewhere, as the toy
-matcher of ``tests/service/toy_matcher.py`` is)::
+matcher of ``tests/service/matching/toy_matcher.py`` is)::
 
     register_verification("toy", ToyMatcher)
 

@@ -23,6 +23,7 @@ def server(catalogue: Catalogue) -> Iterator[LiveServer]:
     yield from run_server(catalogue.settings)
 
 
+@pytest.mark.slow
 def test_a_platform_lifecycle_through_the_sync_client(
     server: LiveServer, catalogue: Catalogue, tmp_path: Path
 ) -> None:
@@ -72,6 +73,7 @@ def test_a_platform_lifecycle_through_the_sync_client(
         assert len(encounter["photos"]) == len(encounter["identification_ids"]) == 2
 
 
+@pytest.mark.slow
 def test_the_async_client(server: LiveServer) -> None:
     async def scenario() -> None:
         async with AsyncWhaleidClient(server.url, server.keys["integration"]) as client:

@@ -33,6 +33,7 @@ def whaleid(data_dir: Path, *args: str) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 def test_a_first_run_logs_what_happened_and_nothing_else(tmp_path: Path) -> None:
     data = tmp_path / "data"
     model = build_toy_model(tmp_path / "toy.onnx")

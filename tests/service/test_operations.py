@@ -21,8 +21,8 @@ from service.db.tables import Embedding, Identification, make_engine, make_sessi
 from service.db.tables import Image as ImageRow
 from service.settings import Settings
 from tests.conftest import LiveServer, load_catalogue, run_server
-from tests.service.test_curation import decide, identify
-from tests.service.test_review_sessions import sign_in
+from tests.service.access.test_review_sessions import sign_in
+from tests.service.catalogue.test_curation import decide, identify
 from tests.toy import encode, photo
 
 
@@ -67,6 +67,7 @@ def _stored(live: LiveServer, client: httpx.Client, image_id: int) -> bytes:
     return response.content
 
 
+@pytest.mark.slow
 def test_query_photos_are_stored_bounded(live: LiveServer) -> None:
     big = photo(3, 50, size=64).resize((3000, 2000))
     junk = b"\xff" * 2_000_000
@@ -106,6 +107,7 @@ def _age(live: LiveServer, image_ids: list[int], days: int) -> None:
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_prune_removes_unconfirmed_query_photos_after_the_retention_period(
     live: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -155,6 +157,7 @@ def test_prune_removes_unconfirmed_query_photos_after_the_retention_period(
         assert client.get(f"/images/{again['query_image_id']}/file").status_code == 200
 
 
+@pytest.mark.slow
 def test_the_last_admin_key_cannot_be_revoked_over_the_api(live: LiveServer) -> None:
     with live.client("admin") as admin:
         first = next(k for k in admin.get("/keys").json() if k["role"] == "admin")
@@ -169,6 +172,7 @@ def test_the_last_admin_key_cannot_be_revoked_over_the_api(live: LiveServer) -> 
         assert deputy.get("/keys").status_code == 200
 
 
+@pytest.mark.slow
 def test_the_command_line_may_revoke_the_last_admin_key(
     live: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,6 +189,7 @@ def test_the_command_line_may_revoke_the_last_admin_key(
         assert admin.get("/keys").status_code == 401
 
 
+@pytest.mark.slow
 def test_editing_a_merged_individual_is_409_pointing_at_the_target(live: LiveServer) -> None:
     with live.client("curator") as curator:
         assert curator.post("/individuals/ind-1/merge", json={"into": "ind-2"}).status_code == 200
@@ -195,6 +200,7 @@ def test_editing_a_merged_individual_is_409_pointing_at_the_target(live: LiveSer
         assert curator.patch("/individuals/ind-2", json={"name": "Notchy"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_405_carries_allow_with_every_method_of_the_path(live: LiveServer) -> None:
     with live.client() as client:
         for method, path, allow in (
@@ -250,6 +256,7 @@ def test_the_cookie_setting_overrides_the_scheme(
     assert secure_cookie(Request(scope), settings) is secure
 
 
+@pytest.mark.slow
 def test_two_admins_revoking_each_other_at_once_leave_one(live: LiveServer) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -87,6 +87,7 @@ def test_pixel_limit_stops_decompression_bombs() -> None:
         decode_photo(bomb, max_pixels=1_000_000)
 
 
+@pytest.mark.slow
 def test_large_jpeg_is_decoded_reduced_but_not_below_target() -> None:
     data = encode(photo(3, 1, size=2048), "JPEG", quality=90)
     decoded = decode_photo(data, max_pixels=LIMIT, target_size=380)

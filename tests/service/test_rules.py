@@ -16,7 +16,7 @@ from service.matching.runtime import Runtime
 from service.models.evaluation import evaluate
 from service.settings import Settings
 from tests.conftest import Catalogue, LiveServer, load_catalogue
-from tests.service.test_review_sessions import sign_in
+from tests.service.access.test_review_sessions import sign_in
 from tests.toy import build_toy_model, encode, photo, write_catalogue
 
 JUNE_1, JUNE_2 = dt.date(2024, 6, 1), dt.date(2024, 6, 2)
@@ -50,6 +50,7 @@ def test_date_filters_are_inclusive_and_leave_out_undated_photos(
     assert selected is not None and selected.tolist() == expected
 
 
+@pytest.mark.slow
 def test_review_cookie_is_httponly_strict_and_cannot_forge_writes(live: LiveServer) -> None:
     import httpx
 
