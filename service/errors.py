@@ -97,6 +97,10 @@ class TooFewPairs(Invalid, ValueError):
     """Not enough labelled evidence to fit a calibration."""
 
 
+class TooFewAnimals(Invalid, ValueError):
+    """Too few known or unseen animals to choose where ``new_individual`` goes."""
+
+
 # Keys and sign-in.
 
 

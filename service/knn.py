@@ -18,6 +18,9 @@ K_GRID = (1, 3, 5, 10, 20, 50, 75, 100)
 # From 0.02: frozen ImageNet features put every photo within a cosine distance of 0.3 of the
 # others (issue 17), and their cutoff lies below where a trained model's does.
 CUTOFF_GRID = tuple(round(0.02 + 0.02 * i, 2) for i in range(45))  # 0.02 ... 0.90
+# Choosing where new_individual goes (the head's cutoff, a calibration's threshold) needs at
+# least this many known and as many unseen animals (not photos: one animal's photos are one).
+MIN_ANIMALS = 5
 # A neighbour at distance 0 (the same photo) must not divide by zero.
 _MIN_DISTANCE = 1e-6
 C = TypeVar("C")
@@ -110,9 +113,22 @@ def rank_candidates(
     starts with ``new_individual`` exactly when the nearest neighbour is farther than ``cutoff``
     (or there is no neighbour at all).
     """
+    ranked = head_order(neighbours, ranking=ranking, top=top, beyond=beyond)
+    return place_new_individual(ranked, lambda c: c.distance, cutoff, NEW, top)
+
+
+def head_order(
+    neighbours: Sequence[Neighbour],
+    *,
+    ranking: Ranking = Ranking.VOTE,
+    top: int = TOP,
+    beyond: Sequence[Neighbour] = (),
+) -> list[RankedCandidate]:
+    """The head's candidates in ``rank_candidates``' order, before ``new_individual`` is placed:
+    what does not depend on the cutoff (the open-set fit places it at many cutoffs)."""
     ranked = order(aggregate(neighbours), ranking)
     ranked += fill(beyond, {c.label for c in ranked}, top - 1 - len(ranked))
-    return place_new_individual(ranked, lambda c: c.distance, cutoff, NEW, top)
+    return ranked
 
 
 def place_new_individual(

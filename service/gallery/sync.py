@@ -45,8 +45,10 @@ class Filters:
     date_from: dt.date | None = None
     date_to: dt.date | None = None
     exclude_encounter: str | None = None
-    # Not a caller's filter: the shadow evaluation asks a confirmed photo without itself.
+    # Not a caller's filters: the shadow evaluation asks a confirmed photo without itself, and
+    # the open-set fit (``models.openset``) asks a gallery photo without its whole individual.
     exclude_image: int | None = None
+    exclude_individual: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items() if v is not None}
@@ -182,6 +184,8 @@ class GalleryEntries:
             mask &= ~self._matches("encounters", filters.exclude_encounter)
         if filters.exclude_image is not None:
             mask &= self.image_ids != filters.exclude_image
+        if filters.exclude_individual is not None:
+            mask &= ~self._matches("labels", filters.exclude_individual)
         return mask
 
     def neighbours(self, distances: np.ndarray, ids: np.ndarray) -> list[Neighbour]:

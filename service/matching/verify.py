@@ -19,7 +19,7 @@ import numpy as np
 
 from service.contract import Calibration
 from service.errors import TooFewPairs
-from service.knn import TOP, place_new_individual, ranks_at_cutoffs
+from service.knn import MIN_ANIMALS, TOP, place_new_individual, ranks_at_cutoffs
 from service.matching.features import Features
 
 RATIO = 0.8
@@ -238,6 +238,9 @@ class Pair:
     match: bool
     query: int = -1
     unseen: bool = False
+    # The query's animal (None: not known, e.g. a row labelled new_individual; such a query
+    # counts as an animal of its own). The threshold is chosen on animals, not photos.
+    animal: str | None = None
 
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
@@ -306,12 +309,20 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
     fitted = Calibration(global_=g, local=loc, fused=fused, threshold=base.threshold)
     grouped = {p.query: p.unseen for p in pairs if p.query >= 0}
     unseen = sum(grouped.values())
-    choose = len(grouped) >= 20 and unseen >= 5 and len(grouped) - unseen >= 5
+    animals = {
+        (p.unseen, p.animal if p.animal is not None else f"query {p.query}")
+        for p in pairs
+        if p.query >= 0
+    }
+    unseen_animals = sum(1 for is_unseen, _ in animals if is_unseen)
+    known_animals = len(animals) - unseen_animals
+    choose = len(grouped) >= 20 and min(known_animals, unseen_animals) >= MIN_ANIMALS
     threshold = base.threshold
     if choose:
         # The probability is calibrated; where new_individual goes is a choice for MAP@5, made
         # on labelled queries as the kNN head's cutoff is (ties: the one nearest 0.5). Without
-        # both known and unseen queries the choice would be one-sided: 0.5 stays.
+        # at least 20 queries of MIN_ANIMALS known and as many unseen animals (animals, not
+        # photos: one animal's photos decide as one) the choice would be one-sided: 0.5 stays.
         scores = map5_at_thresholds([p for p in pairs if p.query >= 0], fitted)
         threshold = max(scores, key=lambda t: (round(scores[t], 6), -abs(t - 0.5)))
     return replace(
@@ -325,6 +336,8 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
             "with_inliers": len(with_n),
             "queries": len(grouped),
             "unseen_queries": unseen,
+            "known_animals": known_animals,
+            "unseen_animals": unseen_animals,
             "threshold_chosen_on_map5": choose,
         },
     )

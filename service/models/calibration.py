@@ -62,11 +62,13 @@ def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Pa
             log.warning("line %d: image %r: %s", row.line, row.image, e)
             continue
         unseen = row.individual_id not in known
+        # A row labelled new_individual names no animal: it counts as one of its own.
+        animal = None if row.individual_id == NEW_INDIVIDUAL else row.individual_id
         # Every verified candidate, not only the five answered: which candidates are verified
         # does not depend on the calibration, so the fit sees them as they will be scored.
         for c in answer.verified:
             right = c.label == row.individual_id
-            pairs.append(Pair(c.distance, c.inliers, right, row.line, unseen))
+            pairs.append(Pair(c.distance, c.inliers, right, row.line, unseen, animal))
     return pairs
 
 
@@ -91,7 +93,8 @@ def pairs_from_confirmations(session: Session, model_id: int) -> list[Pair]:
                 continue
             right = decision == "confirm" and c.label == truth
             unseen = decision == "new_individual"
-            pairs.append(Pair(c.distance, c.inliers, right, ident.id, unseen))
+            # The animal: the individual confirmed, or the one the new_individual decision made.
+            pairs.append(Pair(c.distance, c.inliers, right, ident.id, unseen, truth))
     return pairs
 
 

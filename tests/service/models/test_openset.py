@@ -1,0 +1,210 @@
+"""The open-set decision fitted on the gallery (``models.openset``): the fit is the expected
+MAP@5's best value, recomputed by brute force; the sample is bounded and stratified; a real
+gallery (toy ONNX model, faiss) gets a cutoff that answers known photos right and unseen ones
+``new_individual``; too few animals is a clear error."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.contract import Calibration, Ranking
+from service.errors import TooFewAnimals
+from service.gallery.sync import Filters, GalleryEntries
+from service.knn import (
+    CUTOFF_GRID,
+    NEW_INDIVIDUAL,
+    Neighbour,
+    head_order,
+    map_at_5,
+    rank_candidates,
+)
+from service.matching.identify import Identifier
+from service.matching.verify import Pair, fit_calibration
+from service.models.openset import (
+    HEAD,
+    Asked,
+    _head_answers,
+    fit_decision,
+    fit_on_gallery,
+    sample_gallery,
+)
+from service.settings import Settings
+from tests.conftest import load_catalogue
+
+
+def _synthetic(seed: int) -> tuple[list[Asked], list[list[Neighbour]], list[str]]:
+    rng = np.random.default_rng(seed)
+    asked, neighbours, truths = [], [], []
+    for q in range(80):
+        animal = f"ind-{q % 16}"
+        unseen = q % 3 == 0
+        labels = rng.integers(0, 16, size=30)
+        distances = np.sort(rng.uniform(0.05, 0.95, size=30))
+        found = [
+            Neighbour(f"ind-{a}", float(d), i)
+            for i, (a, d) in enumerate(zip(labels, distances, strict=True))
+            if not (unseen and f"ind-{a}" == animal)
+        ]
+        k = 10
+        ordered = head_order(found[:k], ranking=Ranking.VOTE, beyond=found[k:])
+        asked.append(Asked(q, animal, unseen, _head_answers(ordered)))
+        neighbours.append(found)
+        truths.append(NEW_INDIVIDUAL if unseen else animal)
+    return asked, neighbours, truths
+
+
+def test_the_fit_is_the_best_expected_map5_recomputed_by_brute_force() -> None:
+    asked, neighbours, truths = _synthetic(4)
+    cutoffs = [0.1, 0.2, 0.3, 0.4, 0.5, 0.62, 0.8]
+    fit = fit_decision(asked, cutoffs, p_new=0.3, start=0.62, mode=HEAD)
+    known = [i for i, t in enumerate(truths) if t != NEW_INDIVIDUAL]
+    unseen = [i for i, t in enumerate(truths) if t == NEW_INDIVIDUAL]
+    brute = {}
+    for cutoff in cutoffs:
+        answers = [
+            [c.label for c in rank_candidates(n[:10], cutoff=cutoff, beyond=n[10:])]
+            for n in neighbours
+        ]
+        k_map = map_at_5([answers[i] for i in known], [truths[i] for i in known])
+        u_map = map_at_5([answers[i] for i in unseen], [truths[i] for i in unseen])
+        brute[cutoff] = 0.7 * k_map + 0.3 * u_map
+        if cutoff == fit.value:
+            new_first = sum(answers[i][0] == NEW_INDIVIDUAL for i in known) / len(known)
+            assert fit.known_new_first == pytest.approx(new_first)
+            assert fit.map5_known == pytest.approx(k_map)
+            assert fit.map5_unseen == pytest.approx(u_map)
+    assert dict(fit.grid) == pytest.approx(brute)
+    assert fit.expected_map5 == pytest.approx(max(brute.values()))
+    assert len({round(v, 6) for v in brute.values()}) > 3  # the cutoffs differ: it can fail
+    assert (fit.known_photos, fit.unseen_photos) == (len(known), len(unseen))
+    assert (fit.known_animals, fit.unseen_animals) == (16, len({q % 16 for q in range(0, 80, 3)}))
+    # p_new moves the choice: with no new animals expected, new_individual is never worth it.
+    never_new = fit_decision(asked, cutoffs, p_new=0.0, start=0.62, mode=HEAD)
+    always_new = fit_decision(asked, cutoffs, p_new=1.0, start=0.62, mode=HEAD)
+    assert never_new.value >= fit.value >= always_new.value
+    assert always_new.map5_unseen >= fit.map5_unseen and never_new.map5_known >= fit.map5_known
+    assert always_new.value < never_new.value
+
+
+def test_animals_not_photos_are_counted() -> None:
+    answer = _head_answers([])
+    known = [Asked(i, f"ind-{i}", False, answer) for i in range(10)]
+    one_unseen = [Asked(100 + i, "ind-x", True, answer) for i in range(6)]
+    with pytest.raises(TooFewAnimals) as e:
+        fit_decision(known + one_unseen, [0.5], p_new=0.2, start=0.5, mode=HEAD)
+    message = str(e.value)
+    assert "10 known and 1 unseen animals" in message and "at least 5 of each" in message
+    assert "add photos of more individuals" in message
+    five = [Asked(200 + i, f"new-{i}", True, answer) for i in range(5)]
+    fit = fit_decision(known + five, [0.5], p_new=0.2, start=0.5, mode=HEAD)
+    assert fit.unseen_animals == 5 and fit.expected_map5 == pytest.approx(0.2)
+
+
+def test_the_sample_is_bounded_seeded_and_stratified() -> None:
+    labels = [f"ind-{i}" for i in range(50) for _ in range(i % 7 + 1)]  # 1 to 7 photos each
+    picked = sample_gallery(labels, seed=3, max_queries=60, per_individual=2)
+    assert len(picked) == 60 == len(set(picked))
+    per = Counter(labels[p] for p in picked)
+    assert len(per) == 50 and max(per.values()) <= 2  # every individual first, then seconds
+    assert picked == sample_gallery(labels, seed=3, max_queries=60, per_individual=2)
+    assert picked != sample_gallery(labels, seed=4, max_queries=60, per_individual=2)
+    small = sample_gallery(labels, seed=3, max_queries=400, per_individual=3)
+    assert len(small) == sum(min(3, i % 7 + 1) for i in range(50))
+
+
+def test_a_gallery_photo_asked_without_its_individual() -> None:
+    day = dt.date(2024, 5, 1)
+    entries = GalleryEntries.from_rows(
+        [
+            (1, 10, "a", "s", None, day, "e1"),
+            (2, 11, "a", "s", None, day, None),
+            (3, 12, "b", "s", None, day, "e1"),
+        ]
+    )
+    assert list(entries.select(Filters(exclude_individual="a"))) == [3]
+    assert list(entries.select(Filters(exclude_encounter="e1"))) == [2]
+    assert list(entries.select(Filters(exclude_image=11))) == [1, 3]
+
+
+def test_a_well_separated_gallery_answers_known_right_and_unseen_new(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=12, shots=(0, 1, 2))
+    with cat.sessions() as session:
+        from service.db.tables import Model
+
+        model = session.get_one(Model, cat.model_id)
+    identifier = Identifier.load(settings, cat.sessions, model)
+    fit = fit_on_gallery(identifier, p_new=0.2, max_queries=20, per_individual=2)
+    assert fit.mode == HEAD and fit.value in CUTOFF_GRID
+    assert fit.known_photos == fit.unseen_photos == 20
+    assert fit.known_animals == fit.unseen_animals == 12
+    assert fit.map5_known == pytest.approx(1.0) and fit.map5_unseen == pytest.approx(1.0)
+    assert fit.known_new_first == 0.0 and fit.expected_map5 == pytest.approx(1.0)
+    # Brute force, through the head as /identify answers: each sampled photo against the
+    # gallery without itself (no encounters here) and without its individual.
+    gallery = identifier.gallery
+    entries = gallery.entries
+    words = entries.vocab["labels"].words
+    labels = [str(words[c]) for c in entries.codes["labels"]]
+    picked = sample_gallery(labels, seed=0, max_queries=20, per_individual=2)
+    stored, vectors = gallery.index.contents()
+    by_id = dict(zip(stored.tolist(), vectors, strict=True))
+    answers, truths = [], []
+    for p in picked:
+        image_id = int(entries.image_ids[p])
+        for filters, truth in (
+            (Filters(exclude_image=image_id), labels[p]),
+            (Filters(exclude_individual=labels[p]), NEW_INDIVIDUAL),
+        ):
+            vector = by_id[int(entries.ids[p])]
+            neighbours, _ = gallery.search(vector, model.k, filters)
+            beyond = gallery.search_beyond(vector, filters, neighbours)
+            ranked = rank_candidates(neighbours, cutoff=fit.value, beyond=beyond)
+            answers.append([c.label for c in ranked])
+            truths.append(truth)
+    assert map_at_5(answers, truths) == pytest.approx(1.0)
+    # The model's own cutoff is the starting point: a value that puts new first everywhere is
+    # not chosen.
+    assert dict(fit.grid)[0.02] < fit.expected_map5
+
+
+def test_too_small_a_gallery_names_the_count(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=4, shots=(0, 1))
+    with cat.sessions() as session:
+        from service.db.tables import Model
+
+        model = session.get_one(Model, cat.model_id)
+    identifier = Identifier.load(settings, cat.sessions, model)
+    with pytest.raises(TooFewAnimals, match="4 known and 4 unseen animals"):
+        fit_on_gallery(identifier, p_new=0.2)
+
+
+def test_the_calibration_threshold_also_needs_five_unseen_animals() -> None:
+    """``models calibrate`` chooses its threshold on the same rule (issue 26, item 6): one
+    unseen animal photographed six times is one animal, and 0.5 stays."""
+    rng = np.random.default_rng(1)
+    known = []
+    for q in range(40):
+        known.append(Pair(None, int(rng.integers(4, 16)), True, q, animal=f"ind-{q % 10}"))
+        known += [Pair(None, int(rng.integers(0, 8)), False, q, animal=f"ind-{q % 10}")] * 3
+
+    def unseen(animals: int) -> list[Pair]:
+        return [
+            Pair(None, int(rng.integers(0, 8)), False, q, unseen=True, animal=f"new-{q % animals}")
+            for q in range(40, 52)
+            for _ in range(4)
+        ]
+
+    one = fit_calibration(known + unseen(1), Calibration.default(0.62), source="t")
+    assert not one.fitted["threshold_chosen_on_map5"] and one.threshold == 0.5
+    assert (one.fitted["known_animals"], one.fitted["unseen_animals"]) == (10, 1)
+    five = fit_calibration(known + unseen(5), Calibration.default(0.62), source="t")
+    assert five.fitted["threshold_chosen_on_map5"] and five.fitted["unseen_animals"] == 5
