@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     # A model that verifies (or the local-features matcher) is scored through /identify's own
     # path on at most this many confirmations (about 0.1 s each), with and without verification.
     shadow_verify_queries: int = Field(default=200, ge=0, le=100_000)
+    # The share of new animals a catalogue expects among its queries, for the open-set decision
+    # fitted on its gallery (``models.openset``) until the curators have decided enough
+    # identifications to say (a fifth: docs/operations.md, "The open-set decision").
+    open_set_p_new: float = Field(default=0.2, ge=0.0, le=1.0)
+    # Sampled gallery photos the open-set fit asks (each twice), and of one individual at most.
+    open_set_queries: int = Field(default=400, ge=1, le=100_000)
+    open_set_per_individual: int = Field(default=3, ge=1, le=1000)
     # Batch identification (POST /jobs/identify, docs/integration.md).
     batch_max_items: int = 1000
     batch_chunk_size: int = 16

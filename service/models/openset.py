@@ -20,10 +20,12 @@ threshold). The value kept maximises the expected MAP@5 (``knn.map_at_5``)::
     (1 - p_new) * MAP@5(known) + p_new * MAP@5(unseen)
 
 where ``p_new`` is the share of new animals the catalogue expects (``expected_new_share``: the
-curators' decisions once there are enough, else ``settings.open_set_p_new``). Ties go to the
-value nearest the model's own (the trainer's cutoff, or the calibration's threshold): that is
-the starting point, no more. The fit needs at least ``MIN_ANIMALS`` known and as many unseen
-*animals* (not photos): fewer, and one animal's photos would decide it.
+curators' decisions once there are ``MIN_DECISIONS``, else ``settings.open_set_p_new``: a
+fifth, as in the query sets issue 26 measured, where about a fifth of the query animals were
+absent from the gallery). Ties go to the value nearest the model's own (the trainer's cutoff,
+or the calibration's threshold): that is the starting point, no more. The fit needs at least
+``MIN_ANIMALS`` known and as many unseen *animals* (not photos): fewer, and one animal's photos
+would decide it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from service.contract import Calibration
 from service.db.tables import Decision
-from service.errors import TooFewAnimals
+from service.errors import Invalid, TooFewAnimals
 from service.gallery.sync import Filters, load_vectors
 from service.knn import (
     CUTOFF_GRID,
@@ -56,14 +58,9 @@ from service.matching.verify import THRESHOLDS, Evidence, rerank
 
 log = logging.getLogger(__name__)
 
-MAX_QUERIES = 400  # sampled gallery photos, at most
-PER_INDIVIDUAL = 3  # sampled photos of one individual, at most
 # The curators' decisions (confirm or new individual) from which their share of new animals
 # replaces the default.
 MIN_DECISIONS = 30
-# The default share of new animals: a fifth, as the query sets measured in issue 26 had (and
-# the Happywhale test set about as much); see docs/operations.md.
-DEFAULT_P_NEW = 0.2
 
 HEAD = "cutoff"  # the kNN head alone: its cutoff is fitted
 FUSION = "threshold"  # a verifying model: the fusion's new_individual threshold is fitted
@@ -212,8 +209,8 @@ def ask_gallery(
     identifier: Identifier,
     *,
     seed: int = 0,
-    max_queries: int = MAX_QUERIES,
-    per_individual: int = PER_INDIVIDUAL,
+    max_queries: int | None = None,
+    per_individual: int | None = None,
 ) -> list[Asked]:
     """The sampled gallery photos, each asked as a known and as an unseen query through the
     model's own answering path (``Identifier``'s gallery search, then its fusion)."""
@@ -223,7 +220,10 @@ def ask_gallery(
     labels = [str(words[c]) for c in entries.codes["labels"]]
     encounter_words = entries.vocab["encounters"].words
     picked = sample_gallery(
-        labels, seed=seed, max_queries=max_queries, per_individual=per_individual
+        labels,
+        seed=seed,
+        max_queries=max_queries or identifier.settings.open_set_queries,
+        per_individual=per_individual or identifier.settings.open_set_per_individual,
     )
     with identifier.factory() as session:
         vectors = load_vectors(session, [int(entries.ids[p]) for p in picked], gallery.dim)
@@ -298,11 +298,13 @@ def fit_on_gallery(
     p_new: float,
     p_new_source: str = "given",
     seed: int = 0,
-    max_queries: int = MAX_QUERIES,
-    per_individual: int = PER_INDIVIDUAL,
+    max_queries: int | None = None,
+    per_individual: int | None = None,
 ) -> OpenSetFit:
     """The open-set decision of ``identifier``'s model fitted on its own gallery (see the
-    module's text): nothing is stored here (``models.calibration.store_open_set`` does)."""
+        module's text), at most ``max_queries`` sampled photos, ``per_individual`` of one individual
+    (default: the settings ``open_set_queries``, ``open_set_per_individual``). Nothing is stored
+    here."""
     asked = ask_gallery(
         identifier, seed=seed, max_queries=max_queries, per_individual=per_individual
     )
@@ -334,10 +336,16 @@ def fit_on_gallery(
     return fit
 
 
-def expected_new_share(session: Session, default: float) -> tuple[float, str]:
-    """The share of new animals to expect, and where it comes from: the curators' current
-    decisions (new individual against confirm) once there are ``MIN_DECISIONS``, else
-    ``default``."""
+def expected_new_share(
+    session: Session, default: float, given: float | None = None
+) -> tuple[float, str]:
+    """The share of new animals to expect, and where it comes from: ``given`` (the command
+    line's ``--p-new``) if any; else the curators' current decisions (new individual against
+    confirm) once there are ``MIN_DECISIONS``; else ``default`` (``WHALEID_OPEN_SET_P_NEW``)."""
+    if given is not None:
+        if not 0.0 <= given <= 1.0:
+            raise Invalid(f"the share of new animals is in [0, 1], not {given}")
+        return given, "given"
     rows = dict(
         session.execute(
             select(Decision.decision, func.count())
@@ -351,4 +359,4 @@ def expected_new_share(session: Session, default: float) -> tuple[float, str]:
     new, confirmed = int(rows.get("new_individual", 0)), int(rows.get("confirm", 0))
     if new + confirmed >= MIN_DECISIONS:
         return new / (new + confirmed), f"curators' decisions ({new} new of {new + confirmed})"
-    return default, "default"
+    return default, f"default (fewer than {MIN_DECISIONS} decisions: {new + confirmed})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from service.knn import (
     rank_candidates,
 )
 from service.matching.identify import Identifier
-from service.matching.verify import Pair, fit_calibration
+from service.matching.verify import THRESHOLDS, Pair, fit_calibration
 from service.models.openset import (
     HEAD,
     Asked,
@@ -208,3 +209,102 @@ def test_the_calibration_threshold_also_needs_five_unseen_animals() -> None:
     assert (one.fitted["known_animals"], one.fitted["unseen_animals"]) == (10, 1)
     five = fit_calibration(known + unseen(5), Calibration.default(0.62), source="t")
     assert five.fitted["threshold_chosen_on_map5"] and five.fitted["unseen_animals"] == 5
+
+
+@pytest.mark.slow
+def test_a_verifying_model_fits_its_threshold_through_the_fusion(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    """The fusion's answers, placed at the fitted threshold, are those ``/identify`` gives each
+    sampled photo asked without itself and without its individual (local features included)."""
+    from sqlalchemy import select
+
+    from service.db.tables import Image, Model, transaction
+    from service.models.openset import FUSION
+    from service.models.registry import register_model
+    from service.models.switch import activate_model
+    from service.store.photos import PhotoStore
+    from tests.service.matching.test_local_features import _sessions, _textured_catalogue
+
+    factory = _sessions(settings)
+    registered = register_model(settings, factory, toy_model)
+    with transaction(factory) as session:
+        session.get_one(Model, registered.id).verification = "rerank"
+    activate_model(settings, factory, registered.id)
+    with factory() as session:
+        model = session.get_one(Model, registered.id)
+    _textured_catalogue(settings, tmp_path / "catalogue", model)
+    identifier = Identifier.load(settings, factory, model)
+    fit = fit_on_gallery(identifier, p_new=0.2, max_queries=12, per_individual=2)
+    assert fit.mode == FUSION and fit.value in THRESHOLDS
+    assert (fit.known_animals, fit.unseen_animals) == (10, 10)
+    assert fit.known_photos == fit.unseen_photos == 12
+
+    identifier.model = replace(
+        identifier.model,
+        calibration=replace(identifier.model.scoring, threshold=fit.value),
+    )
+    entries = identifier.gallery.entries
+    words = entries.vocab["labels"].words
+    labels = [str(words[c]) for c in entries.codes["labels"]]
+    picked = sample_gallery(labels, seed=0, max_queries=12, per_individual=2)
+    image_ids = [int(entries.image_ids[p]) for p in picked]
+    with factory() as session:
+        found = session.execute(select(Image.id, Image.file_path).where(Image.id.in_(image_ids)))
+        paths = {int(i): str(f) for i, f in found}
+    photos = PhotoStore.open(settings)
+    known, unseen = [], []
+    for p, image_id in zip(picked, image_ids, strict=True):
+        data = photos.read(paths[image_id])
+        for filters, out, truth in (
+            (Filters(exclude_image=image_id), known, labels[p]),
+            (Filters(exclude_individual=labels[p]), unseen, NEW_INDIVIDUAL),
+        ):
+            answer = identifier.identify(data, filters=filters, record=False)
+            out.append(([c.individual_id for c in answer.candidates], truth))
+    k_map = map_at_5([a for a, _ in known], [t for _, t in known])
+    u_map = map_at_5([a for a, _ in unseen], [t for _, t in unseen])
+    assert fit.map5_known == pytest.approx(k_map)
+    assert fit.map5_unseen == pytest.approx(u_map)
+    assert fit.expected_map5 == pytest.approx(0.8 * k_map + 0.2 * u_map)
+    # The starting point (the calibration's 0.5) is no better than the choice.
+    assert fit.expected_map5 >= dict(fit.grid)[0.5]
+
+
+def test_the_share_of_new_animals_comes_from_enough_decisions(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    from service.db.tables import Decision, Identification, Image, transaction
+    from service.errors import Invalid
+    from service.models.openset import MIN_DECISIONS, expected_new_share
+
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=2, shots=(0,))
+
+    def decide(decisions: list[str]) -> None:
+        with transaction(cat.sessions) as session:
+            image_id = session.query(Image.id).limit(1).scalar()
+            for decision in decisions:
+                ident = Identification(
+                    query_image_id=image_id,
+                    model_id=cat.model_id,
+                    filters={},
+                    k=5,
+                    cutoff=0.6,
+                    ranking="vote",
+                    gallery_size=2,
+                )
+                session.add(ident)
+                session.flush()
+                session.add(Decision(identification_id=ident.id, decision=decision, curator="c"))
+
+    decide(["new_individual"] * 5 + ["confirm"] * 10 + ["reject"] * 20)
+    with cat.sessions() as session:
+        share, source = expected_new_share(session, 0.2)
+        assert share == 0.2 and source == "default (fewer than 30 decisions: 15)"
+        assert expected_new_share(session, 0.2, 0.5) == (0.5, "given")
+        with pytest.raises(Invalid, match=r"in \[0, 1\]"):
+            expected_new_share(session, 0.2, 1.5)
+    decide(["new_individual"] * 5 + ["confirm"] * (MIN_DECISIONS - 20))
+    with cat.sessions() as session:
+        share, source = expected_new_share(session, 0.2)
+    assert share == pytest.approx(10 / 30) and source == "curators' decisions (10 new of 30)"
