@@ -471,6 +471,14 @@ class RegisteredModel(BaseModel):
     calibration: dict[str, Any] | None = Field(
         default=None, description="How distance and inliers become a match probability."
     )
+    open_set: dict[str, Any] | None = Field(
+        default=None,
+        description="The open-set decision last fitted on the model's gallery (`whaleid models "
+        "calibrate ID`, activation, re-index): mode (cutoff or threshold), value, start, p_new, "
+        "expected_map5, map5_known, map5_unseen, known_new_first (the share of known queries "
+        "answered new_individual first), queries (known and unseen photos and animals), "
+        "trigger, fitted_at. None: never fitted.",
+    )
 
 
 class VerificationIn(BaseModel):

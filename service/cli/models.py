@@ -187,6 +187,20 @@ def cmd_models_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     factory = sessions_of(settings)
+    if args.queries and args.confirmations:
+        raise Invalid("give a labelled CSV or --confirmations, not both")
+    if args.p_new is not None and (args.queries or args.confirmations):
+        raise Invalid("--p-new is for the fit on the gallery (no CSV, no --confirmations)")
+    if not args.queries and not args.confirmations:
+        from service.db.tables import Model
+        from service.models.openset import fit_model
+
+        fit = fit_model(settings, factory, args.model_id, trigger="calibrate", p_new=args.p_new)
+        with factory() as session:
+            stored = session.get_one(Model, args.model_id).open_set
+        sys.stdout.write(json.dumps(stored, indent=2) + "\n")
+        log.info("model %s: %s %s fitted on its gallery", args.model_id, fit.mode, fit.value)
+        return 0
     with reading_files():
         if args.queries:
             if not args.images:
@@ -284,21 +298,41 @@ COMMANDS = (
     Command(
         ("models", "calibrate"),
         cmd_models_calibrate,
-        "fit how distance and inliers become a match probability, and keep it with the model",
+        "fit where new_individual goes on the model's gallery, or its calibration on labelled "
+        "queries or confirmations, and keep it with the model",
         (
-            "whaleid models calibrate 2 labelled.csv --images photos/",
             "whaleid models calibrate 2",
+            "whaleid models calibrate 2 --p-new 0.3",
+            "whaleid models calibrate 2 labelled.csv --images photos/",
+            "whaleid models calibrate 2 --confirmations",
         ),
         (
             arg("model_id", type=int),
             arg(
                 "queries",
                 nargs="?",
-                help="a labelled CSV (import's columns); none: fit on "
-                "the curators' confirmations of this model's verified answers",
+                help="a labelled CSV (import's columns): fit how distance and inliers become a "
+                "match probability on it; none: fit the open-set decision on the gallery",
             ),
             arg("--images", help="the folder of the CSV's photos"),
+            arg(
+                "--confirmations",
+                action="store_true",
+                help="fit the calibration on the curators' confirmations of this model's "
+                "verified answers instead",
+            ),
+            arg(
+                "--p-new",
+                type=float,
+                help="the share of new animals to expect among queries (default: the "
+                "curators' decisions once there are 30, else WHALEID_OPEN_SET_P_NEW, 0.2)",
+            ),
         ),
+        description="With no CSV: asks a seeded sample of the gallery's photos as known queries "
+        "(without their encounter) and unseen ones (without their individual), and keeps the "
+        "head's cutoff (or, for a model that verifies, the new_individual threshold) with the "
+        "best expected MAP@5; prints its figures (also in GET /models/ID's open_set). Needs "
+        "5 known and 5 unseen animals.",
     ),
     Command(
         ("evaluate",),

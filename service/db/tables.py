@@ -126,6 +126,9 @@ class Model(Base):
     verification: Mapped[str] = mapped_column(String(20), default="none", server_default="none")
     # contract.Calibration.as_dict(): the fitted calibration of the evidence (None: the defaults).
     calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # models.openset.OpenSetFit.figures (and when and why it ran): the open-set decision last
+    # fitted on the gallery; its value is kept in ``cutoff`` or ``calibration``'s threshold.
+    open_set: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Feature(Base):

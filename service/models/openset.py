@@ -30,6 +30,7 @@ would decide it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -37,11 +38,11 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import Calibration
-from service.db.tables import Decision
-from service.errors import Invalid, TooFewAnimals
+from service.db.tables import Decision, Model, transaction
+from service.errors import Invalid, NotFound, TooFewAnimals
 from service.gallery.sync import Filters, load_vectors
 from service.knn import (
     CUTOFF_GRID,
@@ -55,6 +56,7 @@ from service.knn import (
 from service.matching.identify import Identifier
 from service.matching.matcher import Need, Query
 from service.matching.verify import THRESHOLDS, Evidence, rerank
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -360,3 +362,51 @@ def expected_new_share(
     if new + confirmed >= MIN_DECISIONS:
         return new / (new + confirmed), f"curators' decisions ({new} new of {new + confirmed})"
     return default, f"default (fewer than {MIN_DECISIONS} decisions: {new + confirmed})"
+
+
+def store_open_set(
+    factory: sessionmaker[Session], model_id: int, fit: OpenSetFit, *, trigger: str
+) -> dict[str, Any]:
+    """Keep ``fit`` with the model: its value where the model's decision lives (the head's
+    ``cutoff``, or the calibration's ``threshold``: every replica answers with it from its next
+    request), its figures in ``models.open_set`` with when and why (``trigger``) it ran."""
+    figures = {
+        **fit.figures,
+        "trigger": trigger,
+        "fitted_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    with transaction(factory) as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise NotFound(f"model {model_id} does not exist: see GET /models")
+        if fit.mode == HEAD:
+            model.cutoff = fit.value
+        else:
+            calibration = Calibration.from_dict(model.calibration, float(model.cutoff))
+            model.calibration = replace(calibration, threshold=fit.value).as_dict()
+        model.open_set = figures
+    return figures
+
+
+def fit_model(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    model_id: int,
+    *,
+    trigger: str,
+    p_new: float | None = None,
+    identifier: Identifier | None = None,
+) -> OpenSetFit:
+    """Fit the open-set decision of ``model_id`` on its gallery and keep it (``store_open_set``).
+    ``p_new``: the share of new animals to expect (default: ``expected_new_share``)."""
+    with factory() as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise NotFound(f"model {model_id} does not exist: see GET /models")
+        share, source = expected_new_share(session, settings.open_set_p_new, p_new)
+        session.expunge(model)
+    if identifier is None:
+        identifier = Identifier.load(settings, factory, model)
+    fit = fit_on_gallery(identifier, p_new=share, p_new_source=source)
+    store_open_set(factory, model_id, fit, trigger=trigger)
+    return fit

@@ -23,7 +23,7 @@ from service.api.schemas import (
     VerificationIn,
 )
 from service.db.tables import Model
-from service.errors import ActivationRefused, Invalid, NoActiveModel, TooLarge
+from service.errors import ActivationRefused, Invalid, NoActiveModel, NotFound, TooLarge
 from service.jobs.queue import get_job, progress
 from service.models.calibration import (
     pairs_from_confirmations,
@@ -261,3 +261,15 @@ async def calibrate_model(
 def list_models(session: SessionDep, caller: Admin) -> list[RegisteredModel]:
     """Registered models (add and activate them with `whaleid models add`)."""
     return [RegisteredModel.model_validate(m) for m in all_models(session)]
+
+
+@router.get(
+    "/models/{model_id}", response_model=RegisteredModel, responses={404: {"model": Problem}}
+)
+def get_model(model_id: ModelId, session: SessionDep, caller: Admin) -> RegisteredModel:
+    """One registered model, with its calibration and the open-set decision last fitted on
+    its gallery (``open_set``)."""
+    model = session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} does not exist: see GET /models")
+    return RegisteredModel.model_validate(model)

@@ -521,7 +521,8 @@ def test_calibrating_on_too_few_confirmations_says_what_to_do(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _env(settings, monkeypatch)
-    assert main(["models", "calibrate", str(reranking.id)]) == 2
+    # Without a CSV the command fits on the gallery (issue 26); --confirmations is the old path.
+    assert main(["models", "calibrate", str(reranking.id), "--confirmations"]) == 2
     assert "at least 10 right and 10 wrong" in caplog.text
     with _sessions(settings)() as session:
         assert session.get_one(Model, reranking.id).calibration is None

@@ -308,3 +308,63 @@ def test_the_share_of_new_animals_comes_from_enough_decisions(
     with cat.sessions() as session:
         share, source = expected_new_share(session, 0.2)
     assert share == pytest.approx(10 / 30) and source == "curators' decisions (10 new of 30)"
+
+
+def _env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHALEID_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("WHALEID_DATABASE_URL", settings.sqlalchemy_url)
+
+
+@pytest.mark.slow
+def test_calibrate_without_a_csv_fits_on_the_gallery_and_get_model_shows_it(
+    settings: Settings,
+    tmp_path: Path,
+    toy_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+
+    from service.cli import main
+    from service.db.tables import Model
+    from tests.conftest import run_server
+
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=12, shots=(0, 1, 2))
+    with cat.sessions() as session:
+        session.get_one(Model, cat.model_id).cutoff = 0.02  # new first for everything
+        session.commit()
+    _env(settings, monkeypatch)
+    assert main(["models", "calibrate", str(cat.model_id), "--p-new", "0.3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mode"] == "cutoff" and printed["start"] == 0.02
+    assert printed["p_new"] == 0.3 and printed["p_new_source"] == "given"
+    assert printed["trigger"] == "calibrate" and printed["expected_map5"] == 1.0
+    assert printed["queries"] == {
+        "known_photos": 36,
+        "known_animals": 12,
+        "unseen_photos": 36,
+        "unseen_animals": 12,
+    }
+    with cat.sessions() as session:
+        model = session.get_one(Model, cat.model_id)
+        assert model.cutoff == printed["value"] > 0.02 and model.open_set == printed
+        assert model.calibration is None  # the head alone: nothing else changed
+    assert main(["models", "calibrate", str(cat.model_id)]) == 0  # the default share
+    again = json.loads(capsys.readouterr().out)
+    assert again["p_new"] == 0.2 and again["p_new_source"].startswith("default")
+    assert main(["models", "calibrate", str(cat.model_id), "--p-new", "2"]) == 2
+    assert "in [0, 1]" in caplog.text
+    assert main(["models", "calibrate", "999"]) == 2
+
+    server = run_server(settings)
+    live = next(server)
+    try:
+        with live.client("admin") as admin, live.client() as integration:
+            shown = admin.get(f"/models/{cat.model_id}")
+            assert shown.status_code == 200
+            assert shown.json()["open_set"] == again and shown.json()["cutoff"] == again["value"]
+            assert admin.get("/models/999").status_code == 404
+            assert integration.get(f"/models/{cat.model_id}").status_code == 403
+    finally:
+        next(server, None)
