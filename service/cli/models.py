@@ -192,14 +192,10 @@ def cmd_models_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     if args.p_new is not None and (args.queries or args.confirmations):
         raise Invalid("--p-new is for the fit on the gallery (no CSV, no --confirmations)")
     if not args.queries and not args.confirmations:
-        from service.db.tables import Model
         from service.models.openset import fit_model
 
-        fit = fit_model(settings, factory, args.model_id, trigger="calibrate", p_new=args.p_new)
-        with factory() as session:
-            stored = session.get_one(Model, args.model_id).open_set
+        stored = fit_model(settings, factory, args.model_id, trigger="calibrate", p_new=args.p_new)
         sys.stdout.write(json.dumps(stored, indent=2) + "\n")
-        log.info("model %s: %s %s fitted on its gallery", args.model_id, fit.mode, fit.value)
         return 0
     with reading_files():
         if args.queries:

@@ -396,9 +396,10 @@ def fit_model(
     trigger: str,
     p_new: float | None = None,
     identifier: Identifier | None = None,
-) -> OpenSetFit:
-    """Fit the open-set decision of ``model_id`` on its gallery and keep it (``store_open_set``).
-    ``p_new``: the share of new animals to expect (default: ``expected_new_share``)."""
+) -> dict[str, Any]:
+    """Fit the open-set decision of ``model_id`` on its gallery and keep it (``store_open_set``);
+    returns what was stored. ``p_new``: the share of new animals to expect (default:
+    ``expected_new_share``)."""
     with factory() as session:
         model = session.get(Model, model_id)
         if model is None:
@@ -408,5 +409,22 @@ def fit_model(
     if identifier is None:
         identifier = Identifier.load(settings, factory, model)
     fit = fit_on_gallery(identifier, p_new=share, p_new_source=source)
-    store_open_set(factory, model_id, fit, trigger=trigger)
-    return fit
+    return store_open_set(factory, model_id, fit, trigger=trigger)
+
+
+def refit(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    model_id: int,
+    *,
+    trigger: str,
+    identifier: Identifier | None = None,
+) -> dict[str, Any]:
+    """``fit_model`` where it runs unasked (activation, the end of a re-index): the figures
+    stored, or, where the gallery holds too few animals, ``{"skipped": why}`` and the model
+    keeps its own value (nothing is stored)."""
+    try:
+        return fit_model(settings, factory, model_id, trigger=trigger, identifier=identifier)
+    except TooFewAnimals as e:
+        log.info("model %s keeps its own open-set decision (%s): %s", model_id, trigger, e)
+        return {"skipped": str(e), "trigger": trigger}

@@ -31,6 +31,7 @@ from service.imaging import decode_photo, to_model_input
 from service.jobs.queue import ChunkHandler, JobState, Lease, LeaseLost, complete, create_job
 from service.matching.features import FeatureStore, images_without_features
 from service.matching.registry import uses_features
+from service.models.openset import refit
 from service.models.shadow import evaluate_shadow
 from service.onnx.embedder import Embedder
 from service.settings import Settings
@@ -365,10 +366,18 @@ class ReindexChunks:
         gallery.open(self.factory)  # writes the index file the replicas load at the switch
         if not alive():
             raise LeaseLost("the lease was lost while writing the index")
+        # The open-set decision fitted on the new gallery first: the shadow evaluation scores
+        # the model with it (its own head's cutoff, or its calibration's threshold).
+        open_set = refit(self.settings, self.factory, lease.model_id, trigger="reindex")
         report = evaluate_shadow(self.settings, self.factory, lease.model_id)
         with transaction(self.factory) as session:
             job = complete(session, lease, done=0, failed=len(errors), errors=errors)
-            job.result = {"caught_up": added, "gallery_size": gallery.size, "shadow": report.data}
+            job.result = {
+                "caught_up": added,
+                "gallery_size": gallery.size,
+                "shadow": report.data,
+                "open_set": open_set,
+            }
             model = session.get_one(Model, lease.model_id)
             if job.state == JobState.SUCCEEDED and model.status == ModelStatus.INDEXING:
                 model.status = ModelStatus.READY

@@ -23,7 +23,8 @@ from service.gallery.embed import embed_gallery
 from service.gallery.index import sidecar_path
 from service.gallery.sync import Gallery, index_path
 from service.matching.features import FeatureStore
-from service.matching.registry import uses_features
+from service.matching.registry import uses_features, verifies
+from service.models.openset import refit
 from service.models.reindex import (
     Embedders,
     PhotoEmbedder,
@@ -242,7 +243,13 @@ def activate(
         actor=actor,
         forced=force,
     )
-    return Switch(done.from_model_id, model_id, done.action, done.head, done.caught_up, report.data)
+    if head == HeadChoice.MODEL or verifies(model):
+        # Fitted again on the gallery it now answers from (photos may have come since its
+        # re-index); a head chosen on the confirmations (paper, best) keeps its cutoff.
+        refit(settings, factory, model_id, trigger="activate")
+    with factory() as session:
+        answering = Head.of(model_row(session, model_id))
+    return Switch(done.from_model_id, model_id, done.action, answering, done.caught_up, report.data)
 
 
 def previous_model_id(factory: sessionmaker[Session]) -> int | None:
@@ -326,5 +333,6 @@ def activate_model(settings: Settings, factory: sessionmaker[Session], model_id:
     switch = switch_to(
         settings, factory, photos, model_id, action="activate", head=None, actor="cli", forced=True
     )
+    refit(settings, factory, model_id, trigger="activate")
     log.info("model id %s is active; gallery of %d photos", model_id, gallery.size)
     return embedded + switch.caught_up

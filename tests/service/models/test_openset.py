@@ -368,3 +368,50 @@ def test_calibrate_without_a_csv_fits_on_the_gallery_and_get_model_shows_it(
             assert integration.get(f"/models/{cat.model_id}").status_code == 403
     finally:
         next(server, None)
+
+
+@pytest.mark.slow
+def test_reindex_and_activation_fit_on_the_gallery_and_the_shadow_uses_it(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    from service.contract import PAPER_HEAD
+    from service.db.tables import Job, Model
+    from service.models.reindex import Embedders
+    from service.models.switch import HeadChoice, activate
+    from tests.service.models.test_switch import ready_model
+    from tests.toy import build_toy_model
+
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=12, shots=(0, 1, 2))
+    with cat.sessions() as session:
+        # Activated before its gallery was imported: nothing to fit on then.
+        assert session.get_one(Model, cat.model_id).open_set is None
+    new_id = ready_model(cat, build_toy_model(tmp_path / "v2.onnx", seed=7))
+    with cat.sessions() as session:
+        model = session.get_one(Model, new_id)
+        job = session.query(Job).order_by(Job.id.desc()).first()
+        assert job is not None and job.result is not None
+        fitted = job.result["open_set"]
+        assert model.open_set == fitted and fitted["trigger"] == "reindex"
+        assert model.cutoff == fitted["value"] and fitted["expected_map5"] == 1.0
+        shadow_model_head = job.result["shadow"]["candidate"]["heads"]["model"]
+        assert shadow_model_head["cutoff"] == round(fitted["value"], 4)
+        model.cutoff = 0.02  # new_individual first for all: activation fits it again
+        session.commit()
+    switch = activate(settings, cat.sessions, Embedders(settings, cat.sessions), new_id, force=True)
+    with cat.sessions() as session:
+        model = session.get_one(Model, new_id)
+        assert model.open_set is not None and model.open_set["trigger"] == "activate"
+        assert model.cutoff == model.open_set["value"] == switch.head.cutoff > 0.02
+        assert model.open_set["start"] == 0.02 and model.open_set["expected_map5"] == 1.0
+    # A head chosen on the confirmations keeps its cutoff: the paper's here.
+    switch = activate(
+        settings,
+        cat.sessions,
+        Embedders(settings, cat.sessions),
+        cat.model_id,
+        head=HeadChoice.PAPER,
+        force=True,
+    )
+    with cat.sessions() as session:
+        assert session.get_one(Model, cat.model_id).cutoff == PAPER_HEAD.cutoff
+        assert session.get_one(Model, cat.model_id).open_set is None
