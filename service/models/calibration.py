@@ -107,13 +107,24 @@ def store_calibration(
         model = session.get(Model, model_id)
         if model is None:
             raise NotFound(f"model {model_id} does not exist: see GET /models")
-        base = Calibration.default(float(model.cutoff))
+        # The threshold stays where it is (fitted on the gallery, say) unless these pairs hold
+        # enough animals to choose it.
+        threshold = Calibration.from_dict(model.calibration, float(model.cutoff)).threshold
+        base = replace(Calibration.default(float(model.cutoff)), threshold=threshold)
     try:
         fitted = fit_calibration(pairs, base, source=source)
     except TooFewPairs as e:
         raise Invalid(str(e)) from e
     with transaction(factory) as session:
-        session.get_one(Model, model_id).calibration = fitted.as_dict()
+        model = session.get_one(Model, model_id)
+        model.calibration = fitted.as_dict()
+        if (
+            model.open_set
+            and model.open_set.get("mode") == "threshold"
+            and fitted.fitted.get("threshold_chosen_on_map5")
+        ):
+            # The threshold fitted on the gallery no longer answers: say what replaced it.
+            model.open_set = {**model.open_set, "superseded_by": source}
     log.info(
         "model %s calibrated on %d candidates (%d right) from %s",
         model_id,

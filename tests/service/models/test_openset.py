@@ -415,3 +415,32 @@ def test_reindex_and_activation_fit_on_the_gallery_and_the_shadow_uses_it(
     with cat.sessions() as session:
         assert session.get_one(Model, cat.model_id).cutoff == PAPER_HEAD.cutoff
         assert session.get_one(Model, cat.model_id).open_set is None
+
+
+def test_a_calibration_keeps_the_fitted_threshold_unless_it_chooses_one(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    from service.db.tables import Model
+    from service.models.calibration import store_calibration
+
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=2, shots=(0,))
+    fitted_on_gallery = {"mode": "threshold", "value": 0.35}
+    with cat.sessions() as session:
+        model = session.get_one(Model, cat.model_id)
+        model.calibration = replace(Calibration.default(0.62), threshold=0.35).as_dict()
+        model.open_set = fitted_on_gallery
+        session.commit()
+    known_only = [Pair(None, 12, True, q, animal=f"a{q}") for q in range(30)]
+    known_only += [Pair(None, n, False, q, animal=f"a{q}") for q in range(30) for n in (1, 3)]
+    kept = store_calibration(cat.sessions, cat.model_id, known_only, source="few")
+    assert kept.threshold == 0.35 and not kept.fitted["threshold_chosen_on_map5"]
+    with cat.sessions() as session:
+        assert session.get_one(Model, cat.model_id).open_set == fitted_on_gallery
+    unseen = [Pair(None, n, False, q, True, f"new{q}") for q in range(30, 40) for n in (2, 4)]
+    chosen = store_calibration(cat.sessions, cat.model_id, known_only + unseen, source="csv")
+    assert chosen.fitted["threshold_chosen_on_map5"]
+    with cat.sessions() as session:
+        model = session.get_one(Model, cat.model_id)
+        assert model.open_set == {**fitted_on_gallery, "superseded_by": "csv"}
+        assert model.calibration is not None
+        assert model.calibration["threshold"] == chosen.threshold
