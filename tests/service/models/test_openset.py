@@ -444,3 +444,42 @@ def test_a_calibration_keeps_the_fitted_threshold_unless_it_chooses_one(
         assert model.open_set == {**fitted_on_gallery, "superseded_by": "csv"}
         assert model.calibration is not None
         assert model.calibration["threshold"] == chosen.threshold
+
+
+def test_a_known_query_is_asked_without_its_whole_encounter(
+    settings: Settings, tmp_path: Path, toy_model: Path
+) -> None:
+    """Individuals 0-5 were met twice (shots 0 and 1 together, shot 2 later); 6 and 7 once. A
+    photo asked without its encounter is a known query only where its individual was met
+    again: 18 photos of 6 animals, not 24 (as without the photo alone)."""
+    import csv
+
+    from service.catalogue.imports import CatalogueImport
+    from service.db.tables import Model, make_engine, make_sessionmaker
+    from service.models.registry import register_model
+    from service.models.switch import activate_model
+    from service.onnx.embedder import Embedder
+    from tests.toy import write_catalogue
+
+    factory = make_sessionmaker(make_engine(settings.sqlalchemy_url))
+    model = register_model(settings, factory, toy_model)
+    activate_model(settings, factory, model.id)
+    folder = tmp_path / "cat"
+    path = write_catalogue(folder, range(8), (0, 1, 2))
+    rows = list(csv.DictReader(path.open()))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "encounter"])
+        writer.writeheader()
+        for row in rows:
+            ind, shot = row["image"].removesuffix(".png").split("_")
+            again = int(ind[3:]) < 6 and shot == "shot2"
+            writer.writerow({**row, "encounter": f"{ind}-{'b' if again else 'a'}"})
+    embedder = Embedder.for_model(settings, model.file_path)
+    report = CatalogueImport(settings, factory, embedder, model.id).run(path, folder / "images")
+    assert not report.errors and report.imported == 24
+    with factory() as session:
+        row = session.get_one(Model, model.id)
+    fit = fit_on_gallery(Identifier.load(settings, factory, row), p_new=0.2)
+    assert (fit.known_photos, fit.known_animals) == (18, 6)
+    assert (fit.unseen_photos, fit.unseen_animals) == (24, 8)
+    assert fit.map5_known == pytest.approx(1.0) and fit.map5_unseen == pytest.approx(1.0)
