@@ -421,10 +421,18 @@ def refit(
     identifier: Identifier | None = None,
 ) -> dict[str, Any]:
     """``fit_model`` where it runs unasked (activation, the end of a re-index): the figures
-    stored, or, where the gallery holds too few animals, ``{"skipped": why}`` and the model
-    keeps its own value (nothing is stored)."""
+    stored, or, where the gallery holds too few animals, ``{"skipped": why}`` (``{"failed":
+    why}`` where the fit failed, logged) and the model keeps its own value (nothing is
+    stored)."""
     try:
         return fit_model(settings, factory, model_id, trigger=trigger, identifier=identifier)
     except TooFewAnimals as e:
         log.info("model %s keeps its own open-set decision (%s): %s", model_id, trigger, e)
         return {"skipped": str(e), "trigger": trigger}
+    except Exception as e:
+        # The switch or the re-index it follows is done and stays done: the model keeps its
+        # own value, and the failure is logged (whaleid models calibrate ID tries again).
+        log.exception(
+            "model %s: the open-set fit (%s) failed; its own value stays", model_id, trigger
+        )
+        return {"failed": f"{type(e).__name__}: {e}", "trigger": trigger}

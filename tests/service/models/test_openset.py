@@ -483,3 +483,27 @@ def test_a_known_query_is_asked_without_its_whole_encounter(
     assert (fit.known_photos, fit.known_animals) == (18, 6)
     assert (fit.unseen_photos, fit.unseen_animals) == (24, 8)
     assert fit.map5_known == pytest.approx(1.0) and fit.map5_unseen == pytest.approx(1.0)
+
+
+def test_an_unasked_fit_that_fails_leaves_the_model_as_it_was(
+    settings: Settings, tmp_path: Path, toy_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.db.tables import Model
+    from service.models import openset
+
+    cat = load_catalogue(settings, tmp_path / "cat", toy_model, individuals=6, shots=(0, 1))
+    with cat.sessions() as session:
+        cutoff = session.get_one(Model, cat.model_id).cutoff
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(openset, "fit_on_gallery", broken)
+    out = openset.refit(settings, cat.sessions, cat.model_id, trigger="activate")
+    assert out == {"failed": "RuntimeError: disk gone", "trigger": "activate"}
+    with cat.sessions() as session:
+        model = session.get_one(Model, cat.model_id)
+        assert model.cutoff == cutoff and model.open_set is None
+    monkeypatch.undo()
+    fitted = openset.refit(settings, cat.sessions, cat.model_id, trigger="activate")
+    assert fitted["trigger"] == "activate" and fitted["queries"]["known_animals"] == 6
