@@ -247,6 +247,12 @@ def activate(
         # Fitted again on the gallery it now answers from (photos may have come since its
         # re-index); a head chosen on the confirmations (paper, best) keeps its cutoff.
         refit(settings, factory, model_id, trigger="activate")
+    else:
+        with transaction(factory) as session:
+            row = model_row(session, model_id)
+            if row.open_set and row.open_set.get("mode") == "cutoff":
+                # The cutoff fitted at its re-index no longer answers: say what replaced it.
+                row.open_set = {**row.open_set, "superseded_by": f"head {head}"}
     with factory() as session:
         answering = Head.of(model_row(session, model_id))
     return Switch(done.from_model_id, model_id, done.action, answering, done.caught_up, report.data)

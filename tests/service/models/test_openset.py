@@ -415,6 +415,19 @@ def test_reindex_and_activation_fit_on_the_gallery_and_the_shadow_uses_it(
     with cat.sessions() as session:
         assert session.get_one(Model, cat.model_id).cutoff == PAPER_HEAD.cutoff
         assert session.get_one(Model, cat.model_id).open_set is None
+    # The re-indexed model back with the paper's head: its fitted cutoff is said to be replaced.
+    activate(
+        settings,
+        cat.sessions,
+        Embedders(settings, cat.sessions),
+        new_id,
+        head=HeadChoice.PAPER,
+        force=True,
+    )
+    with cat.sessions() as session:
+        model = session.get_one(Model, new_id)
+        assert model.cutoff == PAPER_HEAD.cutoff and model.open_set is not None
+        assert model.open_set["superseded_by"] == "head paper"
 
 
 def test_a_calibration_keeps_the_fitted_threshold_unless_it_chooses_one(
