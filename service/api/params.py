@@ -19,6 +19,7 @@ STATUS_LENGTH = 20
 IdentificationId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 ImageId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 KeyId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+ModelId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="The model's id.")]
 IndividualId = Annotated[
     str,
     Path(max_length=CATALOGUE_ID_LENGTH, description="The catalogue's own id."),

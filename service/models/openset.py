@@ -304,7 +304,7 @@ def fit_on_gallery(
     per_individual: int | None = None,
 ) -> OpenSetFit:
     """The open-set decision of ``identifier``'s model fitted on its own gallery (see the
-        module's text), at most ``max_queries`` sampled photos, ``per_individual`` of one individual
+    module's text), at most ``max_queries`` sampled photos, ``per_individual`` of one individual
     (default: the settings ``open_set_queries``, ``open_set_per_individual``). Nothing is stored
     here."""
     asked = ask_gallery(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import Admin, EmbeddersDep, RuntimeDep, SessionDep, SessionsDep, SettingsDep
+from service.api.params import ModelId
 from service.api.schemas import (
     INVALID,
     ActivateIn,
@@ -35,8 +36,6 @@ from service.models.reindex import start_reindex
 from service.models.switch import activate, retire, rollback, shadow_report
 
 router = APIRouter(tags=["models"])
-
-ModelId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The model's id.")]
 
 
 async def _receive_model(request: Request, limit: int, folder: FilePath) -> FilePath:
