@@ -46,7 +46,7 @@ def set_verification(factory: sessionmaker[Session], model_id: int, mode: str) -
 def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Path) -> list[Pair]:
     """Identify each labelled query with verification (nothing recorded) and label every
     verified candidate: right if it is the query's individual."""
-    identifier.model = replace(identifier.model, verification=Verification.RERANK)
+    identifier.model = identifier.model.verifying(Verification.RERANK)
     pairs: list[Pair] = []
     known = identifier.gallery.entries.labels
     rows = list(read_catalogue(queries_csv, new_individual_allowed=True))
