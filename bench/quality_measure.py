@@ -57,6 +57,8 @@ class ModeResult:
     # train_seconds_last_session, epochs, kept_epoch, head, best_val_map5, best_val_queries,
     # data (the trainer's split), export_s, export_args, model_mb.
     training: dict[str, Any] = field(default_factory=dict)
+    # Modes fitted on the gallery: what the fit expected (``models calibrate ID``'s figures).
+    fitted: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +185,7 @@ def run_mode(
         log.error("%s on %s failed: %s", mode.name, data.key, e)
     if case is not None:
         result.training = dict(case.training)
+        result.fitted = dict(case.fitted)
     result.wall_s = time.perf_counter() - started
     return result
 

@@ -100,6 +100,8 @@ class Case:
     runs: Path | None = None
     train: TrainOptions = field(default_factory=TrainOptions)
     training: dict[str, Any] = field(default_factory=dict)
+    # A mode fitted on the gallery: the figures `models calibrate ID` printed (expected MAP@5).
+    fitted: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ def fit_on_gallery(case: Case, model_id: int) -> str:
     except CommandFailed as e:
         raise ModeUnavailable(f"`models calibrate` on the gallery failed: {e.why}") from e
     f = json.loads(done.stdout)
+    case.fitted = f
     q = f["queries"]
     return (
         f"fitted on the gallery (`models calibrate {model_id}`, {done.seconds:.0f} s): "

@@ -364,3 +364,39 @@ def test_the_doc_renders_old_results_and_trained_modes() -> None:
         "| 9 | 13.4 | 120 / 25 |" in new
     )
     assert "| Toy | scratch | not run |" in new
+
+
+def test_a_mode_fitted_on_the_gallery_shows_what_it_expected_beside_what_it_measured() -> None:
+    base = {
+        "status": "ran",
+        "reason": "",
+        "notes": [],
+        "setup_s": 1.0,
+        "evaluate_s": 1.0,
+        "wall_s": 2.0,
+        "latency_ms": {},
+    }
+    summary = {
+        "map5": 0.5,
+        "map5_known": 0.6,
+        "map5_unseen": 0.3,
+        "unseen_flagged_new": 1,
+        "unseen_queries": 1,
+        "known_flagged_new": 0,
+        "known_queries": 2,
+        "known_top1": 1,
+        "known_top5": 2,
+        "errors": 0,
+    }
+    fitted = {"expected_map5": 0.44, "map5_known": 0.4, "map5_unseen": 0.7}
+    doc = render(
+        _results(
+            [{"mode": "local-fitted", **base, "summary": summary, "fitted": fitted}],
+            ["local-fitted"],
+        )
+    )
+    # Known 2, unseen 1: the expectation at this set's share is 2/3 * 0.4 + 1/3 * 0.7 = 0.5.
+    assert (
+        "| local-fitted | **0.500** | 0.600 | 0.300 | 1/2 / 2/2 | 1/1 / 0/2 | 0.440 (0.500) |"
+        in doc
+    )

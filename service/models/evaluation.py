@@ -26,6 +26,9 @@ class Evaluation:
     unseen: list[float] = field(default_factory=list)
     new_first_on_unseen: int = 0
     new_first_on_known: int = 0
+    # Known queries whose individual came first, and within the answer's first five.
+    known_top1: int = 0
+    known_top5: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -66,6 +69,9 @@ class Evaluation:
             # Open-set figures: how often new_individual came first.
             "unseen_flagged_new": self.new_first_on_unseen,
             "known_flagged_new": self.new_first_on_known,
+            # Retrieval of the known queries: their individual first, and in the first five.
+            "known_top1": self.known_top1,
+            "known_top5": self.known_top5,
             # Rows skipped as errors (unreadable row or photo): in no MAP@5.
             "errors": len(self.errors),
         }
@@ -114,6 +120,9 @@ def evaluate(
             (result.unseen if unseen else result.known).append(
                 average_precision_at_5(labels, truth)
             )
+            if not unseen and truth in labels[:5]:
+                result.known_top5 += 1
+                result.known_top1 += labels[0] == truth
             if labels and labels[0] == NEW_INDIVIDUAL:
                 if unseen:
                     result.new_first_on_unseen += 1

@@ -88,6 +88,8 @@ def test_evaluate_counts_new_individual_answers_on_known_and_unseen(
     assert (summary["known_queries"], summary["unseen_queries"]) == (3, 1)
     assert summary["known_flagged_new"] == 3 and summary["unseen_flagged_new"] == 1
     assert summary["map5_unseen"] == 1.0 and summary["map5_known"] == 0.5  # each at rank 2
+    # Each known cow is second, behind new_individual: in the top five, never first.
+    assert (summary["known_top1"], summary["known_top5"]) == (0, 3)
 
 
 def test_photo_file_is_removed_when_the_database_write_fails(catalogue: Catalogue) -> None:
