@@ -44,13 +44,11 @@ def _photo_of(
     chosen = rng.choice(len(query), shared, replace=False)
     src = np.concatenate([query.points[chosen], np.ones((shared, 1), np.float32)], axis=1)
     moved = src @ h.T
-    points = np.concatenate(
-        [moved[:, :2] / moved[:, 2:], rng.uniform(0, size, (own, 2))]
-    ).astype(np.float32)
-    noisy = query.descriptors[chosen].astype(np.int16) + rng.integers(-4, 5, (shared, DIM))
-    descriptors = np.concatenate(
-        [np.clip(noisy, 0, 255).astype(np.uint8), _descriptors(rng, own)]
+    points = np.concatenate([moved[:, :2] / moved[:, 2:], rng.uniform(0, size, (own, 2))]).astype(
+        np.float32
     )
+    noisy = query.descriptors[chosen].astype(np.int16) + rng.integers(-4, 5, (shared, DIM))
+    descriptors = np.concatenate([np.clip(noisy, 0, 255).astype(np.uint8), _descriptors(rng, own)])
     order = rng.permutation(len(points))
     return Features(points[order], descriptors[order], size, size)
 
