@@ -169,6 +169,16 @@ _KEPT_BYTES_PER_PIXEL = 3
 _KEPT_OVERHEAD = 64 * 1024
 
 
+def kept_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The pixels of a decoded photo of ``size`` as ``keepsake`` keeps it: its longer side at
+    most ``max_side``."""
+    w, h = size
+    if max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def keepsake(
     data: bytes, photo: Photo, *, max_side: int, cropped: bool, quality: int = 92
 ) -> Keepsake:
@@ -186,9 +196,8 @@ def keepsake(
     ):
         return Keepsake(data, photo)
     image = photo.image
-    if max(w, h) > max_side:
-        scale = max_side / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = kept_size((w, h), max_side)
+    if size != (w, h):
         image = image.resize(size, Image.Resampling.LANCZOS)
     fmt = "PNG" if photo.format == "PNG" else "JPEG"
     out = io.BytesIO()

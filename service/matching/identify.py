@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.contract import Calibration, Head, ModelKind, Verification
 from service.db.tables import Image, Model
 from service.gallery.sync import Filters, Gallery
-from service.imaging import Keepsake, Photo, decode_photo, keepsake, to_model_input
+from service.imaging import Keepsake, Photo, decode_photo, keepsake, kept_size, to_model_input
 from service.knn import NEW_INDIVIDUAL, RankedCandidate
 from service.matching.features import Features, FeatureStore
 from service.matching.fusion import Fusion
@@ -363,8 +363,7 @@ class Identifier:
             if record:
                 # Kept while this thread preprocesses, and on into the embedding: it is waited
                 # for when the answer is written. A large decoded photo (a PNG has no reduced
-                # decoding) is waited for here, so its pixels go with the slot; so is the photo
-                # whose local features come from it as kept.
+                # decoding) is waited for here, so its pixels go with the slot.
                 into.keeping = self.slots.side.submit(
                     self._keep, raw, photo, bbox is not None, checked
                 )
@@ -376,15 +375,16 @@ class Identifier:
                 return current
             into.model = model
             pixels = photo.image.width * photo.image.height
-            if into.keeping is not None and (uses_features or pixels > KEPT_AFTER_SLOT_PIXELS):
+            if into.keeping is not None and pixels > KEPT_AFTER_SLOT_PIXELS:
                 into.keeping.result()
             if uses_features:
-                kept = into.keeping.result()[0] if into.keeping is not None else None
                 with watch.lap("features"):
-                    # From the photo as kept, so the points are in the stored photo's pixels.
-                    into.features = self.features.extractor.extract(
-                        kept.photo.image if kept is not None else photo.image
-                    )
+                    # From the photo as decoded (no second decode, no wait for the photo as
+                    # kept), its points in the pixels of the photo as kept (when recorded).
+                    size = photo.image.size
+                    if record:
+                        size = kept_size(size, self.settings.stored_photo_max_side)
+                    into.features = self.features.extractor.extract(photo.image, size)
             # The full-size pixels go with the slot.
         return None
 

@@ -20,7 +20,7 @@ import numpy as np
 from service.contract import Calibration
 from service.errors import TooFewPairs
 from service.knn import MIN_ANIMALS, TOP, place_new_individual, ranks_at_cutoffs
-from service.matching.features import Features
+from service.matching.features import DIM, Features
 
 RATIO = 0.8
 MIN_MATCHES = 8  # a homography needs 4; fewer than 8 tentative matches is no evidence
@@ -56,29 +56,77 @@ _NO_MATCH = PairMatch(np.zeros((0, 4), np.float32), np.zeros(0, bool))
 
 def tentative(query: Features, other: Features, ratio: float = RATIO) -> np.ndarray:
     """(m, 2) indices (query, other) of descriptor pairs passing the ratio test."""
-    if len(query) < 2 or len(other) < 2:
-        return np.zeros((0, 2), np.int64)
-    a, b = query.unit, other.unit
-    # Squared L2 between unit vectors is 2 - 2 cos: one matrix product does all pairs.
-    sim = a @ b.T
-    rows = np.arange(len(a))
-    first = sim.argmax(axis=1)
-    best = sim[rows, first]
-    sim[rows, first] = -np.inf
-    second = sim.max(axis=1)
-    d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
-    d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
-    keep = d1 < ratio * d2
-    # One query keypoint per candidate keypoint: the closest wins.
-    order = np.argsort(-best[keep], kind="stable")
-    q_idx, o_idx = rows[keep][order], first[keep][order]
+    return tentative_many(query, [other], ratio)[0]
+
+
+# The batched step's similarity block is (query descriptors, photos, longest photo): at most this
+# many photo columns per block (13 MB of float32 for 400 query descriptors).
+_BLOCK_COLUMNS = 8_192
+
+
+def tentative_many(
+    query: Features, others: Sequence[Features], ratio: float = RATIO
+) -> list[np.ndarray]:
+    """For each of ``others``, the (m, 2) indices (query, other) of descriptor pairs passing the
+    ratio test, as ``tentative`` finds them pair by pair, in one matrix product per block of
+    photos: the query's descriptors against all theirs, each photo's columns padded to the
+    longest, then the two nearest per photo and the ratio test for all photos at once."""
+    out = [np.zeros((0, 2), np.int64) for _ in others]
+    usable = [j for j, other in enumerate(others) if len(other) >= 2]
+    if len(query) < 2 or not usable:
+        return out
+    a = query.unit
+    width = max(len(others[j]) for j in usable)
+    per_block = max(1, _BLOCK_COLUMNS // width)
+    for start in range(0, len(usable), per_block):
+        block = usable[start : start + per_block]
+        stacked = np.zeros((len(block), width, DIM), np.float32)
+        for slot, j in enumerate(block):
+            stacked[slot, : len(others[j])] = others[j].unit
+        # Squared L2 between unit vectors is 2 - 2 cos: one product does every pair.
+        sim = (a @ stacked.reshape(-1, DIM).T).reshape(len(a), len(block), width)
+        for slot, j in enumerate(block):
+            sim[:, slot, len(others[j]) :] = -np.inf  # the padding is nobody's neighbour
+        first = sim.argmax(axis=2)
+        best = np.take_along_axis(sim, first[:, :, np.newaxis], axis=2)[:, :, 0]
+        np.put_along_axis(sim, first[:, :, np.newaxis], -np.inf, axis=2)
+        second = sim.max(axis=2)
+        d1 = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
+        d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
+        keep = d1 < ratio * d2
+        for slot, j in enumerate(block):
+            rows = np.flatnonzero(keep[:, slot])
+            out[j] = _one_per_keypoint(rows, first[rows, slot], best[rows, slot])
+    return out
+
+
+def _one_per_keypoint(q_idx: np.ndarray, o_idx: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """The (query, other) pairs with one query keypoint per candidate keypoint: the closest
+    wins (ties: the earlier query keypoint)."""
+    order = np.argsort(-score, kind="stable")
+    q_idx, o_idx = q_idx[order], o_idx[order]
     _, unique = np.unique(o_idx, return_index=True)
     return np.stack([q_idx[unique], o_idx[unique]], axis=1).astype(np.int64)
 
 
 def match_pair(query: Features, other: Features) -> PairMatch:
     """The ratio-test matches of two photos and which of them one homography explains."""
-    idx = tentative(query, other)
+    return geometric(query, other, tentative(query, other))
+
+
+def match_many(query: Features, others: Sequence[Features]) -> list[PairMatch]:
+    """``match_pair`` of the query with each of ``others``, the tentative matches of all found
+    in one batched step (``tentative_many``); the homography is sought only for the photos with
+    at least ``MIN_MATCHES`` of them."""
+    return [
+        geometric(query, other, idx)
+        for other, idx in zip(others, tentative_many(query, others), strict=True)
+    ]
+
+
+def geometric(query: Features, other: Features, idx: np.ndarray) -> PairMatch:
+    """The tentative matches ``idx`` of two photos and which of them one homography explains
+    (none, without trying, below ``MIN_MATCHES``)."""
     if len(idx) < MIN_MATCHES:
         return PairMatch(
             np.concatenate([query.points[idx[:, 0]], other.points[idx[:, 1]]], axis=1),
@@ -93,6 +141,11 @@ def match_pair(query: Features, other: Features) -> PairMatch:
     )
     inlier = np.zeros(len(idx), bool) if mask is None else mask.ravel().astype(bool)
     return PairMatch(np.concatenate([src, dst], axis=1), inlier)
+
+
+def evidence(match: PairMatch) -> int:
+    """What one matched pair of photos counts as verification's evidence (its inliers)."""
+    return match.inliers
 
 
 def _sigmoid(x: float) -> float:
@@ -159,17 +212,23 @@ def best_photos(
     candidates: Sequence[Evidence],
     features: Callable[[Sequence[int]], dict[int, Features]],
 ) -> list[Evidence]:
-    """Each candidate with its inliers (the best of its photos) and its best photo."""
+    """Each candidate with its inliers (the best of its photos) and its best photo; every photo
+    of the shortlist matched in one batched step (``match_many``)."""
     wanted = [i for c in candidates for i in c.photos]
     stored = features(wanted)
+    photos = [i for i in dict.fromkeys(wanted) if i in stored]
+    found = dict(
+        zip(
+            photos,
+            (evidence(m) for m in match_many(query, [stored[i] for i in photos])),
+            strict=True,
+        )
+    )
     out = []
     for c in candidates:
         best, best_image = 0, c.photos[0] if c.photos else None
         for image_id in c.photos:
-            other = stored.get(image_id)
-            if other is None:
-                continue
-            n = match_pair(query, other).inliers
+            n = found.get(image_id, 0)
             if n > best:
                 best, best_image = n, image_id
         out.append(replace(c, inliers=best, best_image_id=best_image))
