@@ -174,7 +174,8 @@ def run_mode(
         result.evaluate_s = done.seconds
         sample = take(list(s.queries), timed, random.Random(SEED))
         try:
-            result.latency_ms = timed_identify(case, sample)
+            # --timed 0: no server, no latency (the report shows "–").
+            result.latency_ms = timed_identify(case, sample) if sample else {}
         except (CommandFailed, httpx.HTTPError) as e:
             result.notes.append(f"timed /identify failed: {e}")
     except ModeUnavailable as e:
