@@ -195,6 +195,20 @@ def best_record(checkpoints: Path) -> dict[str, Any] | None:
     return best
 
 
+def load_model_weights(model: keras.Model, path: Path) -> None:
+    """The weights in ``path`` (a ``.weights.h5``), never the optimizer's state saved with them.
+
+    Keras 3 writes the compiled optimizer's variables into every ``.weights.h5`` and reads them
+    back when the variable counts agree. The frozen stage's optimizer holds the head's few
+    variables (11 for the small-catalogue recipe), the whole stage's one every trainable
+    variable's (109): restoring a frozen-stage epoch (``KeepBest``'s ``best.weights.h5``) into the
+    whole stage's model made Keras warn "Skipping variable loading for optimizer ..., because it
+    has 109 variables whereas the saved optimizer has 11". That state is never wanted here:
+    each stage compiles a fresh optimizer, and the kept weights are only saved and exported."""
+    optimizer = getattr(model, "optimizer", None)
+    model.load_weights(path, objects_to_skip=[optimizer] if optimizer is not None else None)
+
+
 class KeepBest(keras.callbacks.Callback):  # type: ignore[misc]
     """Keeps the weights of the epoch with the best ``val_map5_tuned`` (``best.weights.h5`` and
     ``best.json`` in the checkpoints folder, so a resumed run still knows them) and, with
@@ -522,7 +536,7 @@ def _fit_stage(
     done_marker = out / "checkpoints" / STAGE1_WEIGHTS
     if stage.frozen_backbone and done_marker.exists():
         log.info("the frozen stage is done: loading its weights")
-        model.load_weights(done_marker)
+        load_model_weights(model, done_marker)
         return
     last_stage = stage.last == config.epochs
     if (
@@ -645,7 +659,7 @@ def train(
     train_seconds = time.perf_counter() - started
     best = best_record(out / "checkpoints") if config.early_stopping_patience else None
     if best is not None and stages:
-        model.load_weights(out / "checkpoints" / "best.weights.h5")
+        load_model_weights(model, out / "checkpoints" / "best.weights.h5")
         log.info("keeping epoch %d (%s %.4f)", best["epoch"], BEST_MONITOR, best[BEST_MONITOR])
     model.save(out / MODEL_FILE)
     searched = _search_head(config, validation, embedder, out)

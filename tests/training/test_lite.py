@@ -27,7 +27,7 @@ from training.lite import (  # noqa: E402
 from training.model import backbone_of, build_backbone, layerwise_multipliers  # noqa: E402
 from training.synthetic import write_catalogue  # noqa: E402
 from training.torch_weights import LEGACY_MAGIC, TorchFileError, load_state_dict  # noqa: E402
-from training.train import KeepBest, train  # noqa: E402
+from training.train import KeepBest, load_model_weights, train  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 CONFIGS = Path(__file__).parents[2] / "training" / "configs"
@@ -178,6 +178,33 @@ def test_keep_best_keeps_the_best_epoch_and_stops_after_patience(tmp_path: Path)
     assert keep.best == {"epoch": 2, "val_map5_tuned": 0.6}
     model.load_weights(tmp_path / "best.weights.h5")
     assert np.all(model.layers[0].kernel.numpy() == 1)
+
+
+def test_a_frozen_stage_epoch_restores_into_the_whole_stage_without_its_optimizer(
+    tmp_path: Path,
+) -> None:
+    """The small-catalogue recipe's warning "... has 109 variables whereas the saved optimizer
+    has 11": the frozen stage's optimizer, saved with its best epoch's weights, does not fit the
+    whole stage's. Only the weights are restored."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    model.layers[0].trainable = False  # the frozen stage: the head alone
+    model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    kept = [w.numpy() for w in model.weights]
+    model.save_weights(tmp_path / "best.weights.h5")
+    model.layers[0].trainable = True  # the whole stage: a fresh optimizer over every weight
+    model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    with pytest.warns(UserWarning, match="whereas the saved optimizer"):
+        model.load_weights(tmp_path / "best.weights.h5")  # what the trainer did
+    model.fit(x, y, epochs=1, verbose=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model_weights(model, tmp_path / "best.weights.h5")
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(kept, model.weights, strict=True))
 
 
 def test_the_shipped_recipes_are_valid() -> None:
