@@ -172,7 +172,8 @@ def run_mode(
         result.evaluate_s = done.seconds
         sample = take(list(s.queries), timed, random.Random(SEED))
         try:
-            result.latency_ms = timed_identify(case, sample)
+            if sample:  # --timed 0: no latency measured
+                result.latency_ms = timed_identify(case, sample)
         except (CommandFailed, httpx.HTTPError) as e:
             result.notes.append(f"timed /identify failed: {e}")
     except ModeUnavailable as e:
