@@ -41,9 +41,7 @@ def test_max_is_todays_behaviour_the_best_photo_alone() -> None:
 
 def test_best_two_sums_the_two_best_photos() -> None:
     two = Calibration(global_=BASE.global_, local=BASE.local, fused=FUSED, aggregation="best-two")
-    assert logit(two, 0.3, 5, (5, 4, 3)) == pytest.approx(
-        1.0 - 4.0 * 0.3 + 2.0 * math.log1p(9)
-    )
+    assert logit(two, 0.3, 5, (5, 4, 3)) == pytest.approx(1.0 - 4.0 * 0.3 + 2.0 * math.log1p(9))
     assert logit(two, None, 5, (5, 4)) == pytest.approx(-3.0 + 1.5 * math.log1p(9))
     # One photo: its inliers alone.
     assert logit(two, 0.3, 5, (5,)) == pytest.approx(logit(BASE, 0.3, 5, (5,)))
