@@ -76,6 +76,11 @@ def main() -> int:
     parser.add_argument("--queries", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--p-new", type=float, default=0.2)
+    parser.add_argument(
+        "--species-filter",
+        action="store_true",
+        help="each query against its species' photos only (as `whaleid evaluate` does)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -113,12 +118,13 @@ def main() -> int:
         if isinstance(row, tuple):
             continue
         data = (args.images / row.image).read_bytes()
-        found = identifier.identify(data, filters=Filters(), record=False)
+        filters = Filters(species=row.species or None) if args.species_filter else Filters()
+        found = identifier.identify(data, filters=filters, record=False)
         unseen = row.individual_id == NEW_INDIVIDUAL or row.individual_id not in known_labels
         truth = NEW_INDIVIDUAL if unseen else row.individual_id
         scored.append((found.verified, truth, unseen))
         for name, which in (("head", head), ("head-fitted", head_fitted)):
-            alone = which.identify(data, filters=Filters(), record=False)
+            alone = which.identify(data, filters=filters, record=False)
             heads[name].append(([c.individual_id for c in alone.candidates], truth, unseen))
     out: dict[str, dict[str, object]] = {
         "head": {**figures(heads["head"]), "cutoff": head.model.head.cutoff},
