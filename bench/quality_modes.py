@@ -153,18 +153,26 @@ def calibrate(case: Case, model_id: int) -> str:
     return "calibrated on the calibration split (`models calibrate`)"
 
 
-def fit_on_gallery(case: Case, model_id: int) -> str:
+def fit_on_gallery(case: Case, model_id: int, *extra: str) -> str:
     """``whaleid models calibrate ID`` with no CSV: the open-set decision fitted on the gallery
     (no labelled query); its figures, as a note (the expected MAP@5 the report compares with the
-    measured one)."""
+    measured one). ``extra``: more arguments (``--aggregation max``)."""
     try:
-        done = case.cli.whaleid("models", "calibrate", str(model_id), timeout=3600)
+        done = case.cli.whaleid("models", "calibrate", str(model_id), *extra, timeout=3600)
     except CommandFailed as e:
         raise ModeUnavailable(f"`models calibrate` on the gallery failed: {e.why}") from e
     f = json.loads(done.stdout)
     case.fitted = f
     q = f["queries"]
-    return (
+    c = f.get("calibration")
+    fitted = ""
+    if c:
+        tried = ", ".join(f"{k} {v:.3f}" for k, v in (c.get("tried") or {}).items())
+        fitted = (
+            f"calibration fitted on {c['pairs']} gallery pairs ({c['matches']} right), "
+            f"aggregation {c['aggregation']} (expected MAP@5 of each: {tried}); "
+        )
+    return fitted + (
         f"fitted on the gallery (`models calibrate {model_id}`, {done.seconds:.0f} s): "
         f"{f['mode']} {f['value']} (was {f['start']}), p_new {f['p_new']}; expected MAP@5 "
         f"{f['expected_map5']:.3f} (known {f['map5_known']:.3f}, unseen {f['map5_unseen']:.3f}), "
@@ -194,6 +202,34 @@ def prepare_local_fitted(case: Case) -> Prepared:
 
 def prepare_fused(case: Case) -> Prepared:
     return verified(case, case.demo_id, [])
+
+
+def fitted_fusion(case: Case, model_id: int, notes: list[str], aggregation: str) -> Prepared:
+    """Verification ``rerank`` on ``model_id``, its calibration and threshold fitted on the
+    gallery alone (``models calibrate ID`` with no CSV; ``aggregation``: ``--aggregation``)."""
+    try:
+        case.cli.whaleid("models", "verify", str(model_id), "--mode", "rerank")
+    except CommandFailed as e:
+        raise ModeUnavailable(str(e)) from e
+    if not case.features["verification"]:
+        raise ModeUnavailable("`whaleid evaluate` has no --verification option")
+    notes.append(fit_on_gallery(case, model_id, "--aggregation", aggregation))
+    return Prepared(("--verification", "rerank", *_model_arg(case, model_id)), tuple(notes))
+
+
+def prepare_fused_fitted(aggregation: str) -> Callable[[Case], Prepared]:
+    def prepare(case: Case) -> Prepared:
+        return fitted_fusion(case, case.demo_id, [], aggregation)
+
+    return prepare
+
+
+def prepare_fused_trained_fitted(recipe: str, aggregation: str) -> Callable[[Case], Prepared]:
+    def prepare(case: Case) -> Prepared:
+        model_id, notes = activate_trained(case, RECIPES[recipe])
+        return fitted_fusion(case, model_id, notes, aggregation)
+
+    return prepare
 
 
 def verified(case: Case, model_id: int, notes: list[str]) -> Prepared:
@@ -376,6 +412,11 @@ def prepare_fused_trained(recipe: str) -> Callable[[Case], Prepared]:
     return prepare
 
 
+# The suffixes of the fitted-fusion modes and the aggregation each forces ("": chosen on the
+# gallery).
+_AGGREGATION_MODES = (("", "auto"), ("-max", "max"), ("-two", "best-two"), ("-mix", "mix"))
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
@@ -395,4 +436,18 @@ MODES = {
     # The open-set decision fitted on the gallery (issue 26): no labelled query used.
     "global-fitted": Mode("global-fitted", prepare_global_fitted),
     "local-fitted": Mode("local-fitted", prepare_local_fitted),
+    # The fusion's calibration and threshold fitted on the gallery's pairs (issue 26, item 2):
+    # the aggregation chosen on the gallery (auto), or one forced.
+    **{
+        f"fused-fitted{suffix}": Mode(f"fused-fitted{suffix}", prepare_fused_fitted(aggregation))
+        for suffix, aggregation in _AGGREGATION_MODES
+    },
+    **{
+        f"fused-finetuned-fitted{suffix}": Mode(
+            f"fused-finetuned-fitted{suffix}",
+            prepare_fused_trained_fitted("finetuned", aggregation),
+            "finetuned",
+        )
+        for suffix, aggregation in _AGGREGATION_MODES
+    },
 }

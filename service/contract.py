@@ -135,6 +135,10 @@ class ModelKind(_Choice):
 BUILTIN_PREFIX = "builtin:"  # ``Model.file_path`` of a built-in matcher: ``builtin:local-features``
 
 
+# How an individual's photos make its inlier evidence (``Calibration.aggregation``).
+AGGREGATIONS = ("max", "best-two", "mix")
+
+
 def _logistic(pair: Any, default: tuple[float, ...]) -> tuple[float, ...]:
     values = tuple(float(v) for v in pair) if pair is not None else default
     if len(values) != len(default) or not all(abs(v) < 1e6 for v in values):
@@ -154,13 +158,24 @@ class Calibration:
     ranked after ``new_individual`` (0.5 by default; a fit on labelled queries chooses it for
     the best MAP@5 there). The defaults put the global curve's midpoint at the model's
     cutoff and need 9 inliers for an even chance; ``whaleid models calibrate`` fits all
-    three on labelled queries or on the curators' confirmations."""
+    three on labelled queries, on the curators' confirmations, or on the pairs the gallery's
+    own queries give (``models.openset``).
+
+    ``aggregation`` says how an individual's photos make its inlier evidence
+    (``AGGREGATIONS``): ``max`` (the default, and every calibration stored before it existed:
+    ``n`` is its best photo's inliers), ``best-two`` (``n`` is the sum of its best two photos'
+    inliers), or ``mix`` (a learned logistic over the distance, the best and second best
+    photos' ``log(1 + n)`` and ``log(1 + m)``, ``m`` the photos with any inlier: ``mix`` with
+    the distance, ``mix_local`` without it; absent, the ``max`` curves answer)."""
 
     global_: tuple[float, float]
     local: tuple[float, float] = (-1.5 * math.log1p(9), 1.5)  # an even chance at 9 inliers
     fused: tuple[float, float, float] | None = None
     threshold: float = 0.5
     fitted: Mapping[str, Any] = field(default_factory=dict)
+    aggregation: str = "max"
+    mix: tuple[float, ...] | None = None  # w0 + w . (d, x1, x2, xm)
+    mix_local: tuple[float, ...] | None = None  # w0 + w . (x1, x2, xm)
 
     @classmethod
     def default(cls, cutoff: float) -> Calibration:
@@ -196,22 +211,53 @@ class Calibration:
             raise ValueError(
                 f"the calibration threshold is a probability in (0, 1), not {threshold}"
             )
+        aggregation = str(data.get("aggregation", "max"))
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation {aggregation!r}: one of {', '.join(AGGREGATIONS)}")
+        mix, mix_local = data.get("mix"), data.get("mix_local")
         return cls(
             global_=(g[0], g[1]),
             local=(loc[0], loc[1]),
             fused=None if fused is None else _three(_logistic(fused, (0.0, 0.0, 0.0))),
             threshold=threshold,
             fitted=dict(data.get("fitted") or {}),
+            aggregation=aggregation,
+            mix=None if mix is None else _logistic(mix, (0.0,) * 5),
+            mix_local=None if mix_local is None else _logistic(mix_local, (0.0,) * 4),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """The stored form. The aggregation and its mix only where not ``max``: a calibration
+        stored before they existed keeps its form and its version."""
+        out: dict[str, Any] = {
             "global": list(self.global_),
             "local": list(self.local),
             "fused": list(self.fused_weights),
             "threshold": self.threshold,
             "fitted": dict(self.fitted),
         }
+        if self.aggregation != "max":
+            out["aggregation"] = self.aggregation
+        if self.mix is not None:
+            out["mix"] = list(self.mix)
+        if self.mix_local is not None:
+            out["mix_local"] = list(self.mix_local)
+        return out
+
+
+def calibration_shown(
+    stored: Mapping[str, Any], *, distance: bool, inliers: bool
+) -> dict[str, Any]:
+    """A stored calibration (``Calibration.as_dict``) as shown for a model whose matchers give
+    a ``distance`` (the kNN head) and, or, ``inliers`` (local features): only the curves of
+    the evidence it has (no ``global`` curve for the local-features matcher, which has no
+    distance: its defaults are a placeholder)."""
+    drop = set()
+    if not distance:
+        drop |= {"global", "fused", "mix"}
+    if not inliers:
+        drop |= {"local", "fused", "mix", "mix_local", "aggregation"}
+    return {k: v for k, v in stored.items() if k not in drop}
 
 
 def _three(values: tuple[float, ...]) -> tuple[float, float, float]:

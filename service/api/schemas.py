@@ -16,15 +16,16 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 from service.catalogue.curation import DecisionRecord
-from service.contract import Head
+from service.contract import Head, calibration_shown
 from service.db.checks import MAX_ROW_ID, column_length
 from service.db.tables import ApiKey, Image, Individual
 from service.knn import NEW_INDIVIDUAL
 from service.matching.encounters import Fusion
-from service.matching.registry import RegisteredName, verifications
+from service.matching.registry import RegisteredName, kind_of, verifications
 from service.matching.verify import PairMatch
 from service.models.switch import HeadChoice
 from service.outbound.fetch import MAX_URL_LENGTH, url_problem
@@ -479,6 +480,17 @@ class RegisteredModel(BaseModel):
         "answered new_individual first), queries (known and unseen photos and animals), "
         "trigger, fitted_at. None: never fitted.",
     )
+
+    @model_validator(mode="after")
+    def _only_its_matchers(self) -> RegisteredModel:
+        # The curves of the evidence the model's matchers give: the local-features matcher
+        # has no distance, so no global curve (its defaults would be a placeholder).
+        if self.calibration:
+            has_distance = kind_of(self.kind).grid
+            self.calibration = calibration_shown(
+                self.calibration, distance=has_distance, inliers=True
+            )
+        return self
 
 
 class VerificationIn(BaseModel):

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from service.cli.common import Command, arg, reading_files, sessions_of
 from service.cli.jobs import follow_job
-from service.contract import ModelStatus
+from service.contract import AGGREGATIONS, ModelStatus, calibration_shown
 from service.errors import Invalid, NotFound
-from service.matching.registry import VERIFICATION_NAMES
+from service.matching.registry import VERIFICATION_NAMES, kind_of
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -180,6 +180,7 @@ def cmd_models_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.db.tables import Model
     from service.models.calibration import (
         pairs_from_confirmations,
         pairs_from_queries,
@@ -189,12 +190,22 @@ def cmd_models_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     factory = sessions_of(settings)
     if args.queries and args.confirmations:
         raise Invalid("give a labelled CSV or --confirmations, not both")
-    if args.p_new is not None and (args.queries or args.confirmations):
-        raise Invalid("--p-new is for the fit on the gallery (no CSV, no --confirmations)")
+    gallery_only = args.p_new is not None or args.aggregation is not None
+    if gallery_only and (args.queries or args.confirmations):
+        raise Invalid(
+            "--p-new and --aggregation are for the fit on the gallery (no CSV, no --confirmations)"
+        )
     if not args.queries and not args.confirmations:
-        from service.models.openset import fit_model
+        from service.models.openset import AUTO, fit_model
 
-        stored = fit_model(settings, factory, args.model_id, trigger="calibrate", p_new=args.p_new)
+        stored = fit_model(
+            settings,
+            factory,
+            args.model_id,
+            trigger="calibrate",
+            p_new=args.p_new,
+            aggregation=args.aggregation or AUTO,
+        )
         sys.stdout.write(json.dumps(stored, indent=2) + "\n")
         return 0
     with reading_files():
@@ -209,7 +220,11 @@ def cmd_models_calibrate(args: argparse.Namespace, settings: Settings) -> int:
                 pairs = pairs_from_confirmations(session, args.model_id)
             source = "curators' confirmations"
         fitted = store_calibration(factory, args.model_id, pairs, source=source)
-    sys.stdout.write(json.dumps(fitted.as_dict(), indent=2) + "\n")
+    with factory() as session:
+        kind = session.get_one(Model, args.model_id).kind
+    # Only the curves of the evidence the model's matchers give (no distance, no global curve).
+    shown = calibration_shown(fitted.as_dict(), distance=kind_of(kind).grid, inliers=True)
+    sys.stdout.write(json.dumps(shown, indent=2) + "\n")
     return 0
 
 
@@ -323,10 +338,18 @@ COMMANDS = (
                 help="the share of new animals to expect among queries (default: the "
                 "curators' decisions once there are 30, else WHALEID_OPEN_SET_P_NEW, 0.2)",
             ),
+            arg(
+                "--aggregation",
+                choices=("auto", *AGGREGATIONS),
+                help="a verifying model's fit on the gallery: how an individual's photos count "
+                "(max: its best photo; best-two: its best two summed; mix: a logistic learned on "
+                "the gallery's pairs; auto, the default: each, the best expected MAP@5 kept)",
+            ),
         ),
         description="With no CSV: asks a seeded sample of the gallery's photos as known queries "
         "(without their encounter) and unseen ones (without their individual), and keeps the "
-        "head's cutoff (or, for a model that verifies, the new_individual threshold) with the "
+        "head's cutoff (or, for a model that verifies, its calibration fitted on the candidate "
+        "pairs those queries give, then the new_individual threshold) with the "
         "best expected MAP@5; prints its figures (also in GET /models/ID's open_set). Needs "
         "5 known and 5 unseen animals.",
     ),

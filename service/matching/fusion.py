@@ -6,8 +6,10 @@ and inliers already is).
 
 A fusion of one matcher that can answer alone (the kNN head) answers as it does. Otherwise:
 
-1. shortlist: each matcher in turn proposes its first individuals (``rerank_individuals``,
-   each with ``rerank_photos`` photos); one already proposed keeps its first proposal;
+1. shortlist: the union of every matcher's shortlist: each matcher in turn proposes its first
+   individuals (``rerank_individuals``, each with ``rerank_photos`` photos); an individual
+   proposed by more than one keeps its place of first proposal and the union of the photos
+   they proposed (the first's first);
 2. score: each matcher adds its evidence on every candidate, whoever proposed it (the head a
    distance, local features inliers, any other matcher its calibrated log-odds);
 3. calibrate: the evidence becomes one match probability (``verify.fused_probability``: the
@@ -39,6 +41,21 @@ class Answer:
     scored: list[Evidence]
 
 
+def union(shortlists: list[list[Evidence]]) -> list[Evidence]:
+    """The union of the matchers' shortlists: each individual once, where it was first
+    proposed, with the photos every matcher proposed for it (the first proposal's first)."""
+    found: dict[str, Evidence] = {}
+    for shortlist in shortlists:
+        for c in shortlist:
+            first = found.get(c.label)
+            if first is None:
+                found[c.label] = c
+            else:
+                more = tuple(i for i in c.photos if i not in first.photos)
+                found[c.label] = replace(first, photos=(*first.photos, *more))
+    return list(found.values())
+
+
 @dataclass(frozen=True)
 class Fusion:
     matchers: tuple[Matcher, ...]
@@ -61,13 +78,10 @@ class Fusion:
         if not self.calibrated:
             return Answer(self.matchers[0].rank_alone(query, context), [])
         top, photos = context.settings.rerank_individuals, context.settings.rerank_photos
-        candidates: list[Evidence] = []
-        named: set[str] = set()
-        for matcher in self.matchers:
-            for c in matcher.shortlist(query, context, top=top, photos=photos):
-                if c.label not in named:
-                    named.add(c.label)
-                    candidates.append(c)
+        candidates = union(
+            [matcher.shortlist(query, context, top=top, photos=photos) for matcher in self.matchers]
+        )
+        named = {c.label for c in candidates}
         for matcher in self.matchers:
             candidates = matcher.score(query, context, candidates)
         scored = [replace(c, score=fused_probability(query.calibration, c)) for c in candidates]

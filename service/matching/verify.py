@@ -159,10 +159,48 @@ def local_x(inliers: int) -> float:
     return math.log1p(max(inliers, 0))
 
 
-def logit(calibration: Calibration, distance: float | None, inliers: int | None) -> float | None:
+def second_best(photos: Sequence[int]) -> int:
+    """The second most inliers among an individual's photos (``photos``: best first)."""
+    return photos[1] if len(photos) > 1 else 0
+
+
+def agreeing(inliers: int, photos: Sequence[int]) -> int:
+    """How many of an individual's photos had any inlier (at least its best, if it had)."""
+    return max(sum(1 for n in photos if n > 0), 1 if inliers > 0 else 0)
+
+
+def mix_x(inliers: int, photos: Sequence[int]) -> tuple[float, float, float]:
+    """The learned mix's inlier evidence (``Calibration.mix``): the best and second best
+    photos' ``log(1 + n)`` and ``log(1 + m)``, ``m`` the photos with any inlier."""
+    return (
+        local_x(inliers),
+        local_x(second_best(photos)),
+        math.log1p(agreeing(inliers, photos)),
+    )
+
+
+def logit(
+    calibration: Calibration,
+    distance: float | None,
+    inliers: int | None,
+    photos: Sequence[int] = (),
+) -> float | None:
     """The calibrated log-odds of one candidate from the evidence it has: both (the fused
     logistic), the distance alone (the global curve) or the inliers alone (the local one);
-    None without either."""
+    None without either. ``inliers`` is the best of the individual's photos, ``photos`` each
+    photo's inliers (best first): the calibration's ``aggregation`` says how they count
+    (``max``: the best alone; ``best-two``: the best two summed; ``mix``: its learned
+    logistic, where it has one for the evidence at hand)."""
+    if inliers is not None and calibration.aggregation == "best-two":
+        inliers += second_best(photos)
+    elif inliers is not None and calibration.aggregation == "mix":
+        w = calibration.mix if distance is not None else calibration.mix_local
+        if w is not None:
+            xs: tuple[float, ...] = (
+                *(() if distance is None else (distance,)),
+                *mix_x(inliers, photos),
+            )
+            return float(w[0] + sum(wi * xi for wi, xi in zip(w[1:], xs, strict=True)))
     if distance is not None and inliers is not None:
         w0, w1, w2 = calibration.fused_weights
         return w0 + w1 * distance + w2 * local_x(inliers)
@@ -175,9 +213,14 @@ def logit(calibration: Calibration, distance: float | None, inliers: int | None)
     return None
 
 
-def probability(calibration: Calibration, distance: float | None, inliers: int | None) -> float:
+def probability(
+    calibration: Calibration,
+    distance: float | None,
+    inliers: int | None,
+    photos: Sequence[int] = (),
+) -> float:
     """The match probability of one candidate from its distance and inliers (``logit``)."""
-    x = logit(calibration, distance, inliers)
+    x = logit(calibration, distance, inliers, photos)
     return 0.0 if x is None else _sigmoid(x)
 
 
@@ -185,7 +228,7 @@ def fused_probability(calibration: Calibration, candidate: Evidence) -> float:
     """The match probability of one candidate from all its evidence: the calibrated distance
     and inliers (``logit``), plus the calibrated log-odds other matchers added
     (``Evidence.logit``): the sum of calibrated scores, each matcher's own curve."""
-    x = logit(calibration, candidate.distance, candidate.inliers)
+    x = logit(calibration, candidate.distance, candidate.inliers, candidate.photo_inliers)
     if x is None and not candidate.logit:
         return 0.0
     return _sigmoid((0.0 if x is None else x) + candidate.logit)
@@ -205,6 +248,9 @@ class Evidence:
     # The log-odds other matchers than the embedding and local features add, calibrated by
     # each (``matching.matcher``): summed into the fused probability.
     logit: float = 0.0
+    # The inliers of each of its photos matched, most first (``inliers`` is the first): how
+    # the calibration's ``aggregation`` counts more than one photo.
+    photo_inliers: tuple[int, ...] = ()
 
 
 def best_photos(
@@ -227,11 +273,22 @@ def best_photos(
     out = []
     for c in candidates:
         best, best_image = 0, c.photos[0] if c.photos else None
+        each = []
         for image_id in c.photos:
-            n = found.get(image_id, 0)
+            if image_id not in found:
+                continue
+            n = found[image_id]
+            each.append(n)
             if n > best:
                 best, best_image = n, image_id
-        out.append(replace(c, inliers=best, best_image_id=best_image))
+        out.append(
+            replace(
+                c,
+                inliers=best,
+                best_image_id=best_image,
+                photo_inliers=tuple(sorted(each, reverse=True)),
+            )
+        )
     return out
 
 
@@ -246,7 +303,12 @@ def verify(
     """Each candidate with its inliers (the best of its photos), its best photo and its fused
     probability. ``features`` gives the stored features of gallery photos."""
     return [
-        replace(c, score=probability(calibration, c.distance if use_distance else None, c.inliers))
+        replace(
+            c,
+            score=probability(
+                calibration, c.distance if use_distance else None, c.inliers, c.photo_inliers
+            ),
+        )
         for c in best_photos(query, candidates, features)
     ]
 
@@ -300,6 +362,8 @@ class Pair:
     # The query's animal (None: not known, e.g. a row labelled new_individual; such a query
     # counts as an animal of its own). The threshold is chosen on animals, not photos.
     animal: str | None = None
+    # Each of its photos' inliers, most first (``Evidence.photo_inliers``; empty: unknown).
+    photos: tuple[int, ...] = ()
 
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
@@ -316,7 +380,7 @@ def map5_at_thresholds(pairs: Sequence[Pair], calibration: Calibration) -> dict[
     total = np.zeros(len(cuts))
     for found in queries.values():
         scored = sorted(
-            ((probability(calibration, p.distance, p.inliers), p.match) for p in found),
+            ((probability(calibration, p.distance, p.inliers, p.photos), p.match) for p in found),
             key=lambda s: -s[0],
         )
         distances = np.array([-s for s, _ in scored])
@@ -331,9 +395,19 @@ def map5_at_thresholds(pairs: Sequence[Pair], calibration: Calibration) -> dict[
     return {t: float(v / max(len(queries), 1)) for t, v in zip(THRESHOLDS, total, strict=True)}
 
 
-def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) -> Calibration:
+def _inlier_x(aggregation: str, p: Pair) -> float:
+    """The curves' inlier evidence of one pair under ``aggregation`` (``logit``'s)."""
+    n = p.inliers or 0
+    return local_x(n + second_best(p.photos) if aggregation == "best-two" else n)
+
+
+def fit_calibration(
+    pairs: Sequence[Pair], base: Calibration, *, source: str, aggregation: str = "max"
+) -> Calibration:
     """The calibration fitted on ``pairs``: each curve on the pairs with its evidence, the fused
-    logistic on those with both. Each needs at least 10 matches and 10 non-matches."""
+    logistic on those with both. Each needs at least 10 matches and 10 non-matches.
+    ``aggregation`` (``contract.AGGREGATIONS``): how an individual's photos count; ``mix``
+    also fits its learned logistics (``Calibration.mix``, ``mix_local``) beside the curves."""
 
     def usable(rows: list[Pair]) -> bool:
         positives = sum(p.match for p in rows)
@@ -355,17 +429,35 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
         g = (float(w[0]), float(w[1]))
     if usable(with_n):
         w = _logistic_fit(
-            np.array([[local_x(p.inliers or 0)] for p in with_n], float),
+            np.array([[_inlier_x(aggregation, p)] for p in with_n], float),
             np.array([p.match for p in with_n]),
         )
         loc = (float(w[0]), float(w[1]))
     if usable(both):
         w = _logistic_fit(
-            np.array([[p.distance, local_x(p.inliers or 0)] for p in both], float),
+            np.array([[p.distance, _inlier_x(aggregation, p)] for p in both], float),
             np.array([p.match for p in both]),
         )
         fused = (float(w[0]), float(w[1]), float(w[2]))
-    fitted = Calibration(global_=g, local=loc, fused=fused, threshold=base.threshold)
+    mix = mix_local = None
+    if aggregation == "mix":
+        if usable(both):
+            xs = [[p.distance or 0.0, *mix_x(p.inliers or 0, p.photos)] for p in both]
+            w = _logistic_fit(np.array(xs, float), np.array([p.match for p in both]))
+            mix = tuple(float(v) for v in w)
+        if usable(with_n):
+            xs = [list(mix_x(p.inliers or 0, p.photos)) for p in with_n]
+            w = _logistic_fit(np.array(xs, float), np.array([p.match for p in with_n]))
+            mix_local = tuple(float(v) for v in w)
+    fitted = Calibration(
+        global_=g,
+        local=loc,
+        fused=fused,
+        threshold=base.threshold,
+        aggregation=aggregation,
+        mix=mix,
+        mix_local=mix_local,
+    )
     grouped = {p.query: p.unseen for p in pairs if p.query >= 0}
     unseen = sum(grouped.values())
     animals = {
@@ -398,5 +490,6 @@ def fit_calibration(pairs: Sequence[Pair], base: Calibration, *, source: str) ->
             "known_animals": known_animals,
             "unseen_animals": unseen_animals,
             "threshold_chosen_on_map5": choose,
+            "aggregation": aggregation,
         },
     )

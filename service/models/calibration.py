@@ -68,7 +68,9 @@ def pairs_from_queries(identifier: Identifier, queries_csv: Path, images_dir: Pa
         # does not depend on the calibration, so the fit sees them as they will be scored.
         for c in answer.verified:
             right = c.label == row.individual_id
-            pairs.append(Pair(c.distance, c.inliers, right, row.line, unseen, animal))
+            pairs.append(
+                Pair(c.distance, c.inliers, right, row.line, unseen, animal, c.photo_inliers)
+            )
     return pairs
 
 

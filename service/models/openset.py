@@ -26,6 +26,17 @@ absent from the gallery). Ties go to the value nearest the model's own (the trai
 or the calibration's threshold): that is the starting point, no more. The fit needs at least
 ``MIN_ANIMALS`` known and as many unseen *animals* (not photos): fewer, and one animal's photos
 would decide it.
+
+A verifying model (a fusion) is fitted in two steps (issue 26, item 2: WildFusion's calibration
+on pairs): first its calibration, each matcher's evidence to a match probability and their
+combination (``verify.fit_calibration``), on the candidate pairs the same queries produce
+(``gallery_pairs``: every candidate each query's fusion scored, right where it is the query
+photo's individual: unseen queries give only wrong ones); then the threshold as above, on the
+queries rescored with it. ``aggregation`` says how an individual's photos count
+(``contract.AGGREGATIONS``); ``auto`` fits each and keeps the one of the best expected MAP@5
+(ties: ``max``, today's). The calibration is stored with source ``gallery`` and its figures.
+An unasked fit (activation, re-index) leaves a calibration fitted on labelled queries or
+confirmations as it is (only its threshold is fitted); ``whaleid models calibrate ID`` refits it.
 """
 
 from __future__ import annotations
@@ -40,9 +51,9 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.contract import Calibration
+from service.contract import AGGREGATIONS, Calibration
 from service.db.tables import Decision, Model, transaction
-from service.errors import Invalid, NotFound, TooFewAnimals
+from service.errors import Invalid, NotFound, TooFewAnimals, TooFewPairs
 from service.gallery.sync import Filters, load_vectors
 from service.knn import (
     CUTOFF_GRID,
@@ -55,7 +66,14 @@ from service.knn import (
 )
 from service.matching.identify import Identifier
 from service.matching.matcher import Need, Query
-from service.matching.verify import THRESHOLDS, Evidence, rerank
+from service.matching.verify import (
+    THRESHOLDS,
+    Evidence,
+    Pair,
+    fit_calibration,
+    fused_probability,
+    rerank,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,6 +81,9 @@ log = logging.getLogger(__name__)
 # The curators' decisions (confirm or new individual) from which their share of new animals
 # replaces the default.
 MIN_DECISIONS = 30
+
+AUTO = "auto"  # the aggregation of the best expected MAP@5 on the gallery
+GALLERY = "gallery"  # the source of a calibration fitted on the gallery's pairs
 
 HEAD = "cutoff"  # the kNN head alone: its cutoff is fitted
 FUSION = "threshold"  # a verifying model: the fusion's new_individual threshold is fitted
@@ -77,6 +98,8 @@ class Asked:
     animal: str
     unseen: bool
     answer_at: Callable[[float], list[str]]
+    # A fusion's: every candidate it scored (the calibration's pairs).
+    scored: tuple[Evidence, ...] = ()
 
     @property
     def truth(self) -> str:
@@ -102,10 +125,23 @@ class OpenSetFit:
     p_new_source: str = "given"
     seed: int = 0
     grid: tuple[tuple[float, float], ...] = ()  # (value, expected MAP@5)
+    # A fusion's calibration fitted on the gallery's pairs (None: the model's own kept).
+    calibration: Calibration | None = None
 
     @property
     def figures(self) -> dict[str, Any]:
+        more: dict[str, Any] = {}
+        if self.calibration is not None:
+            c = self.calibration
+            more["calibration"] = {
+                "source": c.fitted.get("source"),
+                "pairs": c.fitted.get("pairs"),
+                "matches": c.fitted.get("matches"),
+                "aggregation": c.aggregation,
+                "tried": c.fitted.get("tried"),
+            }
         return {
+            **more,
             "mode": self.mode,
             "value": self.value,
             "start": self.start,
@@ -265,13 +301,47 @@ def ask_gallery(
                     model.head,
                     model.scoring,
                 )
-                at = _fusion_answers(fusion.answer(query, identifier).scored, model.scoring)
+                scored = tuple(fusion.answer(query, identifier).scored)
+                asked.append(
+                    Asked(
+                        image_id, animal, is_unseen, _fusion_answers(scored, model.scoring), scored
+                    )
+                )
             else:
                 at = _head_answers(
                     head_order(neighbours, ranking=model.head.ranking, beyond=beyond)
                 )
-            asked.append(Asked(image_id, animal, is_unseen, at))
+                asked.append(Asked(image_id, animal, is_unseen, at))
     return asked
+
+
+def gallery_pairs(asked: Sequence[Asked]) -> list[Pair]:
+    """The calibration's pairs of a fusion's gallery queries: every candidate each query
+    scored (not the unscored ones named to fill an answer), right where it is the query photo's
+    individual (an unseen query's candidates are all wrong)."""
+    pairs = []
+    for i, a in enumerate(asked):
+        for c in a.scored:
+            if not c.photos and c.distance is None:
+                continue
+            right = not a.unseen and c.label == a.animal
+            pairs.append(Pair(c.distance, c.inliers, right, i, a.unseen, a.animal, c.photo_inliers))
+    return pairs
+
+
+def rescored(asked: Sequence[Asked], calibration: Calibration) -> list[Asked]:
+    """A fusion's gallery queries answered with ``calibration`` (their candidates as they
+    were: the shortlist and the evidence do not depend on it)."""
+    out = []
+    for a in asked:
+        scored = tuple(
+            replace(c, score=fused_probability(calibration, c))
+            if c.photos or c.distance is not None
+            else c
+            for c in a.scored
+        )
+        out.append(replace(a, answer_at=_fusion_answers(scored, calibration), scored=scored))
+    return out
 
 
 def _head_answers(ordered: Sequence[Any]) -> Callable[[float], list[str]]:
@@ -294,6 +364,49 @@ def _fusion_answers(
     return answer
 
 
+def fit_fusion(
+    asked: Sequence[Asked],
+    base: Calibration,
+    *,
+    p_new: float,
+    aggregation: str = AUTO,
+) -> OpenSetFit:
+    """A fusion's calibration fitted on the pairs of ``asked`` (``gallery_pairs``), then its
+    threshold (``fit_decision``) on the queries rescored with it; ``base``: the model's
+    calibration (its curves where the pairs cannot fit one, its threshold the starting point).
+    ``aggregation``: one of ``contract.AGGREGATIONS``, or ``auto``: each, the best expected
+    MAP@5 kept (ties: the first, ``max``). Without enough pairs (``TooFewPairs``) the model's
+    calibration stays and only the threshold is fitted."""
+    if aggregation != AUTO and aggregation not in AGGREGATIONS:
+        raise Invalid(f"aggregation {aggregation!r}: {AUTO} or {', '.join(AGGREGATIONS)}")
+    start = base.threshold
+    values = sorted({*THRESHOLDS, start})
+    pairs = gallery_pairs(asked)
+    tried: dict[str, OpenSetFit] = {}
+    for name in AGGREGATIONS if aggregation == AUTO else (aggregation,):
+        try:
+            calibration = fit_calibration(pairs, base, source=GALLERY, aggregation=name)
+        except TooFewPairs as e:
+            log.info("open-set fit: the calibration stays (%s)", e)
+            return fit_decision(asked, values, p_new=p_new, start=start, mode=FUSION)
+        fit = fit_decision(
+            rescored(asked, calibration), values, p_new=p_new, start=start, mode=FUSION
+        )
+        tried[name] = replace(fit, calibration=calibration)
+    # Strictly better to leave max (today's): a tie keeps the earlier.
+    best = max(tried.values(), key=lambda f: round(f.expected_map5, 9))
+    assert best.calibration is not None
+    figures = {
+        **best.calibration.fitted,
+        "threshold_chosen_on_map5": False,
+        "threshold": "fitted on the gallery's queries (models.open_set)",
+        "expected_map5": round(best.expected_map5, 6),
+        "tried": {name: round(f.expected_map5, 6) for name, f in tried.items()},
+    }
+    calibration = replace(best.calibration, threshold=best.value, fitted=figures)
+    return replace(best, calibration=calibration)
+
+
 def fit_on_gallery(
     identifier: Identifier,
     *,
@@ -302,22 +415,35 @@ def fit_on_gallery(
     seed: int = 0,
     max_queries: int | None = None,
     per_individual: int | None = None,
+    calibrate: bool = True,
+    aggregation: str = AUTO,
 ) -> OpenSetFit:
     """The open-set decision of ``identifier``'s model fitted on its own gallery (see the
     module's text), at most ``max_queries`` sampled photos, ``per_individual`` of one individual
-    (default: the settings ``open_set_queries``, ``open_set_per_individual``). Nothing is stored
+    (default: the settings ``open_set_queries``, ``open_set_per_individual``). A fusion's
+    calibration is fitted first (``fit_fusion``) unless not ``calibrate``. Nothing is stored
     here."""
     asked = ask_gallery(
         identifier, seed=seed, max_queries=max_queries, per_individual=per_individual
     )
     model = identifier.model
-    if mode_of(identifier) == FUSION:
+    if mode_of(identifier) == FUSION and calibrate:
+        base = replace(Calibration.default(model.head.cutoff), threshold=model.scoring.threshold)
+        check_animals(
+            len({a.animal for a in asked if not a.unseen}),
+            len({a.animal for a in asked if a.unseen}),
+            what="the gallery's sampled queries",
+        )
+        fit = fit_fusion(asked, base, p_new=p_new, aggregation=aggregation)
+        start, mode = fit.start, FUSION
+    elif mode_of(identifier) == FUSION:
         start, values = model.scoring.threshold, sorted({*THRESHOLDS, model.scoring.threshold})
         mode = FUSION
+        fit = fit_decision(asked, values, p_new=p_new, start=start, mode=mode)
     else:
         start, values = model.head.cutoff, sorted({*CUTOFF_GRID, round(model.head.cutoff, 4)})
         mode = HEAD
-    fit = fit_decision(asked, values, p_new=p_new, start=start, mode=mode)
+        fit = fit_decision(asked, values, p_new=p_new, start=start, mode=mode)
     fit = replace(fit, p_new_source=p_new_source, seed=seed)
     log.info(
         "open-set fit of model %s on its gallery: %s %.4f (was %.4f), expected MAP@5 %.4f at "
@@ -381,6 +507,8 @@ def store_open_set(
             raise NotFound(f"model {model_id} does not exist: see GET /models")
         if fit.mode == HEAD:
             model.cutoff = fit.value
+        elif fit.calibration is not None:
+            model.calibration = replace(fit.calibration, threshold=fit.value).as_dict()
         else:
             calibration = Calibration.from_dict(model.calibration, float(model.cutoff))
             model.calibration = replace(calibration, threshold=fit.value).as_dict()
@@ -396,19 +524,29 @@ def fit_model(
     trigger: str,
     p_new: float | None = None,
     identifier: Identifier | None = None,
+    aggregation: str = AUTO,
 ) -> dict[str, Any]:
     """Fit the open-set decision of ``model_id`` on its gallery and keep it (``store_open_set``);
     returns what was stored. ``p_new``: the share of new animals to expect (default:
-    ``expected_new_share``)."""
+    ``expected_new_share``). A fusion's calibration is fitted too, except, unasked (any
+    ``trigger`` but ``calibrate``), where labelled queries or confirmations fitted it."""
     with factory() as session:
         model = session.get(Model, model_id)
         if model is None:
             raise NotFound(f"model {model_id} does not exist: see GET /models")
         share, source = expected_new_share(session, settings.open_set_p_new, p_new)
+        fitted_on = ((model.calibration or {}).get("fitted") or {}).get("source")
         session.expunge(model)
+    calibrate = trigger == "calibrate" or fitted_on in (None, GALLERY)
     if identifier is None:
         identifier = Identifier.load(settings, factory, model)
-    fit = fit_on_gallery(identifier, p_new=share, p_new_source=source)
+    fit = fit_on_gallery(
+        identifier,
+        p_new=share,
+        p_new_source=source,
+        calibrate=calibrate,
+        aggregation=aggregation,
+    )
     return store_open_set(factory, model_id, fit, trigger=trigger)
 
 

@@ -240,10 +240,10 @@ def test_a_verifying_model_fits_its_threshold_through_the_fusion(
     assert (fit.known_animals, fit.unseen_animals) == (10, 10)
     assert fit.known_photos == fit.unseen_photos == 12
 
-    identifier.model = replace(
-        identifier.model,
-        calibration=replace(identifier.model.scoring, threshold=fit.value),
-    )
+    # The fusion's calibration was fitted on the same queries' pairs first (issue 26, item 2).
+    assert fit.calibration is not None and fit.calibration.fitted["source"] == "gallery"
+    assert fit.calibration.threshold == fit.value
+    identifier.model = replace(identifier.model, calibration=fit.calibration)
     entries = identifier.gallery.entries
     words = entries.vocab["labels"].words
     labels = [str(words[c]) for c in entries.codes["labels"]]
