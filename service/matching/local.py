@@ -166,6 +166,46 @@ class LocalMatcher:
                 by_label[label].append(image_id)
         return [Evidence(label, None, tuple(by_label[label]), votes[label]) for label in best]
 
+    def weights(self, query: Features, entries: GalleryEntries, filters: Filters) -> np.ndarray:
+        """Each query descriptor's distinctiveness over this gallery (``query_weights``)."""
+        with self._lock:
+            return query_weights(self.descriptors, query, entries, filters)
+
+
+def query_weights(
+    index: DescriptorIndex, query: Features, entries: GalleryEntries, filters: Filters
+) -> np.ndarray:
+    """(n,) the distinctiveness of each of the query's descriptors among the gallery photos
+    within ``filters`` (``distinctiveness``)."""
+    distances, ids = index.search(query, K + 1)
+    return distinctiveness(distances, ids, _labels_by_image(entries, filters), len(query))
+
+
+def distinctiveness(
+    distances: np.ndarray, ids: np.ndarray, label_of: dict[int, str], count: int
+) -> np.ndarray:
+    """(count,) weights in [0, 1]: each query descriptor's share of its LNBNN vote (its ``K``
+    nearest gallery descriptors, each worth how much nearer it is than the ``K + 1``-th:
+    ``distances`` squared, ``ids`` descriptor ids) that goes to the individual it votes most
+    for. A point on the animal's pattern votes for one individual (1); a point on mud, water or
+    a site photographed again lies near many individuals' and splits its vote (1/n). A
+    descriptor with no vote within ``label_of`` keeps its full weight: nothing says it is
+    shared."""
+    weights = np.ones(count, np.float32)
+    if distances.shape[1] < 2:
+        return weights
+    votes = np.maximum(distances[:, -1:] - distances[:, :-1], 0.0)
+    images = ids[:, :-1] >> _SHIFT
+    for row in range(count):
+        per: dict[str, float] = defaultdict(float)
+        for image_id, vote in zip(images[row].tolist(), votes[row].tolist(), strict=True):
+            label = label_of.get(image_id)
+            if label is not None and vote > 0.0:
+                per[label] += vote
+        if per:
+            weights[row] = max(per.values()) / sum(per.values())
+    return weights
+
 
 _EMPTY = Features(np.zeros((0, 2), np.float32), np.zeros((0, DIM), np.uint8), 0, 0)
 

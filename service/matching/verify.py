@@ -50,6 +50,20 @@ class PairMatch:
     def inliers(self) -> int:
         return len(self.distinct)
 
+    def weighted(self, query: Features, weights: np.ndarray) -> float:
+        """The distinct inliers, each weighted by its query keypoint's weight (``weights``, one
+        per keypoint of ``query``; a point described twice weighs its larger). Measured by
+        ``bench/inliers.py``; not yet what the service counts (``evidence``)."""
+        kept = self.distinct
+        if not len(kept):
+            return 0.0
+        by_point: dict[tuple[float, float], float] = {}
+        for (x, y), w in zip(query.points.tolist(), weights.tolist(), strict=True):
+            by_point[(x, y)] = max(w, by_point.get((x, y), 0.0))
+        return float(
+            sum(by_point.get((float(x), float(y)), 0.0) for x, y in self.pairs[kept, :2].tolist())
+        )
+
 
 _NO_MATCH = PairMatch(np.zeros((0, 4), np.float32), np.zeros(0, bool))
 
