@@ -46,6 +46,7 @@ from bench.quality_split import SEED, split  # noqa: E402
 from service.contract import Calibration  # noqa: E402
 from service.gallery.sync import Filters, GalleryEntries  # noqa: E402
 from service.imaging import decode_photo  # noqa: E402
+from service.matching import local  # noqa: E402
 from service.matching.features import DIM, Features, RootSift  # noqa: E402
 from service.matching.local import LocalMatcher  # noqa: E402
 from service.matching.verify import verify  # noqa: E402
@@ -230,7 +231,9 @@ def main() -> None:
     parser.add_argument("--exact-sizes", default="10000")
     parser.add_argument("--modes", default="compressed,exact")
     parser.add_argument("--queries", type=int, default=None, help="at most this many queries")
+    parser.add_argument("--codes", default=local.COMPRESSED, help="the compressed index's codes")
     args = parser.parse_args()
+    local.COMPRESSED = args.codes
     cache = extract_real(args.scratch, args.max_queries)
     results = args.scratch / "results.jsonl"
     for size in [int(x) for x in args.sizes.split(",")]:
@@ -239,6 +242,7 @@ def main() -> None:
                 continue
             row = measure(Catalogue(cache, size), mode, args.queries)
             row["load"] = load_average()
+            row["codes"] = args.codes if mode == "compressed" else "flat"
             row["commit"] = git_commit()
             log.info("%s", {k: v for k, v in row.items() if k != "ranks"})
             with results.open("a") as f:
