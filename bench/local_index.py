@@ -222,6 +222,24 @@ def measure(cat: Catalogue, mode: str, queries: int | None) -> dict[str, Any]:
     }
 
 
+def table(results: Path) -> str:
+    """The markdown table of every row in ``results`` (one JSON object a line)."""
+    lines = [
+        "| photos | index | descriptors | vote p50 ms | vote + verification p50 / p90 ms "
+        "| RSS added MB | index MB | build s | MAP@5 known (top-1) | queries | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        lines.append(
+            f"| {r['photos']} | {r.get('codes', r['mode'])} | {r['descriptors']:,} "
+            f"| {r['vote_p50']:.0f} | {r['total_p50']:.0f} / {r['total_p90']:.0f} "
+            f"| {r['rss_mb']:.0f} | {r['index_mb']:.0f} | {r['build_s']:.0f} "
+            f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['queries']} | {r['load']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__)
@@ -232,10 +250,14 @@ def main() -> None:
     parser.add_argument("--modes", default="compressed,exact")
     parser.add_argument("--queries", type=int, default=None, help="at most this many queries")
     parser.add_argument("--codes", default=local.COMPRESSED, help="the compressed index's codes")
+    parser.add_argument("--table", type=Path, help="write the results' markdown table here")
     args = parser.parse_args()
+    results = args.scratch / "results.jsonl"
+    if args.table:
+        args.table.write_text(table(results))
+        return
     local.COMPRESSED = args.codes
     cache = extract_real(args.scratch, args.max_queries)
-    results = args.scratch / "results.jsonl"
     for size in [int(x) for x in args.sizes.split(",")]:
         for mode in args.modes.split(","):
             if mode == "exact" and str(size) not in args.exact_sizes.split(","):
