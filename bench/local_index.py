@@ -240,10 +240,11 @@ def table(results: Path) -> str:
     ]
     for line in results.read_text().splitlines():
         r = json.loads(line)
+        trimmed = f" ({r['rss_trimmed_mb']:.0f})" if "rss_trimmed_mb" in r else ""
         lines.append(
             f"| {r['photos']} | {r.get('codes', r['mode'])} | {r['descriptors']:,} "
             f"| {r['vote_p50']:.0f} | {r['total_p50']:.0f} / {r['total_p90']:.0f} "
-            f"| {r['rss_mb']:.0f} ({r.get('rss_trimmed_mb', math.nan):.0f}) "
+            f"| {r['rss_mb']:.0f}{trimmed} "
             f"| {r['index_mb']:.0f} | {r['build_s']:.0f} "
             f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['queries']} | {r['load']} |"
         )
