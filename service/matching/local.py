@@ -9,6 +9,8 @@ joined are added and those that left are removed, by image id.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import threading
 import time
@@ -250,6 +252,7 @@ class LocalMatcher:
                         break
                 fresh.remove(left)
                 fresh.add(self._read(joined))
+            _hand_back_freed_memory()
             log.info(
                 "local features: a compressed index of %d descriptors (%d photos) in %.1f s",
                 fresh.count,
@@ -313,6 +316,15 @@ class LocalMatcher:
             if len(by_label[label]) < photos:
                 by_label[label].append(image_id)
         return [Evidence(label, None, tuple(by_label[label]), votes[label]) for label in best]
+
+
+def _hand_back_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc). The inverted lists grow by
+    reallocation while an index is built, and the blocks they leave stay resident otherwise:
+    at 10k cow photos the process held 353 MiB after the build and 156 MiB after this, for an
+    index of 134 MiB (``bench/local_index.py``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 _EMPTY = Features(np.zeros((0, 2), np.float32), np.zeros((0, DIM), np.uint8), 0, 0)
