@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # The local-features matcher's descriptor index is exact up to this many descriptors, then
     # IVF with 8-bit scalar quantisation (about 136 bytes a descriptor).
     local_ivf_threshold: int = Field(default=20_000, ge=1000)
+    # From this many gallery photos the descriptor index is compressed (IVF with 6-bit scalar
+    # quantisation, 104 bytes a descriptor with its id), built in the background from the stored
+    # features while the index in use keeps answering (service/matching/local.py).
+    local_compressed_photos: int = Field(default=20_000, ge=100)
     # `whaleid prune` removes query photos never confirmed after this many days.
     query_photo_retention_days: int = 90
     # The review page's cookies are Secure: "auto" when the request came over HTTPS (directly or

@@ -209,7 +209,11 @@ class Identifier:
         """The gallery's descriptor index, built (from the stored features) on first use."""
         with self._local_lock:
             if self.local is None:
-                local = LocalMatcher(self.features, self.settings.local_ivf_threshold)
+                local = LocalMatcher(
+                    self.features,
+                    self.settings.local_ivf_threshold,
+                    self.settings.local_compressed_photos,
+                )
                 local.sync(self.gallery.entries)
                 self.local = local
             return self.local

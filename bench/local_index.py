@@ -1,0 +1,287 @@
+"""The local-features matcher at 10k, 50k and 100k gallery photos: the exact descriptor index
+against the compressed one (``DescriptorIndex``'s IVF-PQ mode), on real cow-face descriptors.
+
+The gallery is the quality bench's cow gallery (``bench/quality_split.py``, seed 0: the real
+photos of the known cows), extracted for real with the service's RootSIFT extractor (cached
+under ``--scratch``), plus distractors up to the gallery size: each a new individual made from a
+real gallery photo whose descriptors are moved by a symmetry of the SIFT layout (a flip or
+rotation of the 4 x 4 cell grid with the matching shift of the 8 orientation bins, never the
+identity), then noise on every component and jitter on the keypoints. Small noise alone would
+make each distractor a near-copy of a real photo under another name, and the exact search itself
+could then no longer tell the cows apart: the symmetry keeps the distractors' descriptor
+statistics those of real SIFT while making them other patterns. The known queries of the split
+(at most ``--max-queries``) are the queries. For each size and index, per query: the LNBNN vote
+and the geometric verification of the best 10 individuals (``verify``), their p50 and p90; the
+process's resident memory added by the index and the index's own bytes; the build time (reading
+the stored features included: the features are packed as the database rows hold them and
+unpacked once); MAP@5 of the known queries (the right cow's rank in the answer).
+
+    nice .venv/bin/python bench/local_index.py --scratch /work/scratch/index \
+        --sizes 10000,50000,100000 --exact-sizes 10000,50000 [--out docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import quality_data  # noqa: E402
+from bench._common import git_commit, load_average, pct, setup_logging  # noqa: E402
+from bench.quality_split import SEED, split  # noqa: E402
+from service.contract import Calibration  # noqa: E402
+from service.gallery.sync import Filters, GalleryEntries  # noqa: E402
+from service.imaging import decode_photo  # noqa: E402
+from service.matching import local  # noqa: E402
+from service.matching.features import DIM, Features, RootSift  # noqa: E402
+from service.matching.local import LocalMatcher  # noqa: E402
+from service.matching.verify import verify  # noqa: E402
+
+log = logging.getLogger("bench.local_index")
+SET = "holstein_cow_faces_holstein2025"
+DATA = ROOT.parent / "shared" / "data" / SET
+
+
+def extract_real(scratch: Path, max_queries: int) -> Path:
+    """The real gallery's and known queries' features, extracted once into ``scratch``."""
+    path = scratch / f"cows-seed{SEED}-q{max_queries}.npz"
+    if path.exists():
+        return path
+    data = quality_data.holstein(DATA)
+    s = split(data, SEED, max_queries)
+    known = [q for q in s.queries if q.individual_id not in s.unseen]
+    extractor = RootSift()
+    arrays: dict[str, np.ndarray] = {}
+    for side, photos in (("gallery", s.gallery), ("query", known)):
+        points, descriptors, counts, sizes = [], [], [], []
+        for n, p in enumerate(photos):
+            photo = decode_photo((data.images / p.image).read_bytes(), max_pixels=50_000_000)
+            f = extractor.extract(photo.image)
+            points.append(f.points)
+            descriptors.append(f.descriptors)
+            counts.append(len(f))
+            sizes.append((f.width, f.height))
+            if n % 200 == 0:
+                log.info("%s: %d/%d photos extracted", side, n, len(photos))
+        arrays[f"{side}_points"] = np.concatenate(points)
+        arrays[f"{side}_descriptors"] = np.concatenate(descriptors)
+        arrays[f"{side}_counts"] = np.array(counts, np.int64)
+        arrays[f"{side}_sizes"] = np.array(sizes, np.int64)
+        arrays[f"{side}_labels"] = np.array([p.individual_id for p in photos])
+    scratch.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+# The symmetries of the SIFT layout (index (row * 4 + col) * 8 + bin): the 8 maps of the 4 x 4
+# grid (rotations and mirror images), each with the 8 shifts of the orientation bins (mirrored
+# bins for the mirror images); the identity is left out, so no distractor copies a real photo.
+def _symmetries() -> list[np.ndarray]:
+    out = []
+    for rot in range(4):
+        for mirror in (False, True):
+            for shift in range(8):
+                if rot == 0 and not mirror and shift == 0:
+                    continue
+                perm = np.empty(DIM, np.int64)
+                for r in range(4):
+                    for c in range(4):
+                        rr, cc = r, (3 - c if mirror else c)
+                        for _ in range(rot):
+                            rr, cc = cc, 3 - rr
+                        for b in range(8):
+                            bb = ((-b if mirror else b) + shift + 2 * rot) % 8
+                            perm[(rr * 4 + cc) * 8 + bb] = (r * 4 + c) * 8 + b
+                out.append(perm)
+    return out
+
+
+SYMMETRIES = _symmetries()
+
+
+class Catalogue:
+    """The real photos' features and the distractors', made on demand from the image id (so
+    the bench never holds 100k photos' descriptors at once: they are read as a store is)."""
+
+    def __init__(self, cache: Path, photos: int, noise: float = 3.0, jitter: float = 2.0):
+        data = np.load(cache)
+        self.real = self._unpacked(data, "gallery")
+        self.queries = self._unpacked(data, "query")
+        self.real_labels = [str(x) for x in data["gallery_labels"]]
+        self.query_labels = [str(x) for x in data["query_labels"]]
+        self.photos = photos
+        self.noise, self.jitter = noise, jitter
+
+    @staticmethod
+    def _unpacked(data: Any, side: str) -> list[Features]:
+        ends = np.cumsum(data[f"{side}_counts"])
+        points = np.split(data[f"{side}_points"], ends[:-1])
+        descriptors = np.split(data[f"{side}_descriptors"], ends[:-1])
+        return [
+            Features(p, d, int(w), int(h))
+            for p, d, (w, h) in zip(points, descriptors, data[f"{side}_sizes"], strict=True)
+        ]
+
+    def label(self, image_id: int) -> str:
+        real = len(self.real)
+        return self.real_labels[image_id - 1] if image_id <= real else f"distractor-{image_id}"
+
+    def features(self, image_id: int) -> Features:
+        real = len(self.real)
+        if image_id <= real:
+            return self.real[image_id - 1]
+        rng = np.random.default_rng(image_id)
+        source = self.real[(image_id - 1) % real]
+        perm = SYMMETRIES[((image_id - 1) // real) % len(SYMMETRIES)]
+        moved = source.descriptors[:, perm].astype(np.float32)
+        moved += rng.normal(0.0, self.noise, moved.shape)
+        points = source.points + rng.uniform(-self.jitter, self.jitter, source.points.shape)
+        return Features(
+            points.astype(np.float32),
+            np.clip(np.rint(moved), 0, 255).astype(np.uint8),
+            source.width,
+            source.height,
+        )
+
+    def get(self, image_ids: Iterable[int]) -> dict[int, Features]:
+        """As ``FeatureStore.get``: each photo's row packed as the database holds it, then
+        unpacked."""
+        return {i: Features.unpack(*self.features(i).pack()) for i in image_ids}
+
+    def entries(self) -> GalleryEntries:
+        rows = [(i, i, self.label(i), None, None, None, None) for i in range(1, self.photos + 1)]
+        return GalleryEntries.from_rows(rows)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def measure(cat: Catalogue, mode: str, queries: int | None) -> dict[str, Any]:
+    """Build the index of ``mode`` ("exact" or "compressed") over the catalogue, then answer the
+    known queries: times, memory, MAP@5."""
+    entries = cat.entries()
+    gc.collect()
+    before = rss_mb()
+    start = time.perf_counter()
+    if mode == "exact":
+        matcher = LocalMatcher(cat, ivf_threshold=2**62, compressed_photos=2**62)  # type: ignore[arg-type]
+    else:
+        matcher = LocalMatcher(cat, compressed_photos=1)  # type: ignore[arg-type]
+    matcher.sync(entries)
+    build_s = time.perf_counter() - start
+    gc.collect()
+    after = rss_mb()
+    # The inverted lists grow by reallocation while the index is built: the heap keeps the freed
+    # blocks resident until they are handed back (glibc's malloc_trim), so both are reported.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = rss_mb()
+    index = matcher.descriptors
+    calibration = Calibration.default(0.62)
+    vote_ms, total_ms, ranks = [], [], []
+    chosen = list(range(len(cat.queries)))[:queries]
+    for n in tqdm(chosen, desc=f"{mode} {cat.photos}", unit="query"):
+        query = cat.queries[n]
+        start = time.perf_counter()
+        evidence = matcher.candidates(query, entries, Filters(), top=10, photos=3)
+        voted = time.perf_counter()
+        verified = verify(query, evidence, cat.get, calibration)
+        total_ms.append((time.perf_counter() - start) * 1000)
+        vote_ms.append((voted - start) * 1000)
+        order = [e.label for e in sorted(verified, key=lambda e: -(e.score or 0.0))]
+        truth = cat.query_labels[n]
+        ranks.append(order.index(truth) + 1 if truth in order[:5] else 0)
+    return {
+        "photos": cat.photos,
+        "mode": mode,
+        "descriptors": index.count,
+        "build_s": build_s,
+        "rss_mb": after - before,
+        "rss_trimmed_mb": trimmed - before,
+        "index_mb": index.nbytes() / 2**20,
+        "vote_p50": statistics.median(vote_ms),
+        "total_p50": statistics.median(total_ms),
+        "total_p90": pct(total_ms, 90),
+        "map5": sum(1.0 / r for r in ranks if r) / len(ranks),
+        "top1": sum(r == 1 for r in ranks) / len(ranks),
+        "queries": len(ranks),
+        "ranks": ranks,
+    }
+
+
+def table(results: Path) -> str:
+    """The markdown table of every row in ``results`` (one JSON object a line)."""
+    lines = [
+        "| photos | index | descriptors | vote p50 ms | vote + verification p50 / p90 ms "
+        "| RSS added MB (after malloc_trim) | index MB | build s | MAP@5 known (top-1) "
+        "| queries | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        trimmed = f" ({r['rss_trimmed_mb']:.0f})" if "rss_trimmed_mb" in r else ""
+        lines.append(
+            f"| {r['photos']} | {r.get('codes', r['mode'])} | {r['descriptors']:,} "
+            f"| {r['vote_p50']:.0f} | {r['total_p50']:.0f} / {r['total_p90']:.0f} "
+            f"| {r['rss_mb']:.0f}{trimmed} "
+            f"| {r['index_mb']:.0f} | {r['build_s']:.0f} "
+            f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['queries']} | {r['load']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scratch", type=Path, required=True)
+    parser.add_argument("--max-queries", type=int, default=150)
+    parser.add_argument("--sizes", default="10000,50000,100000")
+    parser.add_argument("--exact-sizes", default="10000")
+    parser.add_argument("--modes", default="compressed,exact")
+    parser.add_argument("--queries", type=int, default=None, help="at most this many queries")
+    parser.add_argument("--codes", default=local.COMPRESSED, help="the compressed index's codes")
+    parser.add_argument("--table", type=Path, help="write the results' markdown table here")
+    args = parser.parse_args()
+    results = args.scratch / "results.jsonl"
+    if args.table:
+        args.table.write_text(table(results))
+        return
+    local.COMPRESSED = args.codes
+    cache = extract_real(args.scratch, args.max_queries)
+    for size in [int(x) for x in args.sizes.split(",")]:
+        for mode in args.modes.split(","):
+            if mode == "exact" and str(size) not in args.exact_sizes.split(","):
+                continue
+            row = measure(Catalogue(cache, size), mode, args.queries)
+            row["load"] = load_average()
+            row["codes"] = args.codes if mode == "compressed" else "flat"
+            row["commit"] = git_commit()
+            log.info("%s", {k: v for k, v in row.items() if k != "ranks"})
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()
