@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="aliked-n16", help="aliked-n16 (default), aliked-t16")
     parser.add_argument("--size", type=int, default=640, help="the square input side (640)")
     parser.add_argument("--keypoints", type=int, default=1024, help="fixed keypoint count")
-    parser.add_argument("--lightglue", action="store_true", help="also export LightGlue")
+    parser.add_argument(
+        "--lightglue",
+        action="store_true",
+        help="also export LightGlue (unfinished: not yet seen to export, see export_lightglue)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

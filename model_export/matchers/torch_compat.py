@@ -12,6 +12,7 @@ Torch venv only (issue 26, item 3): the service never imports this.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from typing import Any
@@ -103,12 +104,14 @@ def install(force: bool = False) -> bool:
     models.resnet = resnet  # type: ignore[attr-defined]
     tv.ops = ops  # type: ignore[attr-defined]
     tv.models = models  # type: ignore[attr-defined]
-    sys.modules.update(
-        {
-            "torchvision": tv,
-            "torchvision.ops": ops,
-            "torchvision.models": models,
-            "torchvision.models.resnet": resnet,
-        }
-    )
+    stand_ins = {
+        "torchvision": tv,
+        "torchvision.ops": ops,
+        "torchvision.models": models,
+        "torchvision.models.resnet": resnet,
+    }
+    for name, module in stand_ins.items():
+        # find_spec (torch.onnx's exporter asks) wants a spec on every module it meets.
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    sys.modules.update(stand_ins)
     return True

