@@ -364,6 +364,14 @@ def _fusion_answers(
     return answer
 
 
+# The parameters each aggregation's curves fit (the fused logistic: distance, inliers and a
+# bias; the mix: distance, best, second best, photos with inliers and a bias), and the right
+# pairs the gallery must give for each of them: ten events a parameter, the logistic
+# regression's rule of thumb.
+PARAMETERS = {"max": 3, "best-two": 3, "mix": 5}
+RIGHT_PER_PARAMETER = 10
+
+
 def fit_fusion(
     asked: Sequence[Asked],
     base: Calibration,
@@ -382,8 +390,26 @@ def fit_fusion(
     start = base.threshold
     values = sorted({*THRESHOLDS, start})
     pairs = gallery_pairs(asked)
+    right = sum(p.match for p in pairs)
+    # Each aggregation's curves are fitted on these pairs and judged on the same queries, so a
+    # flexible one wins on a small gallery by fitting its noise: only those with
+    # RIGHT_PER_PARAMETER right pairs for each of their parameters are tried.
+    names = [
+        name
+        for name in (AGGREGATIONS if aggregation == AUTO else (aggregation,))
+        if right >= RIGHT_PER_PARAMETER * PARAMETERS[name]
+    ]
+    if not names:
+        log.info(
+            "open-set fit: the calibration stays (%d right pairs on the gallery: fitting %s needs "
+            "%d for each of its parameters)",
+            right,
+            aggregation,
+            RIGHT_PER_PARAMETER,
+        )
+        return fit_decision(asked, values, p_new=p_new, start=start, mode=FUSION)
     tried: dict[str, OpenSetFit] = {}
-    for name in AGGREGATIONS if aggregation == AUTO else (aggregation,):
+    for name in names:
         try:
             calibration = fit_calibration(pairs, base, source=GALLERY, aggregation=name)
         except TooFewPairs as e:

@@ -164,7 +164,7 @@ def test_the_fusion_fit_on_gallery_queries_keeps_what_answers_best() -> None:
     aggregation that counts them, better than ``max``; forced, ``max`` is kept as asked."""
     rng = np.random.default_rng(3)
     asked = []
-    for q in range(60):
+    for q in range(80):  # 64 known: enough right pairs for the mix's five parameters
         animal, unseen = f"ind-{q % 12}", q % 5 == 0
         scored = []
         if not unseen:
@@ -186,6 +186,10 @@ def test_the_fusion_fit_on_gallery_queries_keeps_what_answers_best() -> None:
     assert auto.calibration.fitted["source"] == "gallery"
     assert auto.calibration.threshold == auto.value
     assert auto.figures["calibration"]["aggregation"] == auto.calibration.aggregation
+    # 36 right pairs: ten a parameter for max and best-two (three), not for the mix (five).
+    fewer = fit_fusion(asked[:45], BASE, p_new=0.2)
+    assert fewer.calibration is not None
+    assert set(fewer.calibration.fitted["tried"]) == {"max", "best-two"}
 
 
 def test_the_local_features_model_shows_no_placeholder_distance_curve() -> None:

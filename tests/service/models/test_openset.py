@@ -235,10 +235,11 @@ def test_a_verifying_model_fits_its_threshold_through_the_fusion(
         model = session.get_one(Model, registered.id)
     _textured_catalogue(settings, tmp_path / "catalogue", model)
     identifier = Identifier.load(settings, factory, model)
-    fit = fit_on_gallery(identifier, p_new=0.2, max_queries=12, per_individual=2)
+    # Every gallery photo (10 animals x 3): enough right pairs to fit the fusion's curves.
+    fit = fit_on_gallery(identifier, p_new=0.2, max_queries=30, per_individual=3)
     assert fit.mode == FUSION and fit.value in THRESHOLDS
     assert (fit.known_animals, fit.unseen_animals) == (10, 10)
-    assert fit.known_photos == fit.unseen_photos == 12
+    assert fit.known_photos == fit.unseen_photos == 30
 
     # The fusion's calibration was fitted on the same queries' pairs first (issue 26, item 2).
     assert fit.calibration is not None and fit.calibration.fitted["source"] == "gallery"
@@ -247,7 +248,7 @@ def test_a_verifying_model_fits_its_threshold_through_the_fusion(
     entries = identifier.gallery.entries
     words = entries.vocab["labels"].words
     labels = [str(words[c]) for c in entries.codes["labels"]]
-    picked = sample_gallery(labels, seed=0, max_queries=12, per_individual=2)
+    picked = sample_gallery(labels, seed=0, max_queries=30, per_individual=3)
     image_ids = [int(entries.image_ids[p]) for p in picked]
     with factory() as session:
         found = session.execute(select(Image.id, Image.file_path).where(Image.id.in_(image_ids)))
@@ -269,6 +270,11 @@ def test_a_verifying_model_fits_its_threshold_through_the_fusion(
     assert fit.expected_map5 == pytest.approx(0.8 * k_map + 0.2 * u_map)
     # The starting point (the calibration's 0.5) is no better than the choice.
     assert fit.expected_map5 >= dict(fit.grid)[0.5]
+
+    # A dozen photos give fewer right pairs than ten for each of a curve's three parameters: the
+    # calibration stays, and only the threshold is fitted.
+    few = fit_on_gallery(identifier, p_new=0.2, max_queries=12, per_individual=2)
+    assert few.mode == FUSION and few.calibration is None
 
 
 def test_the_share_of_new_animals_comes_from_enough_decisions(
