@@ -204,15 +204,20 @@ def prepare_fused(case: Case) -> Prepared:
     return verified(case, case.demo_id, [])
 
 
-def fitted_fusion(case: Case, model_id: int, notes: list[str], aggregation: str) -> Prepared:
-    """Verification ``rerank`` on ``model_id``, its calibration and threshold fitted on the
-    gallery alone (``models calibrate ID`` with no CSV; ``aggregation``: ``--aggregation``)."""
+def _verify_rerank(case: Case, model_id: int) -> None:
+    """``models verify ID --mode rerank``, where ``whaleid evaluate`` can use it."""
     try:
         case.cli.whaleid("models", "verify", str(model_id), "--mode", "rerank")
     except CommandFailed as e:
         raise ModeUnavailable(str(e)) from e
     if not case.features["verification"]:
         raise ModeUnavailable("`whaleid evaluate` has no --verification option")
+
+
+def fitted_fusion(case: Case, model_id: int, notes: list[str], aggregation: str) -> Prepared:
+    """Verification ``rerank`` on ``model_id``, its calibration and threshold fitted on the
+    gallery alone (``models calibrate ID`` with no CSV; ``aggregation``: ``--aggregation``)."""
+    _verify_rerank(case, model_id)
     notes.append(fit_on_gallery(case, model_id, "--aggregation", aggregation))
     return Prepared(("--verification", "rerank", *_model_arg(case, model_id)), tuple(notes))
 
@@ -239,12 +244,7 @@ def verified(case: Case, model_id: int, notes: list[str]) -> Prepared:
         notes.append("no calibration split: default calibration")
     else:
         notes.append(calibrate(case, model_id))
-    try:
-        case.cli.whaleid("models", "verify", str(model_id), "--mode", "rerank")
-    except CommandFailed as e:
-        raise ModeUnavailable(str(e)) from e
-    if not case.features["verification"]:
-        raise ModeUnavailable("`whaleid evaluate` has no --verification option")
+    _verify_rerank(case, model_id)
     return Prepared(("--verification", "rerank", *_model_arg(case, model_id)), tuple(notes))
 
 
