@@ -28,6 +28,12 @@ from service.matching.verify import Evidence, best_photos
 
 log = logging.getLogger(__name__)
 
+# faiss (1.15) computes an exact search's inner products with BLAS only above this many query
+# vectors (its default: 128,000), and below it with its own loops. A query photo brings about
+# 100-400 descriptors: through BLAS their search over 17k gallery descriptors took 10 ms here,
+# through the loops 68-135 ms (``bench/local_features.py``). 20 was faiss's own default before.
+faiss.cvar.distance_compute_blas_threshold = 20
+
 _SHIFT = 11  # descriptor id = image id << 11 | keypoint number (features_count <= 2000)
 K = 5  # neighbours that vote, per query descriptor; the (K + 1)-th is the normaliser
 
