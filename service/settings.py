@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # once into the object store (secrets/form-secret: the data directory, or the shared bucket).
     form_secret: SecretStr = SecretStr("")
     onnx_threads: int = 0
+    # Threads of numpy's BLAS (verification's matrix products: service/matching/verify.py) in a
+    # serving process; 0 leaves the library's default (every core). One: a product of a query's
+    # descriptors against a shortlist's is too small to gain from more, and waking a pool for it
+    # cost 2-40x its time on a busy 2-core machine (docs/performance.md, "Local features").
+    blas_threads: int = Field(default=1, ge=0, le=256)
     # Whether onnxruntime's idle threads spin, waiting for the next inference, in /identify.
     # Background jobs never spin (their decoding threads need the cores).
     onnx_spinning: bool = True

@@ -10,6 +10,7 @@ from typing import IO
 
 from sqlalchemy import literal, select
 from sqlalchemy.orm import Session, sessionmaker
+from threadpoolctl import threadpool_limits
 
 from service.contract import ModelStatus
 from service.db.tables import ApiKey, Model
@@ -31,6 +32,8 @@ class Runtime:
     def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
         self.settings = settings
         self.factory = factory
+        if settings.blas_threads:  # for the whole process: the pools are the library's
+            threadpool_limits(settings.blas_threads, user_api="blas")
         self._identifier: Identifier | None = None
         # A model loaded ahead of its activation (``prepare``), so the switch costs no load.
         self._standby: Identifier | None = None

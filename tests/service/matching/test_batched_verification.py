@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from sqlalchemy import Engine, event
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import service.imaging
 from service.catalogue.imports import CatalogueImport
@@ -197,3 +198,17 @@ def test_the_shortlists_descriptors_are_not_read_from_the_database_per_request(
     assert statements  # the listener sees the requests' statements (each answer is recorded)
     reads = [s for s in statements if "features.descriptors" in s]  # what FeatureStore reads
     assert reads == []
+
+
+def test_a_serving_process_runs_its_matrix_products_on_the_blas_threads_set(
+    sqlite_settings: Settings,
+) -> None:
+    """Verification's products are small: a serving process keeps numpy's BLAS to
+    ``blas_threads`` (1 by default), and 0 leaves the library's own count."""
+    factory = make_sessionmaker(make_engine(sqlite_settings.sqlalchemy_url))
+    with threadpool_limits(None):  # whatever the test process had is restored afterwards
+        threadpool_limits(3, user_api="blas")
+        Runtime(sqlite_settings.model_copy(update={"blas_threads": 0}), factory)
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {3}
+        Runtime(sqlite_settings, factory)
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {1}
