@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def _measure(
     latencies, embeds, wall = clients_round(service, jpeg, args.clients, args.requests)
     throughput = len(latencies) / wall
     return {
+        "peak_rss_mib": _peak_rss_mib(service),
         "ratio": throughput / baseline["throughput"],
         "throughput": throughput,
         "bare_throughput": baseline["throughput"],
@@ -101,6 +103,16 @@ def _measure(
         "p99": pct(latencies, 99),
         "embed_p50": p50(embeds),
     }
+
+
+def _peak_rss_mib(service: Service) -> float:
+    """The server process's peak resident memory so far (VmHWM), in MiB."""
+    if service.process is None:
+        return math.nan
+    for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ class Settings(BaseSettings):
     # Decodes and embeds run in a bounded number of slots each; a request that waits longer than
     # slot_wait_seconds for one gets 503 with Retry-After (docs/reliability.md: the memory bound).
     decode_slots: int = 2
-    # 0: as many as the cores hold inferences of onnx_threads threads each (one, by default: an
-    # inference already spreads over every core, and two at once only waste the cores on
-    # onnxruntime's spinning; docs/performance.md measures it).
+    # 0: two inferences per core's worth of onnx_threads threads (4 on 2 cores with the default
+    # onnx_threads): one inference leaves gaps in its parallel loops that the next fills. With
+    # one slot, 4 and 16 clients got 0.66-0.71x the bare pipeline's throughput (its threads
+    # run their inferences at once); with 4, 0.90-0.97x (docs/performance.md, "Throughput").
     embed_slots: int = Field(default=0, ge=0)
     slot_wait_seconds: float = 10.0
     # A query photo is stored as the region the model saw, its longer side at most this.
@@ -167,12 +168,12 @@ class Settings(BaseSettings):
 
     @property
     def embed_slot_count(self) -> int:
-        """``embed_slots``, or its default: how many inferences of ``onnx_threads`` threads the
-        cores hold at once (at least one)."""
+        """``embed_slots``, or its default: two inferences for each ``onnx_threads`` threads the
+        cores hold (every core, when onnxruntime decides), at least two."""
         if self.embed_slots:
             return self.embed_slots
         cores = os.cpu_count() or 1
-        return max(1, cores // self.onnx_threads) if self.onnx_threads else 1
+        return max(2, 2 * cores // self.onnx_threads if self.onnx_threads else 2 * cores)
 
     @property
     def photos_dir(self) -> Path:
