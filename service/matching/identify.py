@@ -175,6 +175,8 @@ class _Prepared:
     pixels: np.ndarray | None = None
     keeping: Future[tuple[Keepsake, StoredPhoto]] | None = None
     features: Features | None = None
+    # With local features: the embedding, made on another thread while this one extracts them.
+    embedding: Future[np.ndarray] | None = None
     model: ModelInfo | None = None  # the model (and verification) it was prepared for
 
 
@@ -287,8 +289,10 @@ class Identifier:
             pixels, keeping, query_features = prepared.pixels, prepared.keeping, prepared.features
             model = prepared.model  # one model's settings for the rest of the answer
             assert pixels is not None and model is not None
-            with self.slots.embed.hold(), watch.lap("embed"):
-                vector = self.embedder.embed(pixels[np.newaxis])[0]
+            if prepared.embedding is not None:
+                vector = prepared.embedding.result()
+            else:
+                vector = self._embed(pixels, watch)
             with watch.lap("search"):
                 neighbours, searched = self.gallery.search(vector, model.head.k, filters)
                 beyond = self.gallery.search_beyond(vector, filters, neighbours)
@@ -325,6 +329,8 @@ class Identifier:
                 else:
                     ident, candidates = None, self._answer(ranked, None)
         except BaseException:
+            if prepared.embedding is not None:  # not needed any more (if not begun yet)
+                prepared.embedding.cancel()
             self._discard(prepared.keeping)
             raise
         return IdentificationResult(
@@ -382,6 +388,9 @@ class Identifier:
             if into.keeping is not None and pixels > KEPT_AFTER_SLOT_PIXELS:
                 into.keeping.result()
             if uses_features:
+                # The embedding meanwhile, on another thread (SIFT and the model each leave
+                # gaps in their parallel loops that the other fills).
+                into.embedding = self.slots.embedding.submit(self._embed, into.pixels, watch)
                 with watch.lap("features"):
                     # From the photo as decoded (no second decode, no wait for the photo as
                     # kept), its points in the pixels of the photo as kept (when recorded).
@@ -391,6 +400,12 @@ class Identifier:
                     into.features = self.features.extractor.extract(photo.image, size)
             # The full-size pixels go with the slot.
         return None
+
+    def _embed(self, pixels: np.ndarray, watch: _Stopwatch) -> np.ndarray:
+        """The embedding of one preprocessed photo, inside an embed slot."""
+        with self.slots.embed.hold(), watch.lap("embed"):
+            vector: np.ndarray = self.embedder.embed(pixels[np.newaxis])[0]
+        return vector
 
     def _keep(
         self,

@@ -59,3 +59,8 @@ class WorkSlots:
         self.side = ThreadPoolExecutor(
             2 * self.decode.count + self.embed.count, thread_name_prefix="side-work"
         )
+        # A verifying model's embedding, made while the decode slot's holder extracts the
+        # query's local features: one a holder, which then waits for it.
+        self.embedding = ThreadPoolExecutor(
+            self.decode.count + self.embed.count, thread_name_prefix="embedding"
+        )

@@ -5,6 +5,7 @@ request — on real OpenCV, ONNX Runtime and SQLite."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,32 @@ def test_a_serving_process_runs_its_matrix_products_on_the_blas_threads_set(
         assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {3}
         Runtime(sqlite_settings, factory)
         assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {1}
+
+
+def test_the_embedding_is_made_while_the_query_features_are_extracted(
+    verifying: tuple[Runtime, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verifying model embeds the photo on another thread while the query's local features
+    are extracted: the extraction here waits for the embedder to have begun, which it never
+    would if the two ran one after the other."""
+    runtime, _ = verifying
+    identifier = runtime.current()
+    identifier.descriptors()
+    begun = threading.Event()
+    embed, extract = identifier.embedder.embed, identifier.features.extractor.extract
+    overlapped: list[bool] = []
+
+    def embedding(pixels: np.ndarray) -> np.ndarray:
+        begun.set()
+        return embed(pixels)
+
+    def extracting(image: Any, size: Any = None) -> Features:
+        overlapped.append(begun.wait(timeout=10))
+        return extract(image, size)
+
+    monkeypatch.setattr(identifier.embedder, "embed", embedding)
+    monkeypatch.setattr(identifier.features.extractor, "extract", extracting)
+    answer = runtime.identify(encode(textured_photo(3, 7)), filters=Filters())
+    assert overlapped == [True]
+    assert answer.candidates[0].individual_id == "ind-3"
+    assert "embed" in answer.timings and "features" in answer.timings
