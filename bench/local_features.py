@@ -44,7 +44,15 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import DEMO_MODEL, marks, pct, replace_section, setup_logging  # noqa: E402
+from bench._common import (  # noqa: E402
+    DEMO_MODEL,
+    git_commit,
+    load_average,
+    marks,
+    pct,
+    replace_section,
+    setup_logging,
+)
 from service.catalogue.imports import CatalogueImport  # noqa: E402
 from service.contract import Calibration, Verification  # noqa: E402
 from service.db import migrate  # noqa: E402
@@ -307,6 +315,8 @@ def verification_targets(model_path: Path | None, set_name: str | None, queries:
         p50 = {k: statistics.median(v) for k, v in t.items()}
     return {
         "queries": queries,
+        "commit": git_commit(),
+        "load": load_average(),
         "set": set_name or "textured 640 px",
         "model": (model_path or DEMO_MODEL).name,
         "gallery": len(entries),
@@ -324,7 +334,8 @@ def render_targets(r: dict) -> str:
         [
             f"**Verification targets** (issue 27; `{r['set']}` photos, {r['gallery']:.0f} in "
             f"the gallery, {r['descriptors']:.0f} descriptors, model `{r['model']}`, "
-            f"{r['queries']:.0f} queries, old and new alternating in one process; p50 ms):",
+            f"{r['queries']:.0f} queries, old and new alternating in one process; p50 ms; "
+            f"commit `{r['commit']}`, load average at the end {r['load']}):",
             "",
             "| | today | now | ratio | target |",
             "|---|---|---|---|---|",
