@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,18 @@ class GalleryEntries:
     def _matches(self, column: str, value: str) -> np.ndarray:
         result: np.ndarray = self.codes[column] == self.vocab[column].code(value)
         return result
+
+    @cached_property
+    def label_of_image(self) -> dict[int, str]:
+        """Image id -> catalogue id of every gallery photo (built once per instance: at 100k
+        photos it took 28 ms, which the local matcher's vote paid per query). Read it only."""
+        words = self.vocab["labels"].words
+        return {
+            int(image_id): str(words[code])
+            for image_id, code in zip(
+                self.image_ids.tolist(), self.codes["labels"].tolist(), strict=True
+            )
+        }
 
     def select(self, filters: Filters) -> np.ndarray | None:
         """Embedding ids within the filters; None when there is no filter (search everything)."""

@@ -377,11 +377,13 @@ _EMPTY = Features(np.zeros((0, 2), np.float32), np.zeros((0, DIM), np.uint8), 0,
 
 
 def _labels_by_image(entries: GalleryEntries, filters: Filters) -> dict[int, str]:
-    """Image id -> catalogue id of the gallery photos within ``filters``."""
+    """Image id -> catalogue id of the gallery photos within ``filters`` (read it only)."""
+    allowed = entries.select(filters)
+    if allowed is None:
+        return entries.label_of_image
     words = entries.vocab["labels"].words
     codes = entries.codes["labels"]
-    allowed = entries.select(filters)
-    keep = np.ones(len(entries), bool) if allowed is None else np.isin(entries.ids, allowed)
+    keep = np.isin(entries.ids, allowed)
     return {
         int(image_id): str(words[code])
         for image_id, code, ok in zip(

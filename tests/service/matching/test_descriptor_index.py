@@ -11,7 +11,7 @@ import numpy as np
 
 from service.gallery.sync import Filters, GalleryEntries
 from service.matching.features import DIM, Features
-from service.matching.local import DescriptorIndex, LocalMatcher
+from service.matching.local import DescriptorIndex, LocalMatcher, _labels_by_image
 
 PHOTOS = 240
 PER_PHOTO = 60
@@ -129,3 +129,22 @@ def test_photos_that_come_and_go_during_a_rebuild_are_replayed_into_the_new_inde
     matcher.builder.join(60)
     assert matcher.descriptors.images == set(range(2, PHOTOS + 1))
     assert matcher.descriptors.trained_on > 10
+
+
+def test_the_vote_reads_each_gallery_photos_individual_within_the_filters() -> None:
+    """The vote's image -> individual map: built once per gallery version when nothing is
+    filtered out (it cost the vote 28 ms a query at 100k photos), and only the photos within a
+    request's filters when it has them."""
+    rows = [
+        (i, 100 + i, f"ind-{i % 3}", "seal" if i % 2 else "dolphin", None, None, f"enc-{i}")
+        for i in range(1, 9)
+    ]
+    entries = GalleryEntries.from_rows(rows)
+    everything = _labels_by_image(entries, Filters())
+    assert everything == {100 + i: f"ind-{i % 3}" for i in range(1, 9)}
+    assert _labels_by_image(entries, Filters()) is everything  # not rebuilt per query
+    seals = _labels_by_image(entries, Filters(species="seal"))
+    assert seals == {100 + i: f"ind-{i % 3}" for i in range(1, 9) if i % 2}
+    later = entries.patched(np.array([101]), [(1, 101, "ind-9", "seal", None, None, "enc-1")])
+    assert _labels_by_image(later, Filters())[101] == "ind-9"  # a new version, a new map
+    assert everything[101] == "ind-1"
