@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -25,6 +30,7 @@ from service.gallery.sync import Filters, GalleryEntries
 from service.matching.features import DIM, Features, FeatureStore
 from service.matching.matcher import Context, Matcher, Need, Query
 from service.matching.verify import Evidence, best_photos
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +139,17 @@ class DescriptorIndex:
         log.info("local features: %d descriptors moved to an IVF index", len(everything))
 
     def remove(self, image_ids: set[int]) -> None:
-        for image_id in image_ids & self.images:
-            removed = self.index.remove_ids(
-                faiss.IDSelectorRange(image_id << _SHIFT, (image_id + 1) << _SHIFT)
-            )
-            self.count -= int(removed)
+        """Remove the descriptors of ``image_ids``: one pass over the index for them all (an
+        IVF index scans every list for each removal)."""
+        leaving = sorted(image_ids & self.images)
+        if len(leaving) == 1:
+            first = leaving[0] << _SHIFT
+            selector: Any = faiss.IDSelectorRange(first, first + (1 << _SHIFT))
+        elif leaving:
+            keys = (np.array(leaving, np.int64)[:, None] << _SHIFT) + np.arange(1 << _SHIFT)
+            selector = faiss.IDSelectorBatch(keys.ravel())
+        if leaving:
+            self.count -= int(self.index.remove_ids(selector))
         self.images -= image_ids
 
     def search(self, query: Features, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +163,104 @@ class DescriptorIndex:
     def nbytes(self) -> int:
         """The index's own size (its serialised form: codes, ids and trained tables)."""
         return len(faiss.serialize_index(self.index))
+
+    def save(self, path: Path, extractor: str) -> None:
+        """Write a compressed index to ``path`` with its sidecar (``path`` with ``.json``): the
+        extractor whose descriptors it holds, the photos it covers (a photo without descriptors
+        too), its size and its file's checksum. Each file is written whole (temporary file,
+        fsync, rename), the index first: a crash between the two leaves a sidecar whose checksum
+        does not match, so the file is rebuilt, never trusted."""
+        assert self.compressed, "only a compressed index is saved"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path)
+        try:
+            faiss.write_index(self.index, str(tmp))
+            digest = _sha256(tmp)
+            _fsync_and_rename(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        sidecar = {
+            "format": INDEX_FORMAT,
+            "extractor": extractor,
+            "codes": COMPRESSED,
+            "descriptors": self.count,
+            "trained_on": self.trained_on,
+            "file_sha256": digest,
+            "images": sorted(self.images),
+        }
+        side = sidecar_path(path)
+        tmp = _temporary(side)
+        try:
+            tmp.write_text(json.dumps(sidecar))
+            _fsync_and_rename(tmp, side)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path, extractor: str) -> DescriptorIndex:
+        """A compressed index written by ``save`` for ``extractor``; ``IndexFileError`` if the
+        file or its sidecar is missing, damaged, of another extractor or format, or does not
+        hold what its sidecar says."""
+        side = sidecar_path(path)
+        if not path.exists() or not side.exists():
+            raise IndexFileError(f"{path} or its sidecar is missing")
+        try:
+            sidecar = json.loads(side.read_text())
+            if sidecar.get("format") != INDEX_FORMAT or sidecar.get("codes") != COMPRESSED:
+                raise IndexFileError(f"{path} is of another format")
+            if sidecar.get("extractor") != extractor:
+                raise IndexFileError(f"{path} holds the descriptors of another extractor")
+            if _sha256(path) != sidecar["file_sha256"]:
+                raise IndexFileError(f"{path} does not match its sidecar's checksum")
+            index = faiss.read_index(str(path))
+            descriptors = cls()
+            descriptors.index = index
+            descriptors.count = int(index.ntotal)
+            descriptors.trained_on = int(sidecar["trained_on"])
+            descriptors.images = {int(i) for i in sidecar["images"]}
+        except IndexFileError:
+            raise
+        except Exception as e:  # unreadable JSON, a truncated or foreign faiss file
+            raise IndexFileError(f"{path} cannot be read: {e}") from e
+        if descriptors.count != sidecar["descriptors"] or not descriptors.compressed:
+            raise IndexFileError(f"{path} does not hold what its sidecar says")
+        faiss.extract_index_ivf(index).nprobe = COMPRESSED_NPROBE
+        return descriptors
+
+
+class IndexFileError(RuntimeError):
+    """A saved descriptor index that cannot be used: it is rebuilt from the stored features."""
+
+
+INDEX_FORMAT = 1
+
+
+def local_index_path(settings: Settings, extractor: str) -> Path:
+    """Where the compressed descriptor index of ``extractor``'s descriptors is saved: beside
+    the gallery indexes. The descriptors depend on the photos, not on the model, so the models
+    share it; its sidecar says which photos it covers."""
+    return settings.indexes_dir / f"local-{extractor}.faiss"
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _temporary(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_and_rename(tmp: Path, path: Path) -> None:
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # The compressed mode: 6 bits a component, over the lists of a coarse k-means.
@@ -180,11 +290,18 @@ class LocalMatcher:
     replica, with no index to answer from yet, runs in the caller's thread."""
 
     def __init__(
-        self, store: FeatureStore, ivf_threshold: int = 20_000, compressed_photos: int = 20_000
+        self,
+        store: FeatureStore,
+        ivf_threshold: int = 20_000,
+        compressed_photos: int = 20_000,
+        path: Path | None = None,
+        extractor: str = "",
     ) -> None:
         self.store = store
         self.descriptors = DescriptorIndex(ivf_threshold)
         self.compressed_photos = compressed_photos
+        self.path = path  # where the compressed index is saved and read back (None: never)
+        self.extractor = extractor
         self._lock = threading.Lock()  # guards self.descriptors (the reference and the index)
         self._wanted: set[int] = set()  # the gallery's photos at the last sync
         self._loaded = False
@@ -198,6 +315,11 @@ class LocalMatcher:
             self._wanted = current
             joined = current - self.descriptors.images
             left = self.descriptors.images - current
+        if not self._loaded and len(current) >= self.compressed_photos and self._read_file():
+            self._loaded = True  # answers from the saved index; a rebuild goes to the background
+            with self._lock:  # replay what changed since it was written
+                joined = current - self.descriptors.images
+                left = self.descriptors.images - current
         if self._rebuild_due(len(current)):
             if not self._loaded:  # nothing to answer from yet: build it now
                 self._rebuild()
@@ -215,6 +337,37 @@ class LocalMatcher:
             self.descriptors.add(found)
         if joined or left:
             log.debug("local features: +%d -%d photos", len(joined), len(left))
+
+    def _read_file(self) -> bool:
+        """Put the saved compressed index in use, if there is a sound one."""
+        if self.path is None:
+            return False
+        started = time.perf_counter()
+        try:
+            loaded = DescriptorIndex.load(self.path, self.extractor)
+        except IndexFileError as e:
+            if self.path.exists():
+                log.warning("local features: the saved index is rebuilt: %s", e)
+            return False
+        with self._lock:
+            self.descriptors = loaded
+        log.info(
+            "local features: a compressed index of %d descriptors (%d photos) read in %.1f s",
+            loaded.count,
+            len(loaded.images),
+            time.perf_counter() - started,
+        )
+        return True
+
+    def _save(self, index: DescriptorIndex) -> None:
+        """Write ``index`` (not yet shared with other threads) beside the gallery's index; a
+        failure costs only the next replica's load time."""
+        if self.path is None:
+            return
+        try:
+            index.save(self.path, self.extractor)
+        except (OSError, RuntimeError):
+            log.exception("local features: the compressed index could not be saved")
 
     def _rebuild_due(self, photos: int) -> bool:
         if photos < self.compressed_photos:
@@ -248,6 +401,7 @@ class LocalMatcher:
             fresh = DescriptorIndex.built(
                 self._chunks(wanted), sample, int(per_photo * len(wanted))
             )
+            self._save(fresh)
             while True:  # replay the syncs that came during the build
                 with self._lock:
                     joined = self._wanted - fresh.images
