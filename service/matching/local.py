@@ -102,9 +102,7 @@ class DescriptorIndex:
         nlist = min(compressed_lists(expected), trainable)
         if nlist < MIN_LISTS:
             raise ValueError(f"{len(training)} descriptors cannot train {MIN_LISTS} lists")
-        index = faiss.index_factory(
-            DIM, f"IVF{nlist}_HNSW32,{COMPRESSED}", faiss.METRIC_INNER_PRODUCT
-        )
+        index = faiss.index_factory(DIM, compressed_layout(nlist), faiss.METRIC_L2)
         ivf = faiss.extract_index_ivf(index)
         ivf.by_residual = RESIDUAL
         ivf.cp.niter = TRAINING_ITERATIONS
@@ -164,8 +162,10 @@ class DescriptorIndex:
         k = min(k, self.count)
         if k == 0 or not len(query):
             return np.zeros((len(query), 0), np.float32), np.zeros((len(query), 0), np.int64)
-        similarity, ids = self.index.search(query.unit, k)
-        return np.maximum(2.0 - 2.0 * similarity, 0.0), ids
+        found, ids = self.index.search(query.unit, k)
+        if self.index.metric_type == faiss.METRIC_L2:  # squared distances already
+            return np.maximum(found, 0.0), ids
+        return np.maximum(2.0 - 2.0 * found, 0.0), ids
 
     def nbytes(self) -> int:
         """The index's own size (its serialised form: codes, ids and trained tables)."""
@@ -189,8 +189,7 @@ class DescriptorIndex:
         sidecar = {
             "format": INDEX_FORMAT,
             "extractor": extractor,
-            "codes": COMPRESSED,
-            "residual": RESIDUAL,
+            "layout": _layout(),
             "descriptors": self.count,
             "trained_on": self.trained_on,
             "file_sha256": digest,
@@ -214,8 +213,8 @@ class DescriptorIndex:
             raise IndexFileError(f"{path} or its sidecar is missing")
         try:
             sidecar = json.loads(side.read_text())
-            layout = (sidecar.get("format"), sidecar.get("codes"), sidecar.get("residual"))
-            if layout != (INDEX_FORMAT, COMPRESSED, RESIDUAL):
+            layout = (sidecar.get("format"), sidecar.get("layout"))
+            if layout != (INDEX_FORMAT, _layout()):
                 raise IndexFileError(f"{path} is of another format")
             if sidecar.get("extractor") != extractor:
                 raise IndexFileError(f"{path} holds the descriptors of another extractor")
@@ -272,10 +271,13 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-# The compressed mode: 6 bits a component (of the vector itself, not of its residual from its
-# list's centroid: the same answers, and the scan decodes them 2.4x faster), in lists of about
+# The compressed mode: the descriptors rotated by a PCA to their ``REDUCED`` main components
+# (99% of their variance), 6 bits each (of the vector itself, not of its residual from its
+# list's centroid: the same answers, and the scan decodes them 2.4x faster), searched by L2
+# distance (which the PCA's centring keeps; inner products it does not), in lists of about
 # ``LIST_SIZE`` descriptors, assigned through an HNSW graph over the centroids.
 COMPRESSED = "SQ6"
+REDUCED = 96
 RESIDUAL = False
 COMPRESSED_NPROBE = 16
 LIST_SIZE = 3_000
@@ -295,6 +297,17 @@ def compressed_lists(descriptors: int) -> int:
     k-means that trains them does (``TRAINING_ITERATIONS`` over ``TRAINING_DESCRIPTORS``)."""
     lists = 2 ** round(np.log2(max(descriptors, 1) / LIST_SIZE))
     return int(min(MAX_LISTS, max(MIN_LISTS, lists)))
+
+
+def compressed_layout(lists: int) -> str:
+    """The compressed index's faiss factory string (``lists`` lists)."""
+    reduced = f"PCAR{REDUCED}," if REDUCED < DIM else ""
+    return f"{reduced}IVF{lists}_HNSW32,{COMPRESSED}"
+
+
+def _layout() -> str:
+    """The compressed mode's settings, as a saved index's sidecar records them."""
+    return f"{compressed_layout(0)} residual={RESIDUAL}"
 
 
 def _probe(index: faiss.Index) -> None:
