@@ -1,4 +1,4 @@
-"""The local matcher's compressed descriptor index (IVF with 6-bit scalar codes, real faiss) and its
+"""The local matcher's compressed descriptor index (PCA, IVF, 6-bit scalar codes, real faiss) and its
 rebuild in the background: answers keep coming from the index in use until the new one replaces
 it."""
 
@@ -65,8 +65,9 @@ def test_the_compressed_index_ranks_a_planted_match_first() -> None:
     features, entries = _gallery(PHOTOS)
     index = DescriptorIndex.built([features], features, PHOTOS * PER_PHOTO)
     assert index.compressed and index.count == PHOTOS * PER_PHOTO
-    # 96 bytes of codes and an 8-byte id a descriptor, against 512 for the float vectors.
-    assert index.nbytes() < 110 * index.count
+    # 72 bytes of codes (96 PCA components, 6 bits each) and an 8-byte id a descriptor, against
+    # 512 for the float vectors.
+    assert index.nbytes() < 90 * index.count
     matcher = LocalMatcher(_Stored(features), compressed_photos=1)  # type: ignore[arg-type]
     matcher.sync(entries)
     assert matcher.descriptors.compressed
