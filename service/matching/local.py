@@ -281,7 +281,10 @@ def _sha256(path: Path) -> str:
 COMPRESSED = "SQ6"
 REDUCED = 96
 RESIDUAL = False
-COMPRESSED_NPROBE = 16
+# Lists probed: at 100k cow photos 4 keep MAP@5 within 0.01 of the exact search (0.577 against
+# 0.584) where 8 and 16 lose 0.03 (0.554, 0.548): each list probed past the nearest few brings
+# far descriptors that the 6-bit codes place, now and then, among the 6 nearest.
+COMPRESSED_NPROBE = 4
 LIST_SIZE = 3_000
 MIN_LISTS, MAX_LISTS = 16, 4096
 TRAINING_PER_LIST = 39  # faiss's k-means wants at least this many points per centroid

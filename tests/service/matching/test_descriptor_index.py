@@ -1,6 +1,6 @@
-"""The local matcher's compressed descriptor index (PCA, IVF, 6-bit scalar codes, real faiss) and its
-rebuild in the background: answers keep coming from the index in use until the new one replaces
-it."""
+"""The local matcher's compressed descriptor index (PCA, IVF, 6-bit scalar codes, real faiss)
+and its rebuild in the background: answers keep coming from the index in use until the new one
+replaces it."""
 
 from __future__ import annotations
 
