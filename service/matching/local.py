@@ -291,6 +291,7 @@ TRAINING_PER_LIST = 39  # faiss's k-means wants at least this many points per ce
 TRAINING_DESCRIPTORS = 200_000  # 4096 lists x 39, and some
 TRAINING_ITERATIONS = 10
 READ_CHUNK = 1000  # photos whose features are read from the store at a time
+TRIM_AFTER = 100  # photos added or removed in one sync after which freed memory is handed back
 
 
 def compressed_lists(descriptors: int) -> int:
@@ -386,6 +387,11 @@ class LocalMatcher:
         with self._lock:
             self.descriptors.remove(left)
             self.descriptors.add(found)
+        del found  # their descriptors are in the index now
+        if len(joined) + len(left) >= TRIM_AFTER:
+            # The lists that grew were moved to larger blocks; hand the old ones back. At 100k
+            # cow photos, replaying 2,000 changed photos after a load: 1,567 -> 1,381 MiB.
+            _hand_back_freed_memory()
         if joined or left:
             log.debug("local features: +%d -%d photos", len(joined), len(left))
 
