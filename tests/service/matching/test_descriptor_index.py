@@ -130,3 +130,14 @@ def test_photos_that_come_and_go_during_a_rebuild_are_replayed_into_the_new_inde
     matcher.builder.join(60)
     assert matcher.descriptors.images == set(range(2, PHOTOS + 1))
     assert matcher.descriptors.trained_on > 10
+
+
+def test_many_photos_leave_in_a_few_passes_and_only_they_do() -> None:
+    features, _ = _gallery(PHOTOS)
+    index = DescriptorIndex.built([features], features, PHOTOS * PER_PHOTO)
+    leaving = set(range(1, 201))  # two passes of REMOVE_BATCH
+    index.remove(leaving | {9999})  # a photo it never held changes nothing
+    assert index.count == int(index.index.ntotal) == (PHOTOS - 200) * PER_PHOTO
+    assert index.images == set(range(201, PHOTOS + 1))
+    _, ids = index.search(features[230], 1)
+    assert set((ids[:, 0] >> 11).tolist()) <= index.images
