@@ -316,6 +316,29 @@ def answer(
     return rows
 
 
+def replay(cache: Path, path: Path, photos: int, changed: int) -> dict[str, Any]:
+    """A fresh replica (this process) whose saved index of ``photos`` is ``2 * changed``
+    photos behind: the first ``changed`` left the gallery and as many new ones joined since it
+    was written. Its load time (reading the file, then replaying them) and resident memory."""
+    cat = Catalogue(cache, photos + changed)
+    ids = range(changed + 1, photos + changed + 1)
+    entries = GalleryEntries.from_rows([(i, i, cat.label(i), None, None, None, None) for i in ids])
+    gc.collect()
+    before = rss_mb()
+    start = time.perf_counter()
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
+    matcher.sync(entries)
+    took = time.perf_counter() - start
+    assert matcher.builder is None and matcher.descriptors.images == set(ids)
+    return {
+        "replayed": 2 * changed,
+        "replay_load_s": took,
+        "replay_rss_mb": rss_mb(),
+        "replay_rss_added_mb": rss_mb() - before,
+        "replay_load": load_average(),
+    }
+
+
 def _row(
     cat: Catalogue,
     index: local.DescriptorIndex,
@@ -388,7 +411,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="at most this many queries")
     parser.add_argument("--table", type=Path, help="write the results' markdown table here")
     parser.add_argument("--nprobes", default=str(local.COMPRESSED_NPROBE))
+    parser.add_argument(
+        "--replay", type=int, default=0, help="then a replica this many photos behind"
+    )
     parser.add_argument("--answer", type=int, help=argparse.SUPPRESS)  # the fresh replica
+    parser.add_argument("--replayed", type=int, help=argparse.SUPPRESS)  # the one behind
     args = parser.parse_args()
     results = args.scratch / "results.jsonl"
     if args.table:
@@ -396,6 +423,11 @@ def main() -> None:
         return
     cache = extract_real(args.scratch, args.max_queries)
     sizes = [int(x) for x in args.sizes.split(",")]
+    if args.replayed:
+        path = index_file(args.scratch, args.replayed)
+        row = replay(cache, path, args.replayed, args.replay // 2)
+        (args.scratch / f"replay-{args.replayed}.json").write_text(json.dumps(row))
+        return
     if args.answer:
         cat = Catalogue(cache, args.answer)
         exact = exact_neighbours(cat, [args.answer], args.scratch)[args.answer]
@@ -415,8 +447,15 @@ def main() -> None:
         if args.queries:
             command += ["--queries", str(args.queries)]
         subprocess.run(command, check=True)
+        replayed: dict[str, Any] = {}
+        if args.replay:
+            behind = [sys.executable, __file__, "--scratch", str(args.scratch)]
+            behind += ["--replayed", str(size), "--replay", str(args.replay)]
+            subprocess.run(behind + ["--max-queries", str(args.max_queries)], check=True)
+            replayed = json.loads((args.scratch / f"replay-{size}.json").read_text())
+            log.info("%s", replayed)
         for answered in json.loads((args.scratch / f"answer-{size}.json").read_text()):
-            row = {**built, **answered, "commit": git_commit()}
+            row = {**built, **answered, **replayed, "commit": git_commit()}
             log.info("%s", {k: v for k, v in row.items() if "ranks" not in k})
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
