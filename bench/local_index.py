@@ -1,5 +1,5 @@
-"""The local-features matcher at 10k, 50k and 100k gallery photos: the exact descriptor index
-against the compressed one (``DescriptorIndex``'s IVF-PQ mode), on real cow-face descriptors.
+"""The local-features matcher at 10k, 50k and 100k gallery photos: the compressed descriptor
+index (``DescriptorIndex.built``) against the exact search, on real cow-face descriptors.
 
 The gallery is the quality bench's cow gallery (``bench/quality_split.py``, seed 0: the real
 photos of the known cows), extracted for real with the service's RootSIFT extractor (cached
@@ -10,32 +10,39 @@ identity), then noise on every component and jitter on the keypoints. Small nois
 make each distractor a near-copy of a real photo under another name, and the exact search itself
 could then no longer tell the cows apart: the symmetry keeps the distractors' descriptor
 statistics those of real SIFT while making them other patterns. The known queries of the split
-(at most ``--max-queries``) are the queries. For each size and index, per query: the LNBNN vote
-and the geometric verification of the best 10 individuals (``verify``), their p50 and p90; the
-process's resident memory added by the index and the index's own bytes; the build time (reading
-the stored features included: the features are packed as the database rows hold them and
-unpacked once); MAP@5 of the known queries (the right cow's rank in the answer).
+(at most ``--max-queries``) are the queries.
 
-    nice .venv/bin/python bench/local_index.py --scratch /work/scratch/index \
-        --sizes 10000,50000,100000 --exact-sizes 10000,50000 [--out docs/performance.md]
+Steps: (1) the exact 6 nearest gallery descriptors of every query descriptor, for every size
+in one chunked pass of ``faiss.knn`` (cached); (2) for each size, the compressed index built as
+a replica with no saved index builds it (reading every photo's stored features: packed as the
+database rows hold them, then unpacked) and saved (cached: built once); (3) a fresh process
+reads the saved index as a replica does at load, then answers each known query: the LNBNN vote
+and the geometric verification of the best 10 individuals (``verify``), p50 / p90 of wall time
+and p50 of CPU time (every thread); its resident memory after the load (all of it, and what the
+load added); MAP@5 of the known queries (the right cow's rank in the answer), and that of the
+same vote over the exact neighbours.
+
+    nice -n 19 .venv/bin/python bench/local_index.py --scratch /work/scratch/index30 \
+        --sizes 10000,50000,100000 --nprobes 4,8,16
+    .venv/bin/python bench/local_index.py --scratch /work/scratch/index30 --table table.md
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import logging
 import math
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -169,6 +176,65 @@ class Catalogue:
         return GalleryEntries.from_rows(rows)
 
 
+def exact_neighbours(cat: Catalogue, sizes: list[int], scratch: Path) -> dict[int, Path]:
+    """The exact ``K + 1`` nearest gallery descriptors of every query descriptor, for each
+    gallery size in ``sizes`` (each gallery is the first photos of the next: one chunked pass
+    of ``faiss.knn`` over the catalogue, never the whole gallery as float32 at once), cached in
+    ``scratch`` as ``exact-PHOTOS.npz`` (similarities and descriptor ids, by query)."""
+    paths = {n: scratch / f"exact-{n}.npz" for n in sizes}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    queries = np.concatenate([q.unit for q in cat.queries])
+    k = local.K + 1
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    chunk = 2000
+    top = max(sizes)
+    for start in tqdm(range(1, top + 1, chunk), desc="exact", unit="chunk"):
+        ids = range(start, min(start + chunk, top + 1))
+        found = [cat.features(i) for i in ids]
+        vectors = np.concatenate([f.unit for f in found])
+        keys = np.concatenate(
+            [
+                (i << local._SHIFT) + np.arange(len(f), dtype=np.int64)
+                for i, f in zip(ids, found, strict=True)
+            ]
+        )
+        sims, rows = faiss.knn(queries, vectors, k, faiss.METRIC_INNER_PRODUCT)
+        all_s = np.concatenate([best_s, sims], axis=1)
+        all_i = np.concatenate([best_i, keys[rows]], axis=1)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(all_s, order, axis=1)
+        best_i = np.take_along_axis(all_i, order, axis=1)
+        end = ids[-1]
+        if end in paths:
+            np.savez(paths[end], sims=best_s, ids=best_i)
+            log.info("exact neighbours of a %d-photo gallery: %s", end, load_average())
+    return paths
+
+
+class CachedSearch:
+    """A ``DescriptorIndex`` stand-in that answers the bench's queries from the exact
+    neighbours computed by ``exact_neighbours``."""
+
+    def __init__(self, cat: Catalogue, path: Path) -> None:
+        data = np.load(path)
+        ends = np.cumsum([len(q) for q in cat.queries])
+        self.by_query = {
+            id(q): (s, i)
+            for q, s, i in zip(
+                cat.queries,
+                np.split(data["sims"], ends[:-1]),
+                np.split(data["ids"], ends[:-1]),
+                strict=True,
+            )
+        }
+
+    def search(self, query: Features, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, ids = self.by_query[id(query)]
+        return np.maximum(2.0 - 2.0 * sims[:, :k], 0.0), ids[:, :k]
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -177,76 +243,161 @@ def rss_mb() -> float:
     return math.nan
 
 
-def measure(cat: Catalogue, mode: str, queries: int | None) -> dict[str, Any]:
-    """Build the index of ``mode`` ("exact" or "compressed") over the catalogue, then answer the
-    known queries: times, memory, MAP@5."""
+def index_file(scratch: Path, photos: int) -> Path:
+    """The saved index of a ``photos`` gallery under the compressed mode's settings."""
+    layout = local.compressed_layout(local.compressed_lists(photos * 135))
+    return scratch / f"local-{photos}-{layout.replace(',', '-')}-res{local.RESIDUAL:d}.faiss"
+
+
+def build(cat: Catalogue, path: Path) -> dict[str, Any]:
+    """Build the compressed index of the catalogue as a replica does with no saved index
+    (reading every photo's stored features), and save it to ``path``."""
     entries = cat.entries()
     gc.collect()
     before = rss_mb()
     start = time.perf_counter()
-    if mode == "exact":
-        matcher = LocalMatcher(cat, ivf_threshold=2**62, compressed_photos=2**62)  # type: ignore[arg-type]
-    else:
-        matcher = LocalMatcher(cat, compressed_photos=1)  # type: ignore[arg-type]
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
     matcher.sync(entries)
-    build_s = time.perf_counter() - start
+    return {
+        "build_s": time.perf_counter() - start,
+        "build_rss_mb": rss_mb() - before,
+        "load_build": load_average(),
+    }
+
+
+def answer(
+    cat: Catalogue, path: Path, exact: Path, queries: int | None, nprobes: list[int]
+) -> list[dict[str, Any]]:
+    """A fresh replica (this process) reads the saved index, then answers the known queries
+    (once for each of ``nprobes``): load time, resident memory, vote and verification times,
+    MAP@5 against the exact neighbours' on the same queries."""
+    entries = cat.entries()
     gc.collect()
-    after = rss_mb()
-    # The inverted lists grow by reallocation while the index is built: the heap keeps the freed
-    # blocks resident until they are handed back (glibc's malloc_trim), so both are reported.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    trimmed = rss_mb()
+    before = rss_mb()
+    start = time.perf_counter()
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
+    matcher.sync(entries)
+    load_s = time.perf_counter() - start
+    assert matcher.builder is None and matcher.descriptors.compressed, "not read from the file"
+    loaded = rss_mb()
     index = matcher.descriptors
+    reference = LocalMatcher(cat)  # type: ignore[arg-type]
+    reference.descriptors = CachedSearch(cat, exact)  # type: ignore[assignment]
     calibration = Calibration.default(0.62)
-    vote_ms, total_ms, ranks = [], [], []
     chosen = list(range(len(cat.queries)))[:queries]
-    for n in tqdm(chosen, desc=f"{mode} {cat.photos}", unit="query"):
+    exact_ranks = []
+    for n in chosen:
         query = cat.queries[n]
-        start = time.perf_counter()
-        evidence = matcher.candidates(query, entries, Filters(), top=10, photos=3)
-        voted = time.perf_counter()
-        verified = verify(query, evidence, cat.get, calibration)
-        total_ms.append((time.perf_counter() - start) * 1000)
-        vote_ms.append((voted - start) * 1000)
-        order = [e.label for e in sorted(verified, key=lambda e: -(e.score or 0.0))]
-        truth = cat.query_labels[n]
-        ranks.append(order.index(truth) + 1 if truth in order[:5] else 0)
+        truth = reference.candidates(query, entries, Filters(), top=10, photos=3)
+        exact_ranks.append(_rank(verify(query, truth, cat.get, calibration), cat.query_labels[n]))
+    rows = []
+    ivf: Any = faiss.extract_index_ivf(index.index)
+    for nprobe in nprobes:
+        ivf.nprobe = nprobe
+        vote_ms, total_ms, ranks, vote_cpu, total_cpu = [], [], [], [], []
+        for n in tqdm(chosen, desc=f"{cat.photos} photos, nprobe {nprobe}", unit="query"):
+            query = cat.queries[n]
+            start, cpu = time.perf_counter(), time.process_time()
+            evidence = matcher.candidates(query, entries, Filters(), top=10, photos=3)
+            voted, voted_cpu = time.perf_counter(), time.process_time()
+            verified = verify(query, evidence, cat.get, calibration)
+            total_ms.append((time.perf_counter() - start) * 1000)
+            vote_ms.append((voted - start) * 1000)
+            total_cpu.append((time.process_time() - cpu) * 1000)
+            vote_cpu.append((voted_cpu - cpu) * 1000)
+            ranks.append(_rank(verified, cat.query_labels[n]))
+        rows.append(_row(cat, index, path, ranks, exact_ranks, vote_ms, total_ms))
+        # CPU time (every thread of the process): what a query costs whatever the load.
+        rows[-1].update(
+            vote_cpu_p50=statistics.median(vote_cpu), total_cpu_p50=statistics.median(total_cpu)
+        )
+        rows[-1].update(load_s=load_s, rss_mb=loaded, rss_added_mb=loaded - before)
+        rows[-1]["load"] = load_average()
+    return rows
+
+
+def replay(cache: Path, path: Path, photos: int, changed: int) -> dict[str, Any]:
+    """A fresh replica (this process) whose saved index of ``photos`` is ``2 * changed``
+    photos behind: the first ``changed`` left the gallery and as many new ones joined since it
+    was written. Its load time (reading the file, then replaying them) and resident memory."""
+    cat = Catalogue(cache, photos + changed)
+    ids = range(changed + 1, photos + changed + 1)
+    entries = GalleryEntries.from_rows([(i, i, cat.label(i), None, None, None, None) for i in ids])
+    gc.collect()
+    before = rss_mb()
+    start = time.perf_counter()
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
+    matcher.sync(entries)
+    took = time.perf_counter() - start
+    assert matcher.builder is None and matcher.descriptors.images == set(ids)
+    return {
+        "replayed": 2 * changed,
+        "replay_load_s": took,
+        "replay_rss_mb": rss_mb(),
+        "replay_rss_added_mb": rss_mb() - before,
+        "replay_load": load_average(),
+    }
+
+
+def _row(
+    cat: Catalogue,
+    index: local.DescriptorIndex,
+    path: Path,
+    ranks: list[int],
+    exact_ranks: list[int],
+    vote_ms: list[float],
+    total_ms: list[float],
+) -> dict[str, Any]:
+    ivf: Any = faiss.extract_index_ivf(index.index)
     return {
         "photos": cat.photos,
-        "mode": mode,
+        "codes": local.compressed_layout(0).split("IVF")[0] + local.COMPRESSED,
+        "lists": int(ivf.nlist),
+        "nprobe": int(ivf.nprobe),
         "descriptors": index.count,
-        "build_s": build_s,
-        "rss_mb": after - before,
-        "rss_trimmed_mb": trimmed - before,
-        "index_mb": index.nbytes() / 2**20,
+        "index_mb": path.stat().st_size / 2**20,
         "vote_p50": statistics.median(vote_ms),
+        "vote_p90": pct(vote_ms, 90),
         "total_p50": statistics.median(total_ms),
         "total_p90": pct(total_ms, 90),
-        "map5": sum(1.0 / r for r in ranks if r) / len(ranks),
+        "map5": _map5(ranks),
+        "exact_map5": _map5(exact_ranks),
         "top1": sum(r == 1 for r in ranks) / len(ranks),
         "queries": len(ranks),
         "ranks": ranks,
+        "exact_ranks": exact_ranks,
     }
+
+
+def _rank(verified: list[Any], truth: str) -> int:
+    order = [e.label for e in sorted(verified, key=lambda e: -(e.score or 0.0))]
+    return order.index(truth) + 1 if truth in order[:5] else 0
+
+
+def _map5(ranks: list[int]) -> float:
+    return sum(1.0 / r for r in ranks if r) / len(ranks)
 
 
 def table(results: Path) -> str:
     """The markdown table of every row in ``results`` (one JSON object a line)."""
     lines = [
-        "| photos | index | descriptors | vote p50 ms | vote + verification p50 / p90 ms "
-        "| RSS added MB (after malloc_trim) | index MB | build s | MAP@5 known (top-1) "
-        "| queries | load average |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| photos | index | descriptors | build s (once) | load s (from the file) "
+        "| RSS MiB after load (added by it) | index file MiB | vote p50 / p90 ms "
+        "| vote + verification p50 / p90 ms | CPU ms p50: vote / vote + verification "
+        "| MAP@5 known (top-1) | MAP@5, exact search | queries | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        trimmed = f" ({r['rss_trimmed_mb']:.0f})" if "rss_trimmed_mb" in r else ""
         lines.append(
-            f"| {r['photos']} | {r.get('codes', r['mode'])} | {r['descriptors']:,} "
-            f"| {r['vote_p50']:.0f} | {r['total_p50']:.0f} / {r['total_p90']:.0f} "
-            f"| {r['rss_mb']:.0f}{trimmed} "
-            f"| {r['index_mb']:.0f} | {r['build_s']:.0f} "
-            f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['queries']} | {r['load']} |"
+            f"| {r['photos']:,} | IVF{r['lists']} {r['codes']}, nprobe {r['nprobe']} "
+            f"| {r['descriptors']:,} | {r['build_s']:.0f} | {r['load_s']:.1f} "
+            f"| {r['rss_mb']:.0f} ({r['rss_added_mb']:.0f}) | {r['index_mb']:.0f} "
+            f"| {r['vote_p50']:.0f} / {r['vote_p90']:.0f} "
+            f"| {r['total_p50']:.0f} / {r['total_p90']:.0f} "
+            f"| {r['vote_cpu_p50']:.0f} / {r['total_cpu_p50']:.0f} "
+            f"| {r['map5']:.3f} ({r['top1']:.3f}) | {r['exact_map5']:.3f} | {r['queries']} "
+            f"| {r['load']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -257,30 +408,57 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, required=True)
     parser.add_argument("--max-queries", type=int, default=150)
     parser.add_argument("--sizes", default="10000,50000,100000")
-    parser.add_argument("--exact-sizes", default="10000")
-    parser.add_argument("--modes", default="compressed,exact")
     parser.add_argument("--queries", type=int, default=None, help="at most this many queries")
-    parser.add_argument("--codes", default=local.COMPRESSED, help="the compressed index's codes")
     parser.add_argument("--table", type=Path, help="write the results' markdown table here")
+    parser.add_argument("--nprobes", default=str(local.COMPRESSED_NPROBE))
+    parser.add_argument(
+        "--replay", type=int, default=0, help="then a replica this many photos behind"
+    )
+    parser.add_argument("--answer", type=int, help=argparse.SUPPRESS)  # the fresh replica
+    parser.add_argument("--replayed", type=int, help=argparse.SUPPRESS)  # the one behind
     args = parser.parse_args()
     results = args.scratch / "results.jsonl"
     if args.table:
         args.table.write_text(table(results))
         return
-    local.COMPRESSED = args.codes
     cache = extract_real(args.scratch, args.max_queries)
-    for size in [int(x) for x in args.sizes.split(",")]:
-        for mode in args.modes.split(","):
-            if mode == "exact" and str(size) not in args.exact_sizes.split(","):
-                continue
-            row = measure(Catalogue(cache, size), mode, args.queries)
-            row["load"] = load_average()
-            row["codes"] = args.codes if mode == "compressed" else "flat"
-            row["commit"] = git_commit()
-            log.info("%s", {k: v for k, v in row.items() if k != "ranks"})
+    sizes = [int(x) for x in args.sizes.split(",")]
+    if args.replayed:
+        path = index_file(args.scratch, args.replayed)
+        row = replay(cache, path, args.replayed, args.replay // 2)
+        (args.scratch / f"replay-{args.replayed}.json").write_text(json.dumps(row))
+        return
+    if args.answer:
+        cat = Catalogue(cache, args.answer)
+        exact = exact_neighbours(cat, [args.answer], args.scratch)[args.answer]
+        nprobes = [int(x) for x in args.nprobes.split(",")]
+        rows = answer(cat, index_file(args.scratch, args.answer), exact, args.queries, nprobes)
+        (args.scratch / f"answer-{args.answer}.json").write_text(json.dumps(rows))
+        return
+    exact_neighbours(Catalogue(cache, max(sizes)), sizes, args.scratch)
+    for size in sizes:
+        path = index_file(args.scratch, size)
+        built = json.loads(path.with_suffix(".build.json").read_text()) if path.exists() else {}
+        if not built:
+            built = build(Catalogue(cache, size), path)
+            path.with_suffix(".build.json").write_text(json.dumps(built))
+        command = [sys.executable, __file__, "--scratch", str(args.scratch), "--answer", str(size)]
+        command += ["--max-queries", str(args.max_queries), "--nprobes", args.nprobes]
+        if args.queries:
+            command += ["--queries", str(args.queries)]
+        subprocess.run(command, check=True)
+        replayed: dict[str, Any] = {}
+        if args.replay:
+            behind = [sys.executable, __file__, "--scratch", str(args.scratch)]
+            behind += ["--replayed", str(size), "--replay", str(args.replay)]
+            subprocess.run(behind + ["--max-queries", str(args.max_queries)], check=True)
+            replayed = json.loads((args.scratch / f"replay-{size}.json").read_text())
+            log.info("%s", replayed)
+        for answered in json.loads((args.scratch / f"answer-{size}.json").read_text()):
+            row = {**built, **answered, **replayed, "commit": git_commit()}
+            log.info("%s", {k: v for k, v in row.items() if "ranks" not in k})
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            gc.collect()
 
 
 if __name__ == "__main__":

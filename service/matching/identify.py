@@ -26,7 +26,7 @@ from service.imaging import Keepsake, Photo, decode_photo, keepsake, kept_size, 
 from service.knn import NEW_INDIVIDUAL, RankedCandidate
 from service.matching.features import Features, FeatureStore
 from service.matching.fusion import Fusion
-from service.matching.local import LocalMatcher
+from service.matching.local import LocalMatcher, local_index_path
 from service.matching.matcher import Need, Query
 from service.matching.record import Asked, Asker, write_identification
 from service.matching.registry import check_verification, fusion_for
@@ -215,6 +215,8 @@ class Identifier:
                     self.features,
                     self.settings.local_ivf_threshold,
                     self.settings.local_compressed_photos,
+                    path=local_index_path(self.settings, self.features.extractor.name),
+                    extractor=self.features.extractor.name,
                 )
                 local.sync(self.gallery.entries)
                 self.local = local

@@ -32,6 +32,7 @@ INTERNAL = {
     "jobs/queue.py": {"LeaseLost"},
     "models/switch.py": {"_TooManyLate"},
     "gallery/index.py": {"GalleryFileError"},
+    "matching/local.py": {"IndexFileError"},  # a saved descriptor index: rebuilt, never shown
     "store/objects.py": {"MissingObject"},
     "outbound/callbacks.py": {"BadSignature"},
     "client.py": {"WhaleidError", "JobTimeout"},

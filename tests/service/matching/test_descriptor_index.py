@@ -1,6 +1,6 @@
-"""The local matcher's compressed descriptor index (IVF with 6-bit scalar codes, real faiss) and its
-rebuild in the background: answers keep coming from the index in use until the new one replaces
-it."""
+"""The local matcher's compressed descriptor index (PCA, IVF, 6-bit scalar codes, real faiss)
+and its rebuild in the background: answers keep coming from the index in use until the new one
+replaces it."""
 
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ def test_the_compressed_index_ranks_a_planted_match_first() -> None:
     features, entries = _gallery(PHOTOS)
     index = DescriptorIndex.built([features], features, PHOTOS * PER_PHOTO)
     assert index.compressed and index.count == PHOTOS * PER_PHOTO
-    # 96 bytes of codes and an 8-byte id a descriptor, against 512 for the float vectors.
-    assert index.nbytes() < 110 * index.count
+    # 72 bytes of codes (96 PCA components, 6 bits each) and an 8-byte id a descriptor, against
+    # 512 for the float vectors.
+    assert index.nbytes() < 90 * index.count
     matcher = LocalMatcher(_Stored(features), compressed_photos=1)  # type: ignore[arg-type]
     matcher.sync(entries)
     assert matcher.descriptors.compressed
@@ -148,3 +149,14 @@ def test_the_vote_reads_each_gallery_photos_individual_within_the_filters() -> N
     later = entries.patched(np.array([101]), [(1, 101, "ind-9", "seal", None, None, "enc-1")])
     assert _labels_by_image(later, Filters())[101] == "ind-9"  # a new version, a new map
     assert everything[101] == "ind-1"
+
+
+def test_many_photos_leave_in_a_few_passes_and_only_they_do() -> None:
+    features, _ = _gallery(PHOTOS)
+    index = DescriptorIndex.built([features], features, PHOTOS * PER_PHOTO)
+    leaving = set(range(1, 201))  # two passes of REMOVE_BATCH
+    index.remove(leaving | {9999})  # a photo it never held changes nothing
+    assert index.count == int(index.index.ntotal) == (PHOTOS - 200) * PER_PHOTO
+    assert index.images == set(range(201, PHOTOS + 1))
+    _, ids = index.search(features[230], 1)
+    assert set((ids[:, 0] >> 11).tolist()) <= index.images
