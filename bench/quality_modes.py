@@ -283,7 +283,17 @@ def trained_model(case: Case, recipe: Recipe) -> Path:
         f"output={run}",
         *case.train.overrides(recipe),
     )
-    key = _fingerprint(str(config.resolve()), config.read_text(), *overrides, gallery)
+    # What the model depends on, not where this run's files lie: the config, the extra
+    # overrides, the gallery and the photos' folder by name. A new --scratch whose runs folder
+    # links to finished runs reuses them (a key with the paths in it retrained them, and
+    # removed the linked runs first).
+    key = _fingerprint(
+        config.name,
+        config.read_text(),
+        *case.train.overrides(recipe),
+        gallery,
+        case.data.images.resolve().name,
+    )
     key_file, record_file, summary_file = (
         run / "bench-key.txt",
         run / "bench.json",
