@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +66,10 @@ def test_metrics_need_a_key_and_count_routes_by_template_and_identify_by_stage(
     assert found[("whaleid_slots_in_use", frozenset({("step", "decode")}))] == 0
     assert found[("whaleid_slots", frozenset({("step", "decode")}))] == 2
     # One inference at a time by default: it already spreads over every core.
-    assert found[("whaleid_slots", frozenset({("step", "embed")}))] == 1
+    # Two inferences per core by default (Settings.embed_slot_count), at least two.
+    embed_slots = live.settings.embed_slot_count
+    assert embed_slots == max(2, 2 * (os.cpu_count() or 1))
+    assert found[("whaleid_slots", frozenset({("step", "embed")}))] == embed_slots
 
 
 @pytest.mark.parametrize(
