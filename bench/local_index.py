@@ -265,6 +265,19 @@ def build(cat: Catalogue, path: Path) -> dict[str, Any]:
     }
 
 
+def _replica(
+    cat: Catalogue, entries: GalleryEntries, path: Path
+) -> tuple[LocalMatcher, float, float]:
+    """A fresh replica's matcher loaded from the saved index at ``path`` and synced to
+    ``entries``: the matcher, the seconds it took and the resident MiB before it."""
+    gc.collect()
+    before = rss_mb()
+    start = time.perf_counter()
+    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
+    matcher.sync(entries)
+    return matcher, time.perf_counter() - start, before
+
+
 def answer(
     cat: Catalogue, path: Path, exact: Path, queries: int | None, nprobes: list[int]
 ) -> list[dict[str, Any]]:
@@ -272,12 +285,7 @@ def answer(
     (once for each of ``nprobes``): load time, resident memory, vote and verification times,
     MAP@5 against the exact neighbours' on the same queries."""
     entries = cat.entries()
-    gc.collect()
-    before = rss_mb()
-    start = time.perf_counter()
-    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
-    matcher.sync(entries)
-    load_s = time.perf_counter() - start
+    matcher, load_s, before = _replica(cat, entries, path)
     assert matcher.builder is None and matcher.descriptors.compressed, "not read from the file"
     loaded = rss_mb()
     index = matcher.descriptors
@@ -323,12 +331,7 @@ def replay(cache: Path, path: Path, photos: int, changed: int) -> dict[str, Any]
     cat = Catalogue(cache, photos + changed)
     ids = range(changed + 1, photos + changed + 1)
     entries = GalleryEntries.from_rows([(i, i, cat.label(i), None, None, None, None) for i in ids])
-    gc.collect()
-    before = rss_mb()
-    start = time.perf_counter()
-    matcher = LocalMatcher(cat, compressed_photos=1, path=path, extractor="bench")  # type: ignore[arg-type]
-    matcher.sync(entries)
-    took = time.perf_counter() - start
+    matcher, took, before = _replica(cat, entries, path)
     assert matcher.builder is None and matcher.descriptors.images == set(ids)
     return {
         "replayed": 2 * changed,
