@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import ScalarSelect, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import Embedding, GalleryChange, Image, Individual
+from service.db.tables import Embedding, GalleryChange, Image, Individual, table_of
 from service.gallery.index import (
     GalleryFileError,
     GalleryIndex,
@@ -304,7 +304,11 @@ def log_gallery_changes(
         )
     if pairs:
         _lock_change_log(session)
-        session.execute(insert(GalleryChange), [{"model_id": m, "image_id": i} for m, i in pairs])
+        # The table, not the class: a Core insert, without the ORM's per-row bookkeeping.
+        session.execute(
+            insert(table_of(GalleryChange)),
+            [{"model_id": m, "image_id": i} for m, i in pairs],
+        )
 
 
 def _lock_change_log(session: Session) -> None:

@@ -22,6 +22,7 @@ from service.db.tables import (
     Identification,
     Image,
     Individual,
+    table_of,
     transaction,
     utcnow,
 )
@@ -79,13 +80,13 @@ _IMAGE_COLUMNS = (
     "created_at",
 )
 _NEW_IMAGE = {
-    dialect: make(Image)
+    dialect: make(table_of(Image))
     .values({c: bindparam(c, type_=Image.__table__.c[c].type) for c in _IMAGE_COLUMNS})
     .on_conflict_do_nothing(index_elements=["content_hash"])
-    .returning(Image.id)
+    .returning(table_of(Image).c.id)
     for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
 }
-_NEW_EMBEDDING = insert(Embedding)
+_NEW_EMBEDDING = insert(table_of(Embedding))
 _IDENTIFICATION_COLUMNS = (
     "query_image_id",
     "model_id",
@@ -101,13 +102,13 @@ _IDENTIFICATION_COLUMNS = (
     "created_at",
 )
 _NEW_IDENTIFICATION = (
-    insert(Identification)
+    insert(table_of(Identification))
     .values(
         {c: bindparam(c, type_=Identification.__table__.c[c].type) for c in _IDENTIFICATION_COLUMNS}
     )
-    .returning(Identification.id)
+    .returning(table_of(Identification).c.id)
 )
-_NEW_CANDIDATES = insert(Candidate)
+_NEW_CANDIDATES = insert(table_of(Candidate))
 
 
 def insert_new_image(

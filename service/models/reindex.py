@@ -19,12 +19,14 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
-from sqlalchemy import exists, func, insert, select
+from sqlalchemy import exists, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import ModelStatus
-from service.db.tables import Embedding, GalleryChange, Image, Job, Model, transaction
+from service.db.tables import Embedding, GalleryChange, Image, Job, Model, table_of, transaction
 from service.errors import Conflict, NotFound, PhotoError
 from service.gallery.sync import Gallery, log_gallery_changes
 from service.imaging import decode_photo, to_model_input
@@ -172,33 +174,34 @@ class _InFlight:
     decoded: Future[np.ndarray]
 
 
+# One statement for a chunk's embeddings: those already there (a chunk done again after its
+# lease was lost) are skipped, and the ids of the rows added come back.
+_ADD_EMBEDDINGS = {
+    dialect: make(table_of(Embedding))
+    .on_conflict_do_nothing(index_elements=["image_id", "model_id"])
+    .returning(Embedding.__table__.c.image_id)
+    for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+}
+
+
 def store_embeddings(
     session: Session, model_id: int, image_ids: Sequence[int], vectors: np.ndarray
 ) -> int:
     """Add the embeddings that are not there yet, and log the gallery photos among them."""
     if not image_ids:
         return 0
-    have = set(
-        session.scalars(
-            select(Embedding.image_id).where(
-                Embedding.model_id == model_id, Embedding.image_id.in_(list(image_ids))
-            )
-        )
-    )
     rows = [
         {"image_id": i, "model_id": model_id, "vector": np.ascontiguousarray(v, "<f4").tobytes()}
         for i, v in zip(image_ids, vectors, strict=True)
-        if i not in have
     ]
-    if rows:
-        session.execute(insert(Embedding), rows)
+    statement = _ADD_EMBEDDINGS[session.get_bind().dialect.name]
+    added = list(session.scalars(statement, rows))
+    if added:
         in_gallery = session.scalars(
-            select(Image.id).where(
-                Image.id.in_([r["image_id"] for r in rows]), Image.individual_id.is_not(None)
-            )
+            select(Image.id).where(Image.id.in_(added), Image.individual_id.is_not(None))
         ).all()
         log_gallery_changes(session, in_gallery, model_id)
-    return len(rows)
+    return len(added)
 
 
 class Embedders:
