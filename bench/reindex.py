@@ -56,6 +56,7 @@ from service.models.registry import register_model  # noqa: E402
 from service.models.reindex import (  # noqa: E402
     start_reindex,
 )
+from service.settings import Settings  # noqa: E402
 from tests.conftest import free_port, make_keys, serve_process  # noqa: E402
 
 log = logging.getLogger("bench.reindex")
@@ -290,7 +291,9 @@ def main() -> None:
         "and killed-worker runs (default: all)",
     )
     parser.add_argument("--individuals", type=int, default=300)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument(
+        "--chunk", type=int, default=Settings.model_fields["reindex_chunk_size"].default
+    )
     parser.add_argument("--batch", type=int, default=16, help="the embedder's batch size")
     parser.add_argument("--batches", default="1,16", help="batch sizes the throughput runs compare")
     parser.add_argument("--threads", type=int, default=0)
