@@ -34,11 +34,14 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# faiss (1.15) computes an exact search's inner products with BLAS only above this many query
-# vectors (its default: 128,000), and below it with its own loops. A query photo brings about
-# 100-400 descriptors: through BLAS their search over 17k gallery descriptors took 10 ms here,
-# through the loops 68-135 ms (``bench/local_features.py``). 20 was faiss's own default before.
-faiss.cvar.distance_compute_blas_threshold = 20
+# faiss (1.15) computes an exact search's inner products with BLAS when the query vectors times
+# their dimensions reach this threshold (its default: 128,000), and below it with its own loops.
+# A query photo brings about 100-400 descriptors of 128: through BLAS their search over 17k
+# gallery descriptors took 10-16 ms here, through the loops 68-135 ms (``bench/local_features.py``).
+# One embedding searched alone is faster in the loops (a 512-d query over 50k photos: 6-8 ms
+# against 15-16 ms through BLAS): 2,049 keeps one query of up to 2,048 dimensions (a B5's) there
+# and sends a photo's 17 or more descriptors to BLAS. It is the whole process's setting.
+faiss.cvar.distance_compute_blas_threshold = 2049
 
 _SHIFT = 11  # descriptor id = image id << 11 | keypoint number (features_count <= 2000)
 K = 5  # neighbours that vote, per query descriptor; the (K + 1)-th is the normaliser
