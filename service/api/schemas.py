@@ -423,6 +423,10 @@ class GalleryDigestOut(BaseModel):
     ids_sha256: str = Field(description="SHA-256 of the sorted embedding ids, int64 LE.")
     vectors_sha256: str = Field(description="SHA-256 of their float32 LE vectors, by id.")
     labels_sha256: str = Field(description="SHA-256 of the `id<TAB>label<LF>` lines, by id.")
+    vectors: Literal["float32", "float16"] = Field(
+        description="How the index holds the vectors. With `float16` the digest is of the "
+        "database's vectors rounded to half floats by faiss's encoder and read back as float32."
+    )
 
 
 class JobOut(BaseModel):

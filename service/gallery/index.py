@@ -4,6 +4,11 @@ Below ``ivf_threshold`` embeddings the index is exact (``IndexIDMap2`` over ``In
 Above it, an ``IndexIVFFlat`` (inner product, its own ids = embedding row ids, so add and remove
 work the same) keeps search within budget at a million embeddings; ``nprobe`` is chosen for a
 recall@50 of at least 0.98 (see docs/performance.md).
+
+With ``float16`` (``WHALEID_GALLERY_FLOAT16``) both hold the vectors as IEEE half floats
+(faiss's ``QT_fp16`` scalar quantizer): half the memory, and an exact scan that reads half the
+bytes; distances move by about 1e-3. What the index holds is then the database's vectors
+rounded by faiss's encoder (``stored_vectors``), and its digest is of those.
 """
 
 from __future__ import annotations
@@ -36,24 +41,40 @@ def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(ids.astype(np.int64)).tobytes()).hexdigest()
 
 
+FLOAT32, FLOAT16 = "float32", "float16"
+
+
+def stored_vectors(vectors: np.ndarray, precision: str) -> np.ndarray:
+    """``vectors`` as an index of ``precision`` holds them (float32 for either): rounded to half
+    floats by faiss's own encoder, whose rounding numpy's conversion does not always match."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if precision == FLOAT32 or len(vectors) == 0:
+        return vectors
+    quantizer = faiss.ScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16)
+    decoded: np.ndarray = quantizer.decode(quantizer.compute_codes(vectors))
+    return decoded
+
+
 @dataclass(frozen=True)
 class IndexPlan:
-    """Which faiss index a gallery of a given size gets."""
+    """Which faiss index a gallery of a given size gets, and how it holds the vectors."""
 
     kind: str
     nlist: int = 0
     nprobe: int = 0
+    vectors: str = FLOAT32
 
     @classmethod
-    def for_size(cls, n: int, ivf_threshold: int) -> IndexPlan:
+    def for_size(cls, n: int, ivf_threshold: int, float16: bool = False) -> IndexPlan:
+        vectors = FLOAT16 if float16 else FLOAT32
         if n < ivf_threshold:
-            return cls("flat")
+            return cls("flat", vectors=vectors)
         nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
         # recall@50 >= 0.98 needs a wide probe: past a photo's own individual, its 50 neighbours
         # are near-ties spread over many lists. Measured (docs/performance.md): up to 2048 lists
         # (below ~520k embeddings) a quarter of them, from 4096 lists on 3/16.
         nprobe = nlist // 4 if nlist <= 2048 else 3 * nlist // 16
-        return cls("ivf", nlist=nlist, nprobe=max(16, nprobe))
+        return cls("ivf", nlist=nlist, nprobe=max(16, nprobe), vectors=vectors)
 
 
 class GalleryIndex:
@@ -69,15 +90,30 @@ class GalleryIndex:
 
     @classmethod
     def build(
-        cls, ids: np.ndarray, vectors: np.ndarray, dim: int, ivf_threshold: int = 200_000
+        cls,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        dim: int,
+        ivf_threshold: int = 200_000,
+        float16: bool = False,
     ) -> GalleryIndex:
         """A new index holding ``vectors`` under ``ids``, of the kind its size calls for."""
-        plan = IndexPlan.for_size(len(ids), ivf_threshold)
-        if plan.kind == "flat":
-            index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        plan = IndexPlan.for_size(len(ids), ivf_threshold, float16)
+        half = faiss.ScalarQuantizer.QT_fp16
+        index: Any
+        if plan.kind == "flat" and plan.vectors == FLOAT16:
+            flat = faiss.IndexScalarQuantizer(dim, half, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIDMap2(flat)
+        elif plan.kind == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         else:
             quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+            if plan.vectors == FLOAT16:  # the vectors themselves, not their residuals
+                index = faiss.IndexIVFScalarQuantizer(
+                    quantizer, dim, plan.nlist, half, faiss.METRIC_INNER_PRODUCT, False
+                )
+            else:
+                index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
             sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: plan.nlist * 64]]
             index.train(np.ascontiguousarray(sample, dtype=np.float32))
             index.nprobe = plan.nprobe
@@ -119,19 +155,29 @@ class GalleryIndex:
     def contents(self) -> tuple[np.ndarray, np.ndarray]:
         """Every embedding id the index holds and its stored vector, row for row (in the
         index's order, not sorted): what it searches, read back to compare with the database.
-        A flat index's vectors are a view of its memory, not a copy."""
+        A flat float32 index's vectors are a view of its memory, not a copy; half floats are
+        read back as float32."""
         ids = self.ids()
+        half = self.plan.vectors == FLOAT16
+        width = self.dim * (2 if half else 4)  # bytes a vector
         if self.plan.kind == "flat":
             flat: Any = faiss.downcast_index(self.index.index)
-            vectors = faiss.rev_swig_ptr(flat.get_xb(), len(ids) * self.dim)
+            if half:
+                codes = faiss.vector_to_array(flat.codes)
+            else:
+                codes = faiss.rev_swig_ptr(flat.get_xb(), len(ids) * self.dim)
         else:
             invlists = self.index.invlists
             parts = [
-                faiss.rev_swig_ptr(invlists.get_codes(i), invlists.list_size(i) * self.dim * 4)
+                faiss.rev_swig_ptr(invlists.get_codes(i), invlists.list_size(i) * width)
                 for i in range(invlists.nlist)
                 if invlists.list_size(i)
             ]
-            vectors = np.concatenate(parts).view(np.float32) if parts else np.zeros(0, np.float32)
+            codes = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        if half:
+            vectors = np.asarray(codes).view(np.float16).astype(np.float32)
+        else:
+            vectors = np.asarray(codes).view(np.float32) if codes.dtype == np.uint8 else codes
         return ids, np.asarray(vectors, np.float32).reshape(-1, self.dim)
 
     def search(
@@ -170,6 +216,7 @@ class GalleryIndex:
         sidecar = {
             "format": SIDECAR_FORMAT,
             "kind": self.plan.kind,
+            "vectors": self.plan.vectors,
             "nlist": self.plan.nlist,
             "nprobe": self.plan.nprobe,
             "dim": self.dim,
@@ -193,7 +240,12 @@ class GalleryIndex:
             if hashlib.sha256(data).hexdigest() != sidecar["file_sha256"]:
                 raise GalleryFileError(f"{path} does not match its sidecar's checksum")
             index: Any = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-            plan = IndexPlan(sidecar["kind"], sidecar["nlist"], sidecar["nprobe"])
+            plan = IndexPlan(
+                sidecar["kind"],
+                sidecar["nlist"],
+                sidecar["nprobe"],
+                sidecar.get("vectors", FLOAT32),  # files from before half floats: float32
+            )
             if plan.kind == "ivf":
                 index.nprobe = plan.nprobe
             gallery = cls(index, plan, int(sidecar["dim"]))

@@ -20,11 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.tables import Embedding, GalleryChange, Image, Individual, table_of
 from service.gallery.index import (
+    FLOAT32,
     GalleryFileError,
     GalleryIndex,
     IndexPlan,
     ids_digest,
     sidecar_path,
+    stored_vectors,
 )
 from service.knn import Neighbour, shortfall
 from service.settings import Settings
@@ -360,12 +362,19 @@ class GalleryDigest:
     ids_sha256: str
     vectors_sha256: str
     labels_sha256: str
+    vectors: str = FLOAT32  # how the index holds them: float32, or float16 (rounded alike)
 
     @classmethod
     def of(
-        cls, model_id: int, ids: np.ndarray, vectors: np.ndarray, labels: Sequence[str]
+        cls,
+        model_id: int,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        labels: Sequence[str],
+        precision: str = FLOAT32,
     ) -> GalleryDigest:
-        """The digest of ``ids`` with their ``vectors`` and ``labels`` (row for row, any order)."""
+        """The digest of ``ids`` with their ``vectors`` (as an index of ``precision`` holds
+        them) and ``labels`` (row for row, any order)."""
         order = np.argsort(ids, kind="stable")
         sha = hashlib.sha256()
         for start in range(0, len(order), _CHUNK):  # no second copy of a large index
@@ -377,14 +386,19 @@ class GalleryDigest:
             ids_sha256=ids_digest(ids),
             vectors_sha256=sha.hexdigest(),
             labels_sha256=hashlib.sha256(lines.encode()).hexdigest(),
+            vectors=precision,
         )
 
     @classmethod
-    def of_database(cls, session: Session, model_id: int, dim: int) -> GalleryDigest:
-        """The digest of the gallery the database describes for ``model_id``."""
+    def of_database(
+        cls, session: Session, model_id: int, dim: int, precision: str = FLOAT32
+    ) -> GalleryDigest:
+        """The digest of the gallery the database describes for ``model_id``, its vectors held
+        at ``precision`` (a replica's digest says which)."""
         rows = gallery_rows(session, model_id)
         ids = np.array([r[0] for r in rows], dtype=np.int64)
-        return cls.of(model_id, ids, load_vectors(session, ids.tolist(), dim), [r[2] for r in rows])
+        vectors = stored_vectors(load_vectors(session, ids.tolist(), dim), precision)
+        return cls.of(model_id, ids, vectors, [r[2] for r in rows], precision)
 
 
 def index_path(settings: Settings, model_id: int) -> Path:
@@ -396,13 +410,22 @@ class Gallery:
     """The gallery of one model, searched by ``/identify`` and kept in step by ``sync``."""
 
     def __init__(
-        self, model_id: int, dim: int, path: Path, *, ivf_threshold: int = 200_000
+        self,
+        model_id: int,
+        dim: int,
+        path: Path,
+        *,
+        ivf_threshold: int = 200_000,
+        float16: bool = False,
     ) -> None:
         self.model_id = model_id
         self.dim = dim
         self.path = path
         self.ivf_threshold = ivf_threshold
-        self.index = GalleryIndex.build(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), dim)
+        self.float16 = float16
+        self.index = GalleryIndex.build(
+            np.zeros(0, np.int64), np.zeros((0, dim), np.float32), dim, float16=float16
+        )
         self.entries = GalleryEntries.from_rows([])
         self.version = -1
         self._lock = threading.RLock()
@@ -411,7 +434,11 @@ class Gallery:
     def for_model(cls, settings: Settings, model_id: int, dim: int) -> Gallery:
         """The gallery of ``model_id`` at its place in the data directory (not opened yet)."""
         return cls(
-            model_id, dim, index_path(settings, model_id), ivf_threshold=settings.ivf_threshold
+            model_id,
+            dim,
+            index_path(settings, model_id),
+            ivf_threshold=settings.ivf_threshold,
+            float16=settings.gallery_float16,
         )
 
     @property
@@ -429,6 +456,11 @@ class Gallery:
                 index, sidecar = GalleryIndex.load(self.path)
                 if sidecar.get("model_id") != self.model_id or index.dim != self.dim:
                     raise GalleryFileError(f"{self.path} belongs to another model")
+                if index.plan.vectors != self._plan(len(entries)).vectors:
+                    raise GalleryFileError(
+                        f"{self.path} holds {index.plan.vectors} vectors; "
+                        f"WHALEID_GALLERY_FLOAT16 asks for {self._plan(len(entries)).vectors}"
+                    )
             except GalleryFileError as e:
                 # A first start has no file yet: nothing is wrong, so only say so at DEBUG.
                 first = not self.path.exists() and not sidecar_path(self.path).exists()
@@ -447,9 +479,14 @@ class Gallery:
         if changed:
             self.save()
 
+    def _plan(self, size: int) -> IndexPlan:
+        return IndexPlan.for_size(size, self.ivf_threshold, self.float16)
+
     def _rebuild(self, session: Session, entries: GalleryEntries) -> GalleryIndex:
         vectors = load_vectors(session, entries.ids.tolist(), self.dim)
-        return GalleryIndex.build(entries.ids, vectors, self.dim, self.ivf_threshold)
+        return GalleryIndex.build(
+            entries.ids, vectors, self.dim, self.ivf_threshold, float16=self.float16
+        )
 
     def _apply(self, session: Session, entries: GalleryEntries) -> bool:
         """Make the index hold exactly ``entries``; True if it had to change."""
@@ -458,8 +495,8 @@ class Gallery:
             with self._lock:
                 self.entries = entries
             return False
-        wanted_kind = IndexPlan.for_size(len(entries), self.ivf_threshold).kind
-        if wanted_kind != self.index.plan.kind:
+        wanted = self._plan(len(entries))
+        if (wanted.kind, wanted.vectors) != (self.index.plan.kind, self.index.plan.vectors):
             rebuilt = self._rebuild(session, entries)
             with self._lock:
                 self.index, self.entries = rebuilt, entries
@@ -517,7 +554,7 @@ class Gallery:
         """Re-read just these photos' gallery entries and vectors."""
         rows = gallery_rows(session, self.model_id, image_ids.tolist())
         entries = self.entries.patched(image_ids, rows)
-        if IndexPlan.for_size(len(entries), self.ivf_threshold).kind != self.index.plan.kind:
+        if self._plan(len(entries)).kind != self.index.plan.kind:
             self._apply(session, entries)
             return
         old = self.entries.ids[np.isin(self.entries.image_ids, image_ids)]
@@ -544,7 +581,7 @@ class Gallery:
                 zip(self.entries.ids.tolist(), self.entries.codes["labels"].tolist(), strict=True)
             )
             labels = [str(words[by_id[i]]) if i in by_id else "" for i in ids.tolist()]
-            return GalleryDigest.of(self.model_id, ids, vectors, labels)
+            return GalleryDigest.of(self.model_id, ids, vectors, labels, self.index.plan.vectors)
 
     def search(self, query: np.ndarray, k: int, filters: Filters) -> tuple[list[Neighbour], int]:
         """The ``min(k, n)`` nearest gallery photos within ``filters``, and n."""
