@@ -58,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import ROOT, bench_parser, setup_logging, shared_data  # noqa: E402
+from bench.quality_cli import Cli  # noqa: E402
 from bench.quality_data import REAL_SETS  # noqa: E402
 from bench.quality_measure import measure_all  # noqa: E402
 from bench.quality_modes import (  # noqa: E402
@@ -88,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--max-queries", type=int, help="cap every set's queries (seeded)")
     parser.add_argument("--timed", type=int, default=40, help="timed /identify per set and mode")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="WHALEID_NAME=VALUE",
+        help="a service setting for every command the bench runs (repeatable), e.g. "
+        "WHALEID_GALLERY_FLOAT16=true; the bench otherwise drops the caller's WHALEID_ variables",
+    )
     parser.add_argument(
         "--render-only", action="store_true", help="write the doc from the last results.json"
     )
@@ -183,6 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.train = train_options(args)
     args.selected = selected_modes(args.modes)
     setup_logging("%(asctime)s %(levelname)s %(message)s")
+    for setting in args.setting:
+        name, sep, value = setting.partition("=")
+        if not sep or not name.startswith("WHALEID_"):
+            raise SystemExit(f"--setting {setting!r}: give WHALEID_NAME=VALUE")
+        Cli.settings[name] = value
+    if Cli.settings:
+        log.info("service settings for every command: %s", Cli.settings)
     scratch = args.scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     results_json = args.results or scratch / "results.json"

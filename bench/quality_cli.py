@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from bench._common import ROOT, NotReady, free_port, stop, wait_ready
 
@@ -44,6 +45,9 @@ class Done:
 class Cli:
     """``python -m service.cli`` of this checkout, on one data directory (or none)."""
 
+    # Service settings every command gets (``bench/quality.py --setting``).
+    settings: ClassVar[dict[str, str]] = {}
+
     def __init__(self, data_dir: Path | None, logs: Path) -> None:
         self.data_dir = data_dir
         self.logs = logs
@@ -52,6 +56,7 @@ class Cli:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env["WHALEID_LOG_LEVEL"] = "INFO"
         env["WHALEID_WORKER"] = "false"
+        env.update(self.settings)
         if data_dir is not None:
             env["WHALEID_DATA_DIR"] = str(data_dir)
         self.env = env

@@ -103,3 +103,17 @@ def test_turning_float16_on_rebuilds_the_file_and_the_digest_follows_it(
     assert GalleryIndex.load(path)[1]["vectors"] == FLOAT32
     with catalogue.sessions() as session:
         assert gallery.digest() == GalleryDigest.of_database(session, catalogue.model_id, dim)
+
+
+@pytest.mark.parametrize("threshold", [10_000, 100])  # flat, then IVF
+def test_a_float16_index_file_reads_back_as_float16(tmp_path: Path, threshold: int) -> None:
+    vectors = clustered(400, 16)
+    ids = np.arange(400, dtype=np.int64) + 3
+    index = GalleryIndex.build(ids, vectors, 16, threshold, float16=True)
+    path = tmp_path / "g.faiss"
+    index.save(path, {"model_id": 1})
+    loaded, sidecar = GalleryIndex.load(path)
+    assert sidecar["vectors"] == FLOAT16 and loaded.plan == index.plan
+    for q in vectors[:10]:
+        assert np.array_equal(loaded.search(q, 5)[1], index.search(q, 5)[1])
+    assert np.array_equal(loaded.contents()[1], index.contents()[1])
