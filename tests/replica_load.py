@@ -13,19 +13,37 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import httpx
 import numpy as np
 from sqlalchemy import text
 
 from service.db.tables import make_engine
+from service.settings import Settings
 from tests.toy import encode, photo
 
 DIGEST_FIELDS = ("count", "ids_sha256", "vectors_sha256", "labels_sha256")
 
 
-def database_digest(url: str, model_id: int) -> dict[str, Any]:
+def _held(blobs: list[bytes], precision: str) -> bytes:
+    """The vectors as an index of ``precision`` holds them, float32 bytes: rounded to half
+    floats by faiss's own encoder (not the service's code) when the gallery is float16."""
+    if precision == "float32" or not blobs:
+        return b"".join(blobs)
+    vectors = np.stack([np.frombuffer(b, "<f4") for b in blobs])
+    quantizer = faiss.ScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16)
+    return bytes(quantizer.decode(quantizer.compute_codes(vectors)).astype("<f4").tobytes())
+
+
+def default_precision() -> str:
+    """How the service holds a gallery's vectors by default (``WHALEID_GALLERY_FLOAT16``)."""
+    return "float16" if Settings.model_fields["gallery_float16"].default else "float32"
+
+
+def database_digest(url: str, model_id: int, precision: str | None = None) -> dict[str, Any]:
     """The gallery the database describes, fingerprinted as ``GET /gallery/digest`` does, but
-    computed here from plain SQL (not through the service's own gallery code)."""
+    computed here from plain SQL (not through the service's own gallery code), its vectors as a
+    gallery of ``precision`` (the service's default if None) holds them."""
     engine = make_engine(url)
     with engine.connect() as conn:
         individuals = conn.execute(
@@ -51,7 +69,9 @@ def database_digest(url: str, model_id: int) -> dict[str, Any]:
     return {
         "count": len(rows),
         "ids_sha256": hashlib.sha256(np.array([r[0] for r in rows], "<i8").tobytes()).hexdigest(),
-        "vectors_sha256": hashlib.sha256(b"".join(bytes(r[1]) for r in rows)).hexdigest(),
+        "vectors_sha256": hashlib.sha256(
+            _held([bytes(r[1]) for r in rows], precision or default_precision())
+        ).hexdigest(),
         "labels_sha256": hashlib.sha256(
             "".join(f"{r[0]}\t{label(r[2])}\n" for r in rows).encode()
         ).hexdigest(),
@@ -65,13 +85,16 @@ def differences(live: dict[str, Any], expected: dict[str, Any]) -> list[str]:
 
 def check_replicas(urls: list[str], admin_key: str, database_url: str, model_id: int) -> list[str]:
     """Each replica's ``GET /gallery/digest`` against the database: the differences, if any."""
-    expected = database_digest(database_url, model_id)
+    expected: dict[str, dict[str, Any]] = {}  # by how the replica holds its vectors
     found = []
     for url in urls:
         live = httpx.get(
             f"{url}/gallery/digest", headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
         ).json()
-        found += [f"{url}: {d}" for d in differences(live, expected)]
+        precision = live["vectors"]
+        if precision not in expected:
+            expected[precision] = database_digest(database_url, model_id, precision)
+        found += [f"{url}: {d}" for d in differences(live, expected[precision])]
     return found
 
 

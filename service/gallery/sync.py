@@ -416,7 +416,7 @@ class Gallery:
         path: Path,
         *,
         ivf_threshold: int = 200_000,
-        float16: bool = False,
+        float16: bool = True,  # as WHALEID_GALLERY_FLOAT16's default
     ) -> None:
         self.model_id = model_id
         self.dim = dim

@@ -12,7 +12,7 @@ import pytest
 
 from service.db.tables import Model
 from service.gallery.index import FLOAT16, FLOAT32, GalleryIndex, stored_vectors
-from service.gallery.sync import Filters, Gallery, GalleryDigest, index_path
+from service.gallery.sync import Filters, GalleryDigest, index_path
 from service.matching.identify import Identifier
 from tests.conftest import Catalogue
 from tests.service.gallery.test_gallery import clustered, exact
@@ -76,33 +76,30 @@ def _answer(identifier: Identifier) -> list[list[str]]:
     ]
 
 
-def test_turning_float16_on_rebuilds_the_file_and_the_digest_follows_it(
-    catalogue: Catalogue, tmp_path: Path
+def test_a_change_of_precision_rebuilds_the_file_and_the_digest_follows_it(
+    catalogue: Catalogue,
 ) -> None:
     before = _answer(_identifier(catalogue))
     path = index_path(catalogue.settings, catalogue.model_id)
-    catalogue.settings.gallery_float16 = True
+    default = catalogue.settings.gallery_float16
+    digests = {}
     try:
-        identifier = _identifier(catalogue)
-        assert identifier.gallery.index.plan.vectors == FLOAT16
-        assert GalleryIndex.load(path)[1]["vectors"] == FLOAT16  # rebuilt and saved as such
-        assert _answer(identifier) == before
-        with catalogue.sessions() as session:
-            dim = identifier.gallery.dim
-            database = GalleryDigest.of_database(session, catalogue.model_id, dim, FLOAT16)
-            as_float32 = GalleryDigest.of_database(session, catalogue.model_id, dim)
-        live = identifier.gallery.digest()
-        assert live == database and live.vectors == FLOAT16
-        assert live.vectors_sha256 != as_float32.vectors_sha256
+        for float16 in (not default, default):  # the other precision, then back
+            catalogue.settings.gallery_float16 = float16
+            precision = FLOAT16 if float16 else FLOAT32
+            identifier = _identifier(catalogue)
+            assert identifier.gallery.index.plan.vectors == precision
+            assert GalleryIndex.load(path)[1]["vectors"] == precision  # rebuilt, saved as such
+            assert _answer(identifier) == before
+            live = identifier.gallery.digest()
+            with catalogue.sessions() as session:
+                dim = identifier.gallery.dim
+                database = GalleryDigest.of_database(session, catalogue.model_id, dim, precision)
+            assert live == database and live.vectors == precision
+            digests[precision] = live.vectors_sha256
     finally:
-        catalogue.settings.gallery_float16 = False
-    # And back: the half-float file is not used for a float32 gallery.
-    gallery = Gallery.for_model(catalogue.settings, catalogue.model_id, dim)
-    gallery.open(catalogue.sessions)
-    assert gallery.index.plan.vectors == FLOAT32
-    assert GalleryIndex.load(path)[1]["vectors"] == FLOAT32
-    with catalogue.sessions() as session:
-        assert gallery.digest() == GalleryDigest.of_database(session, catalogue.model_id, dim)
+        catalogue.settings.gallery_float16 = default
+    assert digests[FLOAT16] != digests[FLOAT32]
 
 
 @pytest.mark.parametrize("threshold", [10_000, 100])  # flat, then IVF

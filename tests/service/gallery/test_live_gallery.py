@@ -99,7 +99,8 @@ def test_a_split_reaches_the_live_gallery(live: LiveServer) -> None:
         answer = integration.post("/identify", files={"photo": ("q.png", data)}).json()
     found = {c["individual_id"]: c for c in answer["candidates"]}
     assert found["ind-5b"]["best_image_id"] == moved
-    assert found["ind-5b"]["distance"] == pytest.approx(0, abs=1e-5)
+    # The photo itself (0, to the rounding of the gallery's half floats).
+    assert found["ind-5b"]["distance"] == pytest.approx(0, abs=1e-4)
     assert found["ind-5"]["votes"] == 2 and found["ind-5b"]["votes"] == 1
     assert found["ind-5"]["best_image_id"] in photos[1:]
 
