@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -26,6 +26,8 @@ from sqlalchemy import (
     event,
     func,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -64,6 +66,15 @@ def table_of(entity: type[Base]) -> Table:
     driver in one batch, without the ORM's per-row bookkeeping (measured: most of a bulk
     insert's time through the class)."""
     return cast(Table, entity.__table__)
+
+
+def insert_unless_there(entity: type[Base], unique: Sequence[str]) -> dict[str, Any]:
+    """By dialect name, an ``INSERT`` into the entity's table that skips a row whose ``unique``
+    columns are already there (``ON CONFLICT DO NOTHING``, PostgreSQL and SQLite alike)."""
+    return {
+        dialect: make(table_of(entity)).on_conflict_do_nothing(index_elements=list(unique))
+        for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+    }
 
 
 class Individual(Base):

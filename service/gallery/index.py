@@ -159,26 +159,23 @@ class GalleryIndex:
         read back as float32."""
         ids = self.ids()
         half = self.plan.vectors == FLOAT16
-        width = self.dim * (2 if half else 4)  # bytes a vector
         if self.plan.kind == "flat":
             flat: Any = faiss.downcast_index(self.index.index)
-            if half:
-                codes = faiss.vector_to_array(flat.codes)
-            else:
-                codes = faiss.rev_swig_ptr(flat.get_xb(), len(ids) * self.dim)
+            if not half:
+                xb = faiss.rev_swig_ptr(flat.get_xb(), len(ids) * self.dim)
+                return ids, np.asarray(xb, np.float32).reshape(-1, self.dim)
+            codes = faiss.vector_to_array(flat.codes)
         else:
             invlists = self.index.invlists
+            width = self.dim * (2 if half else 4)  # bytes a vector
             parts = [
                 faiss.rev_swig_ptr(invlists.get_codes(i), invlists.list_size(i) * width)
                 for i in range(invlists.nlist)
                 if invlists.list_size(i)
             ]
             codes = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        if half:
-            vectors = np.asarray(codes).view(np.float16).astype(np.float32)
-        else:
-            vectors = np.asarray(codes).view(np.float32) if codes.dtype == np.uint8 else codes
-        return ids, np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        vectors = codes.view(np.float16).astype(np.float32) if half else codes.view(np.float32)
+        return ids, vectors.reshape(-1, self.dim)
 
     def search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None

@@ -416,7 +416,7 @@ class Gallery:
         path: Path,
         *,
         ivf_threshold: int = 200_000,
-        float16: bool = True,  # as WHALEID_GALLERY_FLOAT16's default
+        float16: bool = Settings.model_fields["gallery_float16"].default,
     ) -> None:
         self.model_id = model_id
         self.dim = dim
@@ -456,10 +456,11 @@ class Gallery:
                 index, sidecar = GalleryIndex.load(self.path)
                 if sidecar.get("model_id") != self.model_id or index.dim != self.dim:
                     raise GalleryFileError(f"{self.path} belongs to another model")
-                if index.plan.vectors != self._plan(len(entries)).vectors:
+                wanted = self._plan(len(entries)).vectors
+                if index.plan.vectors != wanted:
                     raise GalleryFileError(
                         f"{self.path} holds {index.plan.vectors} vectors; "
-                        f"WHALEID_GALLERY_FLOAT16 asks for {self._plan(len(entries)).vectors}"
+                        f"WHALEID_GALLERY_FLOAT16 asks for {wanted}"
                     )
             except GalleryFileError as e:
                 # A first start has no file yet: nothing is wrong, so only say so at DEBUG.

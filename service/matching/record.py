@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from sqlalchemy import bindparam, insert, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +20,7 @@ from service.db.tables import (
     Identification,
     Image,
     Individual,
+    insert_unless_there,
     table_of,
     transaction,
     utcnow,
@@ -80,11 +79,10 @@ _IMAGE_COLUMNS = (
     "created_at",
 )
 _NEW_IMAGE = {
-    dialect: make(table_of(Image))
-    .values({c: bindparam(c, type_=Image.__table__.c[c].type) for c in _IMAGE_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["content_hash"])
-    .returning(table_of(Image).c.id)
-    for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+    dialect: statement.values(
+        {c: bindparam(c, type_=table_of(Image).c[c].type) for c in _IMAGE_COLUMNS}
+    ).returning(table_of(Image).c.id)
+    for dialect, statement in insert_unless_there(Image, ["content_hash"]).items()
 }
 _NEW_EMBEDDING = insert(table_of(Embedding))
 _IDENTIFICATION_COLUMNS = (
@@ -104,7 +102,7 @@ _IDENTIFICATION_COLUMNS = (
 _NEW_IDENTIFICATION = (
     insert(table_of(Identification))
     .values(
-        {c: bindparam(c, type_=Identification.__table__.c[c].type) for c in _IDENTIFICATION_COLUMNS}
+        {c: bindparam(c, type_=table_of(Identification).c[c].type) for c in _IDENTIFICATION_COLUMNS}
     )
     .returning(table_of(Identification).c.id)
 )

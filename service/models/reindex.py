@@ -20,13 +20,20 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import exists, func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import ModelStatus
-from service.db.tables import Embedding, GalleryChange, Image, Job, Model, table_of, transaction
+from service.db.tables import (
+    Embedding,
+    GalleryChange,
+    Image,
+    Job,
+    Model,
+    insert_unless_there,
+    table_of,
+    transaction,
+)
 from service.errors import Conflict, NotFound, PhotoError
 from service.gallery.sync import Gallery, log_gallery_changes
 from service.imaging import decode_photo, to_model_input
@@ -177,10 +184,8 @@ class _InFlight:
 # One statement for a chunk's embeddings: those already there (a chunk done again after its
 # lease was lost) are skipped, and the ids of the rows added come back.
 _ADD_EMBEDDINGS = {
-    dialect: make(table_of(Embedding))
-    .on_conflict_do_nothing(index_elements=["image_id", "model_id"])
-    .returning(Embedding.__table__.c.image_id)
-    for dialect, make in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+    dialect: statement.returning(table_of(Embedding).c.image_id)
+    for dialect, statement in insert_unless_there(Embedding, ["image_id", "model_id"]).items()
 }
 
 
